@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Start an MLflow tracking server on 127.0.0.1: SQLite backend under $LORAFLOW_HOME by default
+# (MLFLOW_BACKEND_STORE_URI=postgresql://... for production), artifacts proxied to
+# MLFLOW_ARTIFACTS_DESTINATION (a local folder by default, s3://bucket/prefix in production).
+set -euo pipefail
+home="${LORAFLOW_HOME:-$PWD/.loraflow}"
+mkdir -p "$home"
+exec mlflow server --host "${MLFLOW_HOST:-127.0.0.1}" --port "${MLFLOW_PORT:-5000}" \
+  --backend-store-uri "${MLFLOW_BACKEND_STORE_URI:-sqlite:///$home/mlflow-server.db}" \
+  --artifacts-destination "${MLFLOW_ARTIFACTS_DESTINATION:-$home/mlflow-server-artifacts}"

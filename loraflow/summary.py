@@ -1,0 +1,37 @@
+"""The end-of-run summary: one screen for a person, the same as JSON in <home>/last-run.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def write_summary(summary: dict[str, Any], home: Path) -> Path:
+    path = Path(home) / "last-run.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
+    tmp.replace(path)
+    return path
+
+
+def render(summary: dict[str, Any]) -> str:
+    base, tuned = summary["metrics"]["base"], summary["metrics"]["tuned"]
+    lines = [
+        "loraflow run summary",
+        f"  MLflow run       {summary['run_id']}  ({summary['tracking_uri']})",
+        f"  registered model {summary['model_name']} v{summary['model_version']}"
+        f"  aliases: {', '.join(summary['aliases']) or '-'}",
+        f"  gate             {summary['gate']}",
+        f"  storage          {summary['storage_uri']}",
+        "",
+        f"  {'test metric':<14}{'base':>8}{'tuned':>8}{'delta':>9}",
+    ]
+    for metric in ("json_valid", "exact_match"):
+        delta = tuned[metric] - base[metric]
+        lines.append(f"  {metric:<14}{base[metric]:>8.3f}{tuned[metric]:>8.3f}{delta:>+9.3f}")
+    lines += ["", f"  {'task':<22}{'state':<11}{'seconds':>9}"]
+    for name, step in summary["tasks"].items():
+        lines.append(f"  {name:<22}{step['state']:<11}{step['seconds']:>9.1f}")
+    lines.append(f"  {'total':<33}{summary['seconds']:>9.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Thin Prefect tasks: cache policy, retry policy, MLflow glue around loraflow functions."""

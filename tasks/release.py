@@ -1,0 +1,145 @@
+"""Release tasks: register the merged model in MLflow, push it to object storage, promote it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from prefect import task
+from prefect.tasks import exponential_backoff
+from tqdm import tqdm
+
+from loraflow import registry
+from loraflow.artifacts import ArtifactRef
+from loraflow.config import RegistryConfig, StorageConfig, loraflow_home
+from loraflow.storage import open_store, push_tree
+from tasks.caching import CONTENT
+from tasks.model import LINEAGE_FILE
+from tasks.tracking import fetch, log_metrics, log_params
+
+TRANSIENT = (OSError, ConnectionError, BotoCoreError, ClientError, MlflowException)
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry network trouble only; a permanent error (bad bucket, bad credentials) fails at once."""
+    try:
+        state.result()
+    except TRANSIENT:
+        return True
+    except BaseException:
+        return False
+    return False
+
+
+NETWORK_RETRIES = {
+    "retries": 3,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=2),
+    "retry_condition_fn": retry_transient,
+}
+
+
+@task(cache_policy=CONTENT, **NETWORK_RETRIES)
+def register_model(
+    model: ArtifactRef,
+    adapter: ArtifactRef,
+    metrics: dict[str, float],
+    cfg: RegistryConfig,
+    run_id: str,
+) -> str:
+    """Create a registry version from the complete model artifacts; alias it `challenger`."""
+    client = MlflowClient()
+    lineage = json.loads((fetch(model.uri) / LINEAGE_FILE).read_text())
+    tags = {
+        "loraflow.model_sha256": model.sha256,
+        "loraflow.adapter_sha256": adapter.sha256,
+        "loraflow.adapter_uri": adapter.uri,
+        "loraflow.base_model": lineage["base_model"],
+        "loraflow.base_sha256": lineage["base_sha256"],
+        "loraflow.data_sha256": lineage["data_sha256"],
+        "loraflow.code_version": lineage["code_version"],
+    } | registry.metric_tags(metrics)
+    version = registry.register_version(client, cfg.model_name, model.uri, run_id, tags)
+    client.set_registered_model_alias(cfg.model_name, registry.CHALLENGER, version)
+    log_params(run_id, {"registry.version": version})
+    return version
+
+
+def discard_version(cfg: RegistryConfig, version: str) -> None:
+    """Remove a version whose push failed, so the registry holds no half-released model."""
+    MlflowClient().delete_model_version(cfg.model_name, version)
+
+
+@task(cache_policy=CONTENT, **NETWORK_RETRIES)
+def push_model(
+    version: str,
+    model: ArtifactRef,
+    adapter: ArtifactRef,
+    cfg: StorageConfig,
+    model_name: str,
+    run_id: str,
+) -> str:
+    """Upload merged model + adapter + SHA-256 manifest to <root>/<model-name>/<version>/."""
+    store = open_store(cfg.root or (loraflow_home() / "storage").as_uri(), cfg.endpoint_url)
+    dirs = {"model": fetch(model.uri), "adapter": fetch(adapter.uri)}
+    total = sum(1 for d in dirs.values() for p in Path(d).rglob("*") if p.is_file())
+    with tqdm(total=total, desc="push", unit="file") as bar:
+        pushed = push_tree(
+            store,
+            dirs,
+            f"{model_name}/{version}",
+            {
+                "model_name": model_name,
+                "version": version,
+                "model_sha256": model.sha256,
+                "adapter_sha256": adapter.sha256,
+            },
+            progress=lambda key: bar.update(),
+        )
+    MlflowClient().set_model_version_tag(model_name, version, "loraflow.storage_uri", pushed["uri"])
+    log_params(run_id, {"storage.uri": pushed["uri"]})
+    log_metrics(
+        run_id,
+        {"storage.files": len(pushed["manifest"]["files"]), "storage.uploaded": pushed["uploaded"]},
+    )
+    return pushed["uri"]
+
+
+@task(cache_policy=CONTENT, **NETWORK_RETRIES)
+def promote_model(
+    version: str,
+    tuned: dict[str, float],
+    base: dict[str, float],
+    cfg: RegistryConfig,
+    run_id: str,
+) -> dict[str, Any]:
+    """Move `champion` to this version only if it beats the current champion (or the base)."""
+    client = MlflowClient()
+    current = registry.champion(client, cfg.model_name)
+    if current and current[0] == version:
+        decision = registry.Decision(
+            promote=False,
+            metric=cfg.gate_metric,
+            candidate=tuned[cfg.gate_metric],
+            reference=tuned[cfg.gate_metric],
+            reference_name="itself",
+            margin=cfg.min_improvement,
+            reason=f"v{version} is already the champion",
+        )
+    else:
+        decision = registry.decide(cfg.gate_metric, tuned, base, current, cfg.min_improvement)
+        if decision.promote:
+            client.set_registered_model_alias(cfg.model_name, registry.CHAMPION, version)
+    client.set_model_version_tag(cfg.model_name, version, "loraflow.gate", decision.reason)
+    log_params(
+        run_id,
+        {
+            "gate.decision": "promoted" if decision.promote else "kept",
+            "gate.reason": decision.reason,
+        },
+    )
+    log_metrics(run_id, {"gate.promoted": float(decision.promote)})
+    return decision.model_dump() | {"aliases": registry.aliases(client, cfg.model_name, version)}

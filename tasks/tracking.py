@@ -1,0 +1,82 @@
+"""MLflow glue shared by the tasks: the pipeline's run, artifact hand-off and metric relay."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+from loraflow.config import PipelineConfig, loraflow_home
+from loraflow.lineage import code_version
+
+BATCH = 1000  # MLflow's log_batch limit for metrics
+
+
+@contextmanager
+def pipeline_run(cfg: PipelineConfig) -> Iterator[str]:
+    """One MLflow run per pipeline run; ends FAILED if the pipeline raises."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(cfg.registry.experiment)
+    experiment_id = (
+        experiment.experiment_id
+        if experiment
+        else client.create_experiment(
+            cfg.registry.experiment,
+            artifact_location=(loraflow_home() / "mlartifacts").as_uri()
+            if mlflow.get_tracking_uri().startswith("sqlite")
+            else None,
+        )
+    )
+    run = client.create_run(
+        experiment_id, tags={"loraflow.code_version": code_version()}, run_name="finetune"
+    )
+    run_id = run.info.run_id
+    log_params(run_id, flatten(cfg.model_dump(mode="json")))
+    try:
+        yield run_id
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+
+
+def flatten(value: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if isinstance(item, dict):
+            out.update(flatten(item, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = item
+    return out
+
+
+def log_params(run_id: str, params: dict[str, Any]) -> None:
+    entries = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for start in range(0, len(entries), 100):
+        MlflowClient().log_batch(run_id, params=entries[start : start + 100])
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    now = mlflow.utils.time.get_current_time_millis()
+    entries = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    for start in range(0, len(entries), BATCH):
+        MlflowClient().log_batch(run_id, metrics=entries[start : start + BATCH])
+
+
+def log_dir(run_id: str, local_dir: Path, artifact_path: str) -> str:
+    """Log a directory's files under artifact_path; return their artifact URI."""
+    MlflowClient().log_artifacts(run_id, str(local_dir), artifact_path)
+    return f"{MlflowClient().get_run(run_id).info.artifact_uri}/{artifact_path}"
+
+
+def fetch(uri: str) -> Path:
+    """A local copy of an artifact URI (local paths are used in place)."""
+    if uri.startswith("file://"):
+        return Path(uri.removeprefix("file://"))
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp()))

@@ -1,0 +1,84 @@
+"""Shared fixtures: one loraflow home for the session, a tiny random Llama with the small
+tokenizer from tests/assets, a small slice of the shipped data, and one Prefect test server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from loraflow.environment import configure
+
+# Before prefect or mlflow is imported anywhere: both read their settings at import.
+HOME = configure(Path(tempfile.mkdtemp(prefix="loraflow-test-home-")))
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = Path(__file__).parent / "assets"
+
+
+@pytest.fixture(scope="session")
+def home() -> Path:
+    return HOME
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 64-wide LlamaForCausalLM with random weights and the tiny tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS / "tiny-tokenizer")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_split(path: Path, rows: list[dict[str, str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def small_data(tmp_path: Path) -> dict[str, Path]:
+    """24/8/4 examples from the shipped splits, copied to a test's own folder."""
+    sizes = {"train": 24, "validation": 8, "test": 4}
+    out = {}
+    for split, n in sizes.items():
+        lines = (ROOT / "data" / "orders" / f"{split}.jsonl").read_text().splitlines()[:n]
+        out[split] = write_split(
+            tmp_path / "data" / f"{split}.jsonl", [json.loads(line) for line in lines]
+        )
+    return out
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect server (SQLite) for every flow test in the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_home():
+    yield
+    shutil.rmtree(HOME, ignore_errors=True)

@@ -1,0 +1,145 @@
+"""The whole flow on the tiny model: real Prefect (test server), real MLflow (SQLite registry),
+real object storage (a local directory through the storage interface)."""
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from loraflow.config import PipelineConfig
+from loraflow.data import DataError
+from loraflow.lineage import sha256_file
+from loraflow.model import ModelNotFoundError
+
+pytestmark = pytest.mark.integration
+
+
+def tiny_config(data: dict[str, Path], model_dir: Path, name: str, **sections) -> PipelineConfig:
+    raw = {
+        "data": {k: str(v) for k, v in data.items()},
+        "model": {"base": str(model_dir)},
+        "train": {"max_steps": 3, "micro_batch_size": 8, "learning_rate": 1e-2},
+        "eval": {"max_new_tokens": 8, "batch_size": 4},
+        "merge": {"dtype": "float32"},
+        "registry": {"model_name": name},
+    }
+    for section, values in sections.items():
+        raw[section] = raw.get(section, {}) | values
+    return PipelineConfig.model_validate(raw)
+
+
+def states(summary) -> dict[str, str]:
+    return {name: step["state"] for name, step in summary["tasks"].items()}
+
+
+def test_pipeline_registers_pushes_and_reruns_fully_cached(
+    prefect_server, home, small_data, tiny_model_dir
+):
+    from flows.finetune import finetune
+
+    cfg = tiny_config(small_data, tiny_model_dir, "tiny-e2e")
+    first = finetune(config=cfg)
+
+    assert set(states(first).values()) == {"Completed"}
+    assert first["model_version"] == "1" and "challenger" in first["aliases"]
+    client = MlflowClient()
+    version = client.get_model_version_by_alias("tiny-e2e", "challenger")
+    assert str(version.version) == "1" and version.run_id == first["run_id"]
+    assert version.tags["loraflow.base_sha256"]
+    assert float(version.tags["metric.exact_match"]) == first["metrics"]["tuned"]["exact_match"]
+    assert client.get_run(first["run_id"]).info.status == "FINISHED"
+
+    # pushed files match their manifest, which lists the merged model and the adapter
+    root = home / "storage" / "tiny-e2e" / "1"
+    assert first["storage_uri"] == root.as_uri()
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert {
+        "model/model.safetensors",
+        "model/config.json",
+        "model/tokenizer.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/loraflow.json",
+    } <= set(manifest["files"])
+    for key, digest in manifest["files"].items():
+        assert sha256_file(root / key) == digest, key
+    lineage = json.loads((root / "adapter" / "loraflow.json").read_text())
+    assert lineage["lora"]["r"] == 8 and lineage["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    assert lineage["chat_template"].startswith("{% for message")
+
+    # the summary on disk is the one returned
+    written = json.loads((home / "last-run.json").read_text())
+    assert written["run_id"] == first["run_id"]
+    for key in ("tracking_uri", "model_name", "model_version", "aliases", "storage_uri"):
+        assert written[key] == first[key]
+    for side in ("base", "tuned"):
+        assert 0 <= written["metrics"][side]["json_valid"] <= 1
+        assert 0 <= written["metrics"][side]["exact_match"] <= 1
+
+    second = finetune(config=cfg)
+    assert set(states(second).values()) == {"Cached"}, states(second)
+    assert second["model_version"] == "1"
+    assert second["run_id"] != first["run_id"]
+    assert len(client.search_model_versions("name='tiny-e2e'")) == 1
+
+
+def test_one_changed_line_reruns_downstream_and_an_eval_change_keeps_training(
+    prefect_server, small_data, tiny_model_dir
+):
+    from flows.finetune import finetune
+
+    cfg = tiny_config(small_data, tiny_model_dir, "tiny-changes")
+    finetune(config=cfg)
+
+    lines = small_data["train"].read_text().splitlines()
+    lines[0] = lines[0].replace("Extract", "Please extract", 1)
+    small_data["train"].write_text("\n".join(lines) + "\n")
+    after_data = states(finetune(config=cfg))
+    assert after_data["prepare_base_model"] == "Cached"
+    for name in (
+        "validate_data",
+        "tokenize_data",
+        "train_adapter",
+        "evaluate_tuned",
+        "merge_adapter",
+        "register_model",
+        "push_model",
+        "promote_model",
+    ):
+        assert after_data[name] == "Completed", (name, after_data)
+
+    after_eval = states(
+        finetune(
+            config=tiny_config(
+                small_data, tiny_model_dir, "tiny-changes", eval={"max_new_tokens": 6}
+            )
+        )
+    )
+    for name in ("validate_data", "tokenize_data", "train_adapter", "merge_adapter"):
+        assert after_eval[name] == "Cached", (name, after_eval)
+    assert after_eval["evaluate_base"] == after_eval["evaluate_tuned"] == "Completed"
+
+
+def test_a_line_that_is_not_json_stops_the_run_before_anything_is_registered(
+    prefect_server, small_data, tiny_model_dir
+):
+    from flows.finetune import finetune
+
+    with small_data["train"].open("a") as f:
+        f.write('{"instruction": "x", "input": "y", "output": \n')
+    with pytest.raises(DataError, match=r"train.jsonl:25: not JSON"):
+        finetune(config=tiny_config(small_data, tiny_model_dir, "tiny-bad-data"))
+    assert MlflowClient().search_model_versions("name='tiny-bad-data'") == []
+    failed = MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("loraflow").experiment_id],
+        filter_string="attributes.status = 'FAILED'",
+    )
+    assert failed, "the pipeline's MLflow run is marked FAILED"
+
+
+def test_a_missing_base_model_is_a_clear_error(prefect_server, small_data, tmp_path):
+    from flows.finetune import finetune
+
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        finetune(config=tiny_config(small_data, tmp_path / "no-model", "tiny-no-model"))
+    assert MlflowClient().search_model_versions("name='tiny-no-model'") == []

@@ -1,0 +1,92 @@
+import json
+import socket
+
+import boto3
+import pytest
+
+from loraflow.lineage import sha256_file
+from loraflow.storage import MANIFEST, StoragePermanentError, open_store, push_tree
+
+
+@pytest.fixture
+def model_dirs(tmp_path):
+    model, adapter = tmp_path / "model", tmp_path / "adapter"
+    (model / "sub").mkdir(parents=True)
+    adapter.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights" * 1000)
+    (model / "sub" / "config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"lora")
+    return {"model": model, "adapter": adapter}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """moto's standalone S3-protocol server on loopback, stopped after the module."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(monkeypatch, s3_endpoint):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.create_bucket(Bucket="models")
+    yield s3_endpoint
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket="models"):
+        for obj in page.get("Contents", []):
+            client.delete_object(Bucket="models", Key=obj["Key"])
+    client.delete_bucket(Bucket="models")
+
+
+def test_local_push_writes_files_and_a_manifest_of_their_hashes(tmp_path, model_dirs):
+    store = open_store((tmp_path / "store").as_uri())
+    pushed = push_tree(store, model_dirs, "m/1", {"version": "1"})
+    root = tmp_path / "store" / "m" / "1"
+    manifest = json.loads((root / MANIFEST).read_text())
+    assert manifest["version"] == "1"
+    assert set(manifest["files"]) == {
+        "model/model.safetensors",
+        "model/sub/config.json",
+        "adapter/adapter_model.safetensors",
+    }
+    for key, digest in manifest["files"].items():
+        assert sha256_file(root / key) == digest
+    assert pushed["uploaded"] == 3 and pushed["uri"] == f"{store.root}/m/1"
+
+
+def test_repush_of_identical_files_uploads_nothing(tmp_path, model_dirs):
+    store = open_store((tmp_path / "store").as_uri())
+    push_tree(store, model_dirs, "m/1", {})
+    assert push_tree(store, model_dirs, "m/1", {})["uploaded"] == 0
+    (model_dirs["adapter"] / "adapter_model.safetensors").write_bytes(b"lora v2")
+    assert push_tree(store, model_dirs, "m/1", {})["uploaded"] == 1
+
+
+def test_s3_push_is_verified_idempotent_and_pullable(tmp_path, model_dirs, s3_env):
+    store = open_store("s3://models/prod", endpoint_url=s3_env)
+    pushed = push_tree(store, model_dirs, "m/7", {"version": "7"})
+    assert pushed["uri"] == "s3://models/prod/m/7" and pushed["uploaded"] == 3
+    manifest = store.read_json("m/7/manifest.json")
+    for key, digest in manifest["files"].items():
+        store.get(f"m/7/{key}", tmp_path / "pulled" / key)
+        assert sha256_file(tmp_path / "pulled" / key) == digest
+    assert push_tree(store, model_dirs, "m/7", {"version": "7"})["uploaded"] == 0
+
+
+def test_missing_bucket_is_a_permanent_error(model_dirs, s3_env):
+    store = open_store("s3://no-such-bucket/x", endpoint_url=s3_env)
+    with pytest.raises(StoragePermanentError, match="NoSuchBucket"):
+        push_tree(store, model_dirs, "m/1", {})
