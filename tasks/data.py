@@ -31,9 +31,10 @@ def validate_data(data: DataConfig, run_id: str) -> ArtifactRef:
 
 @task(cache_policy=CONTENT)
 def tokenize_data(
-    data: ArtifactRef, base: BaseModelRef, template: str, max_length: int, run_id: str
+    data: ArtifactRef, base: BaseModelRef, cfg: DataConfig, run_id: str
 ) -> ArtifactRef:
     """Prompt + answer token ids per example (no padding stored), logged to the run."""
+    template, max_length = cfg.template, cfg.max_length
     tokenizer = load_tokenizer(base.path)
     with tempfile.TemporaryDirectory() as tmp:
         report = tokenize_splits(fetch(data.uri), tokenizer, template, max_length, Path(tmp))

@@ -117,10 +117,10 @@ def evaluate_model(
     data: ArtifactRef,
     template: str,
     cfg: EvalConfig,
-    label: str,
     run_id: str,
 ) -> dict[str, float]:
     """Answer the test split with greedy decoding; log metrics and every answer."""
+    label = "base" if adapter is None else "tuned"
     adapter_path = fetch(adapter.uri) if adapter else None
     result = evaluate.evaluate(
         base.path, adapter_path, fetch(data.uri) / "test.jsonl", template, cfg, label=label
@@ -130,6 +130,10 @@ def evaluate_model(
         (Path(tmp) / f"{label}.json").write_text(json.dumps(result.examples, indent=1))
         log_dir(run_id, Path(tmp), "eval")
     return result.metrics
+
+
+evaluate_base = evaluate_model.with_options(name="evaluate_base")
+evaluate_tuned = evaluate_model.with_options(name="evaluate_tuned")
 
 
 @task(cache_policy=CONTENT)

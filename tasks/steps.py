@@ -12,12 +12,12 @@ class StepLog:
     def __init__(self) -> None:
         self.steps: dict[str, dict[str, Any]] = {}
 
-    def __call__(
-        self, task: Task[..., Any], *args: Any, step: str | None = None, **kwargs: Any
-    ) -> Any:
+    def __call__(self, task: Task[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run the task; record `Completed` or `Cached` and seconds; re-raise its failure."""
         start = time.perf_counter()
         state = task(*args, return_state=True, **kwargs)
-        name = step or task.name
-        self.steps[name] = {"state": state.name, "seconds": round(time.perf_counter() - start, 3)}
+        self.steps[task.name] = {
+            "state": state.name,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
         return state.result(raise_on_failure=True)

@@ -2,15 +2,18 @@
 real object storage (a local directory through the storage interface)."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
+from botocore.exceptions import EndpointConnectionError
 from mlflow import MlflowClient
 
 from loraflow.config import PipelineConfig
 from loraflow.data import DataError
 from loraflow.lineage import sha256_file
 from loraflow.model import ModelNotFoundError
+from loraflow.storage import StoragePermanentError
 
 pytestmark = pytest.mark.integration
 
@@ -143,3 +146,41 @@ def test_a_missing_base_model_is_a_clear_error(prefect_server, small_data, tmp_p
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         finetune(config=tiny_config(small_data, tmp_path / "no-model", "tiny-no-model"))
     assert MlflowClient().search_model_versions("name='tiny-no-model'") == []
+
+
+def test_push_to_s3_then_a_missing_bucket_fails_at_once_and_leaves_no_version(
+    prefect_server, small_data, tiny_model_dir, s3_env
+):
+    from flows.finetune import finetune
+
+    good = tiny_config(small_data, tiny_model_dir, "tiny-s3",
+                       storage={"root": "s3://models/loraflow", "endpoint_url": s3_env})
+    summary = finetune(config=good)
+    assert summary["storage_uri"] == "s3://models/loraflow/tiny-s3/1"
+
+    bad = tiny_config(small_data, tiny_model_dir, "tiny-s3-missing-bucket",
+                      storage={"root": "s3://no-such-bucket/x", "endpoint_url": s3_env})
+    start = time.perf_counter()
+    with pytest.raises(StoragePermanentError, match="NoSuchBucket"):
+        finetune(config=bad)
+    assert time.perf_counter() - start < 60  # no retry storm on a permanent error
+    assert MlflowClient().search_model_versions("name='tiny-s3-missing-bucket'") == []
+
+
+def test_an_unreachable_store_is_retried_with_backoff_then_the_version_is_removed(
+    prefect_server, small_data, tiny_model_dir, monkeypatch, unused_port
+):
+    from flows.finetune import finetune
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    closed = f"http://127.0.0.1:{unused_port}"  # nothing listens there
+    cfg = tiny_config(small_data, tiny_model_dir, "tiny-unreachable",
+                      storage={"root": "s3://models/x", "endpoint_url": closed})
+    start = time.perf_counter()
+    with pytest.raises(EndpointConnectionError):
+        finetune(config=cfg)
+    assert time.perf_counter() - start >= 2 + 4 + 8  # three retries, exponential backoff
+    versions = MlflowClient().search_model_versions("name='tiny-unreachable'")
+    assert versions == []  # registered, then removed when the push gave up

@@ -1,7 +1,5 @@
 import json
-import socket
 
-import boto3
 import pytest
 
 from loraflow.lineage import sha256_file
@@ -17,38 +15,6 @@ def model_dirs(tmp_path):
     (model / "sub" / "config.json").write_text("{}")
     (adapter / "adapter_model.safetensors").write_bytes(b"lora")
     return {"model": model, "adapter": adapter}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """moto's standalone S3-protocol server on loopback, stopped after the module."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3_env(monkeypatch, s3_endpoint):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    client = boto3.client("s3", endpoint_url=s3_endpoint)
-    client.create_bucket(Bucket="models")
-    yield s3_endpoint
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket="models"):
-        for obj in page.get("Contents", []):
-            client.delete_object(Bucket="models", Key=obj["Key"])
-    client.delete_bucket(Bucket="models")
 
 
 def test_local_push_writes_files_and_a_manifest_of_their_hashes(tmp_path, model_dirs):
