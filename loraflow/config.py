@@ -63,7 +63,9 @@ class LoraSettings(Section):
 
 class TrainConfig(Section):
     max_steps: int = Field(40, ge=1, description="Optimizer steps to run.")
-    micro_batch_size: int = Field(8, ge=1, description="Examples per forward/backward pass.")
+    micro_batch_size: int = Field(
+        8, ge=1, description="Per forward/backward pass: examples (padded) or rows (packed)."
+    )
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(1e-3, gt=0, le=1.0, description="Peak learning rate.")
     lr_schedule: Literal["cosine", "linear", "constant"] = Field(
@@ -72,10 +74,37 @@ class TrainConfig(Section):
     warmup_steps: int = Field(4, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on a GPU that supports it, fp16 on older GPUs, fp32 on CPU."
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8", "nf4"] = Field(
+        "auto",
+        description="Base weights and compute: auto is bf16 on a GPU that supports it, fp16 "
+        "(with loss scaling) on older GPUs, fp32 on CPU; int8 and nf4 (double-quantised, QLoRA) "
+        "load the base through bitsandbytes on a GPU.",
     )
+    batching: Literal["auto", "padded", "packed"] = Field(
+        "auto",
+        description="padded: examples padded to the longest in the micro-batch; packed: examples "
+        "concatenated into rows of seq_len tokens, attention kept inside each example. "
+        "auto: packed on a GPU, padded on CPU.",
+    )
+    seq_len: int = Field(2048, ge=64, description="Row length in tokens when packing.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less memory, ~20-30% slower."
+    )
+    compile: bool = Field(False, description="torch.compile the decoder (GPU).")
     eval_every: int = Field(0, ge=0, description="Validation loss every N steps (0: at the end).")
+    checkpoint_every: int = Field(
+        0, ge=0, description="Save a resumable checkpoint every N steps (0: never)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept; older ones are removed.")
+    spike_factor: float = Field(
+        4.0, gt=1.0, description="A loss above this multiple of its running mean is a spike."
+    )
+    spike_patience: int = Field(
+        10, ge=1, description="Stop when the loss stays spiked for this many steps."
+    )
+    watchdog_seconds: float = Field(
+        900.0, ge=0.0, description="End the run if one step makes no progress this long (0: off)."
+    )
     seed: int = Field(0, description="Seed for LoRA init, data order and dropout.")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0: torch's default).")
 

@@ -1,11 +1,16 @@
-"""The training engine: LoRA on a causal LM, as a plain process.
+"""The training engine: LoRA / QLoRA on a causal LM, as a plain process.
 
     python -m loraflow.train --config RUN_DIR/engine.json
 
 Reads tokenized examples and a typed config, trains, and writes to the run directory:
-metrics.jsonl (one JSON object per optimizer step, plus validation losses), adapter/ (PEFT,
-safetensors) and result.json. It imports neither Prefect nor MLflow, so it runs unchanged on a
-GPU worker that has neither; the caller relays the metrics.
+metrics.jsonl (one JSON object per optimizer step, plus validation losses), checkpoints/
+(resumable: adapter, optimizer, data position, RNG; safetensors + JSON), adapter/ (PEFT,
+safetensors), result.json, and failure.json when it stops early. A rerun with the same run
+directory resumes from the last checkpoint. It imports neither Prefect nor MLflow, so it runs
+unchanged on a GPU worker that has neither; the caller relays the metrics.
+
+Exit codes: 0 done, 3 out of memory, 4 diverged (NaN/inf or a loss spike that did not recover),
+5 hung (the watchdog saw no progress), 1 anything else.
 """
 
 from __future__ import annotations
@@ -13,20 +18,32 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import shutil
 import sys
+import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from pydantic import BaseModel
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from loraflow.config import LoraSettings, TrainConfig
-from loraflow.model import load_model, load_tokenizer
+from loraflow.model import load_tokenizer
+
+EXIT_OOM, EXIT_DIVERGED, EXIT_HUNG = 3, 4, 5
+LOSS_CHUNK = 4096  # answer tokens per logits chunk: caps the logits tensor at 4096 x vocab
+# Fault injection for the engine's own tests: a real NaN or hang cannot be summoned on demand.
+POISON_STEP = int(os.environ.get("LORAFLOW_TEST_POISON_STEP", "0"))
+STALL_STEP, STALL_SECONDS = 3, float(os.environ.get("LORAFLOW_TEST_STALL_SECONDS", "0"))
+
+Example = tuple[list[int], int]  # (input_ids, prompt_len)
 
 
 class EngineConfig(BaseModel):
@@ -39,7 +56,8 @@ class EngineConfig(BaseModel):
     train: TrainConfig = TrainConfig()
 
 
-Example = tuple[list[int], int]  # (input_ids, prompt_len)
+class Diverged(RuntimeError):
+    """The loss became NaN/inf or stayed spiked: retrying the same thing would not help."""
 
 
 def read_examples(path: Path) -> list[Example]:
@@ -47,28 +65,281 @@ def read_examples(path: Path) -> list[Example]:
         return [(r["input_ids"], r["prompt_len"]) for r in map(json.loads, f)]
 
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest example; labels are -100 on prompt and padding."""
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, (ids, prompt_len) in enumerate(examples):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])
-        attention_mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+# ---------------------------------------------------------------------------- data
 
 
-def micro_batches(examples: list[Example], size: int, seed: int) -> Iterator[list[Example]]:
-    """Endless stream of micro-batches, reshuffled each epoch (deterministic for a seed)."""
-    epoch = 0
-    while True:
-        order = list(range(len(examples)))
-        random.Random(seed + epoch).shuffle(order)
-        for start in range(0, len(order), size):
-            yield [examples[i] for i in order[start : start + size]]
-        epoch += 1
+class ExampleStream:
+    """Examples in a fresh seeded order each epoch; `position` (examples consumed) is all a
+    checkpoint needs to resume the exact same stream."""
+
+    def __init__(self, examples: list[Example], seed: int, position: int = 0) -> None:
+        self.examples, self.seed, self.position = examples, seed, position
+        self._epoch, self._order = -1, list(range(len(examples)))
+
+    def peek(self) -> Example:
+        epoch, offset = divmod(self.position, len(self.examples))
+        if epoch != self._epoch:
+            self._order = list(range(len(self.examples)))
+            random.Random(self.seed + epoch).shuffle(self._order)
+            self._epoch = epoch
+        return self.examples[self._order[offset]]
+
+    def take(self) -> Example:
+        example = self.peek()
+        self.position += 1
+        return example
+
+
+def next_micro_batch(stream: ExampleStream, cfg: TrainConfig, packed: bool) -> list[list[Example]]:
+    """Rows of examples: one example a row (padded), or as many as fit in seq_len (packed)."""
+    if not packed:
+        return [[stream.take()] for _ in range(cfg.micro_batch_size)]
+    rows = []
+    for _ in range(cfg.micro_batch_size):
+        row = [stream.take()]
+        used = len(row[0][0])
+        while used + len(stream.peek()[0]) <= cfg.seq_len:
+            used += len(stream.peek()[0])
+            row.append(stream.take())
+        rows.append(row)
+    return rows
+
+
+def collate(rows: list[list[Example]], pad_id: int, width: int | None = None) -> dict[str, Any]:
+    """Tensors for rows of one or more examples each, padded at the end to `width` (default:
+    the longest row). Labels are -100 on prompts and padding; position ids restart at 0 for
+    every example; doc_ids number the examples of a row (padding is -1)."""
+    width = width or max(sum(len(ids) for ids, _ in row) for row in rows)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    labels = torch.full(shape, -100, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    doc_ids = torch.full(shape, -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for d, (ids, prompt_len) in enumerate(row):
+            end = start + len(ids)
+            input_ids[r, start:end] = torch.tensor(ids)
+            labels[r, start + prompt_len : end] = torch.tensor(ids[prompt_len:])
+            position_ids[r, start:end] = torch.arange(len(ids))
+            doc_ids[r, start:end] = d
+            start = end
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+            "doc_ids": doc_ids}
+
+
+def attention_mask_for(doc_ids: torch.Tensor, attn_impl: str) -> Any:
+    """Causal attention inside each example only (padding attends to padding, so no row is
+    empty). A flex_attention BlockMask on GPU also skips the masked blocks' compute."""
+    if attn_impl == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_example(b: Any, h: Any, q: Any, kv: Any) -> Any:
+            return (doc_ids[b, q] == doc_ids[b, kv]) & (kv <= q)
+
+        rows, width = doc_ids.shape
+        return create_block_mask(same_example, B=rows, H=None, Q_LEN=width, KV_LEN=width,
+                                 device=doc_ids.device)
+    width = doc_ids.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=doc_ids.device).tril()
+    return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
+
+
+def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+# ---------------------------------------------------------------------------- model
+
+
+def pick_precision(cfg: TrainConfig, device: str) -> torch.dtype:
+    """Compute dtype. int8/nf4 quantise the stored base weights and compute in bf16/fp16."""
+    if cfg.precision == "fp32" or (cfg.precision == "auto" and device == "cpu"):
+        return torch.float32
+    if device == "cpu":
+        raise ValueError(f"train.precision={cfg.precision} needs a GPU; on CPU use fp32 or auto")
+    if cfg.precision == "fp16" or not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def load_base(path: Path, cfg: TrainConfig, device: str, attn_impl: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = pick_precision(cfg, device)
+    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True,
+                              "attn_implementation": attn_impl}
+    if cfg.precision in ("int8", "nf4"):
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True) if cfg.precision == "int8" else
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if cfg.precision in ("int8", "nf4"):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    else:
+        model = model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+def add_lora(model: torch.nn.Module, lora: LoraSettings) -> PeftModel:
+    targets: list[str] | str = (
+        "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
+    )
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=targets, bias=lora.bias, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def completion_loss(
+    model: PeftModel, batch: dict[str, torch.Tensor], n_items: int, attn_impl: str,
+    decoder: Any = None,
+) -> torch.Tensor:
+    """Sum of cross-entropy over answer tokens / n_items. Logits are computed only where a
+    label exists, a chunk at a time: never the full (tokens x vocab) tensor."""
+    causal_lm = model.get_base_model()
+    mask = attention_mask_for(batch["doc_ids"], attn_impl)
+    hidden = (decoder or causal_lm.model)(
+        input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
+        use_cache=False,
+    ).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    states, targets = hidden[:, :-1][keep], targets[keep]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), LOSS_CHUNK):
+        logits = causal_lm.lm_head(states[start : start + LOSS_CHUNK]).float()
+        total = total + F.cross_entropy(logits, targets[start : start + LOSS_CHUNK],
+                                        reduction="sum")
+    return total / max(n_items, 1)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(
+    root: Path, model: PeftModel, optimizer: torch.optim.Optimizer, scaler: Any, step: int,
+    state: dict[str, Any], keep: int,
+) -> Path:
+    """Adapter + optimizer + RNG as safetensors, the rest as JSON; written whole or not at all."""
+    final = root / f"step-{step:07d}"
+    staging = root / f".step-{step:07d}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging / "adapter", safe_serialization=True)
+    optim = optimizer.state_dict()
+    tensors = {f"optim.{i}.{k}": v.detach().reshape(-1).contiguous().cpu()
+               for i, s in optim["state"].items() for k, v in s.items()}
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, staging / "state.safetensors")
+    meta = {"step": step, "param_groups": optim["param_groups"], "scaler": scaler.state_dict(),
+            **state}
+    (staging / "state.json").write_text(json.dumps(meta))
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    done = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(
+    path: Path, model: PeftModel, optimizer: torch.optim.Optimizer, scaler: Any
+) -> dict[str, Any]:
+    weights = load_file(path / "adapter" / "adapter_model.safetensors")
+    set_peft_model_state_dict(model, weights)
+    meta = json.loads((path / "state.json").read_text())
+    tensors = load_file(path / "state.safetensors")
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            shape = () if name == "step" else current_shape(optimizer, int(index))
+            state.setdefault(int(index), {})[name] = value.reshape(shape)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scaler.load_state_dict(meta["scaler"])
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return meta
+
+
+def current_shape(optimizer: torch.optim.Optimizer, index: int) -> torch.Size:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return params[index].shape
+
+
+# ---------------------------------------------------------------------------- guards
+
+
+class Watchdog:
+    """Ends the process with a clear message when no step finishes for `seconds` (a silent
+    hang: a stuck kernel, a dead collective, a deadlocked loader). It is armed by the first
+    finished step: the first one also pays for compilation and warm-up."""
+
+    def __init__(self, seconds: float, out: Path) -> None:
+        self.seconds, self.out = seconds, out
+        self.step, self.beat, self.stopped = 0, time.monotonic(), False
+        if seconds > 0:
+            threading.Thread(target=self._watch, daemon=True, name="watchdog").start()
+
+    def progress(self, step: int) -> None:
+        self.step, self.beat = step, time.monotonic()
+
+    def _watch(self) -> None:
+        while not self.stopped:
+            time.sleep(min(1.0, self.seconds / 4))
+            idle = time.monotonic() - self.beat
+            if idle > self.seconds and self.step and not self.stopped:
+                message = (f"no progress for {idle:.1f} s after step {self.step} (watchdog: "
+                           f"train.watchdog_seconds={self.seconds}); the run was stopped. "
+                           "Check GPU utilisation and the data loader; raise the limit if a "
+                           "step is legitimately this slow.")
+                write_failure(self.out, "hung", self.step, message)
+                print(f"\nloraflow.train: {message}", file=sys.stderr, flush=True)
+                os._exit(EXIT_HUNG)
+
+
+class SpikeGuard:
+    """NaN/inf stops at once; a loss above spike_factor x its running mean for spike_patience
+    steps in a row stops too (a spike that recovers is normal and ignored)."""
+
+    def __init__(self, cfg: TrainConfig, mean: float | None = None, streak: int = 0) -> None:
+        self.factor, self.patience = cfg.spike_factor, cfg.spike_patience
+        self.mean, self.streak = mean, streak
+
+    def check(self, loss: float, step: int) -> None:
+        if not math.isfinite(loss):
+            raise Diverged(f"loss is {loss} at step {step}")
+        if self.mean is not None and loss > self.factor * self.mean:
+            self.streak += 1
+            if self.streak >= self.patience:
+                raise Diverged(f"loss {loss:.4g} at step {step} has stayed above "
+                               f"{self.factor} x its running mean {self.mean:.4g} for "
+                               f"{self.patience} steps")
+            return
+        self.streak = 0
+        self.mean = loss if self.mean is None else 0.9 * self.mean + 0.1 * loss
+
+
+def write_failure(out: Path, kind: str, step: int, message: str) -> None:
+    (out / "failure.json").write_text(json.dumps({"kind": kind, "step": step,
+                                                  "message": message}))
+
+
+# ---------------------------------------------------------------------------- loop
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -83,65 +354,162 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 1.0
 
 
-def pick_precision(cfg: TrainConfig, device: str) -> torch.dtype:
-    if cfg.precision == "fp32" or (cfg.precision == "auto" and device == "cpu"):
-        return torch.float32
-    if device == "cpu":
-        raise ValueError(f"train.precision={cfg.precision} needs a GPU; on CPU use fp32 or auto")
-    if cfg.precision == "fp16" or not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
-
-
-def add_lora(model: torch.nn.Module, lora: LoraSettings) -> PeftModel:
-    targets: list[str] | str = (
-        "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
-    )
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=targets,
-        bias=lora.bias,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
+def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @torch.no_grad()
 def validation_loss(
-    model: PeftModel,
-    examples: list[Example],
-    batch_size: int,
-    pad_id: int,
-    device: str,
-    dtype: torch.dtype,
+    model: PeftModel, examples: list[Example], cfg: TrainConfig, pad_id: int, attn_impl: str,
+    dtype: torch.dtype, decoder: Any = None,
 ) -> float:
-    """Mean loss per answer token over the validation examples."""
+    """Mean loss per answer token over the validation examples (each alone in its row)."""
     model.eval()
+    device = next(model.parameters()).device.type
     total, count = torch.zeros((), device=device), 0
-    for start in range(0, len(examples), batch_size):
-        batch = {
-            k: v.to(device)
-            for k, v in collate(examples[start : start + batch_size], pad_id).items()
-        }
-        n = int((batch["labels"][:, 1:] != -100).sum())
+    for start in range(0, len(examples), cfg.micro_batch_size):
+        rows = [[e] for e in examples[start : start + cfg.micro_batch_size]]
+        batch = to_device(collate(rows, pad_id), device)
+        n = answer_tokens(batch)
         with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
-            total += model(**batch, num_items_in_batch=n).loss.float() * n
+            total += completion_loss(model, batch, n, attn_impl, decoder) * n
         count += n
     model.train()
     return float(total) / max(count, 1)
 
 
+def fit(
+    model: PeftModel,
+    train_set: list[Example],
+    val_set: list[Example],
+    t: TrainConfig,
+    out: Path,
+    pad_id: int,
+    dtype: torch.dtype,
+    attn_impl: str = "sdpa",
+    packed: bool = False,
+) -> dict[str, float]:
+    """The training loop: AdamW on the trainable (LoRA) weights only; metrics, checkpoints and
+    failure reports to out/. Resumes from the latest checkpoint in out/checkpoints/."""
+    device = next(model.parameters()).device.type
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
+                                  fused=device == "cuda")
+    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
+    decoder = model.get_base_model().model
+    if t.compile:
+        decoder = torch.compile(decoder, dynamic=False)
+    width = t.seq_len if packed else None
+
+    first_step, position, guard_state = 0, 0, {}
+    checkpoint = latest_checkpoint(out / "checkpoints")
+    if checkpoint is not None:
+        meta = load_checkpoint(checkpoint, model, optimizer, scaler)
+        first_step, position, guard_state = meta["step"], meta["position"], meta["guard"]
+        print(f"loraflow.train: resuming from {checkpoint} (step {first_step})", file=sys.stderr)
+    metrics_path = out / "metrics.jsonl"
+    kept = [line for line in (metrics_path.read_text().splitlines()
+                              if metrics_path.is_file() else [])
+            if json.loads(line)["step"] <= first_step]
+    metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    stream = ExampleStream(train_set, t.seed, position)
+    guard = SpikeGuard(t, **guard_state)
+    watchdog = Watchdog(t.watchdog_seconds, out)
+    start, tokens_seen, loss, record = time.perf_counter(), 0, float("nan"), {}
+    bar = tqdm(range(first_step, t.max_steps), initial=first_step, total=t.max_steps,
+               desc="train", unit="step", file=sys.stderr)
+    with open(metrics_path, "a", encoding="utf-8") as metrics_file:
+        for step in bar:
+            step_start = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = t.learning_rate * lr_factor(step, t)
+            batches = [collate(next_micro_batch(stream, t, packed), pad_id, width)
+                       for _ in range(t.grad_accum_steps)]
+            # Every answer token of the step weighs the same, however the examples fall
+            # into micro-batches.
+            n_items = sum(answer_tokens(b) for b in batches)
+            step_loss = torch.zeros((), device=device)
+            step_tokens = 0
+            for batch in batches:
+                step_tokens += int((batch["doc_ids"] >= 0).sum())
+                batch = to_device(batch, device)
+                with torch.autocast(device_type=device, dtype=dtype,
+                                    enabled=dtype != torch.float32):
+                    micro_loss = completion_loss(model, batch, n_items, attn_impl, decoder)
+                scaler.scale(micro_loss).backward()
+                step_loss += micro_loss.detach()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            loss = float(step_loss)  # one host sync per optimizer step, not per micro-batch
+            if step + 1 == POISON_STEP:
+                loss = float("nan")
+            if step + 1 == STALL_STEP and STALL_SECONDS:
+                time.sleep(STALL_SECONDS)
+            try:
+                guard.check(loss, step + 1)
+            except Diverged as exc:
+                last = latest_checkpoint(out / "checkpoints")
+                message = (f"{exc}: stopping. Nothing after the last good checkpoint "
+                           f"({last or 'none'}) was kept. Lower train.learning_rate or check "
+                           "the data around this step.")
+                write_failure(out, "diverged", step + 1, message)
+                raise Diverged(message) from None
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            watchdog.progress(step + 1)
+
+            tokens_seen += step_tokens
+            record = {
+                "step": step + 1,
+                "loss": loss,
+                "lr": optimizer.param_groups[0]["lr"],
+                "grad_norm": float(grad_norm),
+                "tokens": step_tokens,
+                "tokens_per_s": step_tokens / (time.perf_counter() - step_start),
+                "elapsed_s": time.perf_counter() - start,
+            }
+            if device == "cuda":
+                record["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            last_step = step + 1 == t.max_steps
+            if val_set and ((t.eval_every and (step + 1) % t.eval_every == 0) or last_step):
+                record["val_loss"] = validation_loss(model, val_set, t, pad_id, attn_impl,
+                                                     dtype, decoder)
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            if t.checkpoint_every and ((step + 1) % t.checkpoint_every == 0 or last_step):
+                save_checkpoint(out / "checkpoints", model, optimizer, scaler, step + 1,
+                                {"position": stream.position,
+                                 "guard": {"mean": guard.mean, "streak": guard.streak}},
+                                t.keep_checkpoints)
+            bar.set_postfix(loss=f"{loss:.4f}")
+    bar.close()
+    watchdog.stopped = True  # saving the adapter below is not a step
+    return {
+        "steps": t.max_steps,
+        "resumed_from": first_step,
+        "train_loss": loss,
+        "val_loss": record.get("val_loss", float("nan")),
+        "seconds": time.perf_counter() - start,
+        "tokens": tokens_seen,
+        "trainable_params": sum(p.numel() for p in params),
+    }
+
+
 def train(cfg: EngineConfig) -> dict[str, float]:
-    """Run LoRA training; return the final numbers (also written to result.json)."""
+    """Set up model and data, run fit(), save the adapter (also written: result.json)."""
     t = cfg.train
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "failure.json").unlink(missing_ok=True)
     if t.threads:
         torch.set_num_threads(t.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = pick_precision(t, device)
+    packed = t.batching == "packed" or (t.batching == "auto" and device == "cuda")
+    attn_impl = "flex_attention" if packed and device == "cuda" else "sdpa"
     torch.manual_seed(t.seed)
 
     tokenizer = load_tokenizer(cfg.base_path)
@@ -150,11 +518,14 @@ def train(cfg: EngineConfig) -> dict[str, float]:
     val_set = read_examples(val_path) if val_path.is_file() else []
     if not train_set:
         raise ValueError(f"{cfg.data_dir}/train.jsonl holds no examples")
+    too_long = max(len(ids) for ids, _ in train_set)
+    if packed and too_long > t.seq_len:
+        raise ValueError(f"an example has {too_long} tokens, more than train.seq_len="
+                         f"{t.seq_len}. Fix: raise train.seq_len or lower data.max_length.")
 
-    # Base weights stay in the load dtype (bf16 on GPU halves their memory); LoRA weights
-    # are kept in fp32 by PEFT and autocast handles the mixed matmuls.
-    model = add_lora(load_model(cfg.base_path, dtype=dtype, device=device), cfg.lora)
-    result = fit(model, train_set, val_set, t, out, tokenizer.pad_token_id, dtype)
+    model = add_lora(load_base(cfg.base_path, t, device, attn_impl), cfg.lora)
+    result = fit(model, train_set, val_set, t, out, tokenizer.pad_token_id, dtype, attn_impl,
+                 packed)
 
     # Write the adapter beside its final name, then rename: no half-written adapter/.
     staging = out / "adapter.partial"
@@ -166,103 +537,25 @@ def train(cfg: EngineConfig) -> dict[str, float]:
     return result
 
 
-def fit(
-    model: PeftModel,
-    train_set: list[Example],
-    val_set: list[Example],
-    t: TrainConfig,
-    out: Path,
-    pad_id: int,
-    dtype: torch.dtype,
-) -> dict[str, float]:
-    """The training loop: AdamW on the trainable (LoRA) weights only; metrics to out/."""
-    device = next(model.parameters()).device.type
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=device == "cuda"
-    )
-    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
-    batches = micro_batches(train_set, t.micro_batch_size, t.seed)
-
-    start = time.perf_counter()
-    tokens_seen = 0
-    loss = float("nan")
-    metrics_file = open(out / "metrics.jsonl", "w", encoding="utf-8")  # noqa: SIM115
-    bar = tqdm(range(t.max_steps), desc="train", unit="step", file=sys.stderr)
-    try:
-        for step in bar:
-            step_start = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = t.learning_rate * lr_factor(step, t)
-            group_batches = [collate(next(batches), pad_id) for _ in range(t.grad_accum_steps)]
-            # Sum of token losses / answer tokens in the whole step: every token weighs the
-            # same, however the examples fall into micro-batches.
-            n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group_batches)
-            step_loss = torch.zeros((), device=device)
-            step_tokens = 0
-            for batch in group_batches:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with torch.autocast(
-                    device_type=device, dtype=dtype, enabled=dtype != torch.float32
-                ):
-                    micro_loss = model(**batch, num_items_in_batch=n_items).loss
-                scaler.scale(micro_loss).backward()
-                step_loss += micro_loss.detach().float()
-                step_tokens += int(batch["attention_mask"].sum())
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-
-            tokens_seen += step_tokens
-            loss = float(step_loss)
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss is {loss} at step {step + 1}: stopping. Lower train.learning_rate "
-                    "or check the data; nothing after this step was kept."
-                )
-            record = {
-                "step": step + 1,
-                "loss": loss,
-                "lr": optimizer.param_groups[0]["lr"],
-                "grad_norm": float(grad_norm),
-                "tokens_per_s": step_tokens / (time.perf_counter() - step_start),
-                "elapsed_s": time.perf_counter() - start,
-            }
-            if device == "cuda":
-                record["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            last_step = step + 1 == t.max_steps
-            if val_set and ((t.eval_every and (step + 1) % t.eval_every == 0) or last_step):
-                record["val_loss"] = validation_loss(
-                    model, val_set, t.micro_batch_size, pad_id, device, dtype
-                )
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            bar.set_postfix(loss=f"{loss:.4f}")
-    finally:
-        metrics_file.close()
-        bar.close()
-
-    return {
-        "steps": t.max_steps,
-        "train_loss": loss,
-        "val_loss": record.get("val_loss", float("nan")),
-        "seconds": time.perf_counter() - start,
-        "tokens": tokens_seen,
-        "trainable_params": sum(p.numel() for p in params),
-    }
-
-
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train a LoRA adapter (loraflow engine).")
     parser.add_argument("--config", type=Path, required=True, help="engine config JSON")
     args = parser.parse_args(argv)
     cfg = EngineConfig.model_validate_json(args.config.read_text(encoding="utf-8"))
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except torch.OutOfMemoryError as exc:
+        message = (f"out of memory with micro_batch_size={cfg.train.micro_batch_size}: {exc}. "
+                   "A retry halves the micro-batch and doubles accumulation.")
+        write_failure(Path(cfg.output_dir), "oom", -1, message)
+        print(f"loraflow.train: {message}", file=sys.stderr)
+        return EXIT_OOM
+    except Diverged as exc:
+        print(f"\nloraflow.train: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
     print(json.dumps(result))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 from loraflow.data import Example
 from loraflow.prompts import ALPACA, encode_prompt, render_prompt
 from loraflow.tokenization import encode_example, tokenize_splits
-from loraflow.train import collate
+from loraflow.train import attention_mask_for, collate
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -26,7 +26,7 @@ def tokenizer():
 @pytest.mark.parametrize("template", ["chat", "alpaca"])
 def test_labels_cover_the_answer_and_eos_only(tokenizer, template):
     ids, prompt_len = encode_example(tokenizer, template, EXAMPLE)
-    batch = collate([(ids, prompt_len)], pad_id=tokenizer.pad_token_id)
+    batch = collate([[(ids, prompt_len)]], pad_id=tokenizer.pad_token_id)
     labels = batch["labels"][0].tolist()
     assert labels[:prompt_len] == [-100] * prompt_len
     answer = labels[prompt_len:]
@@ -37,13 +37,15 @@ def test_labels_cover_the_answer_and_eos_only(tokenizer, template):
 def test_padding_is_masked_out_of_labels_and_attention_while_eos_is_trained(tokenizer):
     short = encode_example(tokenizer, "chat", EXAMPLE)
     long = encode_example(tokenizer, "chat", EXAMPLE.model_copy(update={"input": "x " * 30}))
-    batch = collate([short, long], pad_id=tokenizer.pad_token_id)
+    batch = collate([[short], [long]], pad_id=tokenizer.pad_token_id)
     n = len(short[0])
-    assert batch["attention_mask"][0, n:].sum() == 0
+    assert (batch["doc_ids"][0, n:] == -1).all() and (batch["doc_ids"][0, :n] == 0).all()
+    mask = attention_mask_for(batch["doc_ids"], "sdpa")
+    assert not mask[0, 0, :n, n:].any()  # no real token attends to padding
     assert (batch["labels"][0, n:] == -100).all()
     assert batch["labels"][0, n - 1] == tokenizer.eos_token_id  # the "never stops" bug
     # even when pad and EOS share an id (SmolLM2 does), EOS keeps its label
-    same = collate([short, long], pad_id=tokenizer.eos_token_id)
+    same = collate([[short], [long]], pad_id=tokenizer.eos_token_id)
     assert same["labels"][0, n - 1] == tokenizer.eos_token_id
     assert (same["labels"][0, n:] == -100).all()
 

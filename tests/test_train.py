@@ -1,6 +1,9 @@
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -83,3 +86,106 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert factors[0] == 0.5 and factors[1] == 1.0
     assert all(a >= b for a, b in zip(factors[1:], factors[2:], strict=False))
     assert lr_factor(10, cfg) == pytest.approx(0.0)
+
+
+def test_packed_rows_give_each_example_the_loss_it_has_alone(tiny_model_dir, tokenized):
+    """Attention stays inside each packed example: per-example losses match unpacked ones."""
+    from loraflow.train import collate, completion_loss
+
+    model = add_lora(load_model(tiny_model_dir), LoraSettings(dropout=0.0)).eval()
+    examples = read_examples(tokenized / "train.jsonl")[:5]
+    alone = []
+    with torch.no_grad():
+        for example in examples:
+            batch = collate([[example]], pad_id=3)
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            alone.append(float(completion_loss(model, batch, n, "sdpa")) * n)
+        width = sum(len(ids) for ids, _ in examples) + 7  # some padding at the end too
+        packed = collate([examples], pad_id=3, width=width)
+        n_all = int((packed["labels"][:, 1:] != -100).sum())
+        together = float(completion_loss(model, packed, n_all, "sdpa")) * n_all
+        # and with the isolation removed, the same row gives a different loss
+        leaky = dict(packed, doc_ids=torch.where(packed["doc_ids"] >= 0, 0, -1))
+        crossed = float(completion_loss(model, leaky, n_all, "sdpa")) * n_all
+    assert together == pytest.approx(sum(alone), rel=1e-5)
+    assert abs(crossed - sum(alone)) > 1e-3
+
+
+def engine_run(tmp_path, tiny_model_dir, tokenized, name, **train):
+    out = tmp_path / name
+    cfg = EngineConfig(base_path=tiny_model_dir, data_dir=tokenized, output_dir=out,
+                       lora=LoraSettings(dropout=0.1),
+                       train=TrainConfig(micro_batch_size=4, learning_rate=1e-2,
+                                         warmup_steps=1, **train))
+    config_file = tmp_path / f"{name}.json"
+    config_file.write_text(cfg.model_dump_json())
+    return out, [sys.executable, "-m", "loraflow.train", "--config", str(config_file)]
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_on_the_same_loss_curve(
+    tmp_path, tiny_model_dir, tokenized
+):
+    whole, command = engine_run(tmp_path, tiny_model_dir, tokenized, "whole", max_steps=12,
+                                checkpoint_every=4, batching="packed", seq_len=512)
+    subprocess.run(command, check=True, capture_output=True)
+
+    cut, command = engine_run(tmp_path, tiny_model_dir, tokenized, "cut", max_steps=12,
+                              checkpoint_every=4, batching="packed", seq_len=512)
+    process = subprocess.Popen(command, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (cut / "checkpoints" / "step-0000008").is_dir():  # let two checkpoints land
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (cut / "adapter").exists()
+    resumed = subprocess.run(command, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stderr
+    assert json.loads((cut / "result.json").read_text())["resumed_from"] >= 8
+    assert losses(cut) == pytest.approx(losses(whole), rel=1e-4)  # dropout RNG restored too
+    assert len(list((cut / "checkpoints").glob("step-*"))) == 2  # retention
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
+    tmp_path, tiny_model_dir, tokenized
+):
+    out, command = engine_run(tmp_path, tiny_model_dir, tokenized, "nan", max_steps=20,
+                              checkpoint_every=2, spike_patience=1, spike_factor=1.5)
+    command_env = {**os.environ, "LORAFLOW_TEST_POISON_STEP": "5"}
+    done = subprocess.run(command, capture_output=True, text=True, env=command_env)
+    assert done.returncode == 4, done.stderr[-2000:]
+    failure = json.loads((out / "failure.json").read_text())
+    assert failure["kind"] == "diverged" and failure["step"] == 5
+    assert "step-0000004" in failure["message"]
+    assert (out / "checkpoints" / "step-0000004").is_dir()
+    assert not (out / "adapter").exists()
+
+
+def test_the_watchdog_ends_a_run_that_makes_no_progress(tmp_path, tiny_model_dir, tokenized):
+    out, command = engine_run(tmp_path, tiny_model_dir, tokenized, "hang", max_steps=5,
+                              watchdog_seconds=2.0)
+    command_env = {**os.environ, "LORAFLOW_TEST_STALL_SECONDS": "30"}
+    start = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, env=command_env)
+    assert done.returncode == 5, done.stderr[-2000:]
+    assert time.monotonic() - start < 25
+    assert "no progress for" in done.stderr and "after step 2" in done.stderr
+    assert json.loads((out / "failure.json").read_text())["kind"] == "hung"
+
+
+def test_a_spike_that_recovers_is_ignored_and_one_that_stays_stops_the_run():
+    from loraflow.train import Diverged, SpikeGuard
+
+    guard = SpikeGuard(TrainConfig(spike_factor=3.0, spike_patience=3))
+    for step, loss in enumerate([2.0, 1.9, 1.8, 9.0, 9.0, 1.7, 1.6], start=1):
+        guard.check(loss, step)  # two spiked steps, then back: no stop
+    with pytest.raises(Diverged, match="step 10 has stayed above"):
+        for step, loss in enumerate([9.0, 9.0, 9.0], start=8):
+            guard.check(loss, step)
+    with pytest.raises(Diverged, match="loss is inf at step 1"):
+        SpikeGuard(TrainConfig()).check(float("inf"), 1)
