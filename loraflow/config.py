@@ -91,6 +91,11 @@ class TrainConfig(Section):
         False, description="Recompute activations in backward: less memory, ~20-30% slower."
     )
     compile: bool = Field(False, description="torch.compile the decoder (GPU).")
+    kernels: Literal["torch", "liger"] = Field(
+        "torch",
+        description="liger: fused Triton kernels for RMSNorm, SwiGLU and RoPE on a GPU "
+        "(needs the liger-kernel package; Llama-family models).",
+    )
     eval_every: int = Field(0, ge=0, description="Validation loss every N steps (0: at the end).")
     checkpoint_every: int = Field(
         0, ge=0, description="Save a resumable checkpoint every N steps (0: never)."

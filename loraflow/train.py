@@ -152,6 +152,19 @@ def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
 # ---------------------------------------------------------------------------- model
 
 
+def halve_micro_batch(cfg: TrainConfig, halvings: int) -> TrainConfig:
+    """After `halvings` out-of-memory failures: micro-batch / 2**h, accumulation x the same,
+    so the effective batch is unchanged."""
+    micro = cfg.micro_batch_size >> halvings
+    if micro < 1:
+        raise ValueError(f"out of memory even at micro_batch_size=1 after {halvings} halvings. "
+                         "Fix: train.gradient_checkpointing=true, precision nf4, or a shorter "
+                         "train.seq_len / data.max_length.")
+    factor = cfg.micro_batch_size // micro
+    return cfg.model_copy(update={"micro_batch_size": micro,
+                                  "grad_accum_steps": cfg.grad_accum_steps * factor})
+
+
 def pick_precision(cfg: TrainConfig, device: str) -> torch.dtype:
     """Compute dtype. int8/nf4 quantise the stored base weights and compute in bf16/fp16."""
     if cfg.precision == "fp32" or (cfg.precision == "auto" and device == "cpu"):
@@ -183,6 +196,17 @@ def load_base(path: Path, cfg: TrainConfig, device: str, attn_impl: str) -> torc
             model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     else:
         model = model.to(device)
+    return prepare_for_training(model, cfg)
+
+
+def prepare_for_training(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+    """Kernels and activation checkpointing as the config asks; no KV cache in training."""
+    if cfg.kernels == "liger":
+        # Fused RMSNorm, SwiGLU and RoPE Triton kernels (GPU); the loss is our own already.
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False, model=model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -206,7 +230,7 @@ def completion_loss(
     label exists, a chunk at a time: never the full (tokens x vocab) tensor."""
     causal_lm = model.get_base_model()
     mask = attention_mask_for(batch["doc_ids"], attn_impl)
-    hidden = (decoder or causal_lm.model)(
+    hidden = (decoder if decoder is not None else causal_lm.model)(
         input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
         use_cache=False,
     ).last_hidden_state
@@ -355,7 +379,9 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if device == "cuda":  # pinned host memory makes the copy truly asynchronous
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -418,6 +444,14 @@ def fit(
     guard = SpikeGuard(t, **guard_state)
     watchdog = Watchdog(t.watchdog_seconds, out)
     start, tokens_seen, loss, record = time.perf_counter(), 0, float("nan"), {}
+
+    def next_step() -> tuple[list[dict[str, Any]], int]:
+        """The step's micro-batches and the stream position after them."""
+        built = [collate(next_micro_batch(stream, t, packed), pad_id, width)
+                 for _ in range(t.grad_accum_steps)]
+        return built, stream.position
+
+    pending: tuple[list[dict[str, Any]], int] | None = None
     bar = tqdm(range(first_step, t.max_steps), initial=first_step, total=t.max_steps,
                desc="train", unit="step", file=sys.stderr)
     with open(metrics_path, "a", encoding="utf-8") as metrics_file:
@@ -425,8 +459,7 @@ def fit(
             step_start = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = t.learning_rate * lr_factor(step, t)
-            batches = [collate(next_micro_batch(stream, t, packed), pad_id, width)
-                       for _ in range(t.grad_accum_steps)]
+            batches, position = pending or next_step()
             # Every answer token of the step weighs the same, however the examples fall
             # into micro-batches.
             n_items = sum(answer_tokens(b) for b in batches)
@@ -440,6 +473,9 @@ def fit(
                     micro_loss = completion_loss(model, batch, n_items, attn_impl, decoder)
                 scaler.scale(micro_loss).backward()
                 step_loss += micro_loss.detach()
+            # Build the next step's batches on the CPU while the GPU finishes this backward;
+            # the host sync just below would otherwise leave the GPU idle during collation.
+            pending = next_step() if step + 1 < t.max_steps else None
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
             loss = float(step_loss)  # one host sync per optimizer step, not per micro-batch
@@ -481,7 +517,7 @@ def fit(
             metrics_file.flush()
             if t.checkpoint_every and ((step + 1) % t.checkpoint_every == 0 or last_step):
                 save_checkpoint(out / "checkpoints", model, optimizer, scaler, step + 1,
-                                {"position": stream.position,
+                                {"position": position,
                                  "guard": {"mean": guard.mean, "streak": guard.streak}},
                                 t.keep_checkpoints)
             bar.set_postfix(loss=f"{loss:.4f}")

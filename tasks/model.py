@@ -18,15 +18,37 @@ from loraflow.artifacts import ArtifactRef
 from loraflow.config import EvalConfig, LoraSettings, MergeConfig, TrainConfig, loraflow_home
 from loraflow.lineage import code_version, library_versions, sha256_json, sha256_tree
 from loraflow.model import BaseModelRef, load_tokenizer, resolve_base_model, source_location
-from loraflow.train import EngineConfig
+from loraflow.train import EXIT_DIVERGED, EXIT_HUNG, EXIT_OOM, EngineConfig, halve_micro_batch
 from tasks.caching import CONTENT, fingerprint
-from tasks.tracking import fetch, log_dir, log_metrics, log_params
+from tasks.tracking import fetch, log_dir, log_metric_records, log_metrics, log_params
 
 LINEAGE_FILE = "loraflow.json"
 
 
 class TrainingError(RuntimeError):
     """The training engine failed; the message says where its output is."""
+
+
+class TrainingOOM(TrainingError):
+    """Out of memory: the next attempt halves the micro-batch (same effective batch)."""
+
+
+class TrainingCrashed(TrainingError):
+    """The engine died (killed, crashed): the next attempt resumes from its last checkpoint."""
+
+
+class TrainingStopped(TrainingError):
+    """The engine stopped itself (NaN, unrecovered loss spike, hang): never retried blindly."""
+
+
+def retry_training(task: Any, task_run: Any, state: Any) -> bool:
+    try:
+        state.result()
+    except (TrainingOOM, TrainingCrashed):
+        return True
+    except BaseException:
+        return False
+    return False
 
 
 def base_model_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -40,7 +62,7 @@ def prepare_base_model(source: str) -> BaseModelRef:
     return resolve_base_model(source, loraflow_home() / "models")
 
 
-@task(cache_policy=CONTENT)
+@task(cache_policy=CONTENT, retries=2, retry_condition_fn=retry_training)
 def train_adapter(
     tokens: ArtifactRef, base: BaseModelRef, lora: LoraSettings, train: TrainConfig, run_id: str
 ) -> ArtifactRef:
@@ -48,6 +70,9 @@ def train_adapter(
     key = sha256_json([tokens.sha256, base.sha256, lora.model_dump(), train.model_dump()])
     run_dir = loraflow_home() / "runs" / key[:16]
     run_dir.mkdir(parents=True, exist_ok=True)
+    adapt = run_dir / "adapt.json"
+    if adapt.is_file():  # an earlier attempt ran out of memory
+        train = halve_micro_batch(train, json.loads(adapt.read_text())["halvings"])
     engine = EngineConfig(
         base_path=base.path, data_dir=fetch(tokens.uri), output_dir=run_dir, lora=lora, train=train
     )
@@ -76,9 +101,10 @@ def train_adapter(
 
 
 def run_engine(config_file: Path, run_dir: Path, run_id: str) -> dict[str, Any]:
-    """Start `python -m loraflow.train`, relay metrics.jsonl to MLflow every few seconds."""
+    """Start `python -m loraflow.train`, relay metrics.jsonl to MLflow every few seconds;
+    turn its exit code into an error that says whether a retry can help."""
     metrics_file = run_dir / "metrics.jsonl"
-    metrics_file.unlink(missing_ok=True)
+    (run_dir / "result.json").unlink(missing_ok=True)
     process = subprocess.Popen(
         [sys.executable, "-m", "loraflow.train", "--config", str(config_file)],
         stdout=subprocess.DEVNULL,
@@ -90,24 +116,32 @@ def run_engine(config_file: Path, run_dir: Path, run_id: str) -> dict[str, Any]:
         if finished:
             break
         time.sleep(2.0)
-    if process.returncode != 0:
-        raise TrainingError(
-            f"the training engine exited with code {process.returncode}; its output is above, "
-            f"its config and metrics in {run_dir}"
-        )
-    return json.loads((run_dir / "result.json").read_text())
+    if process.returncode == 0:
+        return json.loads((run_dir / "result.json").read_text())
+    failure_file = run_dir / "failure.json"
+    failure = json.loads(failure_file.read_text()) if failure_file.is_file() else {}
+    where = f"(config, metrics and checkpoints in {run_dir})"
+    if process.returncode == EXIT_OOM:
+        adapt = run_dir / "adapt.json"
+        halvings = json.loads(adapt.read_text())["halvings"] + 1 if adapt.is_file() else 1
+        adapt.write_text(json.dumps({"halvings": halvings}))
+        raise TrainingOOM(f"{failure.get('message', 'out of memory')} {where}")
+    if process.returncode in (EXIT_DIVERGED, EXIT_HUNG):
+        raise TrainingStopped(f"{failure.get('message', 'training stopped')} {where}")
+    raise TrainingCrashed(
+        f"the training engine exited with code {process.returncode}; its "
+        f"output is above {where}; a retry resumes from the last checkpoint"
+    )
 
 
 def relay_metrics(metrics_file: Path, already: int, run_id: str) -> int:
-    """Send the lines after the first `already` to MLflow in batches; return lines relayed."""
+    """Send the lines after the first `already` to MLflow in one batch; return lines relayed."""
     if not metrics_file.is_file():
         return already
     lines = metrics_file.read_text().splitlines()
-    complete = [json.loads(line) for line in lines[already:] if line.endswith("}")]
-    for record in complete:
-        step = record.pop("step")
-        log_metrics(run_id, {f"train.{k}": v for k, v in record.items()}, step=step)
-    return already + len(complete)
+    records = [json.loads(line) for line in lines[already:] if line.endswith("}")]
+    log_metric_records(run_id, records, prefix="train.")
+    return already + len(records)
 
 
 @task(cache_policy=CONTENT)

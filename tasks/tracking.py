@@ -69,6 +69,19 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         MlflowClient().log_batch(run_id, metrics=entries[start : start + BATCH])
 
 
+def log_metric_records(run_id: str, records: list[dict[str, Any]], prefix: str = "") -> None:
+    """Log JSON-lines metric records ({"step": N, name: value, ...}) in batches."""
+    now = mlflow.utils.time.get_current_time_millis()
+    entries = [
+        Metric(f"{prefix}{k}", float(v), now, int(r["step"]))
+        for r in records
+        for k, v in r.items()
+        if k != "step"
+    ]
+    for start in range(0, len(entries), BATCH):
+        MlflowClient().log_batch(run_id, metrics=entries[start : start + BATCH])
+
+
 def log_dir(run_id: str, local_dir: Path, artifact_path: str) -> str:
     """Log a directory's files under artifact_path; return their artifact URI."""
     MlflowClient().log_artifacts(run_id, str(local_dir), artifact_path)

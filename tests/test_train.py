@@ -189,3 +189,14 @@ def test_a_spike_that_recovers_is_ignored_and_one_that_stays_stops_the_run():
             guard.check(loss, step)
     with pytest.raises(Diverged, match="loss is inf at step 1"):
         SpikeGuard(TrainConfig()).check(float("inf"), 1)
+
+
+def test_after_out_of_memory_the_micro_batch_halves_and_the_effective_batch_stays():
+    from loraflow.train import halve_micro_batch
+
+    cfg = TrainConfig(micro_batch_size=8, grad_accum_steps=2)
+    once, twice = halve_micro_batch(cfg, 1), halve_micro_batch(cfg, 2)
+    assert (once.micro_batch_size, once.grad_accum_steps) == (4, 4)
+    assert (twice.micro_batch_size, twice.grad_accum_steps) == (2, 8)
+    with pytest.raises(ValueError, match="micro_batch_size=1"):
+        halve_micro_batch(TrainConfig(micro_batch_size=1), 1)

@@ -1,0 +1,269 @@
+"""Training throughput on one GPU: the guide's recipe against loraflow's engine, in one run.
+
+    python benchmarks/train_bench.py [--variants guide,packed,packed-compile,nf4] [--steps 8]
+
+Llama-2-7B architecture with random bf16 weights built on the GPU (throughput does not depend
+on the weight values); instruction examples with log-normal lengths (median ~220 tokens, clipped
+to 32..1024), 40-80% of each example prompt. Counts only real (non-padding) tokens. MFU is real
+tokens/s x (4N + attention FLOPs per token) / the bf16 matmul rate measured in this run (an
+8192^3 product). Prints a table and writes it as JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                 max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=0,
+                 bos_token_id=1, eos_token_id=2)
+
+
+def matmul_tflops(n: int = 8192, reps: int = 10) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def make_examples(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(n):
+        length = int(min(1024, max(32, rng.lognormvariate(math.log(220), 0.6))))
+        ids = [1] + [rng.randrange(3, 32000) for _ in range(length - 2)] + [2]
+        examples.append((ids, int(length * rng.uniform(0.4, 0.8))))
+    return examples
+
+
+def build_model(attn: str) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**LLAMA2_7B)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.bfloat16)
+        model = LlamaForCausalLM(config)
+        torch.set_default_dtype(torch.float32)
+    return model
+
+
+def flops_per_token(n_params: int, mean_len: float, cfg: dict[str, int]) -> float:
+    # 4N: forward 2N + backward through activations 2N (no weight grads for the frozen base).
+    # Attention scores and values: 2 matmuls x 2 FLOP x L/2 average causal span x hidden,
+    # per layer, x3 for forward + backward.
+    attn = 3 * 2 * 2 * (mean_len / 2) * cfg["hidden_size"] * cfg["num_hidden_layers"]
+    return 4 * n_params + attn
+
+
+def reset_memory() -> None:
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def run_guide(examples: list[tuple[list[int], int]], steps: int) -> dict[str, Any]:
+    """HF Trainer + PEFT, r=8 q/v, pad to 1024, batch 4 x accum 4, checkpointing, bf16."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    model = build_model("sdpa")
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05,
+                                             target_modules=["q_proj", "v_proj"],
+                                             task_type="CAUSAL_LM"))
+    model.enable_input_require_grads()
+
+    class Padded(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(examples)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            ids, _ = examples[i]
+            pad = 1024 - len(ids)
+            input_ids = torch.tensor(ids + [0] * pad)
+            mask = torch.tensor([1] * len(ids) + [0] * pad)
+            labels = torch.where(mask.bool(), input_ids, -100)
+            return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            torch.cuda.synchronize()
+            times.append(time.perf_counter())
+
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4,
+        gradient_accumulation_steps=4, learning_rate=2e-5, max_steps=steps + 1,
+        lr_scheduler_type="cosine", warmup_steps=0, bf16=True, gradient_checkpointing=True,
+        logging_steps=1000, save_strategy="no", report_to=[], dataloader_drop_last=True,
+        seed=0,
+    )
+    reset_memory()
+    trainer = Trainer(model=model, args=args, train_dataset=Padded(), callbacks=[Clock()])
+    trainer.train()
+    per_step = 16
+    real = sum(len(examples[i][0]) for i in range(per_step, per_step * (steps + 1)))
+    seconds = times[-1] - times[0]  # the first step is warm-up
+    result = {"real_tokens_per_s": real / seconds, "peak_gib": torch.cuda.max_memory_allocated()
+              / 2**30, "padding_share": 1 - real / (per_step * steps * 1024)}
+    del trainer, model
+    return result
+
+
+def run_engine(examples: list[tuple[list[int], int]], steps: int, **train: Any) -> dict[str, Any]:
+    """loraflow's own loop (loraflow.train.fit) on the same examples."""
+    from loraflow.config import LoraSettings, TrainConfig
+    from loraflow.train import add_lora, fit, load_base, prepare_for_training
+
+    cfg = TrainConfig(max_steps=steps + 2, warmup_steps=0, learning_rate=1e-4,
+                      watchdog_seconds=0, **train)
+    packed = cfg.batching == "packed"
+    attn = "flex_attention" if packed else "sdpa"
+    model_dir = None
+    if cfg.precision in ("int8", "nf4"):  # quantised loading goes through from_pretrained
+        model_dir = Path(tempfile.mkdtemp(dir="/tmp"))
+        build_model("sdpa").save_pretrained(model_dir)
+        reset_memory()
+        model = load_base(model_dir, cfg, "cuda", attn)
+    else:
+        model = prepare_for_training(build_model(attn), cfg)
+    model = add_lora(model, LoraSettings(dropout=0.0))
+    reset_memory()
+    out = Path(tempfile.mkdtemp())
+    fit(model, examples, [], cfg, out, 0, torch.bfloat16, attn, packed)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    timed = records[2:]  # warm-up and compilation
+    seconds = timed[-1]["elapsed_s"] - records[1]["elapsed_s"]
+    result = {"real_tokens_per_s": sum(r["tokens"] for r in timed) / seconds,
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+              "first_step_s": records[0]["elapsed_s"]}
+    del model
+    if model_dir:
+        shutil.rmtree(model_dir, ignore_errors=True)
+    return result
+
+
+def isolation_check(examples: list[tuple[list[int], int]]) -> float:
+    """Largest relative gap between each example's loss alone and inside a packed row."""
+    from loraflow.config import LoraSettings
+    from loraflow.train import add_lora, collate, completion_loss
+
+    model = add_lora(build_model("flex_attention"), LoraSettings(dropout=0.0)).eval()
+    worst = 0.0
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        row = [e for e in examples if len(e[0]) < 400][:5]
+        packed = {k: v.cuda() for k, v in collate([row], 0, width=2048).items()}
+        for d, example in enumerate(row):
+            alone = {k: v.cuda() for k, v in collate([[example]], 0, width=2048).items()}
+            n = int((alone["labels"][:, 1:] != -100).sum())
+            a = float(completion_loss(model, alone, n, "flex_attention"))
+            # the same example's tokens inside the packed row: mask out the others' labels
+            only = dict(packed, labels=torch.where(packed["doc_ids"] == d, packed["labels"],
+                                                   -100))
+            b = float(completion_loss(model, only, n, "flex_attention"))
+            worst = max(worst, abs(a - b) / abs(a))
+    del model
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default="guide,packed,packed-compile,nf4")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=Path("train_bench.json"))
+    args = parser.parse_args()
+
+    examples = make_examples(4000)
+    mean_len = sum(len(ids) for ids, _ in examples) / len(examples)
+    ceiling = matmul_tflops()
+    n_params = 6_738_415_616  # Llama-2-7B with its untied 32000-token head
+    per_token = flops_per_token(n_params, mean_len, LLAMA2_7B)
+    print(f"bf16 matmul ceiling {ceiling:.0f} TFLOP/s; mean example {mean_len:.0f} tokens; "
+          f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    plans = {
+        "guide": lambda: run_guide(examples, args.steps),
+        "packed": lambda: run_engine(examples, args.steps, batching="packed", seq_len=2048,
+                                     micro_batch_size=8, precision="bf16"),
+        "packed-compile": lambda: run_engine(examples, args.steps, batching="packed",
+                                             seq_len=2048, micro_batch_size=8,
+                                             precision="bf16", compile=True),
+        "packed-liger": lambda: run_engine(examples, args.steps, batching="packed",
+                                           seq_len=2048, micro_batch_size=8, precision="bf16",
+                                           kernels="liger"),
+        "packed-liger-compile": lambda: run_engine(examples, args.steps, batching="packed",
+                                                   seq_len=2048, micro_batch_size=8,
+                                                   precision="bf16", kernels="liger",
+                                                   compile=True),
+        "nf4": lambda: run_engine(examples, args.steps, batching="packed", seq_len=2048,
+                                  micro_batch_size=2, grad_accum_steps=4, precision="nf4",
+                                  gradient_checkpointing=True),
+        "packed-compile-mb12": lambda: run_engine(examples, args.steps, batching="packed",
+                                                  seq_len=2048, micro_batch_size=12,
+                                                  precision="bf16", compile=True),
+        "nf4-mb3": lambda: run_engine(examples, args.steps, batching="packed", seq_len=2048,
+                                      micro_batch_size=3, grad_accum_steps=3, precision="nf4",
+                                      gradient_checkpointing=True),
+        "nf4-compile-mb4": lambda: run_engine(examples, args.steps, batching="packed",
+                                              seq_len=2048, micro_batch_size=4,
+                                              grad_accum_steps=2, precision="nf4",
+                                              gradient_checkpointing=True, compile=True),
+        "nf4-compile-mb1": lambda: run_engine(examples, args.steps, batching="packed",
+                                              seq_len=2048, micro_batch_size=1,
+                                              grad_accum_steps=8, precision="nf4",
+                                              gradient_checkpointing=True, compile=True),
+        "nf4-compile-mb2": lambda: run_engine(examples, args.steps, batching="packed",
+                                              seq_len=2048, micro_batch_size=2,
+                                              grad_accum_steps=4, precision="nf4",
+                                              gradient_checkpointing=True, compile=True),
+        "nf4-mb4": lambda: run_engine(examples, args.steps, batching="packed", seq_len=2048,
+                                      micro_batch_size=4, grad_accum_steps=2, precision="nf4",
+                                      gradient_checkpointing=True),
+        "nf4-liger-mb4": lambda: run_engine(examples, args.steps, batching="packed",
+                                            seq_len=2048, micro_batch_size=4,
+                                            grad_accum_steps=2, precision="nf4",
+                                            gradient_checkpointing=True, kernels="liger"),
+        "isolation": lambda: {"max_rel_loss_gap": isolation_check(examples)},
+    }
+    results: dict[str, Any] = {"ceiling_tflops": ceiling, "mean_len": mean_len}
+    for name in args.variants.split(","):
+        start = time.perf_counter()
+        try:
+            results[name] = plans[name]()
+        except Exception as exc:  # a variant that fails is reported in the table, not hidden
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        results[name]["wall_s"] = time.perf_counter() - start
+        reset_memory()
+        print(name, json.dumps(results[name]), flush=True)
+        args.out.write_text(json.dumps(results, indent=2))
+
+    guide = results.get("guide", {}).get("real_tokens_per_s")
+    print("\n| recipe | real tokens/s | MFU | peak GiB | vs guide |\n|---|---|---|---|---|")
+    for name, r in results.items():
+        if not isinstance(r, dict) or "real_tokens_per_s" not in r:
+            continue
+        tps = r["real_tokens_per_s"]
+        mfu = tps * per_token / (ceiling * 1e12)
+        ratio = f"{tps / guide:.2f}x" if guide else "-"
+        print(f"| {name} | {tps:,.0f} | {mfu:.0%} | {r['peak_gib']:.1f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
