@@ -88,7 +88,21 @@ class EvalConfig(Section):
 
 class MergeConfig(Section):
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="Precision of the merged model's saved weights."
+        "bfloat16",
+        description="Precision the base is loaded, merged and saved in. An adapter trained on a "
+        "4/8-bit base is merged onto the unquantized weights of the same base in this dtype.",
+    )
+    check_prompts: list[str] = Field(
+        [
+            "Extract the order as JSON: two green mugs to Oslo, express.",
+            "Say hello in one word.",
+            "List three colours.",
+        ],
+        description="Instructions both base + adapter and the merged model answer greedily; the "
+        "merge is saved only if the answers agree (up to near-ties). Empty: no check.",
+    )
+    check_new_tokens: int = Field(
+        16, ge=1, le=1024, description="Tokens generated per check prompt."
     )
 
 

@@ -16,9 +16,9 @@ from tqdm import tqdm
 from loraflow import registry
 from loraflow.artifacts import ArtifactRef
 from loraflow.config import RegistryConfig, StorageConfig, loraflow_home
+from loraflow.lineage import LINEAGE_FILE
 from loraflow.storage import open_store, push_tree
 from tasks.caching import CONTENT
-from tasks.model import LINEAGE_FILE
 from tasks.tracking import fetch, log_metrics, log_params
 
 TRANSIENT = (OSError, ConnectionError, BotoCoreError, ClientError, MlflowException)
