@@ -121,6 +121,12 @@ class RegistryConfig(Section):
         description="Promote only when the tuned model beats the champion (or, with no champion, "
         "the base model) by at least this much on gate_metric.",
     )
+    stage_mirroring: Literal["none", "staging-production"] = Field(
+        "none",
+        description="Also move the deprecated registry stages: a new challenger goes to Staging, "
+        "a new champion to Production (the previous one is archived). For tooling that still "
+        "reads stages; aliases are always set.",
+    )
 
 
 class StorageConfig(Section):

@@ -13,7 +13,7 @@ from typing import Any
 from prefect import task
 from prefect.utilities.hashing import hash_objects
 
-from loraflow import evaluate, merge
+from loraflow import evaluate, merge, registry
 from loraflow.artifacts import ArtifactRef
 from loraflow.config import EvalConfig, LoraSettings, MergeConfig, TrainConfig, loraflow_home
 from loraflow.lineage import (
@@ -26,7 +26,14 @@ from loraflow.lineage import (
 from loraflow.model import BaseModelRef, load_tokenizer, resolve_base_model, source_location
 from loraflow.train import EngineConfig
 from tasks.caching import CONTENT, fingerprint
-from tasks.tracking import fetch, log_dir, log_metrics, log_params
+from tasks.tracking import (
+    fetch,
+    log_dir,
+    log_metrics,
+    log_model_package,
+    log_params,
+    package_path,
+)
 
 
 class TrainingError(RuntimeError):
@@ -143,7 +150,8 @@ evaluate_tuned = evaluate_model.with_options(name="evaluate_tuned")
 def merge_adapter(
     base: BaseModelRef, adapter: ArtifactRef, cfg: MergeConfig, run_id: str
 ) -> ArtifactRef:
-    """Check lineage, fold the adapter into the base, check greedy answers; log the model."""
+    """Check lineage, fold the adapter into the base, check greedy answers; log the merged
+    model once, as an MLflow pyfunc model (READY only when every file is stored)."""
     adapter_dir = fetch(adapter.uri)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "model"
@@ -157,7 +165,10 @@ def merge_adapter(
             lineage_extra={"adapter_sha256": adapter.sha256, "merged_dtype": cfg.dtype},
         )
         sha256 = sha256_tree(out)
-        uri = log_dir(run_id, out, "model")
+        package = registry.package_model(out, adapter_dir, Path(tmp) / "pyfunc")
+        model_id, location = log_model_package(run_id, package)
+        # The merged model's own files inside the pyfunc model: what push uploads.
+        uri = f"{location}/{package_path(package, 'model')}"
     check = report.check
     log_params(run_id, {"merge.note": report.note, "merge.device": report.device})
     log_metrics(
@@ -168,4 +179,5 @@ def merge_adapter(
             "merge.check_max_logit_diff": check.max_logit_diff,
         },
     )
-    return ArtifactRef(uri=uri, sha256=sha256, meta={"dtype": cfg.dtype} | report.model_dump())
+    meta = {"dtype": cfg.dtype, "model_id": model_id} | report.model_dump()
+    return ArtifactRef(uri=uri, sha256=sha256, meta=meta)

@@ -50,20 +50,24 @@ def register_model(
     cfg: RegistryConfig,
     run_id: str,
 ) -> str:
-    """Create a registry version from the complete model artifacts; alias it `challenger`."""
+    """Create a registry version from the complete (READY) logged model; alias `challenger`.
+    Lineage and evaluation metrics become version tags."""
     client = MlflowClient()
     lineage = json.loads((fetch(model.uri) / LINEAGE_FILE).read_text())
-    tags = {
-        "loraflow.model_sha256": model.sha256,
-        "loraflow.adapter_sha256": adapter.sha256,
-        "loraflow.adapter_uri": adapter.uri,
-        "loraflow.base_model": lineage["base_model"],
-        "loraflow.base_sha256": lineage["base_sha256"],
-        "loraflow.data_sha256": lineage["data_sha256"],
-        "loraflow.code_version": lineage["code_version"],
-    } | registry.metric_tags(metrics)
-    version = registry.register_version(client, cfg.model_name, model.uri, run_id, tags)
-    client.set_registered_model_alias(cfg.model_name, registry.CHALLENGER, version)
+    tags = (
+        registry.lineage_tags(lineage)
+        | {
+            "loraflow.model_sha256": model.sha256,
+            "loraflow.adapter_sha256": adapter.sha256,
+            "loraflow.adapter_uri": adapter.uri,
+        }
+        | registry.metric_tags(metrics)
+    )
+    model_id = model.meta["model_id"]
+    version = registry.register_version(
+        client, cfg.model_name, f"models:/{model_id}", run_id, tags, model_id=model_id
+    )
+    registry.set_alias(client, cfg.model_name, registry.CHALLENGER, version, cfg.stage_mirroring)
     log_params(run_id, {"registry.version": version})
     return version
 
@@ -132,7 +136,7 @@ def promote_model(
     else:
         decision = registry.decide(cfg.gate_metric, tuned, base, current, cfg.min_improvement)
         if decision.promote:
-            client.set_registered_model_alias(cfg.model_name, registry.CHAMPION, version)
+            registry.promote(client, cfg.model_name, version, decision.reason, cfg.stage_mirroring)
     client.set_model_version_tag(cfg.model_name, version, "loraflow.gate", decision.reason)
     log_params(
         run_id,
@@ -141,5 +145,13 @@ def promote_model(
             "gate.reason": decision.reason,
         },
     )
-    log_metrics(run_id, {"gate.promoted": float(decision.promote)})
+    log_metrics(
+        run_id,
+        {
+            "gate.promoted": float(decision.promote),
+            "gate.candidate": decision.candidate,
+            "gate.reference": decision.reference,
+            "gate.margin": decision.margin,
+        },
+    )
     return decision.model_dump() | {"aliases": registry.aliases(client, cfg.model_name, version)}
