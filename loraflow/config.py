@@ -136,7 +136,15 @@ class StorageConfig(Section):
         "Default: <LORAFLOW_HOME>/storage.",
     )
     endpoint_url: str | None = Field(
-        None, description="S3 endpoint (MinIO, Ceph, moto); None uses AWS's."
+        None,
+        description="S3 endpoint (MinIO, Ceph, moto); None uses AWS's (or $AWS_ENDPOINT_URL). "
+        "Credentials always come from the AWS chain (env, ~/.aws, instance role), never here.",
+    )
+    multipart_threshold_mb: int = Field(
+        64, ge=5, le=5120, description="Files larger than this go up to S3 in parts."
+    )
+    multipart_chunk_mb: int = Field(
+        64, ge=5, le=5120, description="Size of each part of a multipart upload (S3 minimum: 5)."
     )
 
     @model_validator(mode="after")

@@ -193,7 +193,7 @@ def list_versions(client: MlflowClient, name: str) -> list[dict[str, Any]]:
             {
                 "version": str(v.version),
                 "aliases": sorted(v.aliases),
-                "stage": v.current_stage,
+                "stage": None if v.current_stage in (None, "None") else v.current_stage,
                 "metrics": {
                     k.removeprefix(METRIC_TAG): float(x)
                     for k, x in v.tags.items()

@@ -87,10 +87,15 @@ def push_model(
     run_id: str,
 ) -> str:
     """Upload merged model + adapter + SHA-256 manifest to <root>/<model-name>/<version>/."""
-    store = open_store(cfg.root or (loraflow_home() / "storage").as_uri(), cfg.endpoint_url)
+    store = open_store(
+        cfg.root or (loraflow_home() / "storage").as_uri(),
+        cfg.endpoint_url,
+        cfg.multipart_threshold_mb,
+        cfg.multipart_chunk_mb,
+    )
     dirs = {"model": fetch(model.uri), "adapter": fetch(adapter.uri)}
-    total = sum(1 for d in dirs.values() for p in Path(d).rglob("*") if p.is_file())
-    with tqdm(total=total, desc="push", unit="file") as bar:
+    total = sum(p.stat().st_size for d in dirs.values() for p in Path(d).rglob("*") if p.is_file())
+    with tqdm(total=total, desc="push", unit="B", unit_scale=True) as bar:
         pushed = push_tree(
             store,
             dirs,
@@ -101,7 +106,7 @@ def push_model(
                 "model_sha256": model.sha256,
                 "adapter_sha256": adapter.sha256,
             },
-            progress=lambda key: bar.update(),
+            progress=bar.update,
         )
     MlflowClient().set_model_version_tag(model_name, version, "loraflow.storage_uri", pushed["uri"])
     log_params(run_id, {"storage.uri": pushed["uri"]})
