@@ -32,7 +32,7 @@ def sha256_tree(path: Path) -> str:
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        digest.update(sha256_file(file).encode())
+        digest.update(sha256_file_cached(file).encode())  # base weights: hashed once a process
     return digest.hexdigest()
 
 

@@ -112,11 +112,7 @@ class S3Store:
         size = Path(local).stat().st_size
         try:
             head = self._head(key)
-            if (
-                head
-                and head.get("Metadata", {}).get("sha256") == sha256
-                and head["ContentLength"] == size
-            ):
+            if head and self._matches(head, local, sha256, size):
                 if progress:
                     progress(size)
                 return False
@@ -150,26 +146,31 @@ class S3Store:
                 return None
             raise
 
+    def _matches(self, head: dict[str, Any], local: Path, sha256: str, size: int) -> bool:
+        """The stored object is this file: same size, same SHA-256 metadata and, where the
+        server reports one, the server's own SHA-256 of the bytes it holds."""
+        if head["ContentLength"] != size or head.get("Metadata", {}).get("sha256") != sha256:
+            return False
+        stored = head.get("ChecksumSHA256")
+        if stored is None:
+            return True
+        stored = stored.split("-")[0]  # AWS marks a multipart checksum with -<parts>
+        whole = base64.b64encode(bytes.fromhex(sha256)).decode()
+        return stored == whole or stored == self._composite(local, size)
+
     def _verify(self, local: Path, key: str, sha256: str, size: int) -> None:
-        """The server's SHA-256 of what it stored must be ours: the whole file's, or for a
-        multipart upload the SHA-256 of the parts' SHA-256s (AWS adds a -N suffix)."""
+        """After an upload the server's SHA-256 of what it stored must be ours: the whole
+        file's, or for a multipart upload the SHA-256 of the parts' SHA-256s."""
         head = self._head(key)
         if head is None:
             raise StorageIntegrityError(f"{self.root}/{key} is missing right after its upload")
-        stored = head.get("ChecksumSHA256")
-        if stored is None:  # servers without additional checksums (older Ceph, some MinIO)
-            if head["ContentLength"] != size:
-                raise StorageIntegrityError(
-                    f"{self.root}/{key} holds {head['ContentLength']} bytes, {local} has {size}"
-                )
+        if head.get("ChecksumSHA256") is None:  # older Ceph, some MinIO set-ups
             log.warning("%s reports no SHA-256 checksum; verified by size only", self.endpoint)
-            return
-        stored = stored.split("-")[0]
-        whole = base64.b64encode(bytes.fromhex(sha256)).decode()
-        if stored != whole and stored != self._composite(local, size):
+        if not self._matches(head, local, sha256, size):
             raise StorageIntegrityError(
-                f"{self.root}/{key}: the server's SHA-256 ({stored}) is not that of {local} "
-                f"({whole}); the upload was corrupted. A retry uploads it again."
+                f"{self.root}/{key}: the server's SHA-256 ({head.get('ChecksumSHA256')}) or size "
+                f"({head['ContentLength']} bytes) is not that of {local} ({size} bytes); the "
+                "upload was corrupted. A retry uploads it again."
             )
 
     def _composite(self, local: Path, size: int) -> str:

@@ -93,10 +93,15 @@ def test_the_check_fails_a_merge_that_changed_the_answers(adapter, tiny_model_di
 
 @pytest.mark.gpu
 def test_a_qlora_adapter_merges_onto_the_unquantized_base_on_gpu(tmp_path):
-    """On a GPU with bitsandbytes: train-shaped LoRA on a 4-bit base, merge in bf16."""
+    """On a GPU with bitsandbytes: LoRA saved from a 4-bit NF4 base, merged onto the same base
+    files loaded unquantized in bf16; the merged model answers like base + adapter."""
     pytest.importorskip("bitsandbytes")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig
+
+    from loraflow.lineage import adapter_manifest, sha256_tree
 
     base = make_base(tmp_path / "base", hidden=256)
     quantized = AutoModelForCausalLM.from_pretrained(
@@ -106,10 +111,23 @@ def test_a_qlora_adapter_merges_onto_the_unquantized_base_on_gpu(tmp_path):
         ),
         device_map={"": 0},
     )
-    model = get_peft_model(quantized, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    adapter = make_adapter(base, tmp_path / "qlora", base_quantization="4bit")
-    model.save_pretrained(tmp_path / "unused")  # the 4-bit path saves like any adapter
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    model = get_peft_model(
+        quantized, LoraConfig(r=4, lora_alpha=8, target_modules=lora["target_modules"])
+    )
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)  # as after training
+    adapter = tmp_path / "qlora"
+    model.save_pretrained(adapter)
+    manifest = adapter_manifest(
+        base, "tiny", sha256_tree(base), lora=lora, train={}, data_sha256="0" * 64,
+        template="alpaca", chat_template=None, base_quantization="4bit",
+    )  # fmt: skip
+    (adapter / LINEAGE_FILE).write_text(json.dumps(manifest))
+
     report = merge_adapter(base, adapter, tmp_path / "merged", "bfloat16", PROMPTS, 8)
     assert report.device == "cuda" and report.check.passed
+    assert report.base_quantization == "4bit" and "unquantized bfloat16" in report.note
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert "quantization_config" not in config

@@ -90,7 +90,7 @@ def test_an_upload_whose_stored_bytes_differ_is_caught(tmp_path, model_dirs, s3_
     push_tree(store, model_dirs, "m/1", {})
     other = tmp_path / "other.bin"
     other.write_bytes(b"not the weights")
-    with pytest.raises(StorageIntegrityError, match="the server's SHA-256 .* is not that of"):
+    with pytest.raises(StorageIntegrityError, match="the server.s SHA-256 .* is not that of"):
         store._verify(other, "m/1/model/model.safetensors", sha256_file(other), 15)
 
 
