@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 Dtype = Literal["bfloat16", "float16", "float32"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Logit gap under which two tokens count as a tie: merged weights are rounded once more than
-# base + adapter, so near-ties may flip; anything wider is a broken merge.
-TIE_TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 2.5e-1}
+# base + adapter, so near-ties may flip; anything wider is a broken merge. Measured on
+# SmolLM2-135M with an r=8 adapter (3 prompts x 16 tokens, all identical): the largest
+# |logit difference| anywhere in the vocabulary was 1.5 in bfloat16 and 7e-5 in float32.
+TIE_TOLERANCE = {"float32": 1e-3, "float16": 2.5e-1, "bfloat16": 1.0}
 
 
 class MergeError(RuntimeError):
