@@ -44,12 +44,13 @@ def packaged(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture
-def mlflow_run():
+def mlflow_run(home):
     from mlflow import MlflowClient
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name("registry-tests") or client.get_experiment(
-        client.create_experiment("registry-tests")
+        # in the test home: without a location MLflow writes ./mlruns in the working directory
+        client.create_experiment("registry-tests", (home / "mlartifacts").as_uri())
     )
     run = client.create_run(experiment.experiment_id)
     yield client, experiment.experiment_id, run.info.run_id
