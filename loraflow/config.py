@@ -122,7 +122,21 @@ class EvalConfig(Section):
 
 class MergeConfig(Section):
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="Precision of the merged model's saved weights."
+        "bfloat16",
+        description="Precision the base is loaded, merged and saved in. An adapter trained on a "
+        "4/8-bit base is merged onto the unquantized weights of the same base in this dtype.",
+    )
+    check_prompts: list[str] = Field(
+        [
+            "Extract the order as JSON: two green mugs to Oslo, express.",
+            "Say hello in one word.",
+            "List three colours.",
+        ],
+        description="Instructions both base + adapter and the merged model answer greedily; the "
+        "merge is saved only if the answers agree (up to near-ties). Empty: no check.",
+    )
+    check_new_tokens: int = Field(
+        16, ge=1, le=1024, description="Tokens generated per check prompt."
     )
 
 
@@ -141,6 +155,12 @@ class RegistryConfig(Section):
         description="Promote only when the tuned model beats the champion (or, with no champion, "
         "the base model) by at least this much on gate_metric.",
     )
+    stage_mirroring: Literal["none", "staging-production"] = Field(
+        "none",
+        description="Also move the deprecated registry stages: a new challenger goes to Staging, "
+        "a new champion to Production (the previous one is archived). For tooling that still "
+        "reads stages; aliases are always set.",
+    )
 
 
 class StorageConfig(Section):
@@ -150,7 +170,15 @@ class StorageConfig(Section):
         "Default: <LORAFLOW_HOME>/storage.",
     )
     endpoint_url: str | None = Field(
-        None, description="S3 endpoint (MinIO, Ceph, moto); None uses AWS's."
+        None,
+        description="S3 endpoint (MinIO, Ceph, moto); None uses AWS's (or $AWS_ENDPOINT_URL). "
+        "Credentials always come from the AWS chain (env, ~/.aws, instance role), never here.",
+    )
+    multipart_threshold_mb: int = Field(
+        64, ge=5, le=5120, description="Files larger than this go up to S3 in parts."
+    )
+    multipart_chunk_mb: int = Field(
+        64, ge=5, le=5120, description="Size of each part of a multipart upload (S3 minimum: 5)."
     )
 
     @model_validator(mode="after")

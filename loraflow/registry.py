@@ -6,7 +6,12 @@ against the current champion (or, for the first model, against the base model).
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -14,6 +19,15 @@ from pydantic import BaseModel
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 METRIC_TAG = "metric."  # version tags holding evaluation metrics, e.g. metric.exact_match
+PREVIOUS_TAG = "loraflow.previous_champion"  # on a champion: the version it replaced
+StageMirroring = Literal["none", "staging-production"]
+STAGE_OF = {CHALLENGER: "Staging", CHAMPION: "Production"}
+# What the served model needs, pinned to what made it; no torchvision, no loraflow install.
+SERVING_PACKAGES = ("mlflow", "torch", "transformers", "safetensors", "pandas")
+
+
+class RegistryError(RuntimeError):
+    """A registry operation cannot be done as asked; the message says why and what to do."""
 
 
 class Decision(BaseModel):
@@ -26,16 +40,170 @@ class Decision(BaseModel):
     reason: str
 
 
+def package_model(merged_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
+    """Save an MLflow pyfunc model: the merged model, the adapter beside it, a signature, an
+    input example and explicit pip requirements. Nothing is loaded or uploaded here."""
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    from loraflow import prompts, serving
+
+    signature = ModelSignature(
+        inputs=Schema(
+            [ColSpec("string", "instruction"), ColSpec("string", "input", required=False)]
+        ),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", serving.MAX_NEW_TOKENS)]),
+    )
+    # Only the prompt module travels as code: it renders prompts exactly as in training.
+    with tempfile.TemporaryDirectory() as tmp:
+        code = Path(tmp) / "loraflow"
+        code.mkdir()
+        (code / "__init__.py").write_text("")
+        shutil.copy(prompts.__file__, code / "prompts.py")
+        mlflow.pyfunc.save_model(
+            path=str(out_dir),
+            python_model=serving.__file__,
+            artifacts={"model": str(merged_dir), "adapter": str(adapter_dir)},
+            code_paths=[str(code)],
+            signature=signature,
+            input_example=pd.DataFrame(
+                {"instruction": ["Extract the order as JSON."], "input": ["2 mugs to Oslo"]}
+            ),
+            pip_requirements=[f"{p}=={metadata.version(p)}" for p in SERVING_PACKAGES],
+        )
+    return out_dir
+
+
+def log_packaged_model(
+    client: MlflowClient, experiment_id: str, run_id: str, local_dir: Path, name: str
+) -> tuple[str, str]:
+    """Upload a packaged model as an MLflow LoggedModel and mark it READY only once every file
+    is stored; return (model id, artifact URI). A failed upload leaves it FAILED."""
+    logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id)
+    try:
+        client.log_model_artifacts(logged.model_id, str(local_dir))
+    except BaseException:
+        client.finalize_logged_model(logged.model_id, "FAILED")
+        raise
+    client.finalize_logged_model(logged.model_id, "READY")
+    return logged.model_id, logged.artifact_location
+
+
 def register_version(
-    client: MlflowClient, name: str, source: str, run_id: str, tags: dict[str, str]
+    client: MlflowClient,
+    name: str,
+    source: str,
+    run_id: str,
+    tags: dict[str, str],
+    model_id: str | None = None,
 ) -> str:
     """Create a version of `name` from artifacts that are already complete at `source`."""
+    if model_id is not None and str(client.get_logged_model(model_id).status) != "READY":
+        raise RegistryError(
+            f"logged model {model_id} is not READY (its upload did not finish); "
+            "no version is created from incomplete artifacts. Fix: re-run the merge step."
+        )
     try:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="LoRA fine-tunes made by loraflow")
-    version = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+    version = client.create_model_version(
+        name, source=source, run_id=run_id, tags=tags, model_id=model_id
+    )
     return str(version.version)
+
+
+def lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
+    """The lineage manifest as version tags (long values as JSON, hashes as they are)."""
+    keys = (
+        "base_model",
+        "base_revision",
+        "base_sha256",
+        "base_quantization",
+        "tokenizer_sha256",
+        "chat_template_sha256",
+        "template",
+        "data_sha256",
+        "code_version",
+        "adapter_sha256",
+    )
+    tags = {f"loraflow.{k}": str(lineage[k]) for k in keys if lineage.get(k) is not None}
+    for key in ("base_files", "lora", "train", "libraries", "merge"):
+        if key in lineage:
+            tags[f"loraflow.{key}"] = json.dumps(lineage[key], sort_keys=True)[:5000]
+    return tags
+
+
+def set_alias(
+    client: MlflowClient, name: str, alias: str, version: str, mirroring: StageMirroring
+) -> None:
+    """Point an alias at a version; with mirroring, also move the matching registry stage."""
+    client.set_registered_model_alias(name, alias, version)
+    if mirroring == "staging-production":
+        # Stages are deprecated in MLflow 3 but still read by older deployment tooling.
+        client.transition_model_version_stage(
+            name, version, STAGE_OF[alias], archive_existing_versions=alias == CHAMPION
+        )
+
+
+def promote(
+    client: MlflowClient, name: str, version: str, reason: str, mirroring: StageMirroring
+) -> str | None:
+    """Make `version` the champion, remembering the one it replaces; return that one."""
+    current = champion(client, name)
+    previous = current[0] if current else None
+    if previous == version:
+        return previous
+    if previous is not None:
+        client.set_model_version_tag(name, version, PREVIOUS_TAG, previous)
+    client.set_model_version_tag(name, version, "loraflow.promoted", reason)
+    set_alias(client, name, CHAMPION, version, mirroring)
+    return previous
+
+
+def rollback(client: MlflowClient, name: str, mirroring: StageMirroring) -> tuple[str, str]:
+    """Give `champion` back to the version it replaced; return (from, to)."""
+    current = champion(client, name)
+    if current is None:
+        raise RegistryError(f"model {name!r} has no champion to roll back")
+    tags = client.get_model_version(name, current[0]).tags
+    previous = tags.get(PREVIOUS_TAG)
+    if previous is None:
+        raise RegistryError(
+            f"champion v{current[0]} of {name!r} replaced no earlier champion: nothing to roll "
+            f"back to. Fix: promote a version by hand (loraflow promote {name} --version N)."
+        )
+    client.set_model_version_tag(name, current[0], "loraflow.rolled_back", f"to v{previous}")
+    set_alias(client, name, CHAMPION, previous, mirroring)
+    return current[0], previous
+
+
+def list_versions(client: MlflowClient, name: str) -> list[dict[str, Any]]:
+    """Every version, newest first, with its aliases, metrics, stage and storage URI."""
+    versions = client.search_model_versions(f"name='{name}'")
+    if not versions:
+        raise RegistryError(f"no registered model {name!r} (or it has no versions)")
+    rows = []
+    for found in sorted(versions, key=lambda v: int(v.version), reverse=True):
+        v = client.get_model_version(name, found.version)  # search leaves aliases out
+        rows.append(
+            {
+                "version": str(v.version),
+                "aliases": sorted(v.aliases),
+                "stage": None if v.current_stage in (None, "None") else v.current_stage,
+                "metrics": {
+                    k.removeprefix(METRIC_TAG): float(x)
+                    for k, x in v.tags.items()
+                    if k.startswith(METRIC_TAG)
+                },
+                "storage_uri": v.tags.get("loraflow.storage_uri"),
+                "created": v.creation_timestamp,
+            }
+        )
+    return rows
 
 
 def champion(client: MlflowClient, name: str) -> tuple[str, dict[str, float]] | None:

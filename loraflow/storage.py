@@ -3,11 +3,17 @@
 
 A push uploads every file, then the manifest of SHA-256 per file last: a version directory
 with a manifest is complete; one without is not. Re-pushing identical files uploads nothing.
+On S3, large files go up in parts, and every object's SHA-256 checksum, computed by the server,
+is compared with the local one after upload. A pull downloads and re-hashes every file.
+Credentials come from boto3's usual chain and are never logged or put in a message.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -17,17 +23,24 @@ from urllib.parse import urlparse
 
 from loraflow.lineage import file_manifest, sha256_file
 
+log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+MB = 1 << 20
+Progress = Callable[[int], None]  # called with a number of bytes done
 
 
 class StoragePermanentError(RuntimeError):
     """A storage error that retrying cannot fix (no such bucket, bad credentials)."""
 
 
+class StorageIntegrityError(OSError):
+    """Stored bytes do not hash to what the manifest says (an OSError: a re-upload may fix it)."""
+
+
 class ObjectStore(Protocol):
     root: str
 
-    def put(self, local: Path, key: str, sha256: str) -> bool:
+    def put(self, local: Path, key: str, sha256: str, progress: Progress | None = None) -> bool:
         """Upload unless an object with this SHA-256 is there; True when bytes were sent."""
 
     def get(self, key: str, local: Path) -> None: ...
@@ -40,8 +53,10 @@ class LocalStore:
         self.base = Path(root)
         self.root = self.base.as_uri()
 
-    def put(self, local: Path, key: str, sha256: str) -> bool:
+    def put(self, local: Path, key: str, sha256: str, progress: Progress | None = None) -> bool:
         target = self.base / key
+        if progress:
+            progress(Path(local).stat().st_size)
         if target.is_file() and sha256_file(target) == sha256:
             return False
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -62,52 +77,154 @@ class LocalStore:
 
 
 class S3Store:
-    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str,
+        endpoint_url: str | None,
+        multipart_threshold_mb: int = 64,
+        multipart_chunk_mb: int = 64,
+    ) -> None:
         import boto3
+        from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
 
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.root = f"s3://{bucket}/{self.prefix}".rstrip("/")
-        # boto3 retries throttling and 5xx itself; the push task adds its own backoff on top.
+        self.endpoint = endpoint_url or "AWS"
+        # boto3 retries throttling, 5xx and dropped connections itself (3 attempts); the push
+        # task adds its own backoff on top. Permanent errors (403, no bucket) are not retried.
         self.client = boto3.client(
             "s3", endpoint_url=endpoint_url, config=Config(retries={"max_attempts": 3})
+        )
+        self.transfer = TransferConfig(
+            multipart_threshold=multipart_threshold_mb * MB,
+            multipart_chunksize=multipart_chunk_mb * MB,
         )
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def put(self, local: Path, key: str, sha256: str) -> bool:
+    def put(self, local: Path, key: str, sha256: str, progress: Progress | None = None) -> bool:
         from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        size = Path(local).stat().st_size
+        try:
+            head = self._head(key)
+            if head and self._matches(head, local, sha256, size):
+                if progress:
+                    progress(size)
+                return False
+            # upload_file goes multipart above the threshold, parts uploaded in parallel; the
+            # server computes a SHA-256 checksum of every part, verified below.
+            self.client.upload_file(
+                str(local),
+                self.bucket,
+                self._key(key),
+                ExtraArgs={"Metadata": {"sha256": sha256}, "ChecksumAlgorithm": "SHA256"},
+                Config=self.transfer,
+                Callback=progress,
+            )
+            self._verify(local, key, sha256, size)
+        except S3UploadFailedError as exc:  # wraps the ClientError that says why
+            raise _classify(exc.__cause__ or exc.__context__ or exc, self.bucket) from exc
+        except (ClientError, BotoCoreError) as exc:
+            _raise_permanent(exc, self.bucket)
+            raise
+        return True
+
+    def _head(self, key: str) -> dict[str, Any] | None:
         from botocore.exceptions import ClientError
 
         try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-            if head.get("Metadata", {}).get("sha256") == sha256:
-                return False
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
-                raise _classify(exc, self.bucket) from exc
-        try:
-            # upload_file switches to multipart for large files on its own.
-            self.client.upload_file(
-                str(local), self.bucket, self._key(key), ExtraArgs={"Metadata": {"sha256": sha256}}
+            return self.client.head_object(
+                Bucket=self.bucket, Key=self._key(key), ChecksumMode="ENABLED"
             )
-        except S3UploadFailedError as exc:  # wraps the ClientError that says why
-            raise _classify(exc.__cause__ or exc.__context__ or exc, self.bucket) from exc
-        return True
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    def _matches(self, head: dict[str, Any], local: Path, sha256: str, size: int) -> bool:
+        """The stored object is this file: same size, same SHA-256 metadata and, where the
+        server reports one, the server's own SHA-256 of the bytes it holds."""
+        if head["ContentLength"] != size or head.get("Metadata", {}).get("sha256") != sha256:
+            return False
+        stored = head.get("ChecksumSHA256")
+        if stored is None:
+            return True
+        stored = stored.split("-")[0]  # AWS marks a multipart checksum with -<parts>
+        whole = base64.b64encode(bytes.fromhex(sha256)).decode()
+        return stored == whole or stored == self._composite(local, size)
+
+    def _verify(self, local: Path, key: str, sha256: str, size: int) -> None:
+        """After an upload the server's SHA-256 of what it stored must be ours: the whole
+        file's, or for a multipart upload the SHA-256 of the parts' SHA-256s."""
+        head = self._head(key)
+        if head is None:
+            raise StorageIntegrityError(f"{self.root}/{key} is missing right after its upload")
+        if head.get("ChecksumSHA256") is None:  # older Ceph, some MinIO set-ups
+            log.warning("%s reports no SHA-256 checksum; verified by size only", self.endpoint)
+        if not self._matches(head, local, sha256, size):
+            raise StorageIntegrityError(
+                f"{self.root}/{key}: the server's SHA-256 ({head.get('ChecksumSHA256')}) or size "
+                f"({head['ContentLength']} bytes) is not that of {local} ({size} bytes); the "
+                "upload was corrupted. A retry uploads it again."
+            )
+
+    def _composite(self, local: Path, size: int) -> str:
+        from s3transfer.utils import ChunksizeAdjuster
+
+        chunk = ChunksizeAdjuster().adjust_chunksize(self.transfer.multipart_chunksize, size)
+        digest = hashlib.sha256()
+        with open(local, "rb") as f:
+            while part := f.read(chunk):
+                digest.update(hashlib.sha256(part).digest())
+        return base64.b64encode(digest.digest()).decode()
 
     def get(self, key: str, local: Path) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
         local.parent.mkdir(parents=True, exist_ok=True)
-        self.client.download_file(self.bucket, self._key(key), str(local))
+        try:
+            self.client.download_file(self.bucket, self._key(key), str(local))
+        except (ClientError, BotoCoreError) as exc:
+            _raise_permanent(exc, self.bucket)
+            raise
 
     def read_json(self, key: str) -> Any:
-        body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except (ClientError, BotoCoreError) as exc:
+            _raise_permanent(exc, self.bucket)
+            raise
         return json.loads(body)
 
 
-def _classify(exc: Exception, bucket: str) -> Exception:
+PERMANENT_CODES = (
+    "NoSuchBucket",
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidBucketName",
+    "403",  # a HEAD request's refusal carries no error body, only the status
+)
+
+
+def _classify(exc: BaseException, bucket: str) -> BaseException:
+    """Permanent refusals become StoragePermanentError (not retried); the rest stays as is."""
+    from botocore.exceptions import NoCredentialsError
+
+    if isinstance(exc, NoCredentialsError):
+        return StoragePermanentError(
+            "no AWS credentials found for object storage. Fix: set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run where an instance role applies."
+        )
     code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
-    if code in ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+    if code in PERMANENT_CODES:
         return StoragePermanentError(
             f"object storage refused the request ({code}) for bucket {bucket!r}. Fix: check that "
             "the bucket exists and the AWS credentials in the environment may write to it."
@@ -115,13 +232,31 @@ def _classify(exc: Exception, bucket: str) -> Exception:
     return exc
 
 
-def open_store(root: str, endpoint_url: str | None = None) -> ObjectStore:
+def _raise_permanent(exc: BaseException, bucket: str) -> None:
+    """Raise the StoragePermanentError for exc if it is one; otherwise return."""
+    mapped = _classify(exc, bucket)
+    if mapped is not exc:
+        raise mapped from exc
+
+
+def open_store(
+    root: str,
+    endpoint_url: str | None = None,
+    multipart_threshold_mb: int = 64,
+    multipart_chunk_mb: int = 64,
+) -> ObjectStore:
     parsed = urlparse(root)
     if parsed.scheme == "file":
         return LocalStore(Path(parsed.path))
     if parsed.scheme == "s3":
-        return S3Store(parsed.netloc, parsed.path, endpoint_url)
+        return S3Store(
+            parsed.netloc, parsed.path, endpoint_url, multipart_threshold_mb, multipart_chunk_mb
+        )
     raise ValueError(f"storage root {root!r}: expected file:///path or s3://bucket/prefix")
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}/{key}" if prefix else key
 
 
 def push_tree(
@@ -129,20 +264,46 @@ def push_tree(
     dirs: dict[str, Path],
     prefix: str,
     extra: dict[str, Any],
-    progress: Callable[[str], None] = lambda key: None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Upload each directory under prefix/<name>/, then prefix/manifest.json; return it."""
+    """Upload each directory under prefix/<name>/, then prefix/manifest.json; return it.
+
+    progress is called with bytes done (skipped files count as done)."""
     files: dict[str, str] = {}
     uploaded = 0
     for name, local_dir in dirs.items():
         for rel, digest in file_manifest(local_dir).items():
             key = f"{name}/{rel}"
             files[key] = digest
-            progress(key)
-            uploaded += store.put(Path(local_dir) / rel, f"{prefix}/{key}", digest)
+            uploaded += store.put(Path(local_dir) / rel, _join(prefix, key), digest, progress)
     manifest = {**extra, "files": files}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / MANIFEST
         path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        store.put(path, f"{prefix}/{MANIFEST}", sha256_file(path))
+        store.put(path, _join(prefix, MANIFEST), sha256_file(path))
     return {"manifest": manifest, "uploaded": uploaded, "uri": f"{store.root}/{prefix}"}
+
+
+def pull_tree(store: ObjectStore, prefix: str, dest: Path) -> dict[str, Any]:
+    """Download a pushed version into dest and verify every file against its manifest's SHA-256.
+    Files already in dest with the right hash are kept; a mismatch stops with the file named."""
+    manifest = store.read_json(_join(prefix, MANIFEST))
+    dest = Path(dest)
+    downloaded = 0
+    for key, digest in sorted(manifest["files"].items()):
+        target = dest / key
+        if target.is_file() and sha256_file(target) == digest:
+            continue
+        partial = target.with_name(target.name + ".partial")
+        store.get(_join(prefix, key), partial)
+        got = sha256_file(partial)
+        if got != digest:
+            partial.unlink()
+            raise StorageIntegrityError(
+                f"{store.root}/{_join(prefix, key)}: downloaded bytes hash to {got}, the "
+                f"manifest says {digest}. The stored copy is corrupt; push the version again."
+            )
+        partial.replace(target)
+        downloaded += 1
+    (dest / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return {"manifest": manifest, "downloaded": downloaded, "dest": str(dest)}

@@ -3,7 +3,9 @@
 A task's key is its own source, loraflow's code version and its inputs, where
 - a `pathlib.Path` counts by the bytes of the file or directory it names,
 - a reference carrying a `sha256` (a dataset, model or adapter) counts by that hash alone,
-- `run_id` does not count (each pipeline run has its own MLflow run).
+- `run_id` does not count (each pipeline run has its own MLflow run),
+- the MLflow tracking store does: cached results point at artifacts and logged models in it, so
+  a run against another tracking server must not reuse them.
 So renaming or moving a file changes nothing; changing one byte re-runs what depends on it.
 """
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
@@ -47,7 +50,8 @@ class ContentInputs(CachePolicy):
         **kwargs: Any,
     ) -> str | None:
         content = {k: fingerprint(v) for k, v in inputs.items() if k not in IGNORED}
-        return hash_objects(code_version(), content, raise_on_failure=True)
+        store = mlflow.get_tracking_uri()
+        return hash_objects(code_version(), store, content, raise_on_failure=True)
 
 
 CONTENT = TASK_SOURCE + ContentInputs()

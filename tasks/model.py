@@ -13,16 +13,28 @@ from typing import Any
 from prefect import task
 from prefect.utilities.hashing import hash_objects
 
-from loraflow import evaluate, merge
+from loraflow import evaluate, merge, registry
 from loraflow.artifacts import ArtifactRef
 from loraflow.config import EvalConfig, LoraSettings, MergeConfig, TrainConfig, loraflow_home
-from loraflow.lineage import code_version, library_versions, sha256_json, sha256_tree
+from loraflow.lineage import (
+    LINEAGE_FILE,
+    adapter_manifest,
+    code_version,
+    sha256_json,
+    sha256_tree,
+)
 from loraflow.model import BaseModelRef, load_tokenizer, resolve_base_model, source_location
 from loraflow.train import EXIT_DIVERGED, EXIT_HUNG, EXIT_OOM, EngineConfig, halve_micro_batch
 from tasks.caching import CONTENT, fingerprint
-from tasks.tracking import fetch, log_dir, log_metric_records, log_metrics, log_params
-
-LINEAGE_FILE = "loraflow.json"
+from tasks.tracking import (
+    fetch,
+    log_dir,
+    log_metric_records,
+    log_metrics,
+    log_model_package,
+    log_params,
+    package_path,
+)
 
 
 class TrainingError(RuntimeError):
@@ -82,18 +94,18 @@ def train_adapter(
     result = run_engine(config_file, run_dir, run_id)
 
     adapter_dir = run_dir / "adapter"
-    lineage = {
-        "base_model": base.name,
-        "base_sha256": base.sha256,
-        "tokenizer_sha256": tokens.meta["tokenizer_sha256"],
-        "chat_template": load_tokenizer(base.path).chat_template,
-        "template": tokens.meta["template"],
-        "data_sha256": tokens.meta["data_sha256"],
-        "lora": lora.model_dump(),
-        "train": train.model_dump(),
-        "code_version": code_version(),
-        "libraries": library_versions(),
-    }
+    # The lineage manifest (issue 5): every later load checks it against its base.
+    lineage = adapter_manifest(
+        base.path,
+        base.name,
+        base.sha256,
+        lora=lora.model_dump(),
+        train=train.model_dump(),
+        data_sha256=tokens.meta["data_sha256"],
+        template=tokens.meta["template"],
+        chat_template=load_tokenizer(base.path).chat_template,
+        base_quantization={"nf4": "4bit", "int8": "8bit"}.get(train.precision, "none"),
+    )
     (adapter_dir / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True))
     uri = log_dir(run_id, adapter_dir, "adapter")
     log_metrics(run_id, {f"train.{k}": v for k, v in result.items()})
@@ -174,18 +186,34 @@ evaluate_tuned = evaluate_model.with_options(name="evaluate_tuned")
 def merge_adapter(
     base: BaseModelRef, adapter: ArtifactRef, cfg: MergeConfig, run_id: str
 ) -> ArtifactRef:
-    """Fold the adapter into the base; log the standalone model directory to the run."""
+    """Check lineage, fold the adapter into the base, check greedy answers; log the merged
+    model once, as an MLflow pyfunc model (READY only when every file is stored)."""
     adapter_dir = fetch(adapter.uri)
     with tempfile.TemporaryDirectory() as tmp:
-        out = merge.merge_adapter(base.path, adapter_dir, Path(tmp) / "model", cfg.dtype)
-        lineage = json.loads((adapter_dir / LINEAGE_FILE).read_text())
-        (out / LINEAGE_FILE).write_text(
-            json.dumps(
-                lineage | {"merged_dtype": cfg.dtype, "adapter_sha256": adapter.sha256},
-                indent=2,
-                sort_keys=True,
-            )
+        out = Path(tmp) / "model"
+        report = merge.merge_adapter(
+            base.path,
+            adapter_dir,
+            out,
+            cfg.dtype,
+            cfg.check_prompts,
+            cfg.check_new_tokens,
+            lineage_extra={"adapter_sha256": adapter.sha256, "merged_dtype": cfg.dtype},
         )
         sha256 = sha256_tree(out)
-        uri = log_dir(run_id, out, "model")
-    return ArtifactRef(uri=uri, sha256=sha256, meta={"dtype": cfg.dtype})
+        package = registry.package_model(out, adapter_dir, Path(tmp) / "pyfunc")
+        model_id, location = log_model_package(run_id, package)
+        # The merged model's own files inside the pyfunc model: what push uploads.
+        uri = f"{location}/{package_path(package, 'model')}"
+    check = report.check
+    log_params(run_id, {"merge.note": report.note, "merge.device": report.device})
+    log_metrics(
+        run_id,
+        {
+            "merge.check_prompts": check.prompts,
+            "merge.check_identical": check.identical_outputs,
+            "merge.check_max_logit_diff": check.max_logit_diff,
+        },
+    )
+    meta = {"dtype": cfg.dtype, "model_id": model_id} | report.model_dump()
+    return ArtifactRef(uri=uri, sha256=sha256, meta=meta)

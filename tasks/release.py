@@ -16,9 +16,9 @@ from tqdm import tqdm
 from loraflow import registry
 from loraflow.artifacts import ArtifactRef
 from loraflow.config import RegistryConfig, StorageConfig, loraflow_home
+from loraflow.lineage import LINEAGE_FILE
 from loraflow.storage import open_store, push_tree
 from tasks.caching import CONTENT
-from tasks.model import LINEAGE_FILE
 from tasks.tracking import fetch, log_metrics, log_params
 
 TRANSIENT = (OSError, ConnectionError, BotoCoreError, ClientError, MlflowException)
@@ -50,20 +50,24 @@ def register_model(
     cfg: RegistryConfig,
     run_id: str,
 ) -> str:
-    """Create a registry version from the complete model artifacts; alias it `challenger`."""
+    """Create a registry version from the complete (READY) logged model; alias `challenger`.
+    Lineage and evaluation metrics become version tags."""
     client = MlflowClient()
     lineage = json.loads((fetch(model.uri) / LINEAGE_FILE).read_text())
-    tags = {
-        "loraflow.model_sha256": model.sha256,
-        "loraflow.adapter_sha256": adapter.sha256,
-        "loraflow.adapter_uri": adapter.uri,
-        "loraflow.base_model": lineage["base_model"],
-        "loraflow.base_sha256": lineage["base_sha256"],
-        "loraflow.data_sha256": lineage["data_sha256"],
-        "loraflow.code_version": lineage["code_version"],
-    } | registry.metric_tags(metrics)
-    version = registry.register_version(client, cfg.model_name, model.uri, run_id, tags)
-    client.set_registered_model_alias(cfg.model_name, registry.CHALLENGER, version)
+    tags = (
+        registry.lineage_tags(lineage)
+        | {
+            "loraflow.model_sha256": model.sha256,
+            "loraflow.adapter_sha256": adapter.sha256,
+            "loraflow.adapter_uri": adapter.uri,
+        }
+        | registry.metric_tags(metrics)
+    )
+    model_id = model.meta["model_id"]
+    version = registry.register_version(
+        client, cfg.model_name, f"models:/{model_id}", run_id, tags, model_id=model_id
+    )
+    registry.set_alias(client, cfg.model_name, registry.CHALLENGER, version, cfg.stage_mirroring)
     log_params(run_id, {"registry.version": version})
     return version
 
@@ -83,10 +87,15 @@ def push_model(
     run_id: str,
 ) -> str:
     """Upload merged model + adapter + SHA-256 manifest to <root>/<model-name>/<version>/."""
-    store = open_store(cfg.root or (loraflow_home() / "storage").as_uri(), cfg.endpoint_url)
+    store = open_store(
+        cfg.root or (loraflow_home() / "storage").as_uri(),
+        cfg.endpoint_url,
+        cfg.multipart_threshold_mb,
+        cfg.multipart_chunk_mb,
+    )
     dirs = {"model": fetch(model.uri), "adapter": fetch(adapter.uri)}
-    total = sum(1 for d in dirs.values() for p in Path(d).rglob("*") if p.is_file())
-    with tqdm(total=total, desc="push", unit="file") as bar:
+    total = sum(p.stat().st_size for d in dirs.values() for p in Path(d).rglob("*") if p.is_file())
+    with tqdm(total=total, desc="push", unit="B", unit_scale=True) as bar:
         pushed = push_tree(
             store,
             dirs,
@@ -97,7 +106,7 @@ def push_model(
                 "model_sha256": model.sha256,
                 "adapter_sha256": adapter.sha256,
             },
-            progress=lambda key: bar.update(),
+            progress=bar.update,
         )
     MlflowClient().set_model_version_tag(model_name, version, "loraflow.storage_uri", pushed["uri"])
     log_params(run_id, {"storage.uri": pushed["uri"]})
@@ -132,7 +141,7 @@ def promote_model(
     else:
         decision = registry.decide(cfg.gate_metric, tuned, base, current, cfg.min_improvement)
         if decision.promote:
-            client.set_registered_model_alias(cfg.model_name, registry.CHAMPION, version)
+            registry.promote(client, cfg.model_name, version, decision.reason, cfg.stage_mirroring)
     client.set_model_version_tag(cfg.model_name, version, "loraflow.gate", decision.reason)
     log_params(
         run_id,
@@ -141,5 +150,13 @@ def promote_model(
             "gate.reason": decision.reason,
         },
     )
-    log_metrics(run_id, {"gate.promoted": float(decision.promote)})
+    log_metrics(
+        run_id,
+        {
+            "gate.promoted": float(decision.promote),
+            "gate.candidate": decision.candidate,
+            "gate.reference": decision.reference,
+            "gate.margin": decision.margin,
+        },
+    )
     return decision.model_dump() | {"aliases": registry.aliases(client, cfg.model_name, version)}

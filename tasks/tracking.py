@@ -12,6 +12,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
+from loraflow import registry
 from loraflow.config import PipelineConfig, loraflow_home
 from loraflow.lineage import code_version
 
@@ -93,3 +94,18 @@ def fetch(uri: str) -> Path:
     if uri.startswith("file://"):
         return Path(uri.removeprefix("file://"))
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp()))
+
+
+def log_model_package(run_id: str, package_dir: Path) -> tuple[str, str]:
+    """Upload a packaged MLflow model as a LoggedModel of the run; (model id, artifact URI)."""
+    client = MlflowClient()
+    experiment_id = client.get_run(run_id).info.experiment_id
+    return registry.log_packaged_model(client, experiment_id, run_id, package_dir, "model")
+
+
+def package_path(package_dir: Path, artifact: str) -> str:
+    """Where a pyfunc artifact (e.g. the merged model) lies inside the packaged model."""
+    from mlflow.models import Model
+
+    flavor = Model.load(str(package_dir)).flavors["python_function"]
+    return flavor["artifacts"][artifact]["path"]

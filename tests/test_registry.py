@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from loraflow.registry import decide
@@ -22,3 +24,110 @@ def test_later_models_are_compared_with_the_champion_not_the_base():
 def test_a_tie_never_promotes(margin):
     d = decide("json_valid", {"json_valid": 1.0}, {"json_valid": 1.0}, None, margin)
     assert not d.promote
+
+
+# --- against a real MLflow registry (the embedded SQLite one of the test home) ---------------
+
+
+@pytest.fixture(scope="module")
+def packaged(tiny_model_dir, tmp_path_factory):
+    """The tiny model merged with an adapter and packaged as a pyfunc model directory."""
+    from tiny import make_adapter
+
+    from loraflow.merge import merge_adapter
+    from loraflow.registry import package_model
+
+    tmp = tmp_path_factory.mktemp("packaged")
+    adapter = make_adapter(tiny_model_dir, tmp / "adapter", template="chat")
+    merge_adapter(tiny_model_dir, adapter, tmp / "merged", "float32", ["Say hi."], 4)
+    return package_model(tmp / "merged", adapter, tmp / "pyfunc")
+
+
+@pytest.fixture
+def mlflow_run(home):
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("registry-tests") or client.get_experiment(
+        # in the test home: without a location MLflow writes ./mlruns in the working directory
+        client.create_experiment("registry-tests", (home / "mlartifacts").as_uri())
+    )
+    run = client.create_run(experiment.experiment_id)
+    yield client, experiment.experiment_id, run.info.run_id
+    client.set_terminated(run.info.run_id)
+
+
+def register(client, experiment_id, run_id, packaged, name, metrics, mirroring="none"):
+    from loraflow import registry
+
+    model_id, _ = registry.log_packaged_model(client, experiment_id, run_id, packaged, "model")
+    version = registry.register_version(
+        client, name, f"models:/{model_id}", run_id, registry.metric_tags(metrics), model_id
+    )
+    registry.set_alias(client, name, registry.CHALLENGER, version, mirroring)
+    return version
+
+
+def test_a_registered_version_loads_by_alias_and_generates_text(packaged, mlflow_run):
+    import mlflow.pyfunc
+    import pandas as pd
+
+    client, experiment_id, run_id = mlflow_run
+    version = register(client, experiment_id, run_id, packaged, "tiny-pyfunc", {"exact_match": 1})
+    loaded = mlflow.pyfunc.load_model("models:/tiny-pyfunc@challenger")
+    assert loaded.metadata.signature.inputs.input_names() == ["instruction", "input"]
+    answers = loaded.predict(
+        pd.DataFrame({"instruction": ["Say hi.", "Count."], "input": ["", "1 2"]}),
+        params={"max_new_tokens": 5},
+    )
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    assert any(answers), "greedy generation produced text"
+    # the adapter travels beside the merged model, and the requirements are explicit
+    mv = client.get_model_version("tiny-pyfunc", version)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/tiny-pyfunc/{version}"))
+    assert (local / "artifacts" / "adapter" / "adapter_model.safetensors").is_file()
+    requirements = (local / "requirements.txt").read_text()
+    assert "torch==" in requirements and "torchvision" not in requirements
+    assert mv.tags["metric.exact_match"] == "1"
+
+
+def test_a_version_is_not_created_from_an_unfinished_upload(packaged, mlflow_run):
+    from loraflow.registry import RegistryError, register_version
+
+    client, experiment_id, run_id = mlflow_run
+    pending = client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
+    with pytest.raises(RegistryError, match="not READY"):
+        register_version(
+            client, "tiny-pending", f"models:/{pending.model_id}", run_id, {}, pending.model_id
+        )
+    assert client.search_model_versions("name='tiny-pending'") == []
+
+
+def test_promote_then_rollback_moves_champion_and_mirrors_stages(packaged, mlflow_run):
+    from loraflow import registry
+
+    client, experiment_id, run_id = mlflow_run
+    name = "tiny-promote"
+    v1 = register(
+        client, experiment_id, run_id, packaged, name, {"exact_match": 0.5}, "staging-production"
+    )
+    assert client.get_model_version(name, v1).current_stage == "Staging"
+    assert registry.promote(client, name, v1, "first", "staging-production") is None
+    v2 = register(
+        client, experiment_id, run_id, packaged, name, {"exact_match": 0.7}, "staging-production"
+    )
+    assert registry.promote(client, name, v2, "better", "staging-production") == v1
+    assert registry.champion(client, name)[0] == v2
+    assert client.get_model_version(name, v2).current_stage == "Production"
+    assert client.get_model_version(name, v1).current_stage == "Archived"
+
+    rows = registry.list_versions(client, name)
+    assert [r["version"] for r in rows] == [v2, v1]
+    assert rows[0]["aliases"] == ["challenger", "champion"]
+    assert rows[1]["metrics"] == {"exact_match": 0.5}
+
+    assert registry.rollback(client, name, "staging-production") == (v2, v1)
+    assert registry.champion(client, name)[0] == v1
+    assert client.get_model_version(name, v1).current_stage == "Production"
+    with pytest.raises(registry.RegistryError, match="replaced no earlier champion"):
+        registry.rollback(client, name, "none")

@@ -1,0 +1,80 @@
+"""Real servers for integration tests, each in its own process group on 127.0.0.1 and a free
+port: moto's S3-protocol server and `mlflow server` (SQLite backend, artifacts proxied to S3).
+`stop()` ends the whole group (mlflow server runs uvicorn as a child), whatever happened."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, name: str, args: list[str], port: int, env: dict[str, str], log: Path):
+        self.name, self.args, self.port, self.env, self.log = name, args, port, env, log
+        self.url = f"http://127.0.0.1:{port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, ready_path: str = "/", timeout: float = 60.0) -> Server:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                self.args,
+                env=os.environ | self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, ended as one in stop()
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited early; see {self.log}")
+            try:
+                urllib.request.urlopen(self.url + ready_path, timeout=1)
+                return self
+            except OSError as exc:
+                if getattr(exc, "code", None):  # an HTTP error status: it answers
+                    return self
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"{self.name} did not answer on {self.url} in {timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=5)  # uvicorn waits on keep-alive clients
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def moto(log_dir: Path, **env: str) -> Server:
+    port = free_port()
+    args = [sys.executable, "-c", "from moto.server import main; main()", "-p", str(port)]
+    return Server("moto S3 server", args, port, env, log_dir / f"moto-{port}.log")
+
+
+def mlflow_server(log_dir: Path, db: Path, artifacts: str, s3_endpoint: str) -> Server:
+    port = free_port()
+    args = [
+        sys.executable, "-m", "mlflow", "server",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{db}",
+        "--artifacts-destination", artifacts,
+    ]  # fmt: skip
+    env = {"MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    return Server("mlflow server", args, port, env, log_dir / f"mlflow-{port}.log")

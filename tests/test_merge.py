@@ -1,0 +1,133 @@
+"""Merging: lineage is checked first, the merged model answers like base + adapter, and the
+saved directory is a plain transformers model in the requested precision."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+from tiny import make_adapter, make_base
+from transformers import AutoModelForCausalLM
+
+from loraflow.lineage import LINEAGE_FILE, LineageError
+from loraflow.merge import MergeError, _compare, _greedy, _with_logits, merge_adapter
+from loraflow.model import load_model, load_tokenizer
+
+PROMPTS = ["Say hello.", "List three colours.", "Extract the order: 2 mugs to Oslo."]
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("merge") / "adapter")
+
+
+def test_float32_merge_reproduces_base_plus_adapter_and_loads_as_plain_transformers(
+    adapter, tiny_model_dir, tmp_path
+):
+    out = tmp_path / "merged"
+    report = merge_adapter(tiny_model_dir, adapter, out, "float32", PROMPTS, 8)
+    assert report.check.passed and report.check.identical_outputs == 3
+    assert report.check.max_logit_diff < 1e-4
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("adapter_*"))  # a standalone model, no PEFT files
+
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    reference = PeftModel.from_pretrained(load_model(tiny_model_dir), adapter)
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        diff = (merged(ids).logits - reference(ids).logits).abs().max()
+    assert diff < 1e-4
+
+    lineage = json.loads((out / LINEAGE_FILE).read_text())
+    assert lineage["merge"]["check"]["identical_outputs"] == 3
+    assert lineage["merge"]["dtype"] == "float32" and lineage["base_files"]
+
+
+def test_bfloat16_merge_saves_bfloat16_weights(adapter, tiny_model_dir, tmp_path):
+    report = merge_adapter(tiny_model_dir, adapter, tmp_path / "m", "bfloat16", PROMPTS[:1], 4)
+    assert report.check.passed
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
+    assert dtypes == {"BF16"}
+
+
+def test_a_wrong_base_stops_the_merge_before_anything_is_saved(adapter, tmp_path):
+    other = make_base(tmp_path / "other", hidden=32)
+    with pytest.raises(LineageError, match="different base"):
+        merge_adapter(other, adapter, tmp_path / "merged", "float32", PROMPTS, 4)
+    assert not (tmp_path / "merged").exists()
+
+
+def test_an_adapter_trained_on_a_4bit_base_merges_onto_the_unquantized_base(
+    tiny_model_dir, tmp_path
+):
+    adapter = make_adapter(tiny_model_dir, tmp_path / "qlora", base_quantization="4bit")
+    report = merge_adapter(tiny_model_dir, adapter, tmp_path / "m", "float32", PROMPTS[:1], 4)
+    assert "4bit-quantized base; merged onto the unquantized float32 weights" in report.note
+    lineage = json.loads((tmp_path / "m" / LINEAGE_FILE).read_text())
+    assert lineage["merge"]["base_quantization"] == "4bit"
+
+
+def test_a_base_stored_quantized_is_refused_with_the_fix(adapter, tiny_model_dir, tmp_path):
+    quantized = shutil.copytree(tiny_model_dir, tmp_path / "bnb")
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (quantized / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MergeError, match="stores quantized weights.*Fix: point model.base"):
+        merge_adapter(quantized, adapter, tmp_path / "m", "float32", PROMPTS, 4)
+
+
+def test_the_check_fails_a_merge_that_changed_the_answers(adapter, tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = PeftModel.from_pretrained(load_model(tiny_model_dir), adapter).eval()
+    prompts = [torch.tensor(tokenizer(p)["input_ids"]) for p in PROMPTS]
+    reference = [_with_logits(model, _greedy(model, tokenizer, p, 8)) for p in prompts]
+    broken = load_model(tiny_model_dir)  # a merge that lost the adapter's delta
+    check = _compare(broken, tokenizer, prompts, reference, 8, "float32")
+    assert not check.passed and check.identical_outputs < 3 and check.max_logit_diff > 0.1
+
+
+@pytest.mark.gpu
+def test_a_qlora_adapter_merges_onto_the_unquantized_base_on_gpu(tmp_path):
+    """On a GPU with bitsandbytes: LoRA saved from a 4-bit NF4 base, merged onto the same base
+    files loaded unquantized in bf16; the merged model answers like base + adapter."""
+    pytest.importorskip("bitsandbytes")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig
+
+    from loraflow.lineage import adapter_manifest, sha256_tree
+
+    base = make_base(tmp_path / "base", hidden=256)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        base,
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        ),
+        device_map={"": 0},
+    )
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    model = get_peft_model(
+        quantized, LoraConfig(r=4, lora_alpha=8, target_modules=lora["target_modules"])
+    )
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)  # as after training
+    adapter = tmp_path / "qlora"
+    model.save_pretrained(adapter)
+    manifest = adapter_manifest(
+        base, "tiny", sha256_tree(base), lora=lora, train={}, data_sha256="0" * 64,
+        template="alpaca", chat_template=None, base_quantization="4bit",
+    )  # fmt: skip
+    (adapter / LINEAGE_FILE).write_text(json.dumps(manifest))
+
+    report = merge_adapter(base, adapter, tmp_path / "merged", "bfloat16", PROMPTS, 8)
+    assert report.device == "cuda" and report.check.passed
+    assert report.base_quantization == "4bit" and "unquantized bfloat16" in report.note
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config
