@@ -63,6 +63,8 @@ def train_adapter(
         "tokenizer_sha256": tokens.meta["tokenizer_sha256"],
         "chat_template": load_tokenizer(base.path).chat_template,
         "template": tokens.meta["template"],
+        "prompt_template": tokens.meta["prompt_template"],  # what evaluation/serving render
+        "tokenize": tokens.meta["settings"],
         "data_sha256": tokens.meta["data_sha256"],
         "lora": lora.model_dump(),
         "train": train.model_dump(),
