@@ -96,7 +96,7 @@ class DataReport(BaseModel):
     sha256: str
     source_sha256: str
     splits: dict[str, SplitCounts]
-    problems: list[str]  # the first quarantined lines, "file:line: reason: detail"
+    problems: list[str]  # the first quarantined lines, "file:line: detail [reason]"
     min_kept_fraction: float
 
     @property
@@ -479,7 +479,7 @@ def _validate_split(
         reasons[reason] += 1
         quarantine.add(raw, source, number, reason, detail)
         if len(problems) < MAX_REPORTED:
-            problems.append(f"{source}:{number}: {reason}: {detail}")
+            problems.append(f"{source}:{number}: {detail} [{reason}]")
 
     try:
         for source in split_sources:

@@ -130,8 +130,11 @@ def test_a_line_that_is_not_json_stops_the_run_before_anything_is_registered(
 
     with small_data["train"].open("a") as f:
         f.write('{"instruction": "x", "input": "y", "output": \n')
+    cfg = tiny_config(small_data, tiny_model_dir, "tiny-bad-data")
+    # the default min_kept_fraction 0.9 would quarantine the line and go on
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"min_kept_fraction": 1.0})})
     with pytest.raises(DataError, match=r"train.jsonl:25: not JSON"):
-        finetune(config=tiny_config(small_data, tiny_model_dir, "tiny-bad-data"))
+        finetune(config=cfg)
     assert MlflowClient().search_model_versions("name='tiny-bad-data'") == []
     failed = MlflowClient().search_runs(
         [MlflowClient().get_experiment_by_name("loraflow").experiment_id],
