@@ -485,15 +485,15 @@ def _validate_split(
         for source in split_sources:
             file_digest = hashlib.sha256()
             for chunk in _chunks(source, cfg.max_line_bytes, counts, file_digest, progress):
-                checked = []  # (raw, number, example or the reason it was rejected, rules)
+                checked = []  # (raw, number, example or why it was rejected, rules, prompt)
                 for number, raw, line in chunk:
                     try:
                         checked.append((raw, number, *_check_line(line, cfg, steps)))
                     except Rejected as r:
-                        checked.append((raw, number, r, []))
+                        checked.append((raw, number, r, [], ""))
                 answers = [c[2].output for c in checked if isinstance(c[2], Example)]
                 lengths = iter(count_tokens(answers) if clean.min_output_tokens and answers else [])
-                for raw, number, example, changed in checked:  # in line order
+                for raw, number, example, changed, prompt in checked:  # in line order
                     if isinstance(example, Rejected):
                         reject(raw, source, number, example.reason, example.detail)
                         continue
@@ -505,7 +505,6 @@ def _validate_split(
                             f"data.clean.min_output_tokens={clean.min_output_tokens}",
                         )  # fmt: skip
                         continue
-                    prompt = fold(_prompt_text(example))
                     prompt_key = _digest(prompt)
                     line_out = example.model_dump_json(exclude_none=True).encode() + b"\n"
                     if clean.dedup != "off":
@@ -552,11 +551,6 @@ def _digest(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
-def _prompt_text(example: Example) -> str:
-    history = "\x1f".join(m["content"] for m in example.messages or [])
-    return f"{history}\x1e{example.instruction}\x1e{example.input}"
-
-
 def _chunks(
     source: str, max_line_bytes: int, counts: SplitCounts, digest: Any, progress: bool
 ) -> Iterator[list[tuple[int, bytes, bytes | None]]]:
@@ -593,8 +587,9 @@ def _chunks(
 
 def _check_line(
     line: bytes | None, cfg: DataConfig, steps: list[tuple[str, Callable[[str], str]]]
-) -> tuple[Example, list[str]]:
-    """Parse, shape, clean and check one line on its own; raise Rejected."""
+) -> tuple[Example, list[str], str]:
+    """Parse, shape, clean and check one line on its own: (example, rules that changed it,
+    its folded prompt for the dedup and leakage keys); raise Rejected."""
     if line is None:
         raise Rejected("too_long", f"line is over data.max_line_bytes={cfg.max_line_bytes}")
     try:
@@ -609,13 +604,15 @@ def _check_line(
     for name in ("instruction", "output"):
         if not getattr(example, name).strip():
             raise Rejected("empty", f"{name} is empty" + (" after cleaning" if changed else ""))
+    instruction, input = fold(example.instruction), fold(example.input)
     threshold = cfg.clean.instruction_like_input
     if threshold is not None and example.input:
-        score = similarity(fold(example.instruction), fold(example.input))
+        score = similarity(instruction, input)
         if score >= threshold:
             raise Rejected(
                 "instruction_like_input",
                 f"instruction and input are {score:.0%} similar "
                 f"(data.clean.instruction_like_input={threshold})",
             )
-    return example, changed
+    history = "\x1f".join(fold(m["content"]) for m in example.messages or [])
+    return example, changed, f"{history}\x1e{instruction}\x1e{input}"

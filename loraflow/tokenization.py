@@ -124,34 +124,52 @@ def _batches(path: Path) -> Iterator[list[Example]]:
 
 
 class _ParquetOut:
-    """Rows buffered and written as row groups, zstd-compressed, int32 token ids."""
+    """Rows buffered in flat int32 buffers and written as zstd row groups (building Arrow list
+    arrays from offsets + values, not from Python lists of lists)."""
 
     def __init__(self, path: Path, packed: bool) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         ids = pa.list_(pa.int32())
-        fields = (
-            [("input_ids", ids), ("seq_lens", ids), ("prompt_lens", ids)]
-            if packed
-            else [("input_ids", ids), ("prompt_len", pa.int32())]
-        )
-        self.pa, self.schema = pa, pa.schema(fields)
+        lists = ("input_ids", "seq_lens", "prompt_lens") if packed else ("input_ids",)
+        scalars = () if packed else ("prompt_len",)
+        self.pa, self.lists, self.scalars = pa, lists, scalars
+        self.schema = pa.schema([(n, ids) for n in lists] + [(n, pa.int32()) for n in scalars])
         self.writer = pq.ParquetWriter(path, self.schema, compression="zstd")
-        self.columns: list[list] = [[] for _ in fields]
         self.rows = 0
+        self._reset()
 
-    def add(self, *values: object) -> None:
-        for column, value in zip(self.columns, values, strict=True):
-            column.append(value)
-        if len(self.columns[0]) >= ROW_GROUP:
+    def _reset(self) -> None:
+        self.values = {n: array("i") for n in (*self.lists, *self.scalars)}
+        self.offsets = {n: array("i", [0]) for n in self.lists}
+        self.pending = 0
+
+    def add(self, *row: list[int] | int) -> None:
+        for name, value in zip((*self.lists, *self.scalars), row, strict=True):
+            if name in self.offsets:
+                self.values[name].extend(value)  # type: ignore[arg-type]
+                self.offsets[name].append(len(self.values[name]))
+            else:
+                self.values[name].append(value)  # type: ignore[arg-type]
+        self.pending += 1
+        if self.pending >= ROW_GROUP:
             self.flush()
 
     def flush(self) -> None:
-        if self.columns[0]:
-            self.rows += len(self.columns[0])
-            self.writer.write_table(self.pa.table(self.columns, schema=self.schema))
-            self.columns = [[] for _ in self.columns]
+        if not self.pending:
+            return
+        import numpy as np
+
+        pa, columns = self.pa, []
+        for name in self.lists:
+            offsets = pa.array(np.frombuffer(self.offsets[name], dtype=np.int32))
+            values = pa.array(np.frombuffer(self.values[name], dtype=np.int32))
+            columns.append(pa.ListArray.from_arrays(offsets, values))
+        columns += [pa.array(np.frombuffer(self.values[n], dtype=np.int32)) for n in self.scalars]
+        self.writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
+        self.rows += self.pending
+        self._reset()
 
     def close(self) -> None:
         self.flush()

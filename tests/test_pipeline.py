@@ -69,6 +69,25 @@ def test_pipeline_registers_pushes_and_reruns_fully_cached(
     lineage = json.loads((root / "adapter" / "loraflow.json").read_text())
     assert lineage["lora"]["r"] == 8 and lineage["lora"]["target_modules"] == ["q_proj", "v_proj"]
     assert lineage["chat_template"].startswith("{% for message")
+    assert lineage["prompt_template"] == "chat" and lineage["tokenize"]["max_length"] == 512
+
+    # the data-quality report: counts per rule and reason, quarantine, histogram, parquet
+    run = client.get_run(first["run_id"])
+    assert run.data.metrics["data.train.read"] == 24 and run.data.metrics["data.train.kept"] == 24
+    assert run.data.metrics["tokens.train_too_long"] == 0
+    logged = {
+        f.path
+        for folder in ("data", "data/quarantine", "data_quality", "tokenized")
+        for f in client.list_artifacts(first["run_id"], folder)
+    }
+    assert {
+        "data/train.jsonl",
+        "data/report.json",
+        "data/quarantine/train.jsonl",
+        "data/quarantine/train.tsv",
+        "data_quality/token_lengths.png",
+        "tokenized/train.parquet",
+    } <= logged
 
     # the summary on disk is the one returned
     written = json.loads((home / "last-run.json").read_text())
