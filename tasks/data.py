@@ -76,7 +76,7 @@ def validate_data(data: DataConfig, base: BaseModelRef, run_id: str) -> Artifact
         metrics |= {f"data.{split}.reason.{r}": n for r, n in c.reasons.items()}
         metrics |= {f"data.{split}.rule.{r}": n for r, n in c.rules.items()}
     log_metrics(run_id, metrics)
-    report.check(f"{uri} (MLflow run {run_id})")
+    report.check(uri)
     meta = {"counts": report.counts, "source_sha256": report.source_sha256}
     return ArtifactRef(uri=uri, sha256=report.sha256, meta=meta)
 
