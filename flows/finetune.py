@@ -42,10 +42,10 @@ def finetune(config: PipelineConfig = DEFAULT_CONFIG) -> dict[str, Any]:
     home = configure()  # MLflow, models and caches under LORAFLOW_HOME unless set otherwise
     with pipeline_run(cfg) as run_id:
         base = step(prepare_base_model, cfg.model.base)
-        data = step(validate_data, cfg.data, run_id=run_id)
+        data = step(validate_data, cfg.data, base, run_id=run_id)
         tokens = step(tokenize_data, data, base, cfg.data, run_id=run_id)
         adapter = step(train_adapter, tokens, base, cfg.lora, cfg.train, run_id=run_id)
-        template, name = cfg.data.template, cfg.registry.model_name
+        template, name = tokens.meta["prompt_template"], cfg.registry.model_name
         before = step(evaluate_base, base, None, data, template, cfg.eval, run_id=run_id)
         after = step(evaluate_tuned, base, adapter, data, template, cfg.eval, run_id=run_id)
         model = step(merge_adapter, base, adapter, cfg.merge, run_id=run_id)

@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -22,22 +29,127 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class CleaningConfig(Section):
+    """The guide's cleaning rules; each one is switchable and reported by count."""
+
+    strip_markup: Literal["none", "html", "html+markdown"] = Field(
+        "none",
+        description="Remove HTML tags/entities (and markdown emphasis, headings, links, code "
+        "fences) from every field; for scraped data. Off by default: it would damage answers "
+        "that are themselves markup or code.",
+    )
+    normalize_punctuation: bool = Field(
+        True, description="Curly quotes to straight quotes, en/em dashes and minus to '-'."
+    )
+    trim_whitespace: bool = Field(True, description="Strip leading/trailing whitespace.")
+    min_output_tokens: int = Field(
+        0,
+        ge=0,
+        description="Quarantine answers shorter than this many tokens of the base model's "
+        "tokenizer (the guide uses 20); 0: off.",
+    )
+    instruction_like_input: float | None = Field(
+        0.9,
+        gt=0.0,
+        le=1.0,
+        description="Quarantine examples whose instruction and input are this similar "
+        "(0..1, after case/space/punctuation folding; 1.0: identical only); null: off.",
+    )
+    dedup: Literal["off", "exact", "near"] = Field(
+        "near",
+        description="Quarantine repeated examples: exact (same text) or near (same text up to "
+        "case, whitespace, punctuation and markup).",
+    )
+    leakage: bool = Field(
+        True,
+        description="Quarantine validation/test examples whose prompt also appears in training "
+        "(compared after the same folding as near dedup).",
+    )
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str | Path) else value
+
+
+SourceList = Annotated[list[str], BeforeValidator(_as_list)]
+
+COLUMN_NAMES = ("instruction", "input", "output", "messages", "prompt", "completion")
+
+
 class DataConfig(Section):
-    train: Path = Field(Path("data/orders/train.jsonl"), description="Training split (JSONL).")
-    validation: Path = Field(
-        Path("data/orders/validation.jsonl"), description="Validation split, for held-out loss."
+    train: SourceList = Field(
+        ["data/orders/train.jsonl"],
+        min_length=1,
+        description="Training split: one or several JSONL files, local paths or s3:// URIs.",
     )
-    test: Path = Field(
-        Path("data/orders/test.jsonl"), description="Test split: base and tuned answer it."
+    validation: SourceList = Field(
+        ["data/orders/validation.jsonl"],
+        min_length=1,
+        description="Validation split (held-out loss): JSONL files, local or s3://.",
     )
-    template: Literal["chat", "alpaca"] = Field(
+    test: SourceList = Field(
+        ["data/orders/test.jsonl"],
+        min_length=1,
+        description="Test split, which base and tuned answer: JSONL files, local or s3://.",
+    )
+    columns: dict[str, str] = Field(
+        {},
+        description="Your column names for ours, e.g. {instruction: question, output: answer}. "
+        f"Ours: {', '.join(COLUMN_NAMES)}.",
+    )
+    template: Literal["chat", "alpaca", "jinja"] = Field(
         "chat",
-        description="Prompt template: the model's own chat template, or the guide's "
-        "'### Instruction / ### Input / ### Output' layout.",
+        description="Prompt template: the model's own chat template, the guide's "
+        "'### Instruction / ### Input / ### Output' layout, or your Jinja file (jinja_template).",
+    )
+    jinja_template: Path | None = Field(
+        None,
+        description="With template=jinja: a Jinja file rendering the prompt from instruction, "
+        "input and messages (bos_token/eos_token available); write its special tokens yourself.",
     )
     max_length: int = Field(
-        512, ge=16, le=32768, description="Longest example in tokens; longer ones are rejected."
+        512, ge=16, le=32768, description="Longest example in tokens (see truncation)."
     )
+    truncation: Literal["drop", "truncate"] = Field(
+        "drop",
+        description="Examples over max_length: drop them (counted), or cut them to max_length "
+        "(an example whose answer is cut away entirely is reported and left out).",
+    )
+    packing: bool = Field(
+        False,
+        description="Store examples packed into sequences of up to pack_length tokens with "
+        "each example's boundaries (no padding stored); off: one example per row.",
+    )
+    pack_length: int | None = Field(
+        None, ge=16, le=131072, description="Tokens per packed sequence (default: max_length)."
+    )
+    max_line_bytes: int = Field(
+        1 << 24, ge=1024, description="Quarantine JSONL lines longer than this many bytes."
+    )
+    min_kept_fraction: float = Field(
+        0.9,
+        ge=0.0,
+        le=1.0,
+        description="Fail before training when a split keeps less than this share of its "
+        "non-blank lines; the quarantine file says which lines and why.",
+    )
+    clean: CleaningConfig = CleaningConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        unknown = sorted(set(self.columns) - set(COLUMN_NAMES))
+        if unknown:
+            raise ValueError(f"columns: unknown name(s) {unknown}; ours are {list(COLUMN_NAMES)}")
+        if (self.template == "jinja") != (self.jinja_template is not None):
+            raise ValueError(
+                "template=jinja needs jinja_template=FILE, and jinja_template needs template=jinja"
+            )
+        if self.pack_length is not None and self.pack_length < self.max_length:
+            raise ValueError(
+                f"pack_length {self.pack_length} is shorter than max_length {self.max_length}: "
+                "an example could not fit a pack. Fix: raise pack_length or lower max_length."
+            )
+        return self
 
 
 class ModelConfig(Section):

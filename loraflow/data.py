@@ -1,22 +1,62 @@
-"""Reading and validating JSONL instruction data (`instruction`, `input`, `output`).
+"""Validating and cleaning JSONL instruction data, streamed line by line.
 
-Validation reads every line and reports every problem at once, each with file:line, what was
-found and what was expected; the validated records are written out as the exact input of
-tokenization, so what was checked is what is trained on.
+Every line read is accounted for: blank, kept as is, kept after cleaning (with the names of the
+rules that changed it), or quarantined with a reason. Quarantined lines are written byte for
+byte to quarantine/<split>.jsonl (fix them and resubmit that file), and the n-th row of
+quarantine/<split>.tsv says where the n-th line came from (file:line) and why. The cleaned
+examples are written as <split>.jsonl, the exact input of tokenization and evaluation, so what
+was checked is what is trained on.
+
+Records may come in three shapes, columns renamed through DataConfig.columns:
+  {"instruction", "input"?, "output"}     the guide's
+  {"messages": [{"role", "content"}...]}  chat; the last message is the assistant's answer
+  {"prompt", "completion"}
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
-import json
-from collections.abc import Iterator
+import html
+import re
+import shutil
+import tempfile
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
 
+import orjson
 from pydantic import BaseModel
+from tqdm import tqdm
+
+from loraflow.config import CleaningConfig, DataConfig
+from loraflow.lineage import sha256_file
 
 SPLITS = ("train", "validation", "test")
-FIELDS = {"instruction": True, "input": False, "output": True}  # name -> must be non-empty
 MAX_REPORTED = 20
+CHUNK = 2048  # lines cleaned and token-counted together
+ROLES = ("system", "user", "assistant")
+
+# Quarantine reasons, in the order the checks run.
+REASONS = (
+    "invalid_utf8",
+    "too_long",
+    "not_json",
+    "not_object",
+    "unknown_shape",
+    "missing_field",
+    "wrong_type",
+    "empty",
+    "too_short",
+    "instruction_like_input",
+    "duplicate",
+    "near_duplicate",
+    "leak",
+)
+RULES = ("strip_html", "strip_markdown", "normalize_punctuation", "trim_whitespace")
 
 
 class DataError(ValueError):
@@ -24,92 +64,555 @@ class DataError(ValueError):
 
 
 class Example(BaseModel):
+    """One cleaned example. `messages` holds the turns before the final user turn (chat data)."""
+
     instruction: str
-    input: str
+    input: str = ""
     output: str
+    messages: list[dict[str, str]] | None = None
+
+
+class SplitCounts(BaseModel):
+    read: int = 0
+    blank: int = 0
+    kept: int = 0
+    cleaned: int = 0
+    quarantined: int = 0
+    reasons: dict[str, int] = {}
+    rules: dict[str, int] = {}
+
+    @property
+    def usable(self) -> int:
+        return self.kept + self.cleaned
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.usable / max(1, self.read - self.blank)
 
 
 class DataReport(BaseModel):
-    """What validation found: counts per split and the hash of the bytes read."""
+    """What validation found, per split; sha256 identifies the cleaned data handed on."""
 
     sha256: str
-    counts: dict[str, int]
-    blank_lines: int
+    source_sha256: str
+    splits: dict[str, SplitCounts]
+    problems: list[str]  # the first quarantined lines, "file:line: detail [reason]"
+    min_kept_fraction: float
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {split: c.usable for split, c in self.splits.items()}
+
+    def totals(self) -> dict[str, Any]:
+        """The counts a person or a script checks: read, kept, cleaned, quarantined, reasons."""
+        total: Counter[str] = Counter()
+        reasons: Counter[str] = Counter()
+        rules: Counter[str] = Counter()
+        for c in self.splits.values():
+            total.update(
+                {k: getattr(c, k) for k in ("read", "blank", "kept", "cleaned", "quarantined")}
+            )
+            reasons.update(c.reasons)
+            rules.update(c.rules)
+        return dict(total) | {
+            "reasons": dict(reasons),
+            "rules": dict(rules),
+            "kept_fraction": {s: round(c.kept_fraction, 6) for s, c in self.splits.items()},
+            "passed": not self.failures(),
+        }
+
+    def failures(self) -> list[str]:
+        out = []
+        for split, c in self.splits.items():
+            if c.usable == 0:
+                out.append(f"{split}: no usable examples ({c.read} lines read)")
+            elif c.kept_fraction < self.min_kept_fraction:
+                out.append(
+                    f"{split}: kept {c.usable} of {c.read - c.blank} lines "
+                    f"({c.kept_fraction:.1%}), under data.min_kept_fraction="
+                    f"{self.min_kept_fraction}"
+                )
+        return out
+
+    def check(self, out_dir: Path | str) -> None:
+        """Raise DataError naming every failing split, the first bad lines and the fix."""
+        failures = self.failures()
+        if not failures:
+            return
+        totals = self.totals()
+        shown = "\n".join(f"  - {p}" for p in self.problems)
+        more = totals["quarantined"] - len(self.problems)
+        raise DataError(
+            "the data is not usable:\n"
+            + "\n".join(f"  {f}" for f in failures)
+            + f"\nquarantined lines by reason: {totals['reasons']}\n"
+            + (shown + (f"\n  ... and {more} more" if more > 0 else "") + "\n" if shown else "")
+            + f"Every quarantined line is in {out_dir}/quarantine/<split>.jsonl, with file:line "
+            "and reason in quarantine/<split>.tsv. Each line must be a JSON object like "
+            '{"instruction": "...", "input": "...", "output": "..."} (input may be empty), '
+            '{"messages": [...]} or {"prompt": "...", "completion": "..."}. Fix the lines and '
+            "run again, map other column names with data.columns, or lower "
+            "data.min_kept_fraction."
+        )
 
 
 def read_jsonl(path: Path) -> Iterator[Example]:
-    with open(path, encoding="utf-8") as f:
+    """The cleaned examples validation wrote."""
+    with open(path, "rb") as f:
         for line in f:
             yield Example.model_validate_json(line)
 
 
-def validate_splits(files: dict[str, Path], out_dir: Path) -> DataReport:
-    """Check every line of every split; write the examples as out_dir/<split>.jsonl."""
-    problems: list[str] = []
+# --- cleaning rules -----------------------------------------------------------------------
+
+PUNCTUATION = str.maketrans(
+    {
+        "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"', "\u2033": '"',
+        "\u00ab": '"', "\u00bb": '"',
+        "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'",
+        "\u2010": "-", "\u2011": "-", "\u2012": "-", "\u2013": "-", "\u2014": "-",
+        "\u2015": "-", "\u2212": "-",
+    }
+)  # fmt: skip
+HTML_TAG = re.compile(r"<(?:[a-zA-Z/!][^<>]*)>")
+MARKDOWN = (
+    (re.compile(r"!\[([^\]]*)\]\([^)]*\)"), r"\1"),  # image -> alt text
+    (re.compile(r"\[([^\]]+)\]\([^)]*\)"), r"\1"),  # link -> text
+    (re.compile(r"^```[^\n]*\n?|\n?```$", re.M), ""),  # code fences
+    (re.compile(r"^#{1,6}[ \t]+", re.M), ""),  # headings
+    (re.compile(r"(\*\*|__)(?=\S)(.+?)(?<=\S)\1"), r"\2"),  # bold
+    (re.compile(r"(?<![\w*])\*(?=\S)([^*\n]+?)(?<=\S)\*(?!\w)"), r"\1"),  # italic
+    (re.compile(r"`([^`\n]+)`"), r"\1"),  # inline code
+)
+FOLD = re.compile(r"[\W_]+")
+
+
+def strip_html(text: str) -> str:
+    return html.unescape(HTML_TAG.sub("", text)) if "<" in text or "&" in text else text
+
+
+def strip_markdown(text: str) -> str:
+    for pattern, repl in MARKDOWN:
+        text = pattern.sub(repl, text)
+    return text
+
+
+def fold(text: str) -> str:
+    """Text for near-duplicate and similarity checks: no case, spacing, punctuation, markup."""
+    return FOLD.sub(" ", unicodedata.normalize("NFKC", strip_html(text)).casefold()).strip()
+
+
+def cleaning_steps(clean: CleaningConfig) -> list[tuple[str, Callable[[str], str]]]:
+    steps: list[tuple[str, Callable[[str], str]]] = []
+    if clean.strip_markup in ("html", "html+markdown"):
+        steps.append(("strip_html", strip_html))
+    if clean.strip_markup == "html+markdown":
+        steps.append(("strip_markdown", strip_markdown))
+    if clean.normalize_punctuation:
+        steps.append(("normalize_punctuation", lambda t: t.translate(PUNCTUATION)))
+    if clean.trim_whitespace:
+        steps.append(("trim_whitespace", str.strip))
+    return steps
+
+
+def similarity(a: str, b: str) -> float:
+    """Similarity 0..1 of two folded texts; cheap bounds first, difflib only when close."""
+    if a == b:
+        return 1.0
+    if not a or not b:
+        return 0.0
+    shorter, longer = sorted((len(a), len(b)))
+    if shorter / longer < 0.5:
+        return 2 * shorter / (shorter + longer)  # an upper bound of difflib's ratio
+    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
+# --- parsing one line -----------------------------------------------------------------------
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def _field(record: dict[str, Any], name: str, columns: dict[str, str]) -> Any:
+    return record.get(columns.get(name, name))
+
+
+def _string(record: dict[str, Any], name: str, columns: dict[str, str], required: bool) -> str:
+    key = columns.get(name, name)
+    value = record.get(key)
+    if value is None:
+        if required:
+            raise Rejected("missing_field", f"missing field {key!r}")
+        return ""
+    if not isinstance(value, str):
+        raise Rejected("wrong_type", f"field {key!r} must be a string, found {_kind(value)}")
+    return value
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", bool: "a boolean", type(None): "null"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def to_example(record: Any, columns: dict[str, str]) -> Example:
+    """A parsed JSON value -> Example, or raise Rejected saying what is wrong."""
+    if not isinstance(record, dict):
+        raise Rejected("not_object", f"expected a JSON object, found {_kind(record)}")
+    messages = _field(record, "messages", columns)
+    if messages is not None:
+        return _from_messages(messages, columns.get("messages", "messages"))
+    if any(_field(record, name, columns) is not None for name in ("prompt", "completion")):
+        return Example(
+            instruction=_string(record, "prompt", columns, True),
+            output=_string(record, "completion", columns, True),
+        )
+    if any(_field(record, name, columns) is not None for name in ("instruction", "output")):
+        return Example(
+            instruction=_string(record, "instruction", columns, True),
+            input=_string(record, "input", columns, False),
+            output=_string(record, "output", columns, True),
+        )
+    keys = ", ".join(repr(k) for k in list(record)[:8]) or "none"
+    raise Rejected(
+        "unknown_shape",
+        f"no instruction/output, messages or prompt/completion field (keys: {keys}); "
+        "map your column names with data.columns",
+    )
+
+
+def _from_messages(messages: Any, key: str) -> Example:
+    if not isinstance(messages, list) or not messages:
+        raise Rejected("wrong_type", f"field {key!r} must be a non-empty list of messages")
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("content"), str)):
+            raise Rejected("wrong_type", f"{key}[{i}] must be an object with a string 'content'")
+        if m.get("role") not in ROLES:
+            raise Rejected("wrong_type", f"{key}[{i}].role must be one of {ROLES}")
+    if messages[-1]["role"] != "assistant":
+        raise Rejected("missing_field", f"the last of {key!r} must be the assistant's answer")
+    if len(messages) < 2 or messages[-2]["role"] != "user":
+        raise Rejected("missing_field", f"the answer in {key!r} must follow a user message")
+    history = [{"role": m["role"], "content": m["content"]} for m in messages[:-2]]
+    return Example(
+        instruction=messages[-2]["content"],
+        output=messages[-1]["content"],
+        messages=history or None,
+    )
+
+
+def clean_example(
+    example: Example, steps: list[tuple[str, Callable[[str], str]]]
+) -> tuple[Example, list[str]]:
+    """Apply the cleaning steps to every text field; return the example and the rules that
+    changed something."""
+    changed: set[str] = set()
+
+    def run(text: str) -> str:
+        for name, step in steps:
+            new = step(text)
+            if new != text:
+                changed.add(name)
+                text = new
+        return text
+
+    cleaned = Example(
+        instruction=run(example.instruction),
+        input=run(example.input),
+        output=run(example.output),
+        messages=[{"role": m["role"], "content": run(m["content"])} for m in example.messages]
+        if example.messages
+        else None,
+    )
+    return cleaned, [name for name, _ in steps if name in changed]
+
+
+# --- streaming the sources ------------------------------------------------------------------
+
+
+def source_size(source: str) -> int:
+    if source.startswith("s3://"):
+        bucket, key = _s3_parts(source)
+        return int(_s3().head_object(Bucket=bucket, Key=key)["ContentLength"])
+    return Path(source).stat().st_size
+
+
+def _s3_parts(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
+def _s3() -> Any:
+    import boto3  # only when data lives in S3
+
+    return boto3.client("s3")
+
+
+def source_fingerprint(source: str) -> str:
+    """What identifies a source's bytes: the SHA-256 of a local file, the ETag and size of an
+    S3 object (a HEAD request, nothing downloaded)."""
+    if source.startswith("s3://"):
+        bucket, key = _s3_parts(source)
+        head = _s3().head_object(Bucket=bucket, Key=key)
+        return f"s3:{head['ETag']}:{head['ContentLength']}"
+    path = Path(source)
+    return sha256_file(path) if path.is_file() else f"missing:{source}"
+
+
+@contextmanager
+def open_source(source: str) -> Iterator[IO[bytes]]:
+    """A binary stream of a local file or an s3:// object (read in chunks, never whole)."""
+    if source.startswith("s3://"):
+        bucket, key = _s3_parts(source)
+        body = _s3().get_object(Bucket=bucket, Key=key)["Body"]
+        with tempfile.SpooledTemporaryFile(max_size=64 << 20) as spool:
+            shutil.copyfileobj(body, spool, 1 << 20)
+            spool.seek(0)
+            yield spool  # type: ignore[misc]
+    else:
+        with open(source, "rb") as f:
+            yield f
+
+
+def check_sources(sources: dict[str, list[str]]) -> None:
     missing = [
-        f"  - {split}: {path} does not exist"
-        for split, path in files.items()
-        if not Path(path).is_file()
+        f"  - {split}: {src} does not exist"
+        for split, srcs in sources.items()
+        for src in srcs
+        if not src.startswith("s3://") and not Path(src).is_file()
     ]
     if missing:
         raise DataError(
             "data files are missing:\n"
             + "\n".join(missing)
-            + "\nFix: set data.train / data.validation / data.test to existing JSONL files."
+            + "\nFix: set data.train / data.validation / data.test to existing JSONL files "
+            "(local paths or s3:// URIs)."
         )
+
+
+class _Quarantine:
+    """quarantine/<split>.jsonl (the lines, byte for byte) and .tsv (where from, and why)."""
+
+    def __init__(self, out_dir: Path, split: str) -> None:
+        folder = out_dir / "quarantine"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.lines = open(folder / f"{split}.jsonl", "wb")  # noqa: SIM115
+        self.index = open(folder / f"{split}.tsv", "w", encoding="utf-8")  # noqa: SIM115
+        self.index.write("quarantine_line\tsource\tline\treason\tdetail\n")
+        self.count = 0
+
+    def add(self, raw: bytes, source: str, number: int, reason: str, detail: str) -> None:
+        self.count += 1
+        self.lines.write(raw if raw.endswith(b"\n") else raw + b"\n")
+        detail = detail.replace("\t", " ").replace("\n", " ")
+        self.index.write(f"{self.count}\t{source}\t{number}\t{reason}\t{detail}\n")
+
+    def close(self) -> None:
+        self.lines.close()
+        self.index.close()
+
+
+def validate_splits(
+    sources: dict[str, list[str]],
+    out_dir: Path,
+    cfg: DataConfig,
+    count_tokens: Callable[[list[str]], list[int]] | None = None,
+    progress: bool = True,
+) -> DataReport:
+    """Validate and clean every line of every split (train first: the leakage check needs it).
+
+    Writes out_dir/<split>.jsonl (cleaned examples), out_dir/quarantine/ and returns the
+    counts; raises DataError only for missing files; call report.check() to enforce the
+    thresholds. count_tokens (answers -> token counts) is needed for min_output_tokens.
+    """
+    if cfg.clean.min_output_tokens and count_tokens is None:
+        raise ValueError("data.clean.min_output_tokens needs the base model's tokenizer")
+    check_sources(sources)
     out_dir.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    counts: dict[str, int] = {}
-    blank = 0
-    for split, path in files.items():
-        raw = Path(path).read_bytes()
-        digest.update(split.encode() + b"\0" + hashlib.sha256(raw).digest())
-        examples: list[Example] = []
-        for number, line in enumerate(raw.removeprefix(b"\xef\xbb\xbf").splitlines(), start=1):
+    steps = cleaning_steps(cfg.clean)
+    source_digest, data_digest = hashlib.sha256(), hashlib.sha256()
+    train_prompts: set[bytes] = set()
+    splits: dict[str, SplitCounts] = {}
+    problems: list[str] = []
+    for split in sorted(sources, key=lambda s: SPLITS.index(s) if s in SPLITS else len(SPLITS)):
+        splits[split], split_sha = _validate_split(
+            split, sources[split], out_dir, cfg, steps, count_tokens, train_prompts, problems,
+            source_digest, progress,
+        )  # fmt: skip
+        data_digest.update(split.encode() + b"\0" + split_sha)
+    return DataReport(
+        sha256=data_digest.hexdigest(),
+        source_sha256=source_digest.hexdigest(),
+        splits=splits,
+        problems=problems,
+        min_kept_fraction=cfg.min_kept_fraction,
+    )
+
+
+def _validate_split(
+    split: str,
+    split_sources: list[str],
+    out_dir: Path,
+    cfg: DataConfig,
+    steps: list[tuple[str, Callable[[str], str]]],
+    count_tokens: Callable[[list[str]], list[int]] | None,
+    train_prompts: set[bytes],
+    problems: list[str],
+    source_digest: Any,
+    progress: bool,
+) -> tuple[SplitCounts, bytes]:
+    """One split's lines, file after file: (counts, SHA-256 of the cleaned examples written)."""
+    clean = cfg.clean
+    counts = SplitCounts()
+    reasons: Counter[str] = Counter()
+    rules: Counter[str] = Counter()
+    seen_exact: set[bytes] = set()
+    seen_near: set[bytes] = set()
+    quarantine = _Quarantine(out_dir, split)
+    out = open(out_dir / f"{split}.jsonl", "wb")  # noqa: SIM115
+    split_digest = hashlib.sha256()
+
+    def reject(raw: bytes, source: str, number: int, reason: str, detail: str) -> None:
+        reasons[reason] += 1
+        quarantine.add(raw, source, number, reason, detail)
+        if len(problems) < MAX_REPORTED:
+            problems.append(f"{source}:{number}: {detail} [{reason}]")
+
+    try:
+        for source in split_sources:
+            file_digest = hashlib.sha256()
+            for chunk in _chunks(source, cfg.max_line_bytes, counts, file_digest, progress):
+                checked = []  # (raw, number, example or why it was rejected, rules, prompt)
+                for number, raw, line in chunk:
+                    try:
+                        checked.append((raw, number, *_check_line(line, cfg, steps)))
+                    except Rejected as r:
+                        checked.append((raw, number, r, [], ""))
+                answers = [c[2].output for c in checked if isinstance(c[2], Example)]
+                lengths = iter(count_tokens(answers) if clean.min_output_tokens and answers else [])
+                for raw, number, example, changed, prompt in checked:  # in line order
+                    if isinstance(example, Rejected):
+                        reject(raw, source, number, example.reason, example.detail)
+                        continue
+                    n_tokens = next(lengths, None)
+                    if n_tokens is not None and n_tokens < clean.min_output_tokens:
+                        reject(
+                            raw, source, number, "too_short",
+                            f"answer has {n_tokens} tokens, under "
+                            f"data.clean.min_output_tokens={clean.min_output_tokens}",
+                        )  # fmt: skip
+                        continue
+                    prompt_key = _digest(prompt)
+                    line_out = example.model_dump_json(exclude_none=True).encode() + b"\n"
+                    if clean.dedup != "off":
+                        exact = hashlib.blake2b(line_out, digest_size=16).digest()
+                        near = _digest(prompt + "\x1f" + fold(example.output))
+                        if exact in seen_exact:
+                            reject(raw, source, number, "duplicate", "same as an earlier line")
+                            continue
+                        if clean.dedup == "near" and near in seen_near:
+                            reject(
+                                raw, source, number, "near_duplicate",
+                                "same as an earlier line up to case, spacing and punctuation",
+                            )  # fmt: skip
+                            continue
+                        seen_exact.add(exact)
+                        seen_near.add(near)
+                    if split == "train":
+                        train_prompts.add(prompt_key)
+                    elif clean.leakage and prompt_key in train_prompts:
+                        reject(
+                            raw, source, number, "leak",
+                            "its prompt also appears in the training split",
+                        )  # fmt: skip
+                        continue
+                    for rule in changed:
+                        rules[rule] += 1
+                    if changed:
+                        counts.cleaned += 1
+                    else:
+                        counts.kept += 1
+                    out.write(line_out)
+                    split_digest.update(line_out)
+            source_digest.update(f"{split}\0{source}\0".encode() + file_digest.digest())
+    finally:
+        out.close()
+        quarantine.close()
+    counts.quarantined = quarantine.count
+    counts.reasons = {r: reasons[r] for r in REASONS if reasons[r]}
+    counts.rules = {r: rules[r] for r in RULES if rules[r]}
+    return counts, split_digest.digest()
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def _chunks(
+    source: str, max_line_bytes: int, counts: SplitCounts, digest: Any, progress: bool
+) -> Iterator[list[tuple[int, bytes, bytes | None]]]:
+    """Lines in chunks of CHUNK as (line number, raw bytes, line without BOM/line ending, or
+    None when over max_line_bytes); blank lines are counted here and not yielded."""
+    chunk: list[tuple[int, bytes, bytes | None]] = []
+    with (
+        open_source(source) as f,
+        tqdm(
+            total=source_size(source),
+            desc=f"validate {Path(source).name}",
+            unit="B",
+            unit_scale=True,
+            disable=not progress,
+            leave=False,
+        ) as bar,
+    ):
+        for number, raw in enumerate(f, start=1):
+            digest.update(raw)
+            bar.update(len(raw))
+            counts.read += 1
+            line = raw.removeprefix(b"\xef\xbb\xbf") if number == 1 else raw
+            line = line.rstrip(b"\r\n")
             if not line.strip():
-                blank += 1
+                counts.blank += 1
                 continue
-            example, problem = parse_line(line)
-            if problem:
-                problems.append(f"  - {path}:{number}: {problem}")
-            else:
-                examples.append(example)
-        if not examples and not any(str(path) in p for p in problems):
-            problems.append(f"  - {path}: no examples (the file is empty)")
-        counts[split] = len(examples)
-        with open(out_dir / f"{split}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(example.model_dump_json() + "\n" for example in examples)
-    if problems:
-        shown = problems[:MAX_REPORTED]
-        more = len(problems) - len(shown)
-        raise DataError(
-            f"{len(problems)} problem(s) in the data:\n"
-            + "\n".join(shown)
-            + (f"\n  ... and {more} more" if more else "")
-            + '\nEach line must be a JSON object like {"instruction": "...", "input": "...", '
-            '"output": "..."} (input may be empty). Fix the lines above and run again.'
-        )
-    return DataReport(sha256=digest.hexdigest(), counts=counts, blank_lines=blank)
+            chunk.append((number, raw, line if len(line) <= max_line_bytes else None))
+            if len(chunk) >= CHUNK:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
 
 
-def parse_line(line: bytes) -> tuple[Example | None, str | None]:
-    """One JSONL line -> (example, None), or (None, what is wrong with it)."""
+def _check_line(
+    line: bytes | None, cfg: DataConfig, steps: list[tuple[str, Callable[[str], str]]]
+) -> tuple[Example, list[str], str]:
+    """Parse, shape, clean and check one line on its own: (example, rules that changed it,
+    its folded prompt for the dedup and leakage keys); raise Rejected."""
+    if line is None:
+        raise Rejected("too_long", f"line is over data.max_line_bytes={cfg.max_line_bytes}")
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return None, f"not valid UTF-8 (byte {exc.start})"
+        raise Rejected("invalid_utf8", f"not valid UTF-8 (byte {exc.start})") from None
     try:
-        record = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return None, f"not JSON ({exc.msg} at column {exc.colno})"
-    if not isinstance(record, dict):
-        return None, f"expected a JSON object, found {type(record).__name__}"
-    for name, required in FIELDS.items():
-        value = record.get(name, "" if not required else None)
-        if value is None:
-            return None, f"missing field {name!r}"
-        if not isinstance(value, str):
-            return None, f"field {name!r} must be a string, found {type(value).__name__}"
-        if required and not value.strip():
-            return None, f"field {name!r} is empty"
-    return Example(**{name: record.get(name, "") for name in FIELDS}), None
+        record = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise Rejected("not_json", f"not JSON ({exc.msg} at column {exc.colno})") from None
+    example, changed = clean_example(to_example(record, cfg.columns), steps)
+    for name in ("instruction", "output"):
+        if not getattr(example, name).strip():
+            raise Rejected("empty", f"{name} is empty" + (" after cleaning" if changed else ""))
+    instruction, input = fold(example.instruction), fold(example.input)
+    threshold = cfg.clean.instruction_like_input
+    if threshold is not None and example.input:
+        score = similarity(instruction, input)
+        if score >= threshold:
+            raise Rejected(
+                "instruction_like_input",
+                f"instruction and input are {score:.0%} similar "
+                f"(data.clean.instruction_like_input={threshold})",
+            )
+    history = "\x1f".join(fold(m["content"]) for m in example.messages or [])
+    return example, changed, f"{history}\x1e{instruction}\x1e{input}"

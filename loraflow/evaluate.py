@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from loraflow.config import EvalConfig
 from loraflow.data import Example, read_jsonl
 from loraflow.model import load_model, load_tokenizer
-from loraflow.prompts import Template, encode_prompt, render_prompt
+from loraflow.prompts import encode_prompt, render_example
 
 
 class EvalResult(BaseModel):
@@ -49,7 +49,7 @@ def score(prediction: str, expected: str) -> dict[str, bool]:
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    template: Template,
+    template: str,
     examples: list[Example],
     max_new_tokens: int,
     batch_size: int,
@@ -62,9 +62,7 @@ def generate(
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch"):
         batch = examples[start : start + batch_size]
         prompts = [
-            encode_prompt(
-                tokenizer, template, render_prompt(tokenizer, template, e.instruction, e.input)
-            )
+            encode_prompt(tokenizer, template, render_example(tokenizer, template, e))
             for e in batch
         ]
         width = max(map(len, prompts))
@@ -89,7 +87,7 @@ def evaluate(
     base_path: Path,
     adapter_path: Path | None,
     test_file: Path,
-    template: Template,
+    template: str,
     cfg: EvalConfig,
     label: str = "model",
 ) -> EvalResult:

@@ -1,14 +1,22 @@
-"""Tokenizing validated examples into prompt + completion ids, with no padding stored.
+"""Tokenizing validated examples into prompt + completion ids, stored once as Parquet.
 
-Each record keeps `input_ids` (prompt, then the answer and EOS) and `prompt_len`; the training
-engine derives labels from them: -100 on the prompt, so loss is taken on the answer and on the
-EOS token only (that is what teaches the model to stop).
+Each example is (input_ids, prompt_len): the prompt's ids, then the answer's ids and EOS. The
+training engine derives labels from them: -100 on the prompt, so loss is taken on the answer
+and on the EOS token only (that is what teaches the model to stop); padding is added per batch
+and masked there, never stored. With packing, whole examples are concatenated into sequences
+of up to pack_length tokens with their boundaries (see loraflow.packing).
+
+The result lives under a folder named by the content hash of the cleaned data, the tokenizer,
+the template and these settings: a later run with the same inputs reuses it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+from array import array
+from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -16,7 +24,12 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from loraflow.data import Example, read_jsonl
-from loraflow.prompts import Template, encode_prompt, render_prompt
+from loraflow.packing import Packer
+from loraflow.prompts import prompt_renderer
+
+FORMAT_VERSION = "2"  # bump when the files written here change shape
+BATCH = 1024  # examples rendered and encoded together
+ROW_GROUP = 16384  # rows per Parquet row group
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -27,10 +40,24 @@ TOKENIZER_FILES = (
 )
 
 
+class TokenizeSettings(BaseModel):
+    """Everything besides data, tokenizer and template that changes the tokenized files."""
+
+    max_length: int
+    truncation: str = "drop"
+    packing: bool = False
+    pack_length: int | None = None
+
+
 class TokenizeReport(BaseModel):
-    counts: dict[str, int]
-    too_long: dict[str, int]
-    tokens: dict[str, int]
+    counts: dict[str, int]  # examples stored per split
+    too_long: dict[str, int]  # over max_length and left out (truncation=drop)
+    truncated: dict[str, int]  # cut to max_length, part of the answer kept (truncation=truncate)
+    completion_truncated_away: dict[str, int]  # cut so that no answer token is left: left out
+    tokens: dict[str, int]  # tokens stored
+    label_tokens: dict[str, int]  # tokens that carry a label (answer + EOS)
+    rows: dict[str, int]  # Parquet rows: examples, or packs with packing
+    settings: TokenizeSettings
 
 
 def tokenizer_sha256(model_dir: Path) -> str:
@@ -41,44 +68,224 @@ def tokenizer_sha256(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def cache_key(
+    data_sha256: str, tokenizer_sha: str, template: str, settings: TokenizeSettings
+) -> str:
+    payload = [FORMAT_VERSION, data_sha256, tokenizer_sha, template, settings.model_dump()]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+class Encoder:
+    """Renders and encodes examples in batches, straight through the fast tokenizer's Rust
+    backend (the same ids as tokenizer(...), without building Python BatchEncodings)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, template: str) -> None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token; the model could not learn to stop")
+        self.render = prompt_renderer(tokenizer, template)
+        self.prompt_specials = template == "alpaca"
+        self.eos = tokenizer.eos_token_id
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        if self.backend is not None:  # what tokenizer(...) does on every call
+            self.backend.no_truncation()
+            self.backend.no_padding()
+        self.tokenizer = tokenizer
+
+    def _encode(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        if self.backend is None:
+            return self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+        return [
+            e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+        ]
+
+    def encode(self, examples: list[Example]) -> list[tuple[list[int], int]]:
+        """(input_ids, prompt_len) per example: prompt ids, answer ids, EOS."""
+        prompts = self._encode([self.render(e) for e in examples], self.prompt_specials)
+        answers = self._encode([e.output for e in examples], False)
+        return [(p + a + [self.eos], len(p)) for p, a in zip(prompts, answers, strict=True)]
+
+
 def encode_example(
-    tokenizer: PreTrainedTokenizerBase, template: Template, example: Example
+    tokenizer: PreTrainedTokenizerBase, template: str, example: Example
 ) -> tuple[list[int], int]:
-    """(input_ids, prompt_len): the prompt's ids, then the answer's ids and EOS."""
-    prompt = encode_prompt(
-        tokenizer, template, render_prompt(tokenizer, template, example.instruction, example.input)
-    )
-    answer = tokenizer(example.output, add_special_tokens=False)["input_ids"]
-    return prompt + answer + [tokenizer.eos_token_id], len(prompt)
+    """(input_ids, prompt_len) of one example, exactly as tokenize_splits stores it."""
+    return Encoder(tokenizer, template).encode([example])[0]
+
+
+def _batches(path: Path) -> Iterator[list[Example]]:
+    batch: list[Example] = []
+    for example in read_jsonl(path):
+        batch.append(example)
+        if len(batch) == BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class _ParquetOut:
+    """Rows buffered in flat int32 buffers and written as zstd row groups (building Arrow list
+    arrays from offsets + values, not from Python lists of lists)."""
+
+    def __init__(self, path: Path, packed: bool) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        ids = pa.list_(pa.int32())
+        lists = ("input_ids", "seq_lens", "prompt_lens") if packed else ("input_ids",)
+        scalars = () if packed else ("prompt_len",)
+        self.pa, self.lists, self.scalars = pa, lists, scalars
+        self.schema = pa.schema([(n, ids) for n in lists] + [(n, pa.int32()) for n in scalars])
+        self.writer = pq.ParquetWriter(path, self.schema, compression="zstd")
+        self.rows = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.values = {n: array("i") for n in (*self.lists, *self.scalars)}
+        self.offsets = {n: array("i", [0]) for n in self.lists}
+        self.pending = 0
+
+    def add(self, *row: list[int] | int) -> None:
+        for name, value in zip((*self.lists, *self.scalars), row, strict=True):
+            if name in self.offsets:
+                self.values[name].extend(value)  # type: ignore[arg-type]
+                self.offsets[name].append(len(self.values[name]))
+            else:
+                self.values[name].append(value)  # type: ignore[arg-type]
+        self.pending += 1
+        if self.pending >= ROW_GROUP:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        import numpy as np
+
+        pa, columns = self.pa, []
+        for name in self.lists:
+            offsets = pa.array(np.frombuffer(self.offsets[name], dtype=np.int32))
+            values = pa.array(np.frombuffer(self.values[name], dtype=np.int32))
+            columns.append(pa.ListArray.from_arrays(offsets, values))
+        columns += [pa.array(np.frombuffer(self.values[n], dtype=np.int32)) for n in self.scalars]
+        self.writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
+        self.rows += self.pending
+        self._reset()
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
 
 
 def tokenize_splits(
     data_dir: Path,
     tokenizer: PreTrainedTokenizerBase,
-    template: Template,
-    max_length: int,
+    template: str,
+    settings: TokenizeSettings | int,
     out_dir: Path,
     splits: tuple[str, ...] = ("train", "validation"),
+    progress: bool = True,
 ) -> TokenizeReport:
-    """Write out_dir/<split>.jsonl of {"input_ids", "prompt_len"}; longer than max_length is
-    left out and counted, never cut (a cut answer teaches a wrong answer)."""
+    """Write out_dir/<split>.parquet, out_dir/lengths.npz (every example's full length, for the
+    histogram) and out_dir/report.json; return the report."""
+    import numpy as np
+
+    if isinstance(settings, int):
+        settings = TokenizeSettings(max_length=settings)
+    max_length = settings.max_length
+    encoder = Encoder(tokenizer, template)
     out_dir.mkdir(parents=True, exist_ok=True)
-    counts, too_long, tokens = {}, {}, {}
+    fields = ("counts", "too_long", "truncated", "completion_truncated_away", "tokens")
+    numbers: dict[str, dict[str, int]] = {f: {} for f in (*fields, "label_tokens", "rows")}
+    lengths: dict[str, np.ndarray] = {}
     for split in splits:
-        kept = skipped = total = 0
-        with open(out_dir / f"{split}.jsonl", "w", encoding="utf-8") as f:
-            for example in tqdm(
-                read_jsonl(Path(data_dir) / f"{split}.jsonl"),
-                desc=f"tokenize {split}",
-                unit="ex",
-                leave=False,
-            ):
-                ids, prompt_len = encode_example(tokenizer, template, example)
-                if len(ids) > max_length:
-                    skipped += 1
-                    continue
-                f.write(json.dumps({"input_ids": ids, "prompt_len": prompt_len}) + "\n")
-                kept += 1
-                total += len(ids)
-        counts[split], too_long[split], tokens[split] = kept, skipped, total
-    return TokenizeReport(counts=counts, too_long=too_long, tokens=tokens)
+        n = dict.fromkeys((*fields, "label_tokens"), 0)
+        split_lengths = array("i")
+        out = _ParquetOut(out_dir / f"{split}.parquet", settings.packing)
+        packer = Packer(settings.pack_length or max_length) if settings.packing else None
+        bar = tqdm(desc=f"tokenize {split}", unit="ex", disable=not progress, leave=False)
+        try:
+            for batch in _batches(Path(data_dir) / f"{split}.jsonl"):
+                for ids, prompt_len in encoder.encode(batch):
+                    split_lengths.append(len(ids))
+                    if len(ids) > max_length:
+                        if settings.truncation == "drop":
+                            n["too_long"] += 1
+                            continue
+                        if prompt_len >= max_length:
+                            n["completion_truncated_away"] += 1
+                            continue
+                        n["truncated"] += 1
+                        ids = ids[:max_length]
+                    n["counts"] += 1
+                    n["tokens"] += len(ids)
+                    n["label_tokens"] += len(ids) - prompt_len
+                    if packer is None:
+                        out.add(ids, prompt_len)
+                    else:
+                        for pack in packer.add(ids, prompt_len):
+                            out.add(*pack)
+                bar.update(len(batch))
+            for pack in packer.flush() if packer else []:
+                out.add(*pack)
+        finally:
+            out.close()
+            bar.close()
+        for field, value in n.items():
+            numbers[field][split] = value
+        numbers["rows"][split] = out.rows
+        lengths[split] = np.frombuffer(split_lengths, dtype=np.int32)
+    np.savez_compressed(out_dir / "lengths.npz", **lengths)
+    report = TokenizeReport(**numbers, settings=settings)
+    (out_dir / "report.json").write_text(report.model_dump_json(indent=2))
+    return report
+
+
+def tokenize_cached(
+    cache_root: Path,
+    data_dir: Path,
+    data_sha256: str,
+    tokenizer: PreTrainedTokenizerBase,
+    tokenizer_sha: str,
+    template: str,
+    settings: TokenizeSettings,
+    progress: bool = True,
+) -> tuple[Path, TokenizeReport, bool]:
+    """(folder, report, reused): tokenize into cache_root/<content key>/ unless it is there."""
+    folder = Path(cache_root) / cache_key(data_sha256, tokenizer_sha, template, settings)
+    if (folder / "report.json").is_file():
+        report = TokenizeReport.model_validate_json((folder / "report.json").read_text())
+        return folder, report, True
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    report = tokenize_splits(data_dir, tokenizer, template, settings, staging, progress=progress)
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)  # a folder with report.json is complete
+    return folder, report, False
+
+
+def plot_lengths(lengths_file: Path, max_length: int, out: Path) -> Path:
+    """A histogram PNG of example lengths in tokens per split, with the max_length cut-off."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    data = np.load(lengths_file)
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    top = max([max_length, *(int(data[s].max()) for s in data.files if data[s].size)])
+    bins = np.linspace(0, top, 60)
+    for split in data.files:
+        over = int((data[split] > max_length).sum())
+        ax.hist(
+            data[split], bins=bins, alpha=0.6, label=f"{split} (n={data[split].size}, {over} over)"
+        )
+    ax.axvline(max_length, color="red", linestyle="--", label=f"max_length={max_length}")
+    ax.set_xlabel("tokens per example (prompt + answer + EOS)")
+    ax.set_ylabel("examples")
+    ax.set_title("Example lengths")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

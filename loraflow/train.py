@@ -61,6 +61,16 @@ class Diverged(RuntimeError):
 
 
 def read_examples(path: Path) -> list[Example]:
+    """The examples of one split: <split>.parquet as loraflow.tokenization writes it (packed
+    or not; needs pyarrow), else an older <split>.jsonl of {"input_ids", "prompt_len"}; `path`
+    may name either. A split with neither file has no examples."""
+    parquet = Path(path).with_suffix(".parquet")
+    if parquet.is_file():
+        from loraflow.packing import read_tokenized
+
+        return read_tokenized(parquet)
+    if not Path(path).is_file():
+        return []
     with open(path, encoding="utf-8") as f:
         return [(r["input_ids"], r["prompt_len"]) for r in map(json.loads, f)]
 
@@ -550,10 +560,9 @@ def train(cfg: EngineConfig) -> dict[str, float]:
 
     tokenizer = load_tokenizer(cfg.base_path)
     train_set = read_examples(Path(cfg.data_dir) / "train.jsonl")
-    val_path = Path(cfg.data_dir) / "validation.jsonl"
-    val_set = read_examples(val_path) if val_path.is_file() else []
+    val_set = read_examples(Path(cfg.data_dir) / "validation.jsonl")
     if not train_set:
-        raise ValueError(f"{cfg.data_dir}/train.jsonl holds no examples")
+        raise ValueError(f"{cfg.data_dir} holds no training examples (train.parquet)")
     too_long = max(len(ids) for ids, _ in train_set)
     if packed and too_long > t.seq_len:
         raise ValueError(f"an example has {too_long} tokens, more than train.seq_len="

@@ -1,58 +1,129 @@
-"""Data tasks: validate the JSONL splits, tokenize them for the base model's tokenizer."""
+"""Data tasks: validate and clean the JSONL splits, tokenize them for the base model's tokenizer,
+and log a data-quality report (counts per rule and reason, quarantine, length histogram)."""
 
 from __future__ import annotations
 
+import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prefect import task
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+from prefect.utilities.hashing import hash_objects
 
 from loraflow.artifacts import ArtifactRef
-from loraflow.config import DataConfig
-from loraflow.data import validate_splits
+from loraflow.config import DataConfig, loraflow_home
+from loraflow.data import SPLITS, source_fingerprint, validate_splits
 from loraflow.lineage import sha256_tree
 from loraflow.model import BaseModelRef, load_tokenizer
-from loraflow.tokenization import tokenize_splits, tokenizer_sha256
+from loraflow.prompts import prompt_template
+from loraflow.tokenization import (
+    TokenizeSettings,
+    plot_lengths,
+    tokenize_cached,
+    tokenizer_sha256,
+)
 from tasks.caching import CONTENT
 from tasks.tracking import fetch, log_dir, log_metrics
 
 
-@task(cache_policy=CONTENT)
-def validate_data(data: DataConfig, run_id: str) -> ArtifactRef:
-    """Check every line of the splits; log the validated examples to the run."""
+@dataclass
+class DataSources(CachePolicy):
+    """The bytes behind data.train/validation/test (paths and s3:// URIs are strings)."""
+
+    def compute_key(
+        self,
+        task_ctx: TaskRunContext,
+        inputs: dict[str, Any],
+        flow_parameters: dict[str, Any],
+        **kwargs: Any,
+    ) -> str | None:
+        data: DataConfig = inputs["data"]
+        return hash_objects(
+            {split: [source_fingerprint(s) for s in getattr(data, split)] for split in SPLITS},
+            raise_on_failure=True,
+        )
+
+
+@task(cache_policy=CONTENT + DataSources())
+def validate_data(data: DataConfig, base: BaseModelRef, run_id: str) -> ArtifactRef:
+    """Validate and clean every line; log cleaned data, quarantine and report; fail under the
+    kept-fraction threshold before anything trains."""
+    count_tokens = None
+    if data.clean.min_output_tokens:
+        tokenizer = load_tokenizer(base.path)
+        count_tokens = lambda texts: [  # noqa: E731
+            len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ]
+    sources = {split: list(getattr(data, split)) for split in SPLITS}
     with tempfile.TemporaryDirectory() as tmp:
-        report = validate_splits(
-            {"train": data.train, "validation": data.validation, "test": data.test}, Path(tmp)
+        report = validate_splits(sources, Path(tmp), data, count_tokens)
+        (Path(tmp) / "report.json").write_text(
+            json.dumps(report.model_dump() | {"totals": report.totals()}, indent=2)
         )
         uri = log_dir(run_id, Path(tmp), "data")
-    log_metrics(run_id, {f"data.{split}_examples": n for split, n in report.counts.items()})
-    return ArtifactRef(uri=uri, sha256=report.sha256, meta=report.model_dump())
+    metrics: dict[str, float] = {}
+    for split, c in report.splits.items():
+        metrics |= {
+            f"data.{split}_examples": c.usable,
+            f"data.{split}_kept_fraction": c.kept_fraction,
+        }
+        for key in ("read", "blank", "kept", "cleaned", "quarantined"):
+            metrics[f"data.{split}.{key}"] = getattr(c, key)
+        metrics |= {f"data.{split}.reason.{r}": n for r, n in c.reasons.items()}
+        metrics |= {f"data.{split}.rule.{r}": n for r, n in c.rules.items()}
+    log_metrics(run_id, metrics)
+    report.check(uri)
+    meta = {"counts": report.counts, "source_sha256": report.source_sha256}
+    return ArtifactRef(uri=uri, sha256=report.sha256, meta=meta)
 
 
 @task(cache_policy=CONTENT)
 def tokenize_data(
     data: ArtifactRef, base: BaseModelRef, cfg: DataConfig, run_id: str
 ) -> ArtifactRef:
-    """Prompt + answer token ids per example (no padding stored), logged to the run."""
-    template, max_length = cfg.template, cfg.max_length
+    """Prompt + answer token ids (packed or not, no padding stored) as Parquet, cached on the
+    content of data, tokenizer and template; logged to the run with a length histogram."""
     tokenizer = load_tokenizer(base.path)
-    with tempfile.TemporaryDirectory() as tmp:
-        report = tokenize_splits(fetch(data.uri), tokenizer, template, max_length, Path(tmp))
-        sha256 = sha256_tree(Path(tmp))
-        uri = log_dir(run_id, Path(tmp), "tokenized")
+    template = prompt_template(cfg.template, cfg.jinja_template)
+    settings = TokenizeSettings(
+        max_length=cfg.max_length,
+        truncation=cfg.truncation,
+        packing=cfg.packing,
+        pack_length=cfg.pack_length,
+    )
+    folder, report, _ = tokenize_cached(
+        loraflow_home() / "tokenized",
+        fetch(data.uri),
+        data.sha256,
+        tokenizer,
+        tokenizer_sha256(base.path),
+        template,
+        settings,
+    )
     if report.counts["train"] == 0:
         raise ValueError(
-            f"no training example fits data.max_length={max_length} tokens "
-            f"({report.too_long['train']} are longer). Fix: raise data.max_length."
+            f"no training example fits data.max_length={cfg.max_length} tokens "
+            f"({report.too_long['train']} are longer, {report.completion_truncated_away['train']} "
+            "would lose their whole answer). Fix: raise data.max_length."
         )
-    log_metrics(
-        run_id,
-        {f"tokens.{split}": n for split, n in report.tokens.items()}
-        | {f"tokens.{split}_too_long": n for split, n in report.too_long.items()},
-    )
+    uri = log_dir(run_id, folder, "tokenized")
+    with tempfile.TemporaryDirectory() as tmp:
+        plot_lengths(folder / "lengths.npz", cfg.max_length, Path(tmp) / "token_lengths.png")
+        log_dir(run_id, Path(tmp), "data_quality")
+    metrics: dict[str, float] = {}
+    for split, n in report.tokens.items():
+        metrics[f"tokens.{split}"] = n
+        for key in ("too_long", "truncated", "completion_truncated_away", "label_tokens", "rows"):
+            metrics[f"tokens.{split}_{key}"] = getattr(report, key)[split]
+    log_metrics(run_id, metrics)
     meta = report.model_dump() | {
         "tokenizer_sha256": tokenizer_sha256(base.path),
-        "template": template,
+        "template": cfg.template,
+        "prompt_template": template,
         "data_sha256": data.sha256,
     }
-    return ArtifactRef(uri=uri, sha256=sha256, meta=meta)
+    return ArtifactRef(uri=uri, sha256=sha256_tree(folder), meta=meta)

@@ -105,7 +105,10 @@ def train_adapter(
         template=tokens.meta["template"],
         chat_template=load_tokenizer(base.path).chat_template,
         base_quantization={"nf4": "4bit", "int8": "8bit"}.get(train.precision, "none"),
-    )
+    ) | {
+        "prompt_template": tokens.meta["prompt_template"],  # what evaluation/serving render
+        "tokenize": tokens.meta["settings"],
+    }
     (adapter_dir / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True))
     uri = log_dir(run_id, adapter_dir, "adapter")
     log_metrics(run_id, {f"train.{k}": v for k, v in result.items()})

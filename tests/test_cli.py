@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -22,3 +23,46 @@ def test_unknown_config_key_exits_2_with_every_problem_and_runs_nothing(tmp_path
 def test_help_lists_the_run_command():
     done = run_cli("--help")
     assert done.returncode == 0 and "run" in done.stdout
+
+
+def test_validate_prints_the_report_writes_cleaned_data_and_quarantine(tmp_path):
+    good = '{"instruction": "Add.", "input": "%d + 1", "output": "%d"}\n'
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(good % (i, i + 1) for i in range(9)) + "not json\n")
+    out = tmp_path / "out"
+    done = run_cli("validate", str(data), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "train" in done.stdout and "not_json 1" in done.stdout
+    assert (out / "quarantine" / "train.jsonl").read_text() == "not json\n"
+    assert len((out / "train.jsonl").read_text().splitlines()) == 9
+
+    done = run_cli("validate", str(data), "--out", str(out), "--json")
+    counts = json.loads(done.stdout)
+    assert done.returncode == 0
+    assert {k: counts[k] for k in ("read", "kept", "cleaned", "quarantined")} == {
+        "read": 10, "kept": 9, "cleaned": 0, "quarantined": 1,
+    }  # fmt: skip
+    assert counts["reasons"] == {"not_json": 1}
+
+    strict = run_cli("validate", str(data), "--out", str(out), "--set", "data.min_kept_fraction=1")
+    assert strict.returncode == 1
+    assert "train.jsonl:10: not JSON" in strict.stderr and "min_kept_fraction" in strict.stderr
+
+
+def test_validate_counts_answer_tokens_with_the_configured_models_tokenizer(
+    tmp_path, tiny_model_dir
+):
+    data = tmp_path / "train.jsonl"
+    data.write_text(
+        '{"instruction": "Add.", "input": "1 + 1", "output": "2"}\n'
+        '{"instruction": "Add.", "input": "1 + 2", "output": "the answer is three"}\n'
+    )
+    done = run_cli(
+        "validate", str(data), "--out", str(tmp_path / "out"), "--json",
+        "--set", f"model.base={tiny_model_dir}", "--set", "data.clean.min_output_tokens=3",
+        "--set", "data.min_kept_fraction=0.5",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["reasons"] == {"too_short": 1}
+    missing = run_cli("validate", str(tmp_path / "nope.jsonl"))
+    assert missing.returncode == 2 and "nope.jsonl does not exist" in missing.stderr

@@ -34,7 +34,7 @@ def test_every_problem_is_reported_at_once_with_field_value_and_fix(tmp_path):
     assert "3 problem(s)" in message
     assert "train.max_stepz: unknown key" in message and "max_steps" in message  # what exists
     assert "train.learning_rate = -1" in message
-    assert "data.template = 'fancy'" in message and "'chat' or 'alpaca'" in message
+    assert "data.template = 'fancy'" in message and "'chat', 'alpaca' or 'jinja'" in message
     assert str(bad) in message
 
 
@@ -48,3 +48,14 @@ def test_missing_config_file_and_bad_override_are_clear_errors(tmp_path):
 def test_storage_root_must_name_a_scheme():
     with pytest.raises(ConfigError, match="file:// or s3://"):
         load_config(None, ["storage.root=/tmp/models"])
+
+
+def test_data_sources_take_one_path_or_several_and_template_choices_are_checked(tmp_path):
+    cfg = load_config(None, ["data.train=[a.jsonl, s3://bucket/b.jsonl]", "data.test=t.jsonl"])
+    assert cfg.data.train == ["a.jsonl", "s3://bucket/b.jsonl"] and cfg.data.test == ["t.jsonl"]
+    with pytest.raises(ConfigError, match="template=jinja needs jinja_template"):
+        load_config(None, ["data.template=jinja"])
+    with pytest.raises(ConfigError, match=r"unknown name\(s\) \['question'\]"):
+        load_config(None, ["data.columns={question: q}"])
+    with pytest.raises(ConfigError, match="pack_length 64 is shorter than max_length 512"):
+        load_config(None, ["data.pack_length=64"])

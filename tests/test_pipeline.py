@@ -69,6 +69,25 @@ def test_pipeline_registers_pushes_and_reruns_fully_cached(
     lineage = json.loads((root / "adapter" / "loraflow.json").read_text())
     assert lineage["lora"]["r"] == 8 and lineage["lora"]["target_modules"] == ["q_proj", "v_proj"]
     assert lineage["chat_template"].startswith("{% for message")
+    assert lineage["prompt_template"] == "chat" and lineage["tokenize"]["max_length"] == 512
+
+    # the data-quality report: counts per rule and reason, quarantine, histogram, parquet
+    run = client.get_run(first["run_id"])
+    assert run.data.metrics["data.train.read"] == 24 and run.data.metrics["data.train.kept"] == 24
+    assert run.data.metrics["tokens.train_too_long"] == 0
+    logged = {
+        f.path
+        for folder in ("data", "data/quarantine", "data_quality", "tokenized")
+        for f in client.list_artifacts(first["run_id"], folder)
+    }
+    assert {
+        "data/train.jsonl",
+        "data/report.json",
+        "data/quarantine/train.jsonl",
+        "data/quarantine/train.tsv",
+        "data_quality/token_lengths.png",
+        "tokenized/train.parquet",
+    } <= logged
 
     # the summary on disk is the one returned
     written = json.loads((home / "last-run.json").read_text())
@@ -130,8 +149,11 @@ def test_a_line_that_is_not_json_stops_the_run_before_anything_is_registered(
 
     with small_data["train"].open("a") as f:
         f.write('{"instruction": "x", "input": "y", "output": \n')
+    cfg = tiny_config(small_data, tiny_model_dir, "tiny-bad-data")
+    # the default min_kept_fraction 0.9 would quarantine the line and go on
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"min_kept_fraction": 1.0})})
     with pytest.raises(DataError, match=r"train.jsonl:25: not JSON"):
-        finetune(config=tiny_config(small_data, tiny_model_dir, "tiny-bad-data"))
+        finetune(config=cfg)
     assert MlflowClient().search_model_versions("name='tiny-bad-data'") == []
     failed = MlflowClient().search_runs(
         [MlflowClient().get_experiment_by_name("loraflow").experiment_id],

@@ -20,4 +20,4 @@ def test_every_deployment_loads_and_its_parameters_validate():
         params = finetune.validate_parameters(deployment.get("parameters", {}))
         assert isinstance(params["config"], PipelineConfig)
         for split in ("train", "validation", "test"):
-            assert (ROOT / getattr(params["config"].data, split)).is_file()
+            assert all((ROOT / src).is_file() for src in getattr(params["config"].data, split))

@@ -16,9 +16,11 @@ from loraflow.train import EngineConfig, add_lora, fit, lr_factor, read_examples
 
 @pytest.fixture
 def tokenized(tmp_path, small_data, tiny_model_dir):
+    from loraflow.config import DataConfig
     from loraflow.data import validate_splits
 
-    validate_splits(small_data, tmp_path / "valid")
+    sources = {split: [str(path)] for split, path in small_data.items()}
+    validate_splits(sources, tmp_path / "valid", DataConfig(), progress=False)
     tokenize_splits(
         tmp_path / "valid", load_tokenizer(tiny_model_dir), "chat", 512, tmp_path / "tokens"
     )
