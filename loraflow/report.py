@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display: files only
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from loraflow.config import LOWER_IS_BETTER  # noqa: E402
 from loraflow.evaluate import EvalResult  # noqa: E402
@@ -39,6 +40,7 @@ def plot_loss_curves(curves: dict[str, Curve], out: Path) -> Path | None:
         steps, values = zip(*sorted(points), strict=True)
         colour_, style, label = styles.get(name, ("#2ca02c", "-", name))
         ax.plot(steps, values, style, color=colour_, label=label, markersize=5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (per answer token)")
     ax.set_title("Training and validation loss")
