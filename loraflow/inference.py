@@ -28,6 +28,10 @@ LINEAGE_FILE = "loraflow.json"
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
 
+class InferenceError(ValueError):
+    """The model cannot be loaded the way it was asked for (quantization, device)."""
+
+
 class RegisteredModel(BaseModel):
     """One version of a registered model and where its files are."""
 
@@ -140,14 +144,14 @@ def load_for_inference(
 def quantized_loading(quantization: Quantization, device: str, dtype: torch.dtype) -> dict:
     """from_pretrained arguments for bitsandbytes 8-bit or 4-bit (NF4, double quantised)."""
     if device == "cpu" or not torch.cuda.is_available():
-        raise ValueError(
+        raise InferenceError(
             f"quantization {quantization} needs a CUDA GPU (bitsandbytes); this machine has "
             "none. Fix: drop --quantize (full precision on CPU)."
         )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ValueError(
+        raise InferenceError(
             f"quantization {quantization} needs the bitsandbytes package. "
             "Fix: pip install 'loraflow[gpu]'"
         ) from None
