@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from peft import PeftModel
 from pydantic import BaseModel, ValidationError
 
@@ -113,7 +114,7 @@ def evaluate(
     start = time.perf_counter()
     scorers = {s.cfg.name: Scorer(s.cfg) for s in sets}  # a broken metric fails before loading
     tokenizer = load_tokenizer(model.path)
-    loaded = load_model(model.path)
+    loaded = load_model(model.path, device="cuda" if torch.cuda.is_available() else "cpu")
     if model.adapter is not None:
         loaded = PeftModel.from_pretrained(loaded, model.adapter)
     per_set: dict[str, dict[str, float]] = {}

@@ -130,9 +130,9 @@ def answer_losses(
             mask[row, : len(ids)] = 1
         logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
         shifted = labels[:, 1:].to(device)
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), shifted, ignore_index=-100, reduction="none"
-        )
-        for row in range(len(batch)):
-            out.append((float(nll[row].sum()), int((shifted[row] != -100).sum())))
+        for row in range(len(batch)):  # row by row: one more vocabulary-wide tensor, not B
+            nll = torch.nn.functional.cross_entropy(
+                logits[row, :-1].float(), shifted[row], ignore_index=-100, reduction="sum"
+            )
+            out.append((float(nll), int((shifted[row] != -100).sum())))
     return out
