@@ -10,6 +10,16 @@ from mlflow import MlflowClient
 from tests.test_pipeline import states, tiny_config
 
 pytestmark = pytest.mark.integration
+# Sorts after test_pipeline.py, whose first run expects a cold task cache; its own data config
+# and eval settings keep its cache keys apart from that module's runs.
+
+
+def own_config(*args, **sections):
+    cfg = tiny_config(*args, **sections)
+    return cfg.model_copy(update={
+        "data": cfg.data.model_copy(update={"max_length": 500}),
+        "eval": cfg.eval.model_copy(update={"side_by_side": 5}),
+    })
 
 
 def local(uri: str) -> Path:
@@ -22,7 +32,7 @@ def test_the_flow_logs_scored_answers_and_a_report_and_compares_the_champion(
 ):
     from flows.finetune import finetune
 
-    first = finetune(config=tiny_config(small_data, tiny_model_dir, "tiny-report"))
+    first = finetune(config=own_config(small_data, tiny_model_dir, "tiny-report"))
     client = MlflowClient()
     run = client.get_run(first["run_id"])
     for label in ("base", "tuned"):
@@ -43,8 +53,8 @@ def test_the_flow_logs_scored_answers_and_a_report_and_compares_the_champion(
 
     # make v1 the champion, then train differently: the champion answers the same prompts
     client.set_registered_model_alias("tiny-report", "champion", "1")
-    changed = tiny_config(small_data, tiny_model_dir, "tiny-report",
-                          train={"max_steps": 4, "micro_batch_size": 8, "learning_rate": 1e-2})
+    changed = own_config(small_data, tiny_model_dir, "tiny-report",
+                         train={"max_steps": 4, "micro_batch_size": 8, "learning_rate": 1e-2})
     second = finetune(config=changed)
     assert states(second)["evaluate_champion"] == "Completed"
     assert set(second["metrics"]) == {"base", "tuned", "champion"}
