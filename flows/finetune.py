@@ -1,8 +1,8 @@
 """The loraflow pipeline, one Prefect flow:
 
     validate_data -> tokenize -> train (LoRA) -> evaluate base and tuned -> merge ->
-    register (alias challenger) -> push to object storage -> promote (alias champion, if the
-    gate passes)
+    evaluate the current champion -> report (figures + HTML) -> register (alias challenger) ->
+    push to object storage -> promote (alias champion, if the gate passes)
 
 Every step logs to one MLflow run and hands the next a reference (artifact URI + SHA-256);
 every step is cached on the content it depends on, so a re-run with nothing changed re-executes
@@ -21,6 +21,7 @@ from loraflow.config import PipelineConfig
 from loraflow.environment import configure
 from loraflow.summary import render, write_summary
 from tasks.data import tokenize_data, validate_data
+from tasks.evaluation import evaluate_champion, report_evaluation
 from tasks.model import (
     evaluate_base,
     evaluate_tuned,
@@ -46,9 +47,13 @@ def finetune(config: PipelineConfig = DEFAULT_CONFIG) -> dict[str, Any]:
         tokens = step(tokenize_data, data, base, cfg.data, run_id=run_id)
         adapter = step(train_adapter, tokens, base, cfg.lora, cfg.train, run_id=run_id)
         template, name = tokens.meta["prompt_template"], cfg.registry.model_name
-        before = step(evaluate_base, base, None, data, template, cfg.eval, run_id=run_id)
-        after = step(evaluate_tuned, base, adapter, data, template, cfg.eval, run_id=run_id)
+        base_eval = step(evaluate_base, base, None, data, template, cfg.eval, run_id=run_id)
+        tuned_eval = step(evaluate_tuned, base, adapter, data, template, cfg.eval, run_id=run_id)
         model = step(merge_adapter, base, adapter, cfg.merge, run_id=run_id)
+        rival = step(evaluate_champion, name, model, data, template, cfg.eval, run_id=run_id)
+        evals = [base_eval, tuned_eval, rival]  # rival: None when there is no other champion
+        report = step(report_evaluation, evals, cfg.eval, adapter, run_id=run_id)
+        before, after = base_eval.meta["metrics"], tuned_eval.meta["metrics"]
         version = step(register_model, model, adapter, after, cfg.registry, run_id=run_id)
         try:
             storage_uri = step(
@@ -67,7 +72,8 @@ def finetune(config: PipelineConfig = DEFAULT_CONFIG) -> dict[str, Any]:
         "model_version": version,
         "aliases": gate["aliases"],
         "gate": gate["reason"],
-        "metrics": {"base": before, "tuned": after},
+        "metrics": {e.meta["label"]: e.meta["metrics"] for e in evals if e is not None},
+        "report_uri": report,
         "storage_uri": storage_uri,
         "tasks": step.steps,
         "seconds": round(time.perf_counter() - start, 3),

@@ -8,6 +8,7 @@ loraflow pull [NAME] [--alias A | --version N] --dest DIR download a version, ve
 NAME defaults to registry.model_name of --config (or the built-in default). The registry is
 the one MLFLOW_TRACKING_URI names (default: the embedded one under $LORAFLOW_HOME).
 loraflow validate PATH... [--json]                       validate and clean data, train nothing
+loraflow generate MODEL --prompt TEXT | --prompts FILE    answer with a registered or local model
 """
 
 from __future__ import annotations
@@ -55,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     add_models_command(commands)
     add_promote_command(commands)
     add_pull_command(commands)
+    add_generate_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "generate":
+        return generate_command(args)
     if args.command == "validate":
         return validate_command(args)
     if args.command != "run":
@@ -308,6 +312,77 @@ def render_report(report, out: Path) -> str:  # noqa: ANN001 - a loraflow.data.D
 
 def _pairs(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
+def add_generate_parser(commands: argparse._SubParsersAction) -> None:
+    gen = commands.add_parser(
+        "generate",
+        help="answer prompts with a registered model (models:/<name>@champion) or a model dir",
+        description="Load a model loraflow made, apply the prompt template recorded with it, "
+        "and print its answers.",
+    )
+    gen.add_argument(
+        "model", help="models:/<name>@<alias>, models:/<name>/<version> or a model directory"
+    )
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the instruction to answer")
+    source.add_argument(
+        "--prompts", type=Path, help='JSONL file of {"instruction": ..., "input": ...}'
+    )
+    gen.add_argument("--input", default="", help="input text that goes with --prompt")
+    gen.add_argument("--output", type=Path, help="write JSONL answers here (default: stdout)")
+    gen.add_argument("--max-new-tokens", type=int, default=96)
+    gen.add_argument("--decoding", choices=["greedy", "beam"], default="greedy")
+    gen.add_argument("--num-beams", type=int, default=4, help="beams when --decoding beam")
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument(
+        "--quantize",
+        choices=["none", "8bit", "4bit"],
+        default="none",
+        help="load the weights in 8 or 4 bits (CUDA GPU and bitsandbytes only)",
+    )
+    gen.add_argument(
+        "--template",
+        choices=["chat", "alpaca"],
+        help="override the template recorded with the model",
+    )
+    gen.add_argument("--batch-size", type=int, default=8)
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    """`loraflow generate`: one answer to stdout, or one JSON line per prompt of a file."""
+    configure()  # the registry of the embedded default, unless MLFLOW_TRACKING_URI is set
+    from loraflow.generation import Decoding, Prompt
+    from loraflow.inference import InferenceError, generate_answers, read_prompts
+
+    try:
+        prompts = (
+            read_prompts(args.prompts)
+            if args.prompts
+            else [Prompt(instruction=args.prompt, input=args.input)]
+        )
+        decoding = Decoding(
+            max_new_tokens=args.max_new_tokens,
+            decoding=args.decoding,
+            num_beams=args.num_beams,
+            stop=args.stop,
+        )
+        answers = generate_answers(
+            args.model, prompts, decoding, args.quantize, args.template, args.batch_size
+        )
+    except (*USER_ERRORS, InferenceError) as exc:
+        print(f"loraflow generate: {exc}", file=sys.stderr)
+        return 1
+    if args.prompt and not args.output:
+        print(answers[0])
+        return 0
+    lines = [
+        json.dumps(p.model_dump() | {"answer": a}, ensure_ascii=False) + "\n"
+        for p, a in zip(prompts, answers, strict=True)
+    ]
+    if args.output:
+        args.output.write_text("".join(lines), encoding="utf-8")
+    else:
+        sys.stdout.writelines(lines)
+    return 0
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ either is reported at once, with the field, the bad value, what is allowed and h
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -226,10 +228,139 @@ class TrainConfig(Section):
     threads: int = Field(0, ge=0, description="CPU threads for torch (0: torch's default).")
 
 
+Normalisation = Literal["strip", "lower", "collapse_whitespace", "json"]
+BuiltinMetric = Literal["json_valid", "json_structure", "exact_match", "fuzzy", "loss"]
+# Metrics where a lower value is better; every other metric is a share or a ratio in 0..1.
+LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
+
+
+class EvalSetConfig(Section):
+    """One test set and the metrics it is scored on."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Short name; metrics are logged as <model>.<name>.<metric>.",
+    )
+    path: Path | None = Field(
+        None,
+        description="JSONL with instruction, input and the expected output; None: the held-out "
+        "test split (data.test). A line may add 'keywords' (list) and 'regex' (str) of its own.",
+    )
+    metrics: list[BuiltinMetric] = Field(
+        ["json_valid", "json_structure", "exact_match", "fuzzy", "loss"],
+        description="json_valid: the answer parses as JSON; json_structure: it has every key of "
+        "the expected JSON, recursively, with the same value types; exact_match: equal to the "
+        "expected output after `normalize`; fuzzy: difflib ratio to it (mean, p10/p50/p90); "
+        "loss: the model's loss on the expected output (and perplexity).",
+    )
+    normalize: list[Normalisation] = Field(
+        ["strip", "json"],
+        description="Applied in order to answer and expected output before exact_match and "
+        "fuzzy: strip, lower, collapse_whitespace, json (canonical JSON when it parses).",
+    )
+    json_schema: Path | None = Field(
+        None, description="A JSON Schema file every answer must satisfy (metric json_schema)."
+    )
+    regex: str | None = Field(
+        None, description="A regular expression every answer must match (metric regex)."
+    )
+    keywords: list[str] = Field(
+        [], description="Words every answer must contain (metric keywords)."
+    )
+    custom: list[str] = Field(
+        [],
+        description="Your own metrics as 'module:function'; each is called as "
+        "function(answer, expected) and returns a bool or a number, logged under its "
+        "function name.",
+    )
+
+    @field_validator("regex")
+    @classmethod
+    def _check_regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression ({exc})") from None
+        return value
+
+    @field_validator("custom")
+    @classmethod
+    def _check_custom(cls, value: list[str]) -> list[str]:
+        for spec in value:
+            module, sep, name = spec.partition(":")
+            if not sep or not module or not name.isidentifier():
+                raise ValueError(
+                    f"{spec!r} is not 'module:function' (e.g. mymetrics:has_sku)"
+                )
+        return value
+
+    def metric_names(self) -> list[str]:
+        """The metrics this set reports, in the order they are logged."""
+        names: list[str] = []
+        for metric in self.metrics:
+            names += {
+                "fuzzy": ["fuzzy", "fuzzy_p10", "fuzzy_p50", "fuzzy_p90"],
+                "loss": ["loss", "perplexity"],
+            }.get(metric, [metric])
+        names += ["json_schema"] if self.json_schema else []
+        names += ["regex"] if self.regex else []
+        names += ["keywords"] if self.keywords else []
+        return names + [spec.partition(":")[2] for spec in self.custom]
+
+
 class EvalConfig(Section):
     max_new_tokens: int = Field(96, ge=1, le=4096, description="Tokens generated per answer.")
     batch_size: int = Field(16, ge=1, description="Prompts generated together.")
-    limit: int | None = Field(None, ge=1, description="Evaluate only the first N test examples.")
+    limit: int | None = Field(
+        None, ge=1, description="Evaluate only the first N examples of each test set."
+    )
+    decoding: Literal["greedy", "beam"] = Field(
+        "greedy", description="greedy: the most likely token each step; beam: beam search."
+    )
+    num_beams: int = Field(4, ge=2, le=64, description="Beams when decoding=beam.")
+    stop: list[str] = Field(
+        [],
+        description="Stop strings: generation ends at the first one, which is cut from the "
+        "answer (EOS always stops).",
+    )
+    sets: list[EvalSetConfig] = Field(
+        [EvalSetConfig(name="test")],
+        min_length=1,
+        description="Test sets; the first one is primary: its metrics are also logged without "
+        "the set prefix and are what the promotion gate compares.",
+    )
+    compare_champion: bool = Field(
+        True,
+        description="Also evaluate the registered champion (when there is one) on the same "
+        "prompts, so base, tuned and champion sit side by side in the report.",
+    )
+    side_by_side: int = Field(
+        10, ge=0, le=1000, description="Examples of the primary set shown in the report table."
+    )
+    thresholds: dict[str, float] = Field(
+        {},
+        description="Floors the model must reach, keyed by metric (primary set) or "
+        "set.metric, e.g. {json_valid: 0.9, test.loss: 1.5}; loss and perplexity are ceilings. "
+        "The result is the metric thresholds_met (1 or 0).",
+    )
+
+    @model_validator(mode="after")
+    def _check_sets(self) -> EvalConfig:
+        names = [s.name for s in self.sets]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"test set names must be unique; repeated: {', '.join(repeated)}")
+        known = {s.name: s.metric_names() for s in self.sets}
+        for key in self.thresholds:
+            set_name, _, metric = key.rpartition(".")
+            set_name = set_name or self.sets[0].name
+            if metric not in known.get(set_name, []):
+                raise ValueError(
+                    f"thresholds key {key!r} names no metric; set {set_name!r} reports "
+                    f"{', '.join(known.get(set_name, [])) or 'nothing (no such set)'}"
+                )
+        return self
 
 
 class MergeConfig(Section):

@@ -1,119 +1,221 @@
-"""Evaluation: the same prompts, template and greedy decoding for the base and the tuned model.
+"""Evaluation: any number of named models answer the same test sets with the same template and
+decoding; each answer is scored by the set's metrics (loraflow.metrics).
 
-Metrics (each in 0..1): json_valid, the share of answers that parse as JSON; exact_match, the
-share equal to the expected answer (as JSON values when both parse, else as stripped text).
+A result holds metrics per set and per example. Its flat `metrics` are what MLflow and the
+promotion gate see: `<set>.<metric>` for every set, and the primary (first) set's metrics also
+without the prefix (`exact_match`, `json_valid`, ...), plus `thresholds_met` when
+eval.thresholds is set.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftModel
-from pydantic import BaseModel
-from tqdm import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from pydantic import BaseModel, ValidationError
 
-from loraflow.config import EvalConfig
-from loraflow.data import Example, read_jsonl
+from loraflow.config import LOWER_IS_BETTER, EvalConfig, EvalSetConfig
+from loraflow.data import DataError
+from loraflow.generation import Decoding, Prompt, answer_losses, generate
+from loraflow.metrics import Scorer, summarise
 from loraflow.model import load_model, load_tokenizer
-from loraflow.prompts import encode_prompt, render_example
+from loraflow.prompts import Template
+
+
+class EvalExample(BaseModel):
+    instruction: str
+    input: str = ""
+    output: str
+    keywords: list[str] = []  # checks of this example's own, beside the set's
+    regex: str | None = None
+
+
+class EvalSet(BaseModel):
+    cfg: EvalSetConfig
+    source: Path
+    examples: list[EvalExample]
+
+
+class ModelSource(BaseModel):
+    """A model to evaluate: a transformers directory, optionally with a LoRA adapter on top."""
+
+    path: Path
+    adapter: Path | None = None
 
 
 class EvalResult(BaseModel):
+    label: str
     metrics: dict[str, float]
-    examples: list[dict[str, Any]]
+    sets: dict[str, dict[str, float]]
+    examples: dict[str, list[dict[str, Any]]]
+    failed_thresholds: list[str] = []
+    seconds: float = 0.0
 
 
-def parse_json(text: str) -> tuple[bool, Any]:
-    try:
-        return True, json.loads(text)
-    except json.JSONDecodeError:
-        return False, None
-
-
-def score(prediction: str, expected: str) -> dict[str, bool]:
-    valid, value = parse_json(prediction)
-    expected_valid, expected_value = parse_json(expected)
-    same = (
-        value == expected_value
-        if valid and expected_valid
-        else prediction.strip() == expected.strip()
-    )
-    return {"json_valid": valid, "exact_match": same}
-
-
-@torch.no_grad()
-def generate(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    template: str,
-    examples: list[Example],
-    max_new_tokens: int,
-    batch_size: int,
-    desc: str = "generate",
-) -> list[str]:
-    """Greedy answers, batched with left padding so every prompt ends where generation starts."""
-    model.eval()
-    device = next(model.parameters()).device
-    answers: list[str] = []
-    for start in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch"):
-        batch = examples[start : start + batch_size]
-        prompts = [
-            encode_prompt(tokenizer, template, render_example(tokenizer, template, e))
-            for e in batch
-        ]
-        width = max(map(len, prompts))
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, ids in enumerate(prompts):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[row, width - len(ids) :] = 1
-        output = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+def read_test_set(path: Path) -> list[EvalExample]:
+    """Every line of a JSONL test set; all bad lines are reported at once with file:line."""
+    if not Path(path).is_file():
+        raise DataError(f"test set {path} does not exist. Fix: eval.sets[].path=<a JSONL file>")
+    examples, problems = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                examples.append(EvalExample.model_validate_json(line))
+            except ValidationError as exc:
+                what = "; ".join(
+                    f"{'.'.join(map(str, e['loc'])) or 'line'}: {e['msg']}" for e in exc.errors()
+                )
+                problems.append(f"  - {path}:{number}: {what}")
+    if problems:
+        raise DataError(
+            f"{len(problems)} problem(s) in a test set:\n" + "\n".join(problems[:20])
+            + '\nEach line must be {"instruction": "...", "input": "...", "output": "..."}, '
+            'optionally with "keywords": [...] and "regex": "...".'
         )
-        answers += tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
-    return [a.strip() for a in answers]
+    if not examples:
+        raise DataError(f"test set {path} holds no examples")
+    return examples
+
+
+def load_sets(cfg: EvalConfig, heldout: Path) -> list[EvalSet]:
+    """The configured test sets; a set without a path is the held-out test split."""
+    sets = []
+    for set_cfg in cfg.sets:
+        source = set_cfg.path or heldout
+        examples = read_test_set(source)[: cfg.limit]
+        sets.append(EvalSet(cfg=set_cfg, source=source, examples=examples))
+    return sets
+
+
+def decoding_of(cfg: EvalConfig) -> Decoding:
+    return Decoding(
+        max_new_tokens=cfg.max_new_tokens,
+        decoding=cfg.decoding,
+        num_beams=cfg.num_beams,
+        stop=cfg.stop,
+    )
 
 
 def evaluate(
-    base_path: Path,
-    adapter_path: Path | None,
-    test_file: Path,
-    template: str,
+    model: ModelSource,
+    sets: list[EvalSet],
+    template: Template,
     cfg: EvalConfig,
     label: str = "model",
 ) -> EvalResult:
-    """Generate for every test example and score the answers."""
-    tokenizer = load_tokenizer(base_path)
-    model = load_model(base_path)
-    if adapter_path is not None:
-        model = PeftModel.from_pretrained(model, adapter_path)
-    examples = list(read_jsonl(test_file))[: cfg.limit]
-    answers = generate(
-        model,
-        tokenizer,
-        template,
-        examples,
-        cfg.max_new_tokens,
-        cfg.batch_size,
-        desc=f"generate ({label})",
+    """Load one model, answer and score every test set."""
+    start = time.perf_counter()
+    scorers = {s.cfg.name: Scorer(s.cfg) for s in sets}  # a broken metric fails before loading
+    tokenizer = load_tokenizer(model.path)
+    loaded = load_model(model.path, device="cuda" if torch.cuda.is_available() else "cpu")
+    if model.adapter is not None:
+        loaded = PeftModel.from_pretrained(loaded, model.adapter)
+    per_set: dict[str, dict[str, float]] = {}
+    rows_per_set: dict[str, list[dict[str, Any]]] = {}
+    for test_set in sets:
+        name, examples = test_set.cfg.name, test_set.examples
+        prompts = [Prompt(instruction=e.instruction, input=e.input) for e in examples]
+        answers = generate(
+            loaded,
+            tokenizer,
+            template,
+            prompts,
+            decoding_of(cfg),
+            cfg.batch_size,
+            desc=f"{label} answers {name}",
+        )
+        scores = [
+            scorers[name].score(a, e.output, tuple(e.keywords), e.regex)
+            for a, e in zip(answers, examples, strict=True)
+        ]
+        summary = summarise(scores)
+        if "loss" in test_set.cfg.metrics:
+            losses = answer_losses(
+                loaded,
+                tokenizer,
+                template,
+                [(p, e.output) for p, e in zip(prompts, examples, strict=True)],
+                cfg.batch_size,
+                desc=f"{label} loss {name}",
+            )
+            for row, (nll, n) in zip(scores, losses, strict=True):
+                row["loss"] = nll / n
+            summary["loss"] = sum(nll for nll, _ in losses) / sum(n for _, n in losses)
+            summary["perplexity"] = math.exp(min(summary["loss"], 50.0))
+        summary["examples"] = float(len(examples))
+        per_set[name] = summary
+        rows_per_set[name] = [
+            {
+                "instruction": e.instruction,
+                "input": e.input,
+                "expected": e.output,
+                "answer": a,
+                "scores": s,
+            }
+            for e, a, s in zip(examples, answers, scores, strict=True)
+        ]
+    metrics = flat_metrics(per_set, sets[0].cfg.name)
+    failed = check_thresholds(metrics, cfg.thresholds)
+    if cfg.thresholds:
+        metrics["thresholds_met"] = float(not failed)
+    return EvalResult(
+        label=label,
+        metrics=metrics,
+        sets=per_set,
+        examples=rows_per_set,
+        failed_thresholds=failed,
+        seconds=time.perf_counter() - start,
     )
-    rows = [
-        {"input": e.input, "expected": e.output, "answer": a, **score(a, e.output)}
-        for e, a in zip(examples, answers, strict=True)
-    ]
-    n = len(rows)
-    metrics = {
-        "json_valid": sum(r["json_valid"] for r in rows) / n,
-        "exact_match": sum(r["exact_match"] for r in rows) / n,
-        "examples": float(n),
-    }
-    return EvalResult(metrics=metrics, examples=rows)
+
+
+def evaluate_models(
+    models: dict[str, ModelSource], sets: list[EvalSet], template: Template, cfg: EvalConfig
+) -> dict[str, EvalResult]:
+    """Several named models (base, tuned, champion, ...) on the same prompts and decoding."""
+    return {label: evaluate(m, sets, template, cfg, label=label) for label, m in models.items()}
+
+
+def flat_metrics(per_set: dict[str, dict[str, float]], primary: str) -> dict[str, float]:
+    flat = dict(per_set[primary])
+    for name, metrics in per_set.items():
+        flat |= {f"{name}.{k}": v for k, v in metrics.items()}
+    return flat
+
+
+def check_thresholds(metrics: dict[str, float], thresholds: dict[str, float]) -> list[str]:
+    """One line per threshold the metrics miss (loss and perplexity are ceilings)."""
+    failed = []
+    for key, bound in thresholds.items():
+        value = metrics.get(key)
+        lower = key.rpartition(".")[2] in LOWER_IS_BETTER
+        if value is None or (value > bound if lower else value < bound):
+            relation = "at most" if lower else "at least"
+            failed.append(f"{key} = {value} (must be {relation} {bound})")
+    return failed
+
+
+def write_result(result: EvalResult, out_dir: Path) -> Path:
+    """metrics.json, and <set>.jsonl with every example's prompt, answer and scores."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = result.model_dump(exclude={"examples"})
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    for name, rows in result.examples.items():
+        with open(out_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    return out_dir
+
+
+def read_result(out_dir: Path) -> EvalResult:
+    summary = json.loads((out_dir / "metrics.json").read_text())
+    examples = {}
+    for name in summary["sets"]:
+        with open(out_dir / f"{name}.jsonl", encoding="utf-8") as f:
+            examples[name] = [json.loads(line) for line in f]
+    return EvalResult(**summary, examples=examples)

@@ -24,12 +24,14 @@ def render(summary: dict[str, Any]) -> str:
         f"  aliases: {', '.join(summary['aliases']) or '-'}",
         f"  gate             {summary['gate']}",
         f"  storage          {summary['storage_uri']}",
+        f"  report           {summary.get('report_uri', '-')}",
         "",
-        f"  {'test metric':<14}{'base':>8}{'tuned':>8}{'delta':>9}",
+        f"  {'test metric':<16}{'base':>8}{'tuned':>8}{'delta':>9}",
     ]
-    for metric in ("json_valid", "exact_match"):
+    # the primary test set's metrics: the unprefixed names both sides report
+    for metric in [m for m in tuned if "." not in m and m in base and m != "examples"]:
         delta = tuned[metric] - base[metric]
-        lines.append(f"  {metric:<14}{base[metric]:>8.3f}{tuned[metric]:>8.3f}{delta:>+9.3f}")
+        lines.append(f"  {metric:<16}{base[metric]:>8.3f}{tuned[metric]:>8.3f}{delta:>+9.3f}")
     lines += ["", f"  {'task':<22}{'state':<11}{'seconds':>9}"]
     for name, step in summary["tasks"].items():
         lines.append(f"  {name:<22}{step['state']:<11}{step['seconds']:>9.1f}")

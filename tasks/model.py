@@ -161,24 +161,28 @@ def relay_metrics(metrics_file: Path, already: int, run_id: str) -> int:
 
 @task(cache_policy=CONTENT)
 def evaluate_model(
-    base: BaseModelRef,
+    model: BaseModelRef | ArtifactRef,
     adapter: ArtifactRef | None,
     data: ArtifactRef,
     template: str,
     cfg: EvalConfig,
     run_id: str,
-) -> dict[str, float]:
-    """Answer the test split with greedy decoding; log metrics and every answer."""
-    label = "base" if adapter is None else "tuned"
-    adapter_path = fetch(adapter.uri) if adapter else None
-    result = evaluate.evaluate(
-        base.path, adapter_path, fetch(data.uri) / "test.jsonl", template, cfg, label=label
-    )
+    label: str | None = None,
+) -> ArtifactRef:
+    """Answer every test set; log metrics and every scored answer under eval/<label>/.
+
+    `model` is the base model, or a registered model's artifacts (the champion)."""
+    label = label or ("base" if adapter is None else "tuned")
+    path = model.path if isinstance(model, BaseModelRef) else fetch(model.uri)
+    source = evaluate.ModelSource(path=path, adapter=fetch(adapter.uri) if adapter else None)
+    sets = evaluate.load_sets(cfg, fetch(data.uri) / "test.jsonl")
+    result = evaluate.evaluate(source, sets, template, cfg, label=label)
     log_metrics(run_id, {f"{label}.{k}": v for k, v in result.metrics.items()})
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / f"{label}.json").write_text(json.dumps(result.examples, indent=1))
-        log_dir(run_id, Path(tmp), "eval")
-    return result.metrics
+        out = evaluate.write_result(result, Path(tmp) / label)
+        sha256 = sha256_tree(out)
+        uri = log_dir(run_id, out, f"eval/{label}")
+    return ArtifactRef(uri=uri, sha256=sha256, meta={"label": label, "metrics": result.metrics})
 
 
 evaluate_base = evaluate_model.with_options(name="evaluate_base")

@@ -1,0 +1,229 @@
+"""The evaluation report a person looks at: loss curves and base/tuned/champion metric bars as
+PNGs, and one self-contained HTML page that embeds them beside a side-by-side table of answers.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: files only
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from loraflow.config import LOWER_IS_BETTER  # noqa: E402
+from loraflow.evaluate import EvalResult  # noqa: E402
+
+COLOURS = {"base": "#7f7f7f", "tuned": "#1f77b4", "champion": "#ff7f0e"}
+OTHER_COLOURS = ["#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+SHARE_HIDDEN = {"examples", "fuzzy_p10", "fuzzy_p50", "fuzzy_p90", "thresholds_met"}
+
+Curve = list[tuple[int, float]]
+
+
+def colour(label: str, index: int) -> str:
+    return COLOURS.get(label, OTHER_COLOURS[index % len(OTHER_COLOURS)])
+
+
+def plot_loss_curves(curves: dict[str, Curve], out: Path) -> Path | None:
+    """Training and validation loss per step; None when no curve was recorded."""
+    curves = {name: points for name, points in curves.items() if points}
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
+    styles = {"train.loss": ("#1f77b4", "-", "training loss"),
+              "train.val_loss": ("#d62728", "o--", "validation loss")}
+    for name, points in curves.items():
+        steps, values = zip(*sorted(points), strict=True)
+        colour_, style, label = styles.get(name, ("#2ca02c", "-", name))
+        ax.plot(steps, values, style, color=colour_, label=label, markersize=5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (per answer token)")
+    ax.set_title("Training and validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_metric_bars(results: dict[str, EvalResult], out: Path) -> Path:
+    """One row per test set: shares and ratios (0..1, higher is better) on the left, held-out
+    loss (lower is better) on the right, one bar per model."""
+    labels = list(results)
+    set_names = list(next(iter(results.values())).sets)
+    fig, axes = plt.subplots(
+        len(set_names), 2, figsize=(10, 3.4 * len(set_names)), dpi=100,
+        gridspec_kw={"width_ratios": [4, 1]}, squeeze=False,
+    )
+    for row, set_name in enumerate(set_names):
+        shares_ax, loss_ax = axes[row]
+        metrics = [
+            m for m in results[labels[0]].sets[set_name]
+            if m not in SHARE_HIDDEN and m not in LOWER_IS_BETTER
+        ]
+        width = 0.8 / len(labels)
+        for i, label in enumerate(labels):
+            values = [results[label].sets[set_name].get(m, 0.0) for m in metrics]
+            positions = [x + (i - (len(labels) - 1) / 2) * width for x in range(len(metrics))]
+            shares_ax.bar(positions, values, width, label=label, color=colour(label, i))
+        shares_ax.set_xticks(range(len(metrics)), metrics, rotation=20)
+        shares_ax.set_ylim(0, 1.05)
+        shares_ax.set_title(f"{set_name}: higher is better")
+        shares_ax.grid(axis="y", alpha=0.3)
+        shares_ax.legend(loc="upper left", fontsize="small")
+        losses = [results[label].sets[set_name].get("loss") for label in labels]
+        if any(v is not None for v in losses):
+            loss_ax.bar(
+                range(len(labels)), [v or 0.0 for v in losses],
+                color=[colour(label, i) for i, label in enumerate(labels)],
+            )
+            loss_ax.set_xticks(range(len(labels)), labels, rotation=20)
+            loss_ax.set_title("loss: lower is better")
+        else:
+            loss_ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_fuzzy_distribution(
+    results: dict[str, EvalResult], set_name: str, out: Path
+) -> Path | None:
+    """How close answers come to the expected output, example by example."""
+    values = {
+        label: [r["scores"]["fuzzy"] for r in result.examples.get(set_name, [])
+                if "fuzzy" in r["scores"]]
+        for label, result in results.items()
+    }
+    if not any(values.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=100)
+    bins = [i / 20 for i in range(21)]
+    for i, (label, scores) in enumerate(values.items()):
+        ax.hist(scores, bins=bins, histtype="step", linewidth=2, label=label,
+                color=colour(label, i))
+    ax.set_xlabel("fuzzy match ratio (difflib) to the expected output")
+    ax.set_ylabel("examples")
+    ax.set_title(f"{set_name}: distribution of fuzzy match")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def render_html(
+    results: dict[str, EvalResult],
+    figures: list[Path],
+    side_by_side: int,
+    title: str = "loraflow evaluation",
+    notes: tuple[str, ...] = (),
+) -> str:
+    """One page with everything inlined (figures as data: URIs), so it opens anywhere."""
+    labels = list(results)
+    first = results[labels[0]]
+    primary = next(iter(first.sets))
+    esc = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{esc(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+        f"<p>Models: {', '.join(esc(label) for label in labels)}. Same prompts, template and "
+        "decoding for every model.</p>",
+    ]
+    parts += [f"<p class='note'>{esc(note)}</p>" for note in notes]
+    for label, result in results.items():
+        if result.failed_thresholds:
+            parts.append(
+                f"<p class='fail'>{esc(label)} misses thresholds: "
+                f"{esc('; '.join(result.failed_thresholds))}</p>"
+            )
+    parts.append("<h2>Metrics</h2><table id='metrics'><tr><th>set</th><th>metric</th>")
+    parts += [f"<th>{esc(label)}</th>" for label in labels]
+    parts.append("</tr>")
+    for set_name, metrics in first.sets.items():
+        for metric in metrics:
+            cells = "".join(
+                f"<td>{results[label].sets.get(set_name, {}).get(metric, float('nan')):.4g}</td>"
+                for label in labels
+            )
+            parts.append(f"<tr><td>{esc(set_name)}</td><td>{esc(metric)}</td>{cells}</tr>")
+    parts.append("</table><h2>Figures</h2>")
+    for figure in figures:
+        data = base64.b64encode(figure.read_bytes()).decode()
+        parts.append(
+            f"<figure><img class='figure' alt='{esc(figure.stem)}' "
+            f"src='data:image/png;base64,{data}'><figcaption>{esc(figure.stem)}</figcaption>"
+            "</figure>"
+        )
+    rows = first.examples.get(primary, [])[:side_by_side]
+    parts.append(
+        f"<h2>Side by side: the first {len(rows)} examples of '{esc(primary)}'</h2>"
+        "<table id='side-by-side'><tr><th>#</th><th>prompt</th><th>expected</th>"
+    )
+    parts += [f"<th>{esc(label)}</th>" for label in labels]
+    parts.append("</tr>")
+    for i, row in enumerate(rows):
+        prompt = row["input"] or row["instruction"]
+        cells = []
+        for label in labels:
+            answer = results[label].examples[primary][i]
+            scores = answer["scores"]
+            mark = ("match" if scores.get("exact_match") else "miss") if "exact_match" in scores \
+                else "answer"
+            detail = ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if v is not None)
+            cells.append(
+                f"<td class='{mark}'><pre>{esc(answer['answer'])}</pre>"
+                f"<small>{esc(detail)}</small></td>"
+            )
+        parts.append(
+            f"<tr class='example'><td>{i + 1}</td><td><pre>{esc(prompt)}</pre></td>"
+            f"<td><pre>{esc(row['expected'])}</pre></td>{''.join(cells)}</tr>"
+        )
+    parts.append("</table></body></html>")
+    return "\n".join(parts)
+
+
+CSS = """
+body { font-family: sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin-bottom: 2em; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; text-align: left; }
+pre { white-space: pre-wrap; word-break: break-word; max-width: 28em; margin: 0; }
+td.match { background: #e6f4e6; } td.miss { background: #fbeaea; }
+img.figure { max-width: 100%; border: 1px solid #ddd; }
+.fail { color: #b00; font-weight: bold; } .note { color: #555; }
+"""
+
+
+def build_report(
+    results: dict[str, EvalResult],
+    curves: dict[str, Curve],
+    out_dir: Path,
+    side_by_side: int = 10,
+    title: str = "loraflow evaluation",
+) -> Path:
+    """Write the PNGs and report.html into out_dir; return the HTML's path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    primary = next(iter(next(iter(results.values())).sets))
+    notes: list[str] = []
+    loss_png = plot_loss_curves(curves, out_dir / "loss_curves.png")
+    if loss_png is None:
+        notes.append("No training loss was recorded for this model (train.loss is empty).")
+    figures = [
+        loss_png,
+        plot_metric_bars(results, out_dir / "metric_bars.png"),
+        plot_fuzzy_distribution(results, primary, out_dir / "fuzzy_distribution.png"),
+    ]
+    page = render_html(
+        results, [f for f in figures if f is not None], side_by_side, title, tuple(notes)
+    )
+    path = out_dir / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path

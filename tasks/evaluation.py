@@ -1,0 +1,129 @@
+"""Evaluation tasks beyond base and tuned: the current champion on the same prompts, and the
+report (figures + HTML) that puts them side by side."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from prefect import task
+from prefect.cache_policies import TASK_SOURCE, CachePolicy
+from prefect.context import TaskRunContext
+from prefect.utilities.hashing import hash_objects
+
+from loraflow import evaluate, report
+from loraflow.artifacts import ArtifactRef
+from loraflow.config import EvalConfig
+from loraflow.inference import registered_model
+from loraflow.lineage import code_version
+from loraflow.registry import CHAMPION
+from tasks.caching import CONTENT, fingerprint
+from tasks.model import evaluate_model
+from tasks.tracking import fetch, log_dir, log_params
+
+RUN_IN_URI = re.compile(r"/([0-9a-f]{32})/artifacts/")  # MLflow's <run id>/artifacts layout
+
+
+def rival(model_name: str, candidate: ArtifactRef) -> ArtifactRef | None:
+    """The champion's artifacts, unless there is none or it is the candidate itself."""
+    found = registered_model(model_name, alias=CHAMPION)
+    if found is None or found.sha256 == candidate.sha256:
+        return None
+    return ArtifactRef(
+        uri=found.source,
+        sha256=found.sha256 or f"{model_name}/{found.version}",
+        meta={"version": found.version},
+    )
+
+
+@dataclass
+class CurrentChampion(CachePolicy):
+    """Keys on the model that holds the alias now, the data and the config; not on the
+    candidate, which only tells whether the champion is the very model just trained."""
+
+    def compute_key(
+        self,
+        task_ctx: TaskRunContext,
+        inputs: dict[str, Any],
+        flow_parameters: dict[str, Any],
+        **kwargs: Any,
+    ) -> str | None:
+        found = rival(inputs["model_name"], inputs["candidate"])
+        content = {
+            k: fingerprint(v) for k, v in inputs.items() if k not in {"run_id", "candidate"}
+        }
+        return hash_objects(
+            code_version(), content, found.sha256 if found else None, raise_on_failure=True
+        )
+
+
+@task(cache_policy=TASK_SOURCE + CurrentChampion())
+def evaluate_champion(
+    model_name: str,
+    candidate: ArtifactRef,
+    data: ArtifactRef,
+    template: str,
+    cfg: EvalConfig,
+    run_id: str,
+) -> ArtifactRef | None:
+    """The current champion answers the same test sets; None when there is no other champion."""
+    champion = rival(model_name, candidate) if cfg.compare_champion else None
+    if champion is None:
+        return None
+    log_params(run_id, {"eval.champion_version": champion.meta["version"]})
+    return evaluate_model.fn(champion, None, data, template, cfg, run_id, label="champion")
+
+
+@task(cache_policy=CONTENT)
+def report_evaluation(
+    evaluations: list[ArtifactRef | None], cfg: EvalConfig, adapter: ArtifactRef, run_id: str
+) -> str:
+    """Loss curves, metric bars and the side-by-side table as one HTML page, logged to the run."""
+    results = {}
+    for ref in evaluations:
+        if ref is not None:
+            results[ref.meta["label"]] = evaluate.read_result(fetch(ref.uri))
+    curves = training_curves(adapter)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "report"
+        report.build_report(results, curves, out, side_by_side=cfg.side_by_side)
+        uri = log_dir(run_id, out, "report")
+        MlflowClient().log_table(run_id, side_by_side_table(results), "eval/side_by_side.json")
+    return f"{uri}/report.html"
+
+
+def training_curves(adapter: ArtifactRef) -> dict[str, list[tuple[int, float]]]:
+    """train.loss and train.val_loss per step, from the run that trained the adapter (which is
+    an earlier run when training was cached)."""
+    match = RUN_IN_URI.search(adapter.uri)
+    if match is None:
+        return {}
+    client = MlflowClient()
+    return {
+        # step 0 holds the end-of-training summary values, not a point of the curve
+        name: [(m.step, m.value) for m in client.get_metric_history(match[1], name) if m.step]
+        for name in ("train.loss", "train.val_loss")
+    }
+
+
+def side_by_side_table(results: dict[str, evaluate.EvalResult]) -> dict[str, list[Any]]:
+    """Every example of every set, one column per model's answer and score (MLflow table)."""
+    first = next(iter(results.values()))
+    table: dict[str, list[Any]] = {"set": [], "input": [], "expected": []}
+    for label in results:
+        table |= {f"{label}_answer": [], f"{label}_exact_match": [], f"{label}_fuzzy": []}
+    for set_name, rows in first.examples.items():
+        for i, row in enumerate(rows):
+            table["set"].append(set_name)
+            table["input"].append(row["input"] or row["instruction"])
+            table["expected"].append(row["expected"])
+            for label, result in results.items():
+                other = result.examples[set_name][i]
+                table[f"{label}_answer"].append(other["answer"])
+                table[f"{label}_exact_match"].append(other["scores"].get("exact_match"))
+                table[f"{label}_fuzzy"].append(other["scores"].get("fuzzy"))
+    return table

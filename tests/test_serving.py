@@ -1,0 +1,48 @@
+"""The merged model directory is what vLLM and TGI load as is (docs/serving.md): a
+transformers config, safetensors weights, the tokenizer with its chat template and a
+generation config."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loraflow.config import LoraSettings
+from loraflow.merge import merge_adapter
+from loraflow.model import load_model
+from loraflow.train import add_lora
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_model_dir, tmp_path_factory):
+    torch.manual_seed(0)
+    peft_model = add_lora(load_model(tiny_model_dir), LoraSettings())
+    adapter = tmp_path_factory.mktemp("adapter")
+    peft_model.save_pretrained(adapter)
+    return merge_adapter(tiny_model_dir, adapter, tmp_path_factory.mktemp("m") / "model",
+                         "bfloat16")
+
+
+def test_the_merged_directory_has_the_layout_serving_engines_load(merged):
+    files = {p.name for p in merged.iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json"} <= files
+    assert any(name.endswith(".safetensors") for name in files)
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)  # no pickles
+
+    config = json.loads((merged / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
+    assert "quantization_config" not in config  # plain weights, no loader plugin needed
+    assert config["dtype"] == "bfloat16"
+
+    weights = load_file(merged / "model.safetensors")
+    assert not any("lora" in name for name in weights)  # the adapter is folded in
+    assert all(t.dtype == torch.bfloat16 for t in weights.values())
+
+    generation = json.loads((merged / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == config["eos_token_id"]
+
+    tokenizer_config = json.loads((merged / "tokenizer_config.json").read_text())
+    chat_template = (merged / "chat_template.jinja")
+    assert chat_template.is_file() or tokenizer_config.get("chat_template")
