@@ -63,7 +63,8 @@ def registered_model(name: str, alias: str | None = None, version: str | None = 
     return RegisteredModel(
         name=name,
         version=str(found.version),
-        source=found.source,
+        # the transformers directory; the version's own source is the pyfunc package around it
+        source=found.tags.get("loraflow.model_uri", found.source),
         sha256=found.tags.get("loraflow.model_sha256"),
     )
 

@@ -60,6 +60,9 @@ def register_model(
             "loraflow.model_sha256": model.sha256,
             "loraflow.adapter_sha256": adapter.sha256,
             "loraflow.adapter_uri": adapter.uri,
+            # the transformers directory inside the pyfunc package: what evaluation,
+            # `loraflow generate` and vLLM/TGI load
+            "loraflow.model_uri": model.uri,
         }
         | registry.metric_tags(metrics)
     )
