@@ -7,21 +7,17 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import make_adapter
 
-from loraflow.config import LoraSettings
 from loraflow.merge import merge_adapter
-from loraflow.model import load_model
-from loraflow.train import add_lora
 
 
 @pytest.fixture(scope="module")
 def merged(tiny_model_dir, tmp_path_factory):
-    torch.manual_seed(0)
-    peft_model = add_lora(load_model(tiny_model_dir), LoraSettings())
-    adapter = tmp_path_factory.mktemp("adapter")
-    peft_model.save_pretrained(adapter)
-    return merge_adapter(tiny_model_dir, adapter, tmp_path_factory.mktemp("m") / "model",
-                         "bfloat16")
+    adapter = make_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter"))
+    out = tmp_path_factory.mktemp("m") / "model"
+    merge_adapter(tiny_model_dir, adapter, out, "bfloat16")
+    return out
 
 
 def test_the_merged_directory_has_the_layout_serving_engines_load(merged):
