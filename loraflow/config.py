@@ -388,8 +388,12 @@ class RegistryConfig(Section):
         "loraflow-orders", min_length=1, description="Registered model name in MLflow."
     )
     experiment: str = Field("loraflow", min_length=1, description="MLflow experiment name.")
-    gate_metric: Literal["exact_match", "json_valid"] = Field(
-        "exact_match", description="Metric the promotion gate compares."
+    gate_metric: Literal[
+        "exact_match", "json_valid", "json_structure", "fuzzy", "loss", "perplexity"
+    ] = Field(
+        "exact_match",
+        description="Test-split metric the promotion gate compares (loss and perplexity: "
+        "lower is better). Models that miss eval.thresholds are never promoted.",
     )
     min_improvement: float = Field(
         0.01,

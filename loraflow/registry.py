@@ -17,6 +17,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
+from loraflow.config import LOWER_IS_BETTER
+
 CHALLENGER, CHAMPION = "challenger", "champion"
 METRIC_TAG = "metric."  # version tags holding evaluation metrics, e.g. metric.exact_match
 PREVIOUS_TAG = "loraflow.previous_champion"  # on a champion: the version it replaced
@@ -227,18 +229,24 @@ def decide(
     current: tuple[str, dict[str, float]] | None,
     margin: float,
 ) -> Decision:
-    """The promotion gate: the candidate must beat the reference by at least `margin`."""
+    """The promotion gate: the candidate must meet eval.thresholds (when set) and beat the
+    reference by at least `margin` (for loss and perplexity: be lower by that much)."""
     if current is None:
         reference, reference_name = base[metric], "base model"
     else:
-        reference, reference_name = current[1].get(metric, 0.0), f"champion v{current[0]}"
+        worst = float("inf") if metric in LOWER_IS_BETTER else 0.0
+        reference, reference_name = current[1].get(metric, worst), f"champion v{current[0]}"
     delta = candidate[metric] - reference
-    promote = delta >= margin and delta > 0
+    improvement = -delta if metric in LOWER_IS_BETTER else delta
+    promote = improvement >= margin and improvement > 0
     verdict = "beats" if promote else "does not beat"
     reason = (
         f"{metric} {candidate[metric]:.3f} {verdict} {reference_name} "
         f"{reference:.3f} by the margin {margin:.3f} (delta {delta:+.3f})"
     )
+    if candidate.get("thresholds_met", 1.0) < 1.0:
+        promote = False
+        reason = f"misses eval.thresholds, so it is not promoted; {reason}"
     return Decision(
         promote=promote,
         metric=metric,

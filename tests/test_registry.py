@@ -26,6 +26,16 @@ def test_a_tie_never_promotes(margin):
     assert not d.promote
 
 
+def test_loss_gates_promote_when_lower_and_thresholds_veto():
+    d = decide("loss", {"loss": 0.4}, {"loss": 0.9}, None, 0.1)
+    assert d.promote and "beats base model" in d.reason
+    d = decide("loss", {"loss": 0.95}, {"loss": 0.9}, None, 0.0)
+    assert not d.promote
+    d = decide("exact_match", {"exact_match": 0.9, "thresholds_met": 0.0},
+               {"exact_match": 0.0}, None, 0.01)
+    assert not d.promote and d.reason.startswith("misses eval.thresholds")
+
+
 # --- against a real MLflow registry (the embedded SQLite one of the test home) ---------------
 
 
@@ -131,3 +141,51 @@ def test_promote_then_rollback_moves_champion_and_mirrors_stages(packaged, mlflo
     assert client.get_model_version(name, v1).current_stage == "Production"
     with pytest.raises(registry.RegistryError, match="replaced no earlier champion"):
         registry.rollback(client, name, "none")
+
+
+@pytest.mark.integration
+def test_mlflow_models_serve_answers_over_http_on_loopback(packaged, mlflow_run, unused_port):
+    """The documented serving command (docs/serving.md) on the registered tiny model."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    client, experiment_id, run_id = mlflow_run
+    register(client, experiment_id, run_id, packaged, "tiny-serve", {"exact_match": 1})
+    mlflow_cli = Path(sys.executable).parent / "mlflow"
+    server = subprocess.Popen(
+        [str(mlflow_cli), "models", "serve", "-m", "models:/tiny-serve@challenger",
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(unused_port)],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{unused_port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()[-2000:]
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as ping:
+                    if ping.status == 200:
+                        break
+            except OSError:
+                assert time.monotonic() < deadline, "the scoring server did not come up"
+                time.sleep(0.5)
+        body = json.dumps({"inputs": [{"instruction": "Say hi.", "input": ""}],
+                           "params": {"max_new_tokens": 5}}).encode()
+        request = urllib.request.Request(f"{base}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            predictions = json.loads(response.read())["predictions"]
+        assert len(predictions) == 1 and isinstance(predictions[0], str) and predictions[0]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        server.stderr.close()
