@@ -161,6 +161,8 @@ def test_mlflow_models_serve_answers_over_http_on_loopback(packaged, mlflow_run,
         [str(mlflow_cli), "models", "serve", "-m", "models:/tiny-serve@challenger",
          "--env-manager", "local", "--host", "127.0.0.1", "--port", str(unused_port)],
         start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        # as in an activated environment: the scoring server runs the venv's uvicorn
+        env={**os.environ, "PATH": f"{mlflow_cli.parent}{os.pathsep}{os.environ['PATH']}"},
     )
     base = f"http://127.0.0.1:{unused_port}"
     try:
