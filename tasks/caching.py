@@ -42,6 +42,8 @@ def fingerprint(value: Any) -> Any:
 
 @dataclass
 class ContentInputs(CachePolicy):
+    exclude: tuple[str, ...] = ()  # inputs that must not count, beyond run_id
+
     def compute_key(
         self,
         task_ctx: TaskRunContext,
@@ -49,7 +51,11 @@ class ContentInputs(CachePolicy):
         flow_parameters: dict[str, Any],
         **kwargs: Any,
     ) -> str | None:
-        content = {k: fingerprint(v) for k, v in inputs.items() if k not in IGNORED}
+        content = {
+            k: fingerprint(v)
+            for k, v in inputs.items()
+            if k not in IGNORED and k not in self.exclude
+        }
         store = mlflow.get_tracking_uri()
         return hash_objects(code_version(), store, content, raise_on_failure=True)
 

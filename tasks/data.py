@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.cache_policies import CachePolicy
-from prefect.context import TaskRunContext
+from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.utilities.hashing import hash_objects
 
 from loraflow.artifacts import ArtifactRef
@@ -30,25 +28,16 @@ from tasks.caching import CONTENT
 from tasks.tracking import fetch, log_dir, log_metrics
 
 
-@dataclass
-class DataSources(CachePolicy):
+def source_bytes(context: Any, inputs: dict[str, Any]) -> str:
     """The bytes behind data.train/validation/test (paths and s3:// URIs are strings)."""
-
-    def compute_key(
-        self,
-        task_ctx: TaskRunContext,
-        inputs: dict[str, Any],
-        flow_parameters: dict[str, Any],
-        **kwargs: Any,
-    ) -> str | None:
-        data: DataConfig = inputs["data"]
-        return hash_objects(
-            {split: [source_fingerprint(s) for s in getattr(data, split)] for split in SPLITS},
-            raise_on_failure=True,
-        )
+    data: DataConfig = inputs["data"]
+    return hash_objects(
+        {split: [source_fingerprint(s) for s in getattr(data, split)] for split in SPLITS},
+        raise_on_failure=True,
+    )
 
 
-@task(cache_policy=CONTENT + DataSources())
+@task(cache_policy=CONTENT + CacheKeyFnPolicy(cache_key_fn=source_bytes))
 def validate_data(data: DataConfig, base: BaseModelRef, run_id: str) -> ArtifactRef:
     """Validate and clean every line; log cleaned data, quarantine and report; fail under the
     kept-fraction threshold before anything trains."""

@@ -5,23 +5,19 @@ from __future__ import annotations
 
 import re
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
 from prefect import task
-from prefect.cache_policies import TASK_SOURCE, CachePolicy
-from prefect.context import TaskRunContext
-from prefect.utilities.hashing import hash_objects
+from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 
 from loraflow import evaluate, report
 from loraflow.artifacts import ArtifactRef
 from loraflow.config import EvalConfig
 from loraflow.inference import registered_model
-from loraflow.lineage import code_version
 from loraflow.registry import CHAMPION
-from tasks.caching import CONTENT, fingerprint
+from tasks.caching import CONTENT, ContentInputs
 from tasks.model import evaluate_model
 from tasks.tracking import fetch, log_dir, log_params
 
@@ -40,28 +36,18 @@ def rival(model_name: str, candidate: ArtifactRef) -> ArtifactRef | None:
     )
 
 
-@dataclass
-class CurrentChampion(CachePolicy):
-    """Keys on the model that holds the alias now, the data and the config; not on the
-    candidate, which only tells whether the champion is the very model just trained."""
-
-    def compute_key(
-        self,
-        task_ctx: TaskRunContext,
-        inputs: dict[str, Any],
-        flow_parameters: dict[str, Any],
-        **kwargs: Any,
-    ) -> str | None:
-        found = rival(inputs["model_name"], inputs["candidate"])
-        content = {
-            k: fingerprint(v) for k, v in inputs.items() if k not in {"run_id", "candidate"}
-        }
-        return hash_objects(
-            code_version(), content, found.sha256 if found else None, raise_on_failure=True
-        )
+def current_champion(context: Any, inputs: dict[str, Any]) -> str:
+    """The model that holds the alias now (the candidate only tells whether the champion is
+    the very model just trained, so it does not count otherwise)."""
+    found = rival(inputs["model_name"], inputs["candidate"])
+    return found.sha256 if found else "no other champion"
 
 
-@task(cache_policy=TASK_SOURCE + CurrentChampion())
+@task(
+    cache_policy=TASK_SOURCE
+    + ContentInputs(exclude=("candidate",))
+    + CacheKeyFnPolicy(cache_key_fn=current_champion)
+)
 def evaluate_champion(
     model_name: str,
     candidate: ArtifactRef,
