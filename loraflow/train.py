@@ -10,7 +10,8 @@ directory resumes from the last checkpoint. It imports neither Prefect nor MLflo
 unchanged on a GPU worker that has neither; the caller relays the metrics.
 
 Exit codes: 0 done, 3 out of memory, 4 diverged (NaN/inf or a loss spike that did not recover),
-5 hung (the watchdog saw no progress), 1 anything else.
+5 hung (the watchdog saw no progress), 6 refused by the preflight (no GPU, unsupported
+precision, or the run cannot fit), 1 anything else.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from tqdm import tqdm
 
 from loraflow.config import LoraSettings, TrainConfig
 from loraflow.model import load_tokenizer
+from loraflow.preflight import PreflightError, check_device, fit_micro_batch
 
-EXIT_OOM, EXIT_DIVERGED, EXIT_HUNG = 3, 4, 5
+EXIT_OOM, EXIT_DIVERGED, EXIT_HUNG, EXIT_REFUSED = 3, 4, 5, 6
 LOSS_CHUNK = 4096  # answer tokens per logits chunk: caps the logits tensor at 4096 x vocab
 # Fault injection for the engine's own tests: a real NaN or hang cannot be summoned on demand.
 POISON_STEP = int(os.environ.get("LORAFLOW_TEST_POISON_STEP", "0"))
@@ -568,6 +570,13 @@ def train(cfg: EngineConfig) -> dict[str, float]:
         raise ValueError(f"an example has {too_long} tokens, more than train.seq_len="
                          f"{t.seq_len}. Fix: raise train.seq_len or lower data.max_length.")
 
+    if device == "cuda":  # the guide's checklist, and a micro-batch that fits
+        architecture = json.loads((Path(cfg.base_path) / "config.json").read_text())
+        t, guess = fit_micro_batch(architecture, t, cfg.lora, packed, too_long, check_device(t))
+        print(f"loraflow.train: preflight: about {guess.total_gib:.1f} GiB at "
+              f"micro_batch_size={t.micro_batch_size} x grad_accum_steps={t.grad_accum_steps}",
+              file=sys.stderr)
+
     model = add_lora(load_base(cfg.base_path, t, device, attn_impl), cfg.lora)
     result = fit(model, train_set, val_set, t, out, tokenizer.pad_token_id, dtype, attn_impl,
                  packed)
@@ -598,6 +607,10 @@ def main(argv: list[str] | None = None) -> int:
     except Diverged as exc:
         print(f"\nloraflow.train: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
+    except PreflightError as exc:
+        write_failure(Path(cfg.output_dir), "preflight", 0, str(exc))
+        print(f"loraflow.train: preflight: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     print(json.dumps(result))
     return 0
 

@@ -24,7 +24,14 @@ from loraflow.lineage import (
     sha256_tree,
 )
 from loraflow.model import BaseModelRef, load_tokenizer, resolve_base_model, source_location
-from loraflow.train import EXIT_DIVERGED, EXIT_HUNG, EXIT_OOM, EngineConfig, halve_micro_batch
+from loraflow.train import (
+    EXIT_DIVERGED,
+    EXIT_HUNG,
+    EXIT_OOM,
+    EXIT_REFUSED,
+    EngineConfig,
+    halve_micro_batch,
+)
 from tasks.caching import CONTENT, fingerprint
 from tasks.tracking import (
     fetch,
@@ -141,7 +148,7 @@ def run_engine(config_file: Path, run_dir: Path, run_id: str) -> dict[str, Any]:
         halvings = json.loads(adapt.read_text())["halvings"] + 1 if adapt.is_file() else 1
         adapt.write_text(json.dumps({"halvings": halvings}))
         raise TrainingOOM(f"{failure.get('message', 'out of memory')} {where}")
-    if process.returncode in (EXIT_DIVERGED, EXIT_HUNG):
+    if process.returncode in (EXIT_DIVERGED, EXIT_HUNG, EXIT_REFUSED):
         raise TrainingStopped(f"{failure.get('message', 'training stopped')} {where}")
     raise TrainingCrashed(
         f"the training engine exited with code {process.returncode}; its "

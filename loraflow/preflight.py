@@ -1,0 +1,134 @@
+"""Preflight before GPU time is spent (the guide's checklist, automated): a GPU is visible,
+CUDA works, the precision is supported, and the run's peak memory fits.
+
+The peak-memory estimate is weights + LoRA state + activations + a fixed overhead, with the
+activation coefficients fitted to peaks measured on an H200 (docs/benchmarks.md):
+- no activation checkpointing: ~42 bytes x hidden per token per layer (bf16, eager);
+  torch.compile fuses enough to need ~25;
+- with checkpointing: ~6 bytes x hidden per token per layer (the stored layer inputs, one
+  layer's recomputed activations and the loss chunk, spread over the layers).
+The coefficients are fitted to those peaks (tests hold the estimate within 15% of each); the
+guide's 7B/13B table is the independent check: the estimate is 7-18% above it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from loraflow.config import LoraSettings, TrainConfig
+
+GIB = 2**30
+BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "nf4": 0.6}
+ACTIVATION_BYTES_PER_HIDDEN = {"plain": 42.0, "compiled": 25.0, "checkpointed": 6.0}
+OVERHEAD_GIB = 0.5  # CUDA context, allocator slack, cuBLAS workspaces
+HEADROOM = 0.92  # never plan to fill the card
+
+
+class PreflightError(RuntimeError):
+    """The run cannot start on this machine; the message has the numbers and what to change."""
+
+
+@dataclass
+class Estimate:
+    weights_gib: float
+    lora_gib: float
+    activations_gib: float
+    overhead_gib: float
+
+    @property
+    def total_gib(self) -> float:
+        return self.weights_gib + self.lora_gib + self.activations_gib + self.overhead_gib
+
+
+def parameter_counts(config: dict[str, Any]) -> tuple[int, int]:
+    """(linear-layer parameters, embedding + head parameters) of a Llama-family config."""
+    h, layers = config["hidden_size"], config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or h // heads
+    attention = h * heads * head_dim * 2 + h * kv * head_dim * 2  # q, o and k, v
+    mlp = 3 * h * config["intermediate_size"]
+    embeddings = config["vocab_size"] * h * (1 if config.get("tie_word_embeddings") else 2)
+    return layers * (attention + mlp), embeddings
+
+
+def lora_parameters(config: dict[str, Any], lora: LoraSettings) -> int:
+    h, heads = config["hidden_size"], config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or h // heads
+    inter = config["intermediate_size"]
+    shapes = {"q_proj": (h, heads * head_dim), "k_proj": (h, kv * head_dim),
+              "v_proj": (h, kv * head_dim), "o_proj": (heads * head_dim, h),
+              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    targets = shapes if lora.target_modules == ["all-linear"] else {
+        name: shapes[name] for name in lora.target_modules if name in shapes}
+    return config["num_hidden_layers"] * sum(lora.r * (i + o) for i, o in targets.values())
+
+
+def estimate(config: dict[str, Any], train: TrainConfig, lora: LoraSettings,
+             tokens_per_micro_batch: int) -> Estimate:
+    """Peak GPU memory of one training run, in GiB."""
+    linear, embeddings = parameter_counts(config)
+    precision = "bf16" if train.precision == "auto" else train.precision
+    quantized = precision in ("int8", "nf4")  # bitsandbytes keeps embeddings and head in bf16
+    weights = (linear * BYTES_PER_WEIGHT[precision]
+               + embeddings * (2.0 if quantized else BYTES_PER_WEIGHT[precision]))
+    # LoRA weights, gradients and two AdamW moments, all fp32.
+    lora_bytes = lora_parameters(config, lora) * 16
+    mode = ("checkpointed" if train.gradient_checkpointing
+            else "compiled" if train.compile else "plain")
+    activations = (tokens_per_micro_batch * config["num_hidden_layers"] * config["hidden_size"]
+                   * ACTIVATION_BYTES_PER_HIDDEN[mode])
+    return Estimate(weights / GIB, lora_bytes / GIB, activations / GIB, OVERHEAD_GIB)
+
+
+def tokens_per_micro_batch(train: TrainConfig, packed: bool, max_example_tokens: int) -> int:
+    """Packed rows are seq_len long; padded micro-batches are at most the longest example."""
+    width = train.seq_len if packed else max_example_tokens
+    return train.micro_batch_size * width
+
+
+def fit_micro_batch(config: dict[str, Any], train: TrainConfig, lora: LoraSettings, packed: bool,
+                    max_example_tokens: int, free_gib: float) -> tuple[TrainConfig, Estimate]:
+    """The largest micro-batch (halving from the configured one, accumulation doubled so the
+    effective batch stays) whose estimate fits the free memory; refuse when none does."""
+    budget = free_gib * HEADROOM
+    candidate = train
+    while True:
+        guess = estimate(config, candidate, lora,
+                         tokens_per_micro_batch(candidate, packed, max_example_tokens))
+        if guess.total_gib <= budget:
+            return candidate, guess
+        if candidate.micro_batch_size == 1:
+            raise PreflightError(
+                f"this run needs about {guess.total_gib:.1f} GiB even at micro_batch_size=1 "
+                f"(weights {guess.weights_gib:.1f}, activations {guess.activations_gib:.1f}, "
+                f"LoRA state {guess.lora_gib:.2f}, overhead {guess.overhead_gib:.1f}); the GPU "
+                f"has {free_gib:.1f} GiB free. Fix: train.gradient_checkpointing=true, "
+                "train.precision=nf4 (QLoRA), or a shorter train.seq_len / data.max_length."
+            )
+        micro = candidate.micro_batch_size // 2
+        factor = train.micro_batch_size // micro
+        candidate = train.model_copy(update={"micro_batch_size": micro,
+                                             "grad_accum_steps": train.grad_accum_steps * factor})
+
+
+def check_device(train: TrainConfig) -> float:
+    """GPU visible, CUDA usable, precision supported; returns free GiB."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise PreflightError("no usable CUDA GPU (torch.cuda.is_available() is False): check "
+                             "nvidia-smi and that torch is a CUDA build")
+    free, _ = torch.cuda.mem_get_info()
+    if train.precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise PreflightError("train.precision=bf16 but this GPU has no bf16. Fix: "
+                             "train.precision=fp16 (or auto)")
+    if train.precision in ("int8", "nf4"):
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise PreflightError(f"train.precision={train.precision} needs bitsandbytes. "
+                                 "Fix: pip install 'loraflow[gpu]'") from exc
+    return free / GIB

@@ -1,0 +1,59 @@
+"""The peak-memory estimate against peaks measured on an H200 (docs/benchmarks.md) and the
+guide's table, and the micro-batch it picks."""
+
+import pytest
+
+from loraflow.config import LoraSettings, TrainConfig
+from loraflow.preflight import PreflightError, estimate, fit_micro_batch
+
+LLAMA2_7B = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32}
+LLAMA2_13B = {"vocab_size": 32000, "hidden_size": 5120, "intermediate_size": 13824,
+              "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40}
+QV = LoraSettings()
+
+
+@pytest.mark.parametrize(
+    ("train", "tokens", "measured_gib"),
+    [  # measured on one H200, benchmarks/train_bench.py (docs/gpu-runs/)
+        (TrainConfig(precision="bf16", gradient_checkpointing=True), 4 * 1024, 15.2),  # guide
+        (TrainConfig(precision="bf16"), 8 * 2048, 99.2),  # packed, eager
+        (TrainConfig(precision="bf16", compile=True), 8 * 2048, 63.9),
+        (TrainConfig(precision="nf4", gradient_checkpointing=True), 2 * 2048, 7.6),
+        (TrainConfig(precision="nf4", gradient_checkpointing=True), 3 * 2048, 9.2),
+        (TrainConfig(precision="nf4", gradient_checkpointing=True), 4 * 2048, 10.9),
+    ],
+)
+def test_estimate_is_within_15_percent_of_measured_7b_peaks(train, tokens, measured_gib):
+    guess = estimate(LLAMA2_7B, train, QV, tokens).total_gib
+    assert measured_gib * 0.85 <= guess <= measured_gib * 1.15, guess
+
+
+@pytest.mark.parametrize(
+    ("config", "precision", "guide_gib"),
+    [(LLAMA2_7B, "fp16", 15), (LLAMA2_7B, "int8", 9), (LLAMA2_13B, "fp16", 25),
+     (LLAMA2_13B, "int8", 15)],
+)
+def test_estimate_errs_high_but_close_on_the_guides_table(config, precision, guide_gib):
+    # the guide's section 3: LoRA, its Trainer settings (batch 4 x 1024, checkpointing)
+    train = TrainConfig(precision=precision, gradient_checkpointing=True)
+    guess = estimate(config, train, QV, 4 * 1024).total_gib
+    assert guide_gib * 0.95 <= guess <= guide_gib * 1.25, guess
+
+
+def test_the_largest_micro_batch_that_fits_is_picked_keeping_the_effective_batch():
+    train = TrainConfig(precision="bf16", micro_batch_size=8, grad_accum_steps=1)
+    fitted, guess = fit_micro_batch(LLAMA2_7B, train, QV, True, 1024, free_gib=80.0)
+    assert (fitted.micro_batch_size, fitted.grad_accum_steps) == (4, 2)
+    assert guess.total_gib <= 80.0
+    same, _ = fit_micro_batch(LLAMA2_7B, train, QV, True, 1024, free_gib=139.0)
+    assert same.micro_batch_size == 8
+
+
+def test_a_run_that_cannot_fit_is_refused_with_the_numbers_and_the_fix():
+    with pytest.raises(PreflightError) as err:
+        fit_micro_batch(LLAMA2_13B, TrainConfig(precision="bf16", micro_batch_size=4), QV, True,
+                        1024, free_gib=16.0)
+    message = str(err.value)
+    assert "GiB even at micro_batch_size=1" in message and "16.0 GiB free" in message
+    assert "gradient_checkpointing" in message and "nf4" in message
