@@ -64,6 +64,19 @@ class Watcher:
         listing = self._list()
         names = {item.uri for item in listing}
         landed: list[Landed] = []
+        try:
+            self._scan(listing, names, on_landed, landed)
+        finally:  # what was emitted before a failure stays remembered
+            self._save()
+        return landed
+
+    def _scan(
+        self,
+        listing: list[Listed],
+        names: set[str],
+        on_landed: Callable[[Landed], object],
+        landed: list[Landed],
+    ) -> None:
         pending = self.state["pending"]
         for item in listing:
             if self.marker:
@@ -76,17 +89,14 @@ class Watcher:
             if known and known[:2] == [item.size, item.version]:
                 continue  # hashed before, unchanged
             sha256 = hash_source(item.uri)
+            if sha256 not in self.state["seen"]:
+                event = Landed(uri=item.uri, sha256=sha256, size=item.size)
+                on_landed(event)  # raises -> nothing recorded, the file comes again
+                self.state["seen"][sha256] = item.uri
+                landed.append(event)
             self.state["files"][item.uri] = [item.size, item.version, sha256]
-            if sha256 in self.state["seen"]:
-                continue
-            event = Landed(uri=item.uri, sha256=sha256, size=item.size)
-            on_landed(event)
-            self.state["seen"][sha256] = item.uri
-            landed.append(event)
         for uri in set(pending) - names:
             del pending[uri]
-        self._save()
-        return landed
 
     def _list(self) -> list[Listed]:
         if self.location.startswith("s3://"):
