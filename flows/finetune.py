@@ -55,7 +55,7 @@ def finetune(
     with pipeline_run(cfg) as run_id:
         base = step(prepare_base_model, cfg.model.base)
         data = step(validate_data, cfg.data, base, run_id=run_id)
-        earlier = step(record_trained_data, data, cfg.registry.model_name, run_id=run_id)
+        earlier = record_trained_data(data, cfg.registry.model_name, run_id=run_id)
         if earlier and skip_trained_data:
             reason = f"skipped: data already trained on (sha256 {data.sha256[:12]}, run {earlier})"
             skip_run(run_id, reason)

@@ -8,7 +8,6 @@ from typing import Any
 
 from mlflow import MlflowClient
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from loraflow.artifacts import ArtifactRef
 from loraflow.config import LoraSettings, TrainConfig
@@ -26,10 +25,10 @@ class RemoteTrainingError(RuntimeError):
     """The train deployment's run did not complete; the message names the flow run."""
 
 
-@task(cache_policy=NO_CACHE)
 def record_trained_data(data: ArtifactRef, model_name: str, run_id: str) -> str | None:
     """Tag this MLflow run with the data's hash; return the id of an earlier finished run that
-    trained `model_name` on the same data (None if there is none)."""
+    trained `model_name` on the same data (None if there is none). Not a task: it must run
+    in every pipeline run, and a fully cached re-run reports only cached tasks."""
     client = MlflowClient()
     client.set_tag(run_id, DATA_TAG, data.sha256)
     client.set_tag(run_id, MODEL_TAG, model_name)
