@@ -30,7 +30,7 @@ def tiny_prefect_yaml(out: Path, model_dir: Path, data: dict[str, Path]) -> Path
     (pools, trigger, schedule and entrypoints as they are)."""
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     config = {
-        "data": {k: str(v) for k, v in data.items()},
+        "data": {k: [str(v)] for k, v in data.items()},
         "model": {"base": str(model_dir)},
         "train": {"max_steps": 3, "micro_batch_size": 8, "learning_rate": 1e-2},
         "eval": {"max_new_tokens": 8, "batch_size": 4},

@@ -26,6 +26,16 @@ def load_flow(deployment: dict):
     return load_flow_from_entrypoint(str(ROOT / deployment["entrypoint"]))
 
 
+def server_accepts(flow, params: dict) -> None:
+    """The check the Prefect server makes (enforce_parameter_schema): the JSON schema of the
+    flow's signature, stricter than pydantic (a string is no list there)."""
+    from prefect._internal.schemas.validators import validate_values_conform_to_schema
+    from prefect.utilities.callables import parameter_schema
+
+    schema = parameter_schema(flow).model_dump_for_openapi()
+    validate_values_conform_to_schema(params, schema, ignore_required=True)
+
+
 def check_pipeline_params(params: dict) -> PipelineConfig:
     cfg = params["config"]
     assert isinstance(cfg, PipelineConfig)
@@ -50,6 +60,7 @@ def test_deployment_loads_and_its_default_parameters_validate(name):
     flow = load_flow(deployment)
     assert flow.name == name
     params = deployment.get("parameters", {})
+    server_accepts(flow, params)
     if name == "finetune":
         check_pipeline_params(flow.validate_parameters(params))
         assert params["skip_trained_data"] is True
@@ -63,6 +74,7 @@ def test_schedule_is_a_valid_cron_with_parameters_that_validate():
     flow = load_flow(deployments()["finetune"])
     (schedule,) = deployments()["finetune"]["schedules"]
     CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
+    server_accepts(flow, schedule["parameters"])
     check_pipeline_params(flow.validate_parameters(schedule["parameters"]))
 
 
@@ -83,7 +95,9 @@ def test_data_trigger_starts_the_pipeline_on_the_landed_file(small_data):
         else v
         for k, v in trigger.parameters.items()
     }
-    params = load_flow(deployment).validate_parameters(deployment["parameters"] | rendered)
+    flow = load_flow(deployment)
+    server_accepts(flow, deployment["parameters"] | rendered)
+    params = flow.validate_parameters(deployment["parameters"] | rendered)
     check_pipeline_params(params)
     assert params["data_uri"] == str(small_data["train"]) and params["skip_trained_data"]
 
@@ -110,5 +124,6 @@ def test_train_deployment_accepts_what_the_pipeline_sends(tiny_model_dir):
     }
     # the pipeline's task sends exactly these names (run_id included)
     assert set(inspect.signature(train_on_gpu_pool.fn).parameters) == set(sent)
+    server_accepts(flow, deployment["parameters"] | sent)
     params = flow.validate_parameters(deployment["parameters"] | sent)
     assert isinstance(params["train"], TrainConfig) and params["gpus"] == 1
