@@ -387,9 +387,6 @@ def generate_command(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 # --- watch: new data files -> Prefect events (a deployment trigger starts the pipeline) ------
 
@@ -455,3 +452,7 @@ def watch_command(args: argparse.Namespace) -> int:
         if args.once and polls >= (1 if args.marker else 2):
             return 0
         time.sleep(args.interval)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -72,3 +72,11 @@ def test_missing_directory_is_an_error_that_says_so(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="not a directory"):
         Watcher(str(tmp_path / "nope"), tmp_path / "s.json")
     assert state_path(tmp_path, "s3://b/p/") == state_path(tmp_path, "s3://b/p")
+
+
+def test_watch_command_needs_a_prefect_server(tmp_path: Path, monkeypatch, capsys):
+    from loraflow.cli import main
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert main(["watch", str(tmp_path), "--once"]) == 2
+    assert "PREFECT_API_URL is not set" in capsys.readouterr().err
