@@ -7,12 +7,15 @@ early as skipped. Every process the test starts is stopped, whatever happens."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -139,8 +142,16 @@ def test_new_data_triggers_training_on_the_gpu_pool_and_the_same_bytes_do_not(
         latency = time.monotonic() - t_landed
         print(f"\nfile landed -> version {version.version} registered: {latency:.1f} s")
 
-        assert version.version == "1"
-        aliases = client.get_registered_model(MODEL).aliases
+        assert str(version.version) == "1"
+
+        def pipeline_finished():
+            done = [r for r in flow_runs(api) if r["deployment"] == "finetune"]
+            return done if done and done[0]["state"] in ("COMPLETED", "FAILED", "CRASHED") else None
+
+        (pipeline,) = wait_for("the pipeline run's end", pipeline_finished, 120, all_logs)
+        assert pipeline["state"] == "COMPLETED"
+        assert pipeline["parameters"]["data_uri"] == str(landed)
+        aliases = {k: str(v) for k, v in client.get_registered_model(MODEL).aliases.items()}
         assert aliases.get("challenger") == "1", aliases
         summary = json.loads((home / "last-run.json").read_text())
         assert summary["model_version"] == "1"
@@ -150,9 +161,8 @@ def test_new_data_triggers_training_on_the_gpu_pool_and_the_same_bytes_do_not(
         assert tags["loraflow.data_sha256"]
 
         runs = flow_runs(api)
-        pipeline = [r for r in runs if r["deployment"] == "finetune"]
+        assert len([r for r in runs if r["deployment"] == "finetune"]) == 1
         training = [r for r in runs if r["deployment"] == "train"]
-        assert len(pipeline) == 1 and pipeline[0]["parameters"]["data_uri"] == str(landed)
         assert len(training) == 1 and training[0]["work_pool_name"] == "gpu"
         assert training[0]["parameters"]["run_id"] == version.run_id
         assert training[0]["state"] == "COMPLETED"
@@ -176,23 +186,36 @@ def test_new_data_triggers_training_on_the_gpu_pool_and_the_same_bytes_do_not(
         )
         assert len(skipped_runs) == 1
     finally:
+        stop_flow_run_processes(api)  # workers start runs in sessions of their own
         for worker in workers:
             worker.stop()
         server.stop()
 
 
+def post(api: str, path: str, body: dict) -> list[dict]:
+    request = urllib.request.Request(
+        f"{api}{path}", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def stop_flow_run_processes(api: str) -> None:
+    """End the process group of every flow run still running (a test that failed midway)."""
+    try:
+        runs = post(api, "/flow_runs/filter", {})
+    except OSError:  # the server never came up or is gone: no runs to end
+        return
+    for r in runs:
+        pid = (r.get("infrastructure_pid") or "").rpartition(":")[2]
+        if r["state_type"] in ("RUNNING", "PENDING") and pid.isdigit():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(int(pid), signal.SIGKILL)
+
+
 def flow_runs(api: str) -> list[dict]:
     """Every flow run the server has started (scheduled future runs left out), by deployment."""
-    import urllib.request
-
-    def post(path: str, body: dict) -> list[dict]:
-        request = urllib.request.Request(
-            f"{api}{path}", json.dumps(body).encode(), {"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())
-
-    names = {d["id"]: d["name"] for d in post("/deployments/filter", {})}
+    names = {d["id"]: d["name"] for d in post(api, "/deployments/filter", {})}
     return [
         {
             "deployment": names.get(r["deployment_id"]),
@@ -200,7 +223,7 @@ def flow_runs(api: str) -> list[dict]:
             "work_pool_name": r["work_pool_name"],
             "state": r["state_type"],
         }
-        for r in post("/flow_runs/filter", {})
+        for r in post(api, "/flow_runs/filter", {})
         if r["state_type"] != "SCHEDULED"
     ]
 
