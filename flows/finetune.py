@@ -4,6 +4,9 @@
     evaluate the current champion -> report (figures + HTML) -> register (alias challenger) ->
     push to object storage -> promote (alias champion, if the gate passes)
 
+As a deployment (prefect.yaml) training runs on the gpu pool through the `train` deployment,
+and with skip_trained_data a run on data already trained on stops after validation.
+
 Every step logs to one MLflow run and hands the next a reference (artifact URI + SHA-256);
 every step is cached on the content it depends on, so a re-run with nothing changed re-executes
 nothing.
@@ -22,7 +25,7 @@ from loraflow.config import PipelineConfig
 from loraflow.environment import configure
 from loraflow.summary import render, write_summary
 from tasks.data import tokenize_data, validate_data
-from tasks.deployments import record_trained_data, skip_run, skipped_summary, train_on_gpu_pool
+from tasks.deployments import record_trained_data, skip_run, train_on_gpu_pool
 from tasks.evaluation import evaluate_champion, report_evaluation
 from tasks.model import (
     evaluate_base,
@@ -56,11 +59,8 @@ def finetune(
         base = step(prepare_base_model, cfg.model.base)
         data = step(validate_data, cfg.data, base, run_id=run_id)
         earlier = record_trained_data(data, cfg.registry.model_name, run_id=run_id)
-        if earlier and skip_trained_data:
-            reason = f"skipped: data already trained on (sha256 {data.sha256[:12]}, run {earlier})"
-            skip_run(run_id, reason)
-            print(f"loraflow: {reason}")
-            return skipped_summary(run_id, cfg.registry.model_name, data, reason)
+        if earlier and skip_trained_data:  # a schedule or trigger on data already trained on
+            return skip_run(run_id, cfg.registry.model_name, data, earlier)
         tokens = step(tokenize_data, data, base, cfg.data, run_id=run_id)
         if deployment.id:  # a deployment run: train on the gpu pool; the adapter comes via MLflow
             args = (tokens, base, cfg.lora, cfg.train, cfg.model.base)

@@ -45,8 +45,12 @@ def record_trained_data(data: ArtifactRef, model_name: str, run_id: str) -> str 
     return earlier[0].info.run_id if earlier else None
 
 
-def skip_run(run_id: str, reason: str) -> None:
+def skip_run(run_id: str, name: str, data: ArtifactRef, earlier: str) -> dict[str, Any]:
+    """End early: tag the MLflow run with the reason, say it, return the (short) summary."""
+    reason = f"skipped: data already trained on (sha256 {data.sha256[:12]}, run {earlier})"
     MlflowClient().set_tag(run_id, SKIPPED_TAG, reason)
+    print(f"loraflow: {reason}")
+    return {"run_id": run_id, "model_name": name, "skipped": reason, "data_sha256": data.sha256}
 
 
 @task(cache_policy=CONTENT)
@@ -91,11 +95,3 @@ def train_on_gpu_pool(
         )
     return ArtifactRef.model_validate_json(tags[ADAPTER_TAG])
 
-
-def skipped_summary(run_id: str, name: str, data: ArtifactRef, reason: str) -> dict[str, Any]:
-    return {
-        "run_id": run_id,
-        "model_name": name,
-        "skipped": reason,
-        "data_sha256": data.sha256,
-    }

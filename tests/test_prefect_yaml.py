@@ -127,3 +127,16 @@ def test_train_deployment_accepts_what_the_pipeline_sends(tiny_model_dir):
     server_accepts(flow, deployment["parameters"] | sent)
     params = flow.validate_parameters(deployment["parameters"] | sent)
     assert isinstance(params["train"], TrainConfig) and params["gpus"] == 1
+
+
+def test_train_flow_refuses_gpu_counts_it_cannot_honour():
+    import torch
+
+    from flows.train import GpuCountError, check_gpus
+
+    check_gpus(0)
+    with pytest.raises(GpuCountError, match="gpus=2.*torchrun"):
+        check_gpus(2)
+    if not torch.cuda.is_available():
+        with pytest.raises(GpuCountError, match="no CUDA device.*gpus=0"):
+            check_gpus(1)
