@@ -77,10 +77,13 @@ def test_new_data_triggers_training_on_the_gpu_pool_and_the_same_bytes_do_not(
 
     home, inbox = tmp_path / "home", tmp_path / "incoming"
     inbox.mkdir()
+    home.mkdir()
+    tracking = f"sqlite:///{home / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=tracking)
+    client.search_experiments()  # the schema exists before two processes could race to make it
     bin_dir = str(Path(sys.executable).parent)
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    tracking = f"sqlite:///{home / 'mlflow.db'}"
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))
     } | {
@@ -133,10 +136,8 @@ def test_new_data_triggers_training_on_the_gpu_pool_and_the_same_bytes_do_not(
         out = run(watch, env)
         assert f"landed {landed}" in out
 
-        client = MlflowClient(tracking_uri=tracking)
-
         def registered():
-            return client.search_model_versions(f"name='{MODEL}'") if home.is_dir() else []
+            return client.search_model_versions(f"name='{MODEL}'")
 
         (version,) = wait_for("a registered version", registered, 240, all_logs)
         latency = time.monotonic() - t_landed
