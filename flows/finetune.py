@@ -4,6 +4,9 @@
     evaluate the current champion -> report (figures + HTML) -> register (alias challenger) ->
     push to object storage -> promote (alias champion, if the gate passes)
 
+As a deployment (prefect.yaml) training runs on the gpu pool through the `train` deployment,
+and with skip_trained_data a run on data already trained on stops after validation.
+
 Every step logs to one MLflow run and hands the next a reference (artifact URI + SHA-256);
 every step is cached on the content it depends on, so a re-run with nothing changed re-executes
 nothing.
@@ -16,11 +19,13 @@ from typing import Any
 
 import mlflow
 from prefect import flow
+from prefect.runtime import deployment
 
 from loraflow.config import PipelineConfig
 from loraflow.environment import configure
 from loraflow.summary import render, write_summary
 from tasks.data import tokenize_data, validate_data
+from tasks.deployments import record_trained_data, skip_run, train_on_gpu_pool
 from tasks.evaluation import evaluate_champion, report_evaluation
 from tasks.model import (
     evaluate_base,
@@ -37,15 +42,31 @@ DEFAULT_CONFIG = PipelineConfig()
 
 
 @flow(name="finetune")
-def finetune(config: PipelineConfig = DEFAULT_CONFIG) -> dict[str, Any]:
-    """Fine-tune, evaluate, register, push and (maybe) promote; return the run summary."""
+def finetune(
+    config: PipelineConfig = DEFAULT_CONFIG,
+    data_uri: str | None = None,
+    skip_trained_data: bool = False,
+) -> dict[str, Any]:
+    """Fine-tune, evaluate, register, push and (maybe) promote; return the run summary.
+
+    data_uri: training data to use instead of config.data.train (what a data-landing trigger
+    passes); skip_trained_data: stop early if this model was already trained on the same data."""
     cfg, step, start = config, StepLog(), time.perf_counter()
+    if data_uri:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": [data_uri]})})
     home = configure()  # MLflow, models and caches under LORAFLOW_HOME unless set otherwise
     with pipeline_run(cfg) as run_id:
         base = step(prepare_base_model, cfg.model.base)
         data = step(validate_data, cfg.data, base, run_id=run_id)
+        earlier = record_trained_data(data, cfg.registry.model_name, run_id=run_id)
+        if earlier and skip_trained_data:  # a schedule or trigger on data already trained on
+            return skip_run(run_id, cfg.registry.model_name, data, earlier)
         tokens = step(tokenize_data, data, base, cfg.data, run_id=run_id)
-        adapter = step(train_adapter, tokens, base, cfg.lora, cfg.train, run_id=run_id)
+        if deployment.id:  # a deployment run: train on the gpu pool; the adapter comes via MLflow
+            args = (tokens, base, cfg.lora, cfg.train, cfg.model.base)
+            adapter = step(train_on_gpu_pool, *args, run_id=run_id)
+        else:
+            adapter = step(train_adapter, tokens, base, cfg.lora, cfg.train, run_id=run_id)
         template, name = tokens.meta["prompt_template"], cfg.registry.model_name
         base_eval = step(evaluate_base, base, None, data, template, cfg.eval, run_id=run_id)
         tuned_eval = step(evaluate_tuned, base, adapter, data, template, cfg.eval, run_id=run_id)

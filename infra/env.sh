@@ -10,3 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY=true
 # Object storage for pushed models: set storage.root=s3://bucket/prefix in the run config, and
 # storage.endpoint_url for MinIO/Ceph. Credentials come from the usual AWS chain
 # (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws, instance roles); loraflow never logs them.
+# Retraining when data lands (infra/watch.sh): where new training JSONL files arrive.
+export WATCH_LOCATION="${WATCH_LOCATION:-$LORAFLOW_HOME/incoming}"
+# The gpu pool's total concurrent training runs (infra/deploy.sh); unset: no pool-wide cap.
+# export GPU_SLOTS=4

@@ -1,23 +1,142 @@
+"""prefect.yaml: every deployment loads its flow, and every parameter set it can start a run
+with (defaults, each schedule's, each trigger's after rendering an event) validates."""
+
+import fnmatch
 from pathlib import Path
 
+import pytest
 import yaml
 
 from loraflow.config import PipelineConfig
+from loraflow.watch import DATA_LANDED
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_every_deployment_loads_and_its_parameters_validate():
-    from flows.finetune import finetune
-
+def deployments() -> dict[str, dict]:
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    deployments = {d["name"]: d for d in spec["deployments"]}
-    assert deployments["finetune"]["work_pool"]["name"] == "cpu"
-    for deployment in deployments.values():
-        path, name = deployment["entrypoint"].split(":")
-        assert (ROOT / path).is_file()
-        assert name == finetune.fn.__name__
-        params = finetune.validate_parameters(deployment.get("parameters", {}))
-        assert isinstance(params["config"], PipelineConfig)
-        for split in ("train", "validation", "test"):
-            assert all((ROOT / src).is_file() for src in getattr(params["config"].data, split))
+    return {d["name"]: d for d in spec["deployments"]}
+
+
+def load_flow(deployment: dict):
+    from prefect.flows import load_flow_from_entrypoint
+
+    path, _, _ = deployment["entrypoint"].partition(":")
+    assert (ROOT / path).is_file(), deployment["entrypoint"]
+    return load_flow_from_entrypoint(str(ROOT / deployment["entrypoint"]))
+
+
+def server_accepts(flow, params: dict) -> None:
+    """The check the Prefect server makes (enforce_parameter_schema): the JSON schema of the
+    flow's signature, stricter than pydantic (a string is no list there)."""
+    from prefect._internal.schemas.validators import validate_values_conform_to_schema
+    from prefect.utilities.callables import parameter_schema
+
+    schema = parameter_schema(flow).model_dump_for_openapi()
+    validate_values_conform_to_schema(params, schema, ignore_required=True)
+
+
+def check_pipeline_params(params: dict) -> PipelineConfig:
+    cfg = params["config"]
+    assert isinstance(cfg, PipelineConfig)
+    for split in ("train", "validation", "test"):
+        assert all((ROOT / src).is_file() for src in getattr(cfg.data, split)), split
+    return cfg
+
+
+def test_pipeline_and_train_deployments_sit_on_their_pools():
+    found = deployments()
+    assert set(found) == {"finetune", "train"}
+    assert found["finetune"]["work_pool"]["name"] == "cpu"
+    assert found["train"]["work_pool"]["name"] == "gpu"
+    for deployment in found.values():  # the shared env reaches every job
+        env = deployment["work_pool"]["job_variables"]["env"]
+        assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+
+
+@pytest.mark.parametrize("name", ["finetune", "train"])
+def test_deployment_loads_and_its_default_parameters_validate(name):
+    deployment = deployments()[name]
+    flow = load_flow(deployment)
+    assert flow.name == name
+    params = deployment.get("parameters", {})
+    server_accepts(flow, params)
+    if name == "finetune":
+        check_pipeline_params(flow.validate_parameters(params))
+        assert params["skip_trained_data"] is True
+    else:  # the pipeline supplies the references; the deployment supplies gpus
+        assert params == {"gpus": 1}
+
+
+def test_schedule_is_a_valid_cron_with_parameters_that_validate():
+    from prefect.client.schemas.schedules import CronSchedule
+
+    flow = load_flow(deployments()["finetune"])
+    (schedule,) = deployments()["finetune"]["schedules"]
+    CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
+    server_accepts(flow, schedule["parameters"])
+    check_pipeline_params(flow.validate_parameters(schedule["parameters"]))
+
+
+def test_data_trigger_starts_the_pipeline_on_the_landed_file(small_data):
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+    deployment = deployments()["finetune"]
+    (raw,) = deployment["triggers"]
+    trigger = DeploymentEventTrigger.model_validate(raw)
+    assert trigger.expect == {DATA_LANDED}
+    # the resource id `loraflow watch` emits (loraflow.data.<sha256>) matches
+    assert fnmatch.fnmatch("loraflow.data." + "ab" * 32, raw["match"]["prefect.resource.id"])
+    # the parameters the server starts the run with: deployment defaults, then the trigger's
+    # (templates rendered from the event the watcher emits)
+    rendered = {
+        k: v.replace("{{ event.payload.uri }}", str(small_data["train"]))
+        if isinstance(v, str)
+        else v
+        for k, v in trigger.parameters.items()
+    }
+    flow = load_flow(deployment)
+    server_accepts(flow, deployment["parameters"] | rendered)
+    params = flow.validate_parameters(deployment["parameters"] | rendered)
+    check_pipeline_params(params)
+    assert params["data_uri"] == str(small_data["train"]) and params["skip_trained_data"]
+
+
+def test_train_deployment_accepts_what_the_pipeline_sends(tiny_model_dir):
+    import inspect
+
+    from loraflow.artifacts import ArtifactRef
+    from loraflow.config import LoraSettings, TrainConfig
+    from loraflow.model import BaseModelRef
+    from tasks.deployments import train_on_gpu_pool
+
+    deployment = deployments()["train"]
+    flow = load_flow(deployment)
+    sent = {
+        "tokens": ArtifactRef(uri="file:///x", sha256="0" * 64).model_dump(mode="json"),
+        "base": BaseModelRef(name="tiny", path=tiny_model_dir, sha256="1" * 64).model_dump(
+            mode="json"
+        ),
+        "base_source": str(tiny_model_dir),
+        "lora": LoraSettings().model_dump(mode="json"),
+        "train": TrainConfig().model_dump(mode="json"),
+        "run_id": "r",
+    }
+    # the pipeline's task sends exactly these names (run_id included)
+    assert set(inspect.signature(train_on_gpu_pool.fn).parameters) == set(sent)
+    server_accepts(flow, deployment["parameters"] | sent)
+    params = flow.validate_parameters(deployment["parameters"] | sent)
+    assert isinstance(params["train"], TrainConfig) and params["gpus"] == 1
+
+
+def test_train_flow_refuses_gpu_counts_it_cannot_honour():
+    import torch
+
+    from flows.train import GpuCountError, check_gpus
+
+    check_gpus(0)
+    with pytest.raises(GpuCountError, match="gpus=2.*torchrun"):
+        check_gpus(2)
+    if not torch.cuda.is_available():
+        with pytest.raises(GpuCountError, match="no CUDA device.*gpus=0"):
+            check_gpus(1)

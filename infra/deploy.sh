@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create the two process work pools and deploy everything in prefect.yaml (from the repo root).
+# Needs PREFECT_API_URL (infra/env.sh) pointing at a running server (infra/prefect-server.sh).
+# GPU_SLOTS=N caps the gpu pool at N concurrent training runs in all (e.g. the GPUs you have);
+# each gpu worker also takes one run at a time (infra/worker.sh gpu). Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${PREFECT_API_URL:?set PREFECT_API_URL (. infra/env.sh) to a running Prefect server}"
+for pool in cpu gpu; do
+  prefect --no-prompt work-pool inspect "$pool" >/dev/null 2>&1 \
+    || prefect --no-prompt work-pool create "$pool" --type process
+done
+if [ -n "${GPU_SLOTS:-}" ]; then
+  prefect --no-prompt work-pool set-concurrency-limit gpu "$GPU_SLOTS"
+fi
+prefect --no-prompt deploy --all --prefect-file "${PREFECT_FILE:-prefect.yaml}"

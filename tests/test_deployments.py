@@ -1,0 +1,239 @@
+"""The deployments for real, on loopback: `prefect server start`, the pools and deployments of
+the repo's prefect.yaml (infra/deploy.sh), one worker per pool (infra/worker.sh), the watcher
+(`loraflow watch`). A data file lands -> an event -> the trigger starts `finetune` on the cpu
+worker -> it trains through the `train` deployment on the gpu worker -> a version is registered
+and the aliases move. The same bytes again start nothing; a run on data already trained on ends
+early as skipped. Every process the test starts is stopped, whatever happens."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.servers import Server, free_port
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "tiny-deployed"
+
+
+def tiny_prefect_yaml(out: Path, model_dir: Path, data: dict[str, Path]) -> Path:
+    """The repo's prefect.yaml with the pipeline's parameters overridden for the tiny model
+    (pools, trigger, schedule and entrypoints as they are)."""
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    config = {
+        "data": {k: [str(v)] for k, v in data.items()},
+        "model": {"base": str(model_dir)},
+        "train": {"max_steps": 3, "micro_batch_size": 8, "learning_rate": 1e-2},
+        "eval": {"max_new_tokens": 8, "batch_size": 4},
+        "merge": {"dtype": "float32"},
+        "registry": {"model_name": MODEL},
+    }
+    for deployment in spec["deployments"]:
+        if deployment["name"] == "finetune":
+            deployment["parameters"]["config"] = config
+            for schedule in deployment["schedules"]:
+                schedule["parameters"]["config"] = config
+        else:
+            deployment["parameters"]["gpus"] = 0  # this machine has no CUDA device
+    out.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return out
+
+
+def run(args: list[str], env: dict[str, str], timeout: float = 120) -> str:
+    done = subprocess.run(
+        args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, f"{args} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def wait_for(what: str, check, timeout: float, logs: list[Path]):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(1.0)
+    tails = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in logs if p.is_file())
+    raise AssertionError(f"{what}: not within {timeout:.0f} s\n{tails}")
+
+
+def test_new_data_triggers_training_on_the_gpu_pool_and_the_same_bytes_do_not(
+    tmp_path, tiny_model_dir, small_data
+):
+    from mlflow import MlflowClient
+
+    home, inbox = tmp_path / "home", tmp_path / "incoming"
+    inbox.mkdir()
+    home.mkdir()
+    tracking = f"sqlite:///{home / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=tracking)
+    client.search_experiments()  # the schema exists before two processes could race to make it
+    bin_dir = str(Path(sys.executable).parent)
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))
+    } | {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "PYTHONPATH": str(ROOT),
+        "LORAFLOW_HOME": str(home),
+        "PREFECT_HOME": str(tmp_path / "prefect-client"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "0",
+        "MLFLOW_TRACKING_URI": tracking,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"} | {
+        "PREFECT_HOME": str(tmp_path / "prefect-server"),
+    }
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    server = Server(
+        "prefect server",
+        [f"{bin_dir}/prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        port,
+        server_env,  # over os.environ, which has no PREFECT_API_URL: the server is itself
+        logs / "server.log",
+    )
+    workers: list[Server] = []
+    try:
+        server.start("/api/health", timeout=90)
+        data = {"train": small_data["train"], "validation": small_data["validation"],
+                "test": small_data["test"]}  # fmt: skip
+        prefect_file = tiny_prefect_yaml(tmp_path / "prefect.yaml", tiny_model_dir, data)
+        run(["infra/deploy.sh"], env | {"PREFECT_FILE": str(prefect_file)}, timeout=180)
+        for pool in ("cpu", "gpu"):
+            worker = Server(f"{pool} worker", ["infra/worker.sh", pool], 0, {}, logs / pool)
+            workers.append(worker)
+            with open(worker.log, "ab") as log:
+                worker.process = subprocess.Popen(
+                    worker.args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )  # fmt: skip
+        all_logs = [server.log] + [w.log for w in workers]
+
+        # data lands: a new file in the watched folder; the watcher emits the event
+        landed = inbox / "orders-2026-11.jsonl"
+        shutil.copy(small_data["train"], landed)
+        t_landed = time.monotonic()
+        watch = [sys.executable, "-m", "loraflow.cli", "watch", str(inbox), "--once"]
+        watch += ["--interval", "1"]
+        out = run(watch, env)
+        assert f"landed {landed}" in out
+
+        def registered():
+            return client.search_model_versions(f"name='{MODEL}'")
+
+        (version,) = wait_for("a registered version", registered, 240, all_logs)
+        latency = time.monotonic() - t_landed
+        print(f"\nfile landed -> version {version.version} registered: {latency:.1f} s")
+
+        assert str(version.version) == "1"
+
+        def pipeline_finished():
+            done = [r for r in flow_runs(api) if r["deployment"] == "finetune"]
+            return done if done and done[0]["state"] in ("COMPLETED", "FAILED", "CRASHED") else None
+
+        (pipeline,) = wait_for("the pipeline run's end", pipeline_finished, 120, all_logs)
+        assert pipeline["state"] == "COMPLETED"
+        assert pipeline["parameters"]["data_uri"] == str(landed)
+        aliases = {k: str(v) for k, v in client.get_registered_model(MODEL).aliases.items()}
+        assert aliases.get("challenger") == "1", aliases
+        summary = json.loads((home / "last-run.json").read_text())
+        assert summary["model_version"] == "1"
+        assert aliases.get("champion") == ("1" if "champion" in summary["aliases"] else None)
+        tags = client.get_run(version.run_id).data.tags
+        assert json.loads(tags["loraflow.adapter"])["uri"]  # handed back by the train flow
+        assert tags["loraflow.data_sha256"]
+
+        runs = flow_runs(api)
+        assert len([r for r in runs if r["deployment"] == "finetune"]) == 1
+        training = [r for r in runs if r["deployment"] == "train"]
+        assert len(training) == 1 and training[0]["work_pool_name"] == "gpu"
+        assert training[0]["parameters"]["run_id"] == version.run_id
+        assert training[0]["state"] == "COMPLETED"
+
+        # the same bytes under another name: no event, no run
+        shutil.copy(landed, inbox / "orders-copy.jsonl")
+        out = run(watch, env)
+        assert "landed" not in out
+        time.sleep(3)
+        assert len([r for r in flow_runs(api) if r["deployment"] == "finetune"]) == 1
+
+        # started by hand (or by the schedule) on data already trained on: skipped, and says so
+        skipped = run_deployment_now(api, env, {"data_uri": str(landed)})
+        assert skipped == "COMPLETED"
+        assert len(client.search_model_versions(f"name='{MODEL}'")) == 1
+        last = json.loads((home / "last-run.json").read_text())  # unchanged: written on success
+        assert last["run_id"] == version.run_id
+        skipped_runs = client.search_runs(
+            [client.get_run(version.run_id).info.experiment_id],
+            filter_string="tags.`loraflow.skipped` LIKE 'skipped: data already trained on%'",
+        )
+        assert len(skipped_runs) == 1
+    finally:
+        stop_flow_run_processes(api)  # workers start runs in sessions of their own
+        for worker in workers:
+            worker.stop()
+        server.stop()
+
+
+def post(api: str, path: str, body: dict) -> list[dict]:
+    request = urllib.request.Request(
+        f"{api}{path}", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def stop_flow_run_processes(api: str) -> None:
+    """End the process group of every flow run still running (a test that failed midway)."""
+    try:
+        runs = post(api, "/flow_runs/filter", {})
+    except OSError:  # the server never came up or is gone: no runs to end
+        return
+    for r in runs:
+        pid = (r.get("infrastructure_pid") or "").rpartition(":")[2]
+        if r["state_type"] in ("RUNNING", "PENDING") and pid.isdigit():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(int(pid), signal.SIGKILL)
+
+
+def flow_runs(api: str) -> list[dict]:
+    """Every flow run the server has started (scheduled future runs left out), by deployment."""
+    names = {d["id"]: d["name"] for d in post(api, "/deployments/filter", {})}
+    return [
+        {
+            "deployment": names.get(r["deployment_id"]),
+            "parameters": r["parameters"],
+            "work_pool_name": r["work_pool_name"],
+            "state": r["state_type"],
+        }
+        for r in post(api, "/flow_runs/filter", {})
+        if r["state_type"] != "SCHEDULED"
+    ]
+
+
+def run_deployment_now(api: str, env: dict[str, str], parameters: dict) -> str:
+    """`prefect deployment run finetune/finetune` and wait for its end; its final state."""
+    out = run(
+        ["prefect", "--no-prompt", "deployment", "run", "finetune/finetune",
+         "--params", json.dumps(parameters), "--watch", "--watch-timeout", "180"],
+        env, timeout=200,
+    )  # fmt: skip
+    return "COMPLETED" if "Completed" in out else out

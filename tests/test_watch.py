@@ -1,0 +1,82 @@
+"""The data watcher: new complete files once per content, half-written files never, the same
+bytes never twice (across names and restarts), local directories and S3 prefixes alike."""
+
+from pathlib import Path
+
+import pytest
+
+from loraflow.watch import Watcher, hash_source, state_path
+
+
+def collect(watcher: Watcher) -> list[str]:
+    return [landed.uri for landed in watcher.poll(lambda landed: None)]
+
+
+def test_a_file_lands_once_when_its_size_is_stable(tmp_path: Path):
+    inbox, state = tmp_path / "inbox", tmp_path / "state.json"
+    inbox.mkdir()
+    watcher = Watcher(str(inbox), state)
+    data = inbox / "a.jsonl"
+    data.write_text('{"instruction": "x", "output": "y"}\n')
+    assert collect(watcher) == []  # first sight: maybe still being written
+    with data.open("a") as f:  # still growing
+        f.write('{"instruction": "x2", "output": "y2"}\n')
+    assert collect(watcher) == []
+    (landed,) = watcher.poll(lambda landed: None)  # same size as last poll: complete
+    assert landed.uri == str(data) and landed.sha256 == hash_source(str(data))
+    assert collect(watcher) == []  # reported once
+
+    # a restart reads the state: the same bytes under another name are not new data
+    again = Watcher(str(inbox), state)
+    (inbox / "copy.jsonl").write_bytes(data.read_bytes())
+    (inbox / "notes.txt").write_text("ignored: not *.jsonl")
+    (inbox / ".hidden.jsonl").write_text("ignored: hidden (an upload in progress)")
+    assert collect(again) == [] and collect(again) == []
+    # changed bytes are new data
+    data.write_text('{"instruction": "new", "output": "data"}\n')
+    assert collect(again) == []
+    assert collect(again) == [str(data)]
+
+
+def test_marker_file_means_complete_and_a_failed_emit_is_retried(tmp_path: Path):
+    watcher = Watcher(str(tmp_path), tmp_path / ".state" / "s.json", marker=".done")
+    (tmp_path / "b.jsonl").write_text("{}\n")
+    assert collect(watcher) == []  # no marker yet, however stable
+    assert collect(watcher) == []
+    (tmp_path / "b.jsonl.done").touch()
+
+    def fail(landed):
+        raise ConnectionError("server down")
+
+    with pytest.raises(ConnectionError):
+        watcher.poll(fail)
+    assert collect(watcher) == [str(tmp_path / "b.jsonl")]  # not lost: comes again
+
+
+def test_s3_prefix(s3_env, monkeypatch, tmp_path: Path):
+    import boto3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env)
+    s3 = boto3.client("s3", endpoint_url=s3_env)
+    s3.put_object(Bucket="models", Key="incoming/a.jsonl", Body=b'{"a": 1}\n')
+    s3.put_object(Bucket="models", Key="elsewhere/b.jsonl", Body=b'{"b": 1}\n')
+    watcher = Watcher("s3://models/incoming", tmp_path / "s.json")
+    assert collect(watcher) == []
+    (landed,) = watcher.poll(lambda landed: None)
+    assert landed.uri == "s3://models/incoming/a.jsonl" and landed.size == 9
+    s3.put_object(Bucket="models", Key="incoming/c.jsonl", Body=b'{"a": 1}\n')  # same bytes
+    assert collect(watcher) == [] and collect(watcher) == []
+
+
+def test_missing_directory_is_an_error_that_says_so(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        Watcher(str(tmp_path / "nope"), tmp_path / "s.json")
+    assert state_path(tmp_path, "s3://b/p/") == state_path(tmp_path, "s3://b/p")
+
+
+def test_watch_command_needs_a_prefect_server(tmp_path: Path, monkeypatch, capsys):
+    from loraflow.cli import main
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert main(["watch", str(tmp_path), "--once"]) == 2
+    assert "PREFECT_API_URL is not set" in capsys.readouterr().err
