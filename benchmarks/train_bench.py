@@ -184,6 +184,26 @@ def isolation_check(examples: list[tuple[list[int], int]]) -> float:
     return worst
 
 
+# The engine's variants: speed mode (bf16 weights, 8 packed rows of 2048, no checkpointing)
+# and memory mode (QLoRA nf4 with checkpointing); mbN = N rows per micro-batch.
+SPEED = {"batching": "packed", "seq_len": 2048, "micro_batch_size": 8, "precision": "bf16"}
+QLORA = {"batching": "packed", "seq_len": 2048, "precision": "nf4", "gradient_checkpointing": True}
+ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
+    "packed": SPEED,
+    "packed-compile": SPEED | {"compile": True},
+    "packed-compile-mb12": SPEED | {"compile": True, "micro_batch_size": 12},
+    "packed-liger": SPEED | {"kernels": "liger"},
+    "packed-liger-compile": SPEED | {"kernels": "liger", "compile": True},
+    "nf4": QLORA | {"micro_batch_size": 2, "grad_accum_steps": 4},
+    "nf4-mb3": QLORA | {"micro_batch_size": 3, "grad_accum_steps": 3},
+    "nf4-mb4": QLORA | {"micro_batch_size": 4, "grad_accum_steps": 2},
+    "nf4-liger-mb4": QLORA | {"micro_batch_size": 4, "grad_accum_steps": 2, "kernels": "liger"},
+    "nf4-compile-mb1": QLORA | {"micro_batch_size": 1, "grad_accum_steps": 8, "compile": True},
+    "nf4-compile-mb2": QLORA | {"micro_batch_size": 2, "grad_accum_steps": 4, "compile": True},
+    "nf4-compile-mb4": QLORA | {"micro_batch_size": 4, "grad_accum_steps": 2, "compile": True},
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default="guide,packed,packed-compile,nf4")
@@ -200,48 +220,10 @@ def main() -> None:
           f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     plans = {
         "guide": lambda: run_guide(examples, args.steps),
-        "packed": lambda: run_engine(examples, args.steps, batching="packed", seq_len=2048,
-                                     micro_batch_size=8, precision="bf16"),
-        "packed-compile": lambda: run_engine(examples, args.steps, batching="packed",
-                                             seq_len=2048, micro_batch_size=8,
-                                             precision="bf16", compile=True),
-        "packed-liger": lambda: run_engine(examples, args.steps, batching="packed",
-                                           seq_len=2048, micro_batch_size=8, precision="bf16",
-                                           kernels="liger"),
-        "packed-liger-compile": lambda: run_engine(examples, args.steps, batching="packed",
-                                                   seq_len=2048, micro_batch_size=8,
-                                                   precision="bf16", kernels="liger",
-                                                   compile=True),
-        "nf4": lambda: run_engine(examples, args.steps, batching="packed", seq_len=2048,
-                                  micro_batch_size=2, grad_accum_steps=4, precision="nf4",
-                                  gradient_checkpointing=True),
-        "packed-compile-mb12": lambda: run_engine(examples, args.steps, batching="packed",
-                                                  seq_len=2048, micro_batch_size=12,
-                                                  precision="bf16", compile=True),
-        "nf4-mb3": lambda: run_engine(examples, args.steps, batching="packed", seq_len=2048,
-                                      micro_batch_size=3, grad_accum_steps=3, precision="nf4",
-                                      gradient_checkpointing=True),
-        "nf4-compile-mb4": lambda: run_engine(examples, args.steps, batching="packed",
-                                              seq_len=2048, micro_batch_size=4,
-                                              grad_accum_steps=2, precision="nf4",
-                                              gradient_checkpointing=True, compile=True),
-        "nf4-compile-mb1": lambda: run_engine(examples, args.steps, batching="packed",
-                                              seq_len=2048, micro_batch_size=1,
-                                              grad_accum_steps=8, precision="nf4",
-                                              gradient_checkpointing=True, compile=True),
-        "nf4-compile-mb2": lambda: run_engine(examples, args.steps, batching="packed",
-                                              seq_len=2048, micro_batch_size=2,
-                                              grad_accum_steps=4, precision="nf4",
-                                              gradient_checkpointing=True, compile=True),
-        "nf4-mb4": lambda: run_engine(examples, args.steps, batching="packed", seq_len=2048,
-                                      micro_batch_size=4, grad_accum_steps=2, precision="nf4",
-                                      gradient_checkpointing=True),
-        "nf4-liger-mb4": lambda: run_engine(examples, args.steps, batching="packed",
-                                            seq_len=2048, micro_batch_size=4,
-                                            grad_accum_steps=2, precision="nf4",
-                                            gradient_checkpointing=True, kernels="liger"),
         "isolation": lambda: {"max_rel_loss_gap": isolation_check(examples)},
     }
+    for name, train in ENGINE_VARIANTS.items():
+        plans[name] = lambda train=train: run_engine(examples, args.steps, **train)
     results: dict[str, Any] = {"ceiling_tflops": ceiling, "mean_len": mean_len}
     for name in args.variants.split(","):
         start = time.perf_counter()
