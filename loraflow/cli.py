@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "validate":
         return validate_command(args)
     if args.command != "run":
-        return args.handler(args)
+        return run_release_command(args)
 
     try:
         cfg = load_config(args.config, args.overrides)  # every config problem, before any work
@@ -130,6 +130,19 @@ def add_pull_command(commands: argparse._SubParsersAction) -> None:
     pull.set_defaults(handler=pull_command)
 
 
+def run_release_command(args: argparse.Namespace) -> int:
+    """models, promote, pull: a config problem exits 2, a registry or storage error exits 1,
+    each with its message and no traceback."""
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        print(f"loraflow: {exc}", file=sys.stderr)
+        return 2
+    except _release_errors() as exc:
+        print(f"loraflow {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
 def _release_context(args: argparse.Namespace):  # -> (cfg, name, MlflowClient)
     cfg = load_config(args.config, args.overrides)
     configure()
@@ -148,17 +161,10 @@ def _release_errors():  # the errors a release command reports as a message, exi
 
 
 def models_command(args: argparse.Namespace) -> int:
-    try:
-        cfg, name, client = _release_context(args)
-        from loraflow import registry
+    cfg, name, client = _release_context(args)
+    from loraflow import registry
 
-        rows = registry.list_versions(client, name)
-    except ConfigError as exc:
-        print(f"loraflow: {exc}", file=sys.stderr)
-        return 2
-    except _release_errors() as exc:
-        print(f"loraflow models: {exc}", file=sys.stderr)
-        return 1
+    rows = registry.list_versions(client, name)
     metric_names = sorted({m for r in rows for m in r["metrics"]})
     print(f"{name}  ({client.tracking_uri})")
     header = ["version", "aliases", "stage", *metric_names, "storage"]
@@ -179,67 +185,55 @@ def models_command(args: argparse.Namespace) -> int:
 
 
 def promote_command(args: argparse.Namespace) -> int:
-    try:
-        cfg, name, client = _release_context(args)
-        from loraflow import registry
+    cfg, name, client = _release_context(args)
+    from loraflow import registry
 
-        mirroring = cfg.registry.stage_mirroring
-        if args.rollback:
-            old, new = registry.rollback(client, name, mirroring)
-            print(f"{name}: champion rolled back from v{old} to v{new}")
-        else:
-            client.get_model_version(name, args.version)  # a clear error if it does not exist
-            previous = registry.promote(
-                client, name, args.version, "promoted by hand (loraflow promote)", mirroring
-            )
-            was = f" (was v{previous})" if previous else ""
-            print(f"{name}: champion is now v{args.version}{was}")
-    except ConfigError as exc:
-        print(f"loraflow: {exc}", file=sys.stderr)
-        return 2
-    except _release_errors() as exc:
-        print(f"loraflow promote: {exc}", file=sys.stderr)
-        return 1
+    mirroring = cfg.registry.stage_mirroring
+    if args.rollback:
+        old, new = registry.rollback(client, name, mirroring)
+        print(f"{name}: champion rolled back from v{old} to v{new}")
+    else:
+        client.get_model_version(name, args.version)  # a clear error if it does not exist
+        previous = registry.promote(
+            client, name, args.version, "promoted by hand (loraflow promote)", mirroring
+        )
+        was = f" (was v{previous})" if previous else ""
+        print(f"{name}: champion is now v{args.version}{was}")
     return 0
 
 
 def pull_command(args: argparse.Namespace) -> int:
-    try:
-        cfg, name, client = _release_context(args)
-        from loraflow.storage import open_store, pull_tree
+    cfg, name, client = _release_context(args)
+    from loraflow.storage import open_store, pull_tree
 
-        version = (
-            client.get_model_version(name, args.version)
-            if args.version
-            else client.get_model_version_by_alias(name, args.alias)
+    version = (
+        client.get_model_version(name, args.version)
+        if args.version
+        else client.get_model_version_by_alias(name, args.alias)
+    )
+    uri = version.tags.get("loraflow.storage_uri")
+    if not uri:
+        print(
+            f"loraflow pull: {name} v{version.version} was never pushed to object storage "
+            "(no loraflow.storage_uri tag). Fix: run the pipeline's push step for it.",
+            file=sys.stderr,
         )
-        uri = version.tags.get("loraflow.storage_uri")
-        if not uri:
-            print(
-                f"loraflow pull: {name} v{version.version} was never pushed to object storage "
-                "(no loraflow.storage_uri tag). Fix: run the pipeline's push step for it.",
-                file=sys.stderr,
-            )
-            return 1
-        store = open_store(
-            uri,
-            cfg.storage.endpoint_url,
-            cfg.storage.multipart_threshold_mb,
-            cfg.storage.multipart_chunk_mb,
-        )
-        pulled = pull_tree(store, "", args.dest)
-    except ConfigError as exc:
-        print(f"loraflow: {exc}", file=sys.stderr)
-        return 2
-    except _release_errors() as exc:
-        print(f"loraflow pull: {exc}", file=sys.stderr)
         return 1
+    store = open_store(
+        uri,
+        cfg.storage.endpoint_url,
+        cfg.storage.multipart_threshold_mb,
+        cfg.storage.multipart_chunk_mb,
+    )
+    pulled = pull_tree(store, "", args.dest)
     files = len(pulled["manifest"]["files"])
     print(
         f"{name} v{version.version}: {files} files verified in {args.dest} "
         f"({pulled['downloaded']} downloaded) from {uri}"
     )
     return 0
+
+
 def validate_command(args: argparse.Namespace) -> int:
     """Validation and cleaning alone: exit 0 when every split passes, 1 when one keeps less
     than data.min_kept_fraction (or nothing), 2 for a bad config or a missing file."""
@@ -314,6 +308,8 @@ def render_report(report, out: Path) -> str:  # noqa: ANN001 - a loraflow.data.D
 
 def _pairs(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
+
+
 def add_generate_parser(commands: argparse._SubParsersAction) -> None:
     gen = commands.add_parser(
         "generate",
@@ -385,7 +381,6 @@ def generate_command(args: argparse.Namespace) -> int:
     else:
         sys.stdout.writelines(lines)
     return 0
-
 
 
 # --- watch: new data files -> Prefect events (a deployment trigger starts the pipeline) ------
