@@ -26,10 +26,10 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import orjson
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from tqdm import tqdm
 
 from loraflow.config import CleaningConfig, DataConfig
@@ -57,6 +57,9 @@ REASONS = (
     "leak",
 )
 RULES = ("strip_html", "strip_markdown", "normalize_punctuation", "trim_whitespace")
+
+
+RecordT = TypeVar("RecordT", bound=BaseModel)
 
 
 class DataError(ValueError):
@@ -161,6 +164,33 @@ def read_jsonl(path: Path) -> Iterator[Example]:
     with open(path, "rb") as f:
         for line in f:
             yield Example.model_validate_json(line)
+
+
+def read_records(path: Path, model: type[RecordT], what: str, shape: str, fix: str = "") -> list[
+    RecordT
+]:
+    """Every non-blank line of a small JSONL file (a test set, a prompt file) as `model`; all
+    bad lines are reported at once with file:line, then what a line must look like."""
+    if not Path(path).is_file():
+        raise DataError(f"{what} {path} does not exist.{' Fix: ' + fix if fix else ''}")
+    records, problems = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(model.model_validate_json(line))
+            except ValidationError as exc:
+                where = "; ".join(
+                    f"{'.'.join(map(str, e['loc'])) or 'line'}: {e['msg']}" for e in exc.errors()
+                )
+                problems.append(f"  - {path}:{number}: {where}")
+    if problems:
+        raise DataError(
+            f"{len(problems)} bad line(s) in the {what}:\n" + "\n".join(problems[:20])
+            + f"\nEach line must be {shape}."
+        )
+    return records
 
 
 # --- cleaning rules -----------------------------------------------------------------------

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from loraflow.config import LOWER_IS_BETTER, EvalConfig, EvalSetConfig
-from loraflow.data import DataError
+from loraflow.data import DataError, read_records
 from loraflow.generation import Decoding, Prompt, answer_losses, generate
 from loraflow.metrics import Scorer, summarise
 from loraflow.model import load_model, load_tokenizer
@@ -59,26 +59,12 @@ class EvalResult(BaseModel):
 
 def read_test_set(path: Path) -> list[EvalExample]:
     """Every line of a JSONL test set; all bad lines are reported at once with file:line."""
-    if not Path(path).is_file():
-        raise DataError(f"test set {path} does not exist. Fix: eval.sets[].path=<a JSONL file>")
-    examples, problems = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                examples.append(EvalExample.model_validate_json(line))
-            except ValidationError as exc:
-                what = "; ".join(
-                    f"{'.'.join(map(str, e['loc'])) or 'line'}: {e['msg']}" for e in exc.errors()
-                )
-                problems.append(f"  - {path}:{number}: {what}")
-    if problems:
-        raise DataError(
-            f"{len(problems)} problem(s) in a test set:\n" + "\n".join(problems[:20])
-            + '\nEach line must be {"instruction": "...", "input": "...", "output": "..."}, '
-            'optionally with "keywords": [...] and "regex": "...".'
-        )
+    examples = read_records(
+        path, EvalExample, "test set",
+        '{"instruction": "...", "input": "...", "output": "..."}, optionally with '
+        '"keywords": [...] and "regex": "..."',
+        fix="eval.sets[].path=<a JSONL file>",
+    )  # fmt: skip
     if not examples:
         raise DataError(f"test set {path} holds no examples")
     return examples

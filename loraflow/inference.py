@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from loraflow.config import loraflow_home
-from loraflow.data import DataError
+from loraflow.data import read_records
 from loraflow.generation import Decoding, Prompt, generate
 from loraflow.model import ModelNotFoundError, load_tokenizer
 from loraflow.prompts import Template
@@ -173,25 +173,9 @@ def quantized_loading(quantization: Quantization, device: str, dtype: torch.dtyp
 def read_prompts(path: Path) -> list[Prompt]:
     """A JSONL file of {"instruction": ..., "input": ...} (input optional); every bad line is
     reported with file:line."""
-    if not Path(path).is_file():
-        raise DataError(f"prompt file {path} does not exist")
-    prompts, problems = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                prompts.append(Prompt.model_validate_json(line))
-            except ValidationError as exc:
-                first = exc.errors()[0]
-                where = ".".join(map(str, first["loc"])) or "line"
-                problems.append(f"  - {path}:{number}: {where}: {first['msg']}")
-    if problems:
-        raise DataError(
-            f"{len(problems)} bad line(s) in the prompt file:\n" + "\n".join(problems[:20])
-            + '\nEach line must be {"instruction": "...", "input": "..."} (input optional).'
-        )
-    return prompts
+    return read_records(
+        path, Prompt, "prompt file", '{"instruction": "...", "input": "..."} (input optional)'
+    )
 
 
 def generate_answers(

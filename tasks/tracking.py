@@ -64,10 +64,7 @@ def log_params(run_id: str, params: dict[str, Any]) -> None:
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-    now = mlflow.utils.time.get_current_time_millis()
-    entries = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-    for start in range(0, len(entries), BATCH):
-        MlflowClient().log_batch(run_id, metrics=entries[start : start + BATCH])
+    log_metric_records(run_id, [{**metrics, "step": step}])
 
 
 def log_metric_records(run_id: str, records: list[dict[str, Any]], prefix: str = "") -> None:
