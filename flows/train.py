@@ -5,7 +5,8 @@ references it already has: the tokenized data's ArtifactRef, the base model's re
 the LoRA and train settings and its MLflow run id. This flow trains in that MLflow run (metrics
 and the adapter land there) and tags the run with the adapter's ArtifactRef, which is how the
 pipeline reads it back. Several GPU workers can poll the pool; each takes one run at a time
-(`prefect worker start --pool gpu --limit 1`, infra/workers.sh).
+(`prefect worker start --pool gpu --limit 1`, infra/worker.sh). Several GPUs of a machine,
+or several machines, train one adapter together through torchrun (loraflow/distributed.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tasks.model import prepare_base_model, train_adapter
 
 
 class GpuCountError(ValueError):
-    """The run asks for more GPUs than this worker's machine has, or for several at once."""
+    """The run asks for more GPUs than this worker's machine has."""
 
 
 @flow(name="train")
@@ -33,15 +34,18 @@ def train(
     lora: LoraSettings,
     train: TrainConfig,
     run_id: str,
-    gpus: int = 1,
-) -> ArtifactRef:
+    gpus_per_node: int = 1,
+    nodes: int = 1,
+) -> ArtifactRef | None:
     """Train a LoRA adapter into MLflow run `run_id`; tag the run with the adapter's ref.
 
-    gpus: GPUs this run needs (0: CPU). The engine is one process today (`python -m
-    loraflow.train`); several GPUs need it started under `torchrun --nproc-per-node N`, which it
-    does not support yet, so gpus > 1 is refused rather than silently using one."""
+    gpus_per_node: engine processes on this machine, one a GPU (0: one process on CPU); more
+    than one starts the engine under torchrun. nodes: machines training together; the
+    pipeline starts one run of this flow per machine and each joins torchrun's rendezvous
+    at train.rdzv_endpoint. Only the machine that holds rank 0 returns and tags the adapter."""
     configure()
-    check_gpus(gpus)
+    check_gpus(gpus_per_node)
+    train = train.model_copy(update={"gpus_per_node": gpus_per_node, "nodes": nodes})
     if not base.path.is_dir():  # another machine: resolve the same source here, same bytes
         local = prepare_base_model(base_source)
         if local.sha256 != base.sha256:
@@ -52,21 +56,23 @@ def train(
             )
         base = local
     adapter = train_adapter(tokens, base, lora, train, run_id=run_id)
-    MlflowClient().set_tag(run_id, ADAPTER_TAG, adapter.model_dump_json())
+    if adapter is not None:
+        MlflowClient().set_tag(run_id, ADAPTER_TAG, adapter.model_dump_json())
     return adapter
 
 
-def check_gpus(gpus: int) -> None:
-    if gpus < 0 or gpus > 1:
-        raise GpuCountError(
-            f"train deployment parameter gpus={gpus}: allowed are 0 (CPU) and 1; the engine "
-            "runs as one process (multi-GPU via torchrun is not implemented in loraflow.train)"
-        )
-    if gpus == 1:
+def check_gpus(gpus_per_node: int) -> None:
+    if gpus_per_node < 0:
+        raise GpuCountError(f"train deployment parameter gpus_per_node={gpus_per_node}: "
+                            "allowed are 0 (CPU) or the GPUs to use on each machine")
+    if gpus_per_node >= 1:
         import torch
 
-        if not torch.cuda.is_available():
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus_per_node > visible:
             raise GpuCountError(
-                "train deployment parameter gpus=1 but this worker sees no CUDA device; run "
-                "the worker on a GPU machine or set gpus=0 for a CPU run"
+                f"train deployment parameter gpus_per_node={gpus_per_node} but this worker "
+                f"sees {visible} CUDA device(s); run the worker on a machine with that many "
+                "GPUs (check CUDA_VISIBLE_DEVICES), lower gpus_per_node, or set gpus_per_node=0 "
+                "for a CPU run"
             )

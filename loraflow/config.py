@@ -176,7 +176,11 @@ class LoraSettings(Section):
 
 
 class TrainConfig(Section):
-    max_steps: int = Field(40, ge=1, description="Optimizer steps to run.")
+    max_steps: int = Field(40, ge=1, description="Optimizer steps to run (unless epochs is set).")
+    epochs: int = Field(
+        0, ge=0, description="Passes over the training examples; > 0 decides the number of "
+        "steps (counted from the rows packing builds) and max_steps is not used."
+    )
     micro_batch_size: int = Field(
         8, ge=1, description="Per forward/backward pass: examples (padded) or rows (packed)."
     )
@@ -226,6 +230,22 @@ class TrainConfig(Section):
     )
     seed: int = Field(0, description="Seed for LoRA init, data order and dropout.")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0: torch's default).")
+    # Where the engine runs: these decide the launch (torchrun), not what is learned, so they
+    # are left out of the training run's identity and a run resumes on another GPU count.
+    gpus_per_node: int = Field(
+        1, ge=0, description="GPUs per machine, one engine process each (data-parallel under "
+        "torchrun; micro_batch_size and grad_accum_steps are per GPU); 0: one process on CPU. "
+        "A worker refuses a run that asks for more GPUs than it sees."
+    )
+    nodes: int = Field(1, ge=1, description="Machines training together (multi-host).")
+    rdzv_endpoint: str = Field(
+        "127.0.0.1:29400", pattern=r"^[A-Za-z0-9_.\-\[\]:]+:[0-9]+$",
+        description="host:port of torchrun's rendezvous when nodes > 1: a port on one of the "
+        "machines that every machine can reach."
+    )
+
+
+LAUNCH_FIELDS = frozenset({"gpus_per_node", "nodes", "rdzv_endpoint"})
 
 
 Normalisation = Literal["strip", "lower", "collapse_whitespace", "json"]

@@ -35,7 +35,9 @@ from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from loraflow import distributed
 from loraflow.config import LoraSettings, TrainConfig
+from loraflow.distributed import SINGLE, Ranks
 from loraflow.model import load_tokenizer
 from loraflow.preflight import PreflightError, check_device, fit_micro_batch
 
@@ -44,6 +46,7 @@ LOSS_CHUNK = 4096  # answer tokens per logits chunk: caps the logits tensor at 4
 # Fault injection for the engine's own tests: a real NaN or hang cannot be summoned on demand.
 POISON_STEP = int(os.environ.get("LORAFLOW_TEST_POISON_STEP", "0"))
 STALL_STEP, STALL_SECONDS = 3, float(os.environ.get("LORAFLOW_TEST_STALL_SECONDS", "0"))
+STALL_RANK = int(os.environ.get("LORAFLOW_TEST_STALL_RANK", "0"))
 
 Example = tuple[list[int], int]  # (input_ids, prompt_len)
 
@@ -102,12 +105,16 @@ class ExampleStream:
         return example
 
 
-def next_micro_batch(stream: ExampleStream, cfg: TrainConfig, packed: bool) -> list[list[Example]]:
-    """Rows of examples: one example a row (padded), or as many as fit in seq_len (packed)."""
+def next_micro_batch(
+    stream: ExampleStream, cfg: TrainConfig, packed: bool, count: int | None = None
+) -> list[list[Example]]:
+    """`count` rows (default: one micro-batch) of examples: one example a row (padded), or as
+    many as fit in seq_len (packed)."""
+    count = count or cfg.micro_batch_size
     if not packed:
-        return [[stream.take()] for _ in range(cfg.micro_batch_size)]
+        return [[stream.take()] for _ in range(count)]
     rows = []
-    for _ in range(cfg.micro_batch_size):
+    for _ in range(count):
         row = [stream.take()]
         used = len(row[0][0])
         while used + len(stream.peek()[0]) <= cfg.seq_len:
@@ -159,6 +166,18 @@ def attention_mask_for(doc_ids: torch.Tensor, attn_impl: str) -> Any:
 
 def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def row_counts(rows: list[list[Example]]) -> tuple[int, int]:
+    """(answer tokens, real tokens) of rows, as collate() would lay them out: the loss
+    predicts every label but a row's first token. Lets each rank know the whole step's
+    counts from the rows alone, with no communication."""
+    answers = real = 0
+    for row in rows:
+        for d, (ids, prompt_len) in enumerate(row):
+            answers += len(ids) - max(prompt_len, 1 if d == 0 else 0)
+            real += len(ids)
+    return answers, real
 
 
 # ---------------------------------------------------------------------------- model
@@ -325,8 +344,8 @@ class Watchdog:
     hang: a stuck kernel, a dead collective, a deadlocked loader). It is armed by the first
     finished step: the first one also pays for compilation and warm-up."""
 
-    def __init__(self, seconds: float, out: Path) -> None:
-        self.seconds, self.out = seconds, out
+    def __init__(self, seconds: float, out: Path, ranks: Ranks = SINGLE) -> None:
+        self.seconds, self.out, self.ranks = seconds, out, ranks
         self.step, self.beat, self.stopped = 0, time.monotonic(), False
         if seconds > 0:
             threading.Thread(target=self._watch, daemon=True, name="watchdog").start()
@@ -339,11 +358,13 @@ class Watchdog:
             time.sleep(min(1.0, self.seconds / 4))
             idle = time.monotonic() - self.beat
             if idle > self.seconds and self.step and not self.stopped:
-                message = (f"no progress for {idle:.1f} s after step {self.step} (watchdog: "
-                           f"train.watchdog_seconds={self.seconds}); the run was stopped. "
-                           "Check GPU utilisation and the data loader; raise the limit if a "
-                           "step is legitimately this slow.")
-                write_failure(self.out, "hung", self.step, message)
+                where = f" on rank {self.ranks.rank}" if self.ranks.distributed else ""
+                message = (f"no progress for {idle:.1f} s after step {self.step}{where} "
+                           f"(watchdog: train.watchdog_seconds={self.seconds}); the run was "
+                           "stopped." + distributed.stalled_ranks(self.ranks) + " Check GPU "
+                           "utilisation and the data loader; raise the limit if a step is "
+                           "legitimately this slow.")
+                write_failure(self.out, "hung", self.step, message, self.ranks)
                 print(f"\nloraflow.train: {message}", file=sys.stderr, flush=True)
                 os._exit(EXIT_HUNG)
 
@@ -370,9 +391,11 @@ class SpikeGuard:
         self.mean = loss if self.mean is None else 0.9 * self.mean + 0.1 * loss
 
 
-def write_failure(out: Path, kind: str, step: int, message: str) -> None:
-    (out / "failure.json").write_text(json.dumps({"kind": kind, "step": step,
-                                                  "message": message}))
+def write_failure(out: Path, kind: str, step: int, message: str, ranks: Ranks = SINGLE) -> None:
+    """failure.json (rank 0) or failure.rank<N>.json: why the run stopped, for the caller."""
+    name = "failure.json" if ranks.main else f"failure.rank{ranks.rank}.json"
+    (out / name).write_text(json.dumps({"kind": kind, "step": step, "message": message,
+                                        "rank": ranks.rank}))
 
 
 # ---------------------------------------------------------------------------- loop
@@ -399,12 +422,14 @@ def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Te
 @torch.no_grad()
 def validation_loss(
     model: PeftModel, examples: list[Example], cfg: TrainConfig, pad_id: int, attn_impl: str,
-    dtype: torch.dtype, decoder: Any = None,
+    dtype: torch.dtype, decoder: Any = None, ranks: Ranks = SINGLE,
 ) -> float:
-    """Mean loss per answer token over the validation examples (each alone in its row)."""
+    """Mean loss per answer token over the validation examples (each alone in its row; with
+    several ranks each takes every world_size-th example)."""
     model.eval()
     device = next(model.parameters()).device.type
     total, count = torch.zeros((), device=device), 0
+    examples = examples[ranks.rank :: ranks.world_size]
     for start in range(0, len(examples), cfg.micro_batch_size):
         rows = [[e] for e in examples[start : start + cfg.micro_batch_size]]
         batch = to_device(collate(rows, pad_id), device)
@@ -413,7 +438,8 @@ def validation_loss(
             total += completion_loss(model, batch, n, attn_impl, decoder) * n
         count += n
     model.train()
-    return float(total) / max(count, 1)
+    total_sum, count_sum = distributed.sum_values([float(total), count], ranks)
+    return total_sum / max(count_sum, 1)
 
 
 def fit(
@@ -426,12 +452,19 @@ def fit(
     dtype: torch.dtype,
     attn_impl: str = "sdpa",
     packed: bool = False,
+    ranks: Ranks = SINGLE,
 ) -> dict[str, float]:
     """The training loop: AdamW on the trainable (LoRA) weights only; metrics, checkpoints and
-    failure reports to out/. Resumes from the latest checkpoint in out/checkpoints/."""
+    failure reports to out/ (rank 0). Resumes from the latest checkpoint in out/checkpoints/.
+
+    With several ranks every rank builds the whole step's rows from the same seeded stream and
+    trains on its share (rows rank*m .. rank*m+m-1 of each micro-step of m x world_size rows);
+    the gradients are summed once per step, so W ranks with accumulation A train on exactly the
+    rows one process with accumulation W x A would."""
     device = next(model.parameters()).device.type
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    distributed.broadcast_parameters(params, ranks)
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
                                   fused=device == "cuda")
     scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
@@ -441,44 +474,56 @@ def fit(
     width = t.seq_len if packed else None
 
     first_step, position, guard_state = 0, 0, {}
-    checkpoint = latest_checkpoint(out / "checkpoints")
+    checkpoint = distributed.share_checkpoint(latest_checkpoint(out / "checkpoints"), ranks)
     if checkpoint is not None:
         meta = load_checkpoint(checkpoint, model, optimizer, scaler)
         first_step, position, guard_state = meta["step"], meta["position"], meta["guard"]
-        print(f"loraflow.train: resuming from {checkpoint} (step {first_step})", file=sys.stderr)
+        t = keep_rows_per_step(t, meta.get("rows_per_step"), ranks)
+        if ranks.main:
+            print(f"loraflow.train: resuming from {checkpoint} (step {first_step})",
+                  file=sys.stderr)
+    if ranks.distributed:  # dropout differs between ranks, reproducibly for a given step
+        torch.manual_seed(t.seed + 1_000_003 * (ranks.rank + 1) + first_step)
+    if t.epochs:
+        t = t.model_copy(update={"max_steps": steps_for_epochs(train_set, t, packed, ranks)})
     metrics_path = out / "metrics.jsonl"
-    kept = [line for line in (metrics_path.read_text().splitlines()
-                              if metrics_path.is_file() else [])
-            if json.loads(line)["step"] <= first_step]
-    metrics_path.write_text("".join(line + "\n" for line in kept))
+    if ranks.main:
+        kept = [line for line in (metrics_path.read_text().splitlines()
+                                  if metrics_path.is_file() else [])
+                if json.loads(line)["step"] <= first_step]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
 
     stream = ExampleStream(train_set, t.seed, position)
     guard = SpikeGuard(t, **guard_state)
-    watchdog = Watchdog(t.watchdog_seconds, out)
+    watchdog = Watchdog(t.watchdog_seconds, out, ranks)
     start, tokens_seen, loss, record = time.perf_counter(), 0, float("nan"), {}
+    mine = slice(ranks.rank * t.micro_batch_size, (ranks.rank + 1) * t.micro_batch_size)
 
-    def next_step() -> tuple[list[dict[str, Any]], int]:
-        """The step's micro-batches and the stream position after them."""
-        built = [collate(next_micro_batch(stream, t, packed), pad_id, width)
-                 for _ in range(t.grad_accum_steps)]
-        return built, stream.position
+    def next_step() -> tuple[list[dict[str, Any]], int, int, int]:
+        """This rank's micro-batches, the whole step's answer and real tokens, and the stream
+        position after the step."""
+        batches, answers, real = [], 0, 0
+        for _ in range(t.grad_accum_steps):
+            rows = next_micro_batch(stream, t, packed, t.micro_batch_size * ranks.world_size)
+            a, r = row_counts(rows)
+            answers, real = answers + a, real + r
+            batches.append(collate(rows[mine], pad_id, width))
+        return batches, answers, real, stream.position
 
-    pending: tuple[list[dict[str, Any]], int] | None = None
+    pending: tuple[list[dict[str, Any]], int, int, int] | None = None
     bar = tqdm(range(first_step, t.max_steps), initial=first_step, total=t.max_steps,
-               desc="train", unit="step", file=sys.stderr)
-    with open(metrics_path, "a", encoding="utf-8") as metrics_file:
+               desc="train", unit="step", file=sys.stderr, disable=not ranks.main)
+    with open(metrics_path if ranks.main else os.devnull, "a", encoding="utf-8") as metrics_file:
         for step in bar:
             step_start = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = t.learning_rate * lr_factor(step, t)
-            batches, position = pending or next_step()
             # Every answer token of the step weighs the same, however the examples fall
-            # into micro-batches.
-            n_items = sum(answer_tokens(b) for b in batches)
+            # into micro-batches and ranks.
+            batches, n_items, step_tokens, position = pending or next_step()
+            distributed.heartbeat(ranks, step, "compute")
             step_loss = torch.zeros((), device=device)
-            step_tokens = 0
             for batch in batches:
-                step_tokens += int((batch["doc_ids"] >= 0).sum())
                 batch = to_device(batch, device)
                 with torch.autocast(device_type=device, dtype=dtype,
                                     enabled=dtype != torch.float32):
@@ -488,13 +533,15 @@ def fit(
             # Build the next step's batches on the CPU while the GPU finishes this backward;
             # the host sync just below would otherwise leave the GPU idle during collation.
             pending = next_step() if step + 1 < t.max_steps else None
+            if step + 1 == STALL_STEP and STALL_SECONDS and ranks.rank == STALL_RANK:
+                time.sleep(STALL_SECONDS)
+            distributed.heartbeat(ranks, step, "sync")
+            step_loss = distributed.sync_gradients(params, step_loss, ranks)
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
             loss = float(step_loss)  # one host sync per optimizer step, not per micro-batch
             if step + 1 == POISON_STEP:
                 loss = float("nan")
-            if step + 1 == STALL_STEP and STALL_SECONDS:
-                time.sleep(STALL_SECONDS)
             try:
                 guard.check(loss, step + 1)
             except Diverged as exc:
@@ -502,7 +549,8 @@ def fit(
                 message = (f"{exc}: stopping. Nothing after the last good checkpoint "
                            f"({last or 'none'}) was kept. Lower train.learning_rate or check "
                            "the data around this step.")
-                write_failure(out, "diverged", step + 1, message)
+                if ranks.main:
+                    write_failure(out, "diverged", step + 1, message)
                 raise Diverged(message) from None
             scaler.step(optimizer)
             scaler.update()
@@ -524,12 +572,16 @@ def fit(
             last_step = step + 1 == t.max_steps
             if val_set and ((t.eval_every and (step + 1) % t.eval_every == 0) or last_step):
                 record["val_loss"] = validation_loss(model, val_set, t, pad_id, attn_impl,
-                                                     dtype, decoder)
+                                                     dtype, decoder, ranks)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
-            if t.checkpoint_every and ((step + 1) % t.checkpoint_every == 0 or last_step):
+            if ranks.main and t.checkpoint_every and (
+                (step + 1) % t.checkpoint_every == 0 or last_step
+            ):
+                rows_per_step = t.micro_batch_size * t.grad_accum_steps * ranks.world_size
                 save_checkpoint(out / "checkpoints", model, optimizer, scaler, step + 1,
-                                {"position": position,
+                                {"position": position, "rows_per_step": rows_per_step,
+                                 "world_size": ranks.world_size,
                                  "guard": {"mean": guard.mean, "streak": guard.streak}},
                                 t.keep_checkpoints)
             bar.set_postfix(loss=f"{loss:.4f}")
@@ -543,7 +595,41 @@ def fit(
         "seconds": time.perf_counter() - start,
         "tokens": tokens_seen,
         "trainable_params": sum(p.numel() for p in params),
+        "world_size": ranks.world_size,
     }
+
+
+def keep_rows_per_step(t: TrainConfig, rows: int | None, ranks: Ranks) -> TrainConfig:
+    """Resuming on another number of GPUs: keep the checkpoint's effective batch (rows per
+    optimizer step) by changing accumulation, where it divides evenly."""
+    now = t.micro_batch_size * t.grad_accum_steps * ranks.world_size
+    if rows is None or rows == now:
+        return t
+    per_pass = t.micro_batch_size * ranks.world_size
+    if rows % per_pass:
+        if ranks.main:
+            print(f"loraflow.train: warning: the checkpoint trained {rows} rows per step; "
+                  f"{ranks.world_size} ranks x micro_batch_size {t.micro_batch_size} cannot "
+                  f"divide that, so the run goes on with {now} rows per step", file=sys.stderr)
+        return t
+    if ranks.main:
+        print(f"loraflow.train: the checkpoint trained {rows} rows per step; on "
+              f"{ranks.world_size} rank(s) grad_accum_steps becomes {rows // per_pass} to keep "
+              "it", file=sys.stderr)
+    return t.model_copy(update={"grad_accum_steps": rows // per_pass})
+
+
+def steps_for_epochs(
+    train_set: list[Example], t: TrainConfig, packed: bool, ranks: Ranks = SINGLE
+) -> int:
+    """Optimizer steps for `t.epochs` passes over the examples, counted by building the very
+    rows the run will (packing decides how many examples a row holds)."""
+    stream, steps, target = ExampleStream(train_set, t.seed), 0, t.epochs * len(train_set)
+    while stream.position < target:
+        for _ in range(t.grad_accum_steps):
+            next_micro_batch(stream, t, packed, t.micro_batch_size * ranks.world_size)
+        steps += 1
+    return steps
 
 
 def train(cfg: EngineConfig) -> dict[str, float]:
@@ -551,10 +637,22 @@ def train(cfg: EngineConfig) -> dict[str, float]:
     t = cfg.train
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "failure.json").unlink(missing_ok=True)
+    for old in out.glob("failure*.json"):
+        old.unlink(missing_ok=True)
     if t.threads:
         torch.set_num_threads(t.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # A collective waiting longer than this fails; the watchdog (shorter) names the rank first.
+    ranks = distributed.init(device, 2 * t.watchdog_seconds + 60 if t.watchdog_seconds else 1800)
+    try:
+        return train_ranks(cfg, t, out, device, ranks)
+    finally:
+        distributed.shutdown(ranks)
+
+
+def train_ranks(
+    cfg: EngineConfig, t: TrainConfig, out: Path, device: str, ranks: Ranks
+) -> dict[str, float]:
     dtype = pick_precision(t, device)
     packed = t.batching == "packed" or (t.batching == "auto" and device == "cuda")
     attn_impl = "flex_attention" if packed and device == "cuda" else "sdpa"
@@ -573,13 +671,20 @@ def train(cfg: EngineConfig) -> dict[str, float]:
     if device == "cuda":  # the guide's checklist, and a micro-batch that fits
         architecture = json.loads((Path(cfg.base_path) / "config.json").read_text())
         t, guess = fit_micro_batch(architecture, t, cfg.lora, packed, too_long, check_device(t))
-        print(f"loraflow.train: preflight: about {guess.total_gib:.1f} GiB at "
-              f"micro_batch_size={t.micro_batch_size} x grad_accum_steps={t.grad_accum_steps}",
-              file=sys.stderr)
+        micro = distributed.min_value(t.micro_batch_size, ranks)  # every rank the same rows
+        if micro != t.micro_batch_size:
+            t = t.model_copy(update={"micro_batch_size": micro, "grad_accum_steps": (
+                t.micro_batch_size * t.grad_accum_steps) // micro})
+        if ranks.main:
+            print(f"loraflow.train: preflight: about {guess.total_gib:.1f} GiB a GPU at "
+                  f"micro_batch_size={t.micro_batch_size} x grad_accum_steps="
+                  f"{t.grad_accum_steps} x {ranks.world_size} GPU(s)", file=sys.stderr)
 
     model = add_lora(load_base(cfg.base_path, t, device, attn_impl), cfg.lora)
     result = fit(model, train_set, val_set, t, out, tokenizer.pad_token_id, dtype, attn_impl,
-                 packed)
+                 packed, ranks)
+    if not ranks.main:
+        return result
 
     # Write the adapter beside its final name, then rename: no half-written adapter/.
     staging = out / "adapter.partial"
@@ -599,19 +704,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = train(cfg)
     except torch.OutOfMemoryError as exc:
-        message = (f"out of memory with micro_batch_size={cfg.train.micro_batch_size}: {exc}. "
-                   "A retry halves the micro-batch and doubles accumulation.")
-        write_failure(Path(cfg.output_dir), "oom", -1, message)
+        rank = int(os.environ.get("RANK", "0"))
+        message = (f"out of memory with micro_batch_size={cfg.train.micro_batch_size}"
+                   f"{f' on rank {rank}' if rank else ''}: {exc}. A retry halves the "
+                   "micro-batch and doubles accumulation.")
+        write_failure(Path(cfg.output_dir), "oom", -1, message, Ranks(rank=rank))
         print(f"loraflow.train: {message}", file=sys.stderr)
         return EXIT_OOM
     except Diverged as exc:
         print(f"\nloraflow.train: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
     except PreflightError as exc:
-        write_failure(Path(cfg.output_dir), "preflight", 0, str(exc))
+        write_failure(Path(cfg.output_dir), "preflight", 0, str(exc),
+                      Ranks(rank=int(os.environ.get("RANK", "0"))))
         print(f"loraflow.train: preflight: {exc}", file=sys.stderr)
         return EXIT_REFUSED
-    print(json.dumps(result))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result))
     return 0
 
 

@@ -67,26 +67,33 @@ def train_on_gpu_pool(
     A run_deployment child returns no result the parent can read unless results are persisted
     where both sides can reach them; the MLflow run is that shared place already."""
     from prefect.deployments import run_deployment
+    from prefect.flow_runs import wait_for_flow_run
 
-    flow_run = run_deployment(
-        TRAIN_DEPLOYMENT,
-        parameters={
-            "tokens": tokens.model_dump(mode="json"),
-            "base": base.model_dump(mode="json"),
-            "base_source": base_source,
-            "lora": lora.model_dump(mode="json"),
-            "train": train.model_dump(mode="json"),
-            "run_id": run_id,
-        },
-        as_subflow=True,
-    )
-    if flow_run.state is None or not flow_run.state.is_completed():
-        state = flow_run.state.name if flow_run.state else "unknown"
-        raise RemoteTrainingError(
-            f"the train deployment's flow run {flow_run.name} ({flow_run.id}) ended {state}; "
-            "its logs are in the Prefect UI; is a worker polling the gpu pool "
-            "(infra/workers.sh)?"
-        )
+    parameters = {
+        "tokens": tokens.model_dump(mode="json"),
+        "base": base.model_dump(mode="json"),
+        "base_source": base_source,
+        "lora": lora.model_dump(mode="json"),
+        "train": train.model_dump(mode="json"),
+        "run_id": run_id,
+        "gpus_per_node": train.gpus_per_node,
+        "nodes": train.nodes,
+    }
+    # One run a machine; they meet at train.rdzv_endpoint, so all must start before any can
+    # finish: start them all (timeout=0), then wait for each.
+    runs = [run_deployment(TRAIN_DEPLOYMENT, parameters=parameters, as_subflow=True,
+                           timeout=0 if train.nodes > 1 else None)
+            for _ in range(train.nodes)]
+    for flow_run in runs:
+        if train.nodes > 1:
+            flow_run = wait_for_flow_run(flow_run.id, timeout=None, log_states=True)
+        if flow_run.state is None or not flow_run.state.is_completed():
+            state = flow_run.state.name if flow_run.state else "unknown"
+            raise RemoteTrainingError(
+                f"the train deployment's flow run {flow_run.name} ({flow_run.id}) ended "
+                f"{state}; its logs are in the Prefect UI; is a worker polling the gpu pool "
+                f"(infra/worker.sh), one per machine for train.nodes={train.nodes}?"
+            )
     tags = MlflowClient().get_run(run_id).data.tags
     if ADAPTER_TAG not in tags:
         raise RemoteTrainingError(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -15,7 +14,15 @@ from prefect.utilities.hashing import hash_objects
 
 from loraflow import evaluate, merge, registry
 from loraflow.artifacts import ArtifactRef
-from loraflow.config import EvalConfig, LoraSettings, MergeConfig, TrainConfig, loraflow_home
+from loraflow.config import (
+    LAUNCH_FIELDS,
+    EvalConfig,
+    LoraSettings,
+    MergeConfig,
+    TrainConfig,
+    loraflow_home,
+)
+from loraflow.distributed import launch_command
 from loraflow.lineage import (
     LINEAGE_FILE,
     adapter_manifest,
@@ -84,9 +91,13 @@ def prepare_base_model(source: str) -> BaseModelRef:
 @task(cache_policy=CONTENT, retries=2, retry_condition_fn=retry_training)
 def train_adapter(
     tokens: ArtifactRef, base: BaseModelRef, lora: LoraSettings, train: TrainConfig, run_id: str
-) -> ArtifactRef:
-    """Run the training engine as its own process; relay its metrics; log the adapter."""
-    key = sha256_json([tokens.sha256, base.sha256, lora.model_dump(), train.model_dump()])
+) -> ArtifactRef | None:
+    """Run the training engine as its own process (torchrun for several GPUs or machines);
+    relay its metrics; log the adapter. None on a machine that trained without rank 0."""
+    # The run's identity leaves out where it runs: a retry or rerun on another GPU count
+    # resumes the same run directory's checkpoints.
+    key = sha256_json([tokens.sha256, base.sha256, lora.model_dump(),
+                       train.model_dump(exclude=LAUNCH_FIELDS)])
     run_dir = loraflow_home() / "runs" / key[:16]
     run_dir.mkdir(parents=True, exist_ok=True)
     adapt = run_dir / "adapt.json"
@@ -98,7 +109,13 @@ def train_adapter(
     config_file = run_dir / "engine.json"
     config_file.write_text(engine.model_dump_json(indent=2))
     log_params(run_id, {"train.run_dir": run_dir})
-    result = run_engine(config_file, run_dir, run_id)
+    processes = max(train.gpus_per_node, 1)  # 0 GPUs: one process on CPU
+    command = launch_command(
+        ["--config", str(config_file)], processes, train.nodes, train.rdzv_endpoint, key[:16]
+    )
+    result = run_engine(command, run_dir, run_id)
+    if result is None:  # a machine without rank 0: the adapter is on rank 0's machine
+        return None
 
     adapter_dir = run_dir / "adapter"
     # The lineage manifest (issue 5): every later load checks it against its base.
@@ -122,33 +139,31 @@ def train_adapter(
     return ArtifactRef(uri=uri, sha256=sha256_tree(adapter_dir), meta=result)
 
 
-def run_engine(config_file: Path, run_dir: Path, run_id: str) -> dict[str, Any]:
-    """Start `python -m loraflow.train`, relay metrics.jsonl to MLflow every few seconds;
-    turn its exit code into an error that says whether a retry can help."""
-    metrics_file = run_dir / "metrics.jsonl"
+def run_engine(command: list[str], run_dir: Path, run_id: str) -> dict[str, Any] | None:
+    """Start the engine (`python -m loraflow.train`, or torchrun over it), relay metrics.jsonl
+    to MLflow every few seconds; turn how it ended into an error that says whether a retry
+    can help."""
     (run_dir / "result.json").unlink(missing_ok=True)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "loraflow.train", "--config", str(config_file)],
-        stdout=subprocess.DEVNULL,
-    )
-    relayed = 0
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     while True:
         finished = process.poll() is not None
-        relayed = relay_metrics(metrics_file, relayed, run_id)
+        relay_metrics(run_dir, run_id)
         if finished:
             break
         time.sleep(2.0)
-    if process.returncode == 0:
-        return json.loads((run_dir / "result.json").read_text())
-    failure_file = run_dir / "failure.json"
-    failure = json.loads(failure_file.read_text()) if failure_file.is_file() else {}
+    if process.returncode == 0:  # rank 0 writes the result; other machines have none
+        result = run_dir / "result.json"
+        return json.loads(result.read_text()) if result.is_file() else None
+    failure = first_failure(run_dir)
+    # torchrun exits 1 whatever its workers did: the ranks' failure files say what happened.
+    code = EXIT_CODES.get(failure.get("kind"), process.returncode)
     where = f"(config, metrics and checkpoints in {run_dir})"
-    if process.returncode == EXIT_OOM:
+    if code == EXIT_OOM:
         adapt = run_dir / "adapt.json"
         halvings = json.loads(adapt.read_text())["halvings"] + 1 if adapt.is_file() else 1
         adapt.write_text(json.dumps({"halvings": halvings}))
         raise TrainingOOM(f"{failure.get('message', 'out of memory')} {where}")
-    if process.returncode in (EXIT_DIVERGED, EXIT_HUNG, EXIT_REFUSED):
+    if code in (EXIT_DIVERGED, EXIT_HUNG, EXIT_REFUSED):
         raise TrainingStopped(f"{failure.get('message', 'training stopped')} {where}")
     raise TrainingCrashed(
         f"the training engine exited with code {process.returncode}; its "
@@ -156,14 +171,35 @@ def run_engine(config_file: Path, run_dir: Path, run_id: str) -> dict[str, Any]:
     )
 
 
-def relay_metrics(metrics_file: Path, already: int, run_id: str) -> int:
-    """Send the lines after the first `already` to MLflow in one batch; return lines relayed."""
+EXIT_CODES = {"oom": EXIT_OOM, "diverged": EXIT_DIVERGED, "hung": EXIT_HUNG,
+              "preflight": EXIT_REFUSED}
+
+
+def first_failure(run_dir: Path) -> dict[str, Any]:
+    """The failure report that explains the run's end: with several ranks, an OOM (which a
+    retry can fix) before a hang or divergence, and rank 0's before the others'."""
+    reports = [json.loads(p.read_text()) for p in sorted(run_dir.glob("failure*.json"))]
+    order = list(EXIT_CODES)
+    reports.sort(key=lambda r: (order.index(r["kind"]) if r.get("kind") in order else 9,
+                                r.get("rank", 0)))
+    return reports[0] if reports else {}
+
+
+def relay_metrics(run_dir: Path, run_id: str) -> None:
+    """Send the steps not relayed yet to MLflow in one batch. The last relayed step is kept
+    in the run directory: a resumed attempt repeats steps after its checkpoint, and MLflow
+    keeps the first value of each step rather than two (per MLflow run)."""
+    metrics_file, mark = run_dir / "metrics.jsonl", run_dir / "relayed.json"
     if not metrics_file.is_file():
-        return already
-    lines = metrics_file.read_text().splitlines()
-    records = [json.loads(line) for line in lines[already:] if line.endswith("}")]
-    log_metric_records(run_id, records, prefix="train.")
-    return already + len(records)
+        return
+    seen = json.loads(mark.read_text()) if mark.is_file() else {}
+    done = seen["step"] if seen.get("run_id") == run_id else 0
+    records = [r for r in map(json.loads, (line for line in metrics_file.read_text()
+                                           .splitlines() if line.endswith("}")))
+               if r["step"] > done]
+    if records:
+        log_metric_records(run_id, records, prefix="train.")
+        mark.write_text(json.dumps({"run_id": run_id, "step": max(r["step"] for r in records)}))
 
 
 @task(cache_policy=CONTENT)

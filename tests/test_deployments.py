@@ -35,7 +35,9 @@ def tiny_prefect_yaml(out: Path, model_dir: Path, data: dict[str, Path]) -> Path
     config = {
         "data": {k: [str(v)] for k, v in data.items()},
         "model": {"base": str(model_dir)},
-        "train": {"max_steps": 3, "micro_batch_size": 8, "learning_rate": 1e-2},
+        # gpus_per_node 0: this machine has no CUDA device
+        "train": {"max_steps": 3, "micro_batch_size": 8, "learning_rate": 1e-2,
+                  "gpus_per_node": 0},
         "eval": {"max_new_tokens": 8, "batch_size": 4},
         "merge": {"dtype": "float32"},
         "registry": {"model_name": MODEL},
@@ -45,8 +47,6 @@ def tiny_prefect_yaml(out: Path, model_dir: Path, data: dict[str, Path]) -> Path
             deployment["parameters"]["config"] = config
             for schedule in deployment["schedules"]:
                 schedule["parameters"]["config"] = config
-        else:
-            deployment["parameters"]["gpus"] = 0  # this machine has no CUDA device
     out.write_text(yaml.safe_dump(spec, sort_keys=False))
     return out
 

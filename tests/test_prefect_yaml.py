@@ -64,8 +64,8 @@ def test_deployment_loads_and_its_default_parameters_validate(name):
     if name == "finetune":
         check_pipeline_params(flow.validate_parameters(params))
         assert params["skip_trained_data"] is True
-    else:  # the pipeline supplies the references; the deployment supplies gpus
-        assert params == {"gpus": 1}
+    else:  # the pipeline supplies the references; the deployment the machines it runs on
+        assert params == {"gpus_per_node": 1, "nodes": 1}
 
 
 def test_schedule_is_a_valid_cron_with_parameters_that_validate():
@@ -126,7 +126,7 @@ def test_train_deployment_accepts_what_the_pipeline_sends(tiny_model_dir):
     assert set(inspect.signature(train_on_gpu_pool.fn).parameters) == set(sent)
     server_accepts(flow, deployment["parameters"] | sent)
     params = flow.validate_parameters(deployment["parameters"] | sent)
-    assert isinstance(params["train"], TrainConfig) and params["gpus"] == 1
+    assert isinstance(params["train"], TrainConfig) and params["gpus_per_node"] == 1
 
 
 def test_train_flow_refuses_gpu_counts_it_cannot_honour():
@@ -135,8 +135,8 @@ def test_train_flow_refuses_gpu_counts_it_cannot_honour():
     from flows.train import GpuCountError, check_gpus
 
     check_gpus(0)
-    with pytest.raises(GpuCountError, match="gpus=2.*torchrun"):
-        check_gpus(2)
-    if not torch.cuda.is_available():
-        with pytest.raises(GpuCountError, match="no CUDA device.*gpus=0"):
-            check_gpus(1)
+    with pytest.raises(GpuCountError, match="gpus_per_node=-1"):
+        check_gpus(-1)
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(GpuCountError, match=f"sees {visible} CUDA device.*gpus_per_node=0"):
+        check_gpus(visible + 1)

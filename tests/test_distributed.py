@@ -1,0 +1,177 @@
+"""The engine under torchrun, for real: several CPU processes joined by gloo (one host), and a
+two-node rendezvous on one host. The same code runs one process a GPU with NCCL."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from loraflow.config import LoraSettings, TrainConfig
+from loraflow.distributed import launch_command
+from loraflow.model import load_tokenizer
+from loraflow.tokenization import tokenize_splits
+from loraflow.train import (
+    EngineConfig,
+    ExampleStream,
+    answer_tokens,
+    collate,
+    next_micro_batch,
+    read_examples,
+    row_counts,
+    steps_for_epochs,
+)
+
+
+@pytest.fixture
+def tokenized(tmp_path, small_data, tiny_model_dir):
+    from loraflow.config import DataConfig
+    from loraflow.data import validate_splits
+
+    sources = {split: [str(path)] for split, path in small_data.items()}
+    validate_splits(sources, tmp_path / "valid", DataConfig(), progress=False)
+    tokenize_splits(
+        tmp_path / "valid", load_tokenizer(tiny_model_dir), "chat", 512, tmp_path / "tokens"
+    )
+    return tmp_path / "tokens"
+
+
+def engine(tmp_path, tiny_model_dir, tokenized, name, processes=1, nodes=1, port=0, **train):
+    """The run directory and the launch command the train task would use."""
+    out = tmp_path / name
+    settings = dict(micro_batch_size=2, learning_rate=2e-2, warmup_steps=0, batching="packed",
+                    seq_len=512, lr_schedule="constant", watchdog_seconds=0, seed=3) | train
+    cfg = EngineConfig(base_path=tiny_model_dir, data_dir=tokenized, output_dir=out,
+                       lora=LoraSettings(dropout=0.0), train=TrainConfig(**settings))
+    config_file = tmp_path / f"{name}.json"
+    config_file.write_text(cfg.model_dump_json())
+    return out, launch_command(["--config", str(config_file)], processes, nodes,
+                               f"127.0.0.1:{port}", name)
+
+
+def run(command, **env):
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    return done
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_rows_counts_without_collating_agree_with_the_collated_labels(tokenized):
+    stream = ExampleStream(read_examples(tokenized / "train.jsonl"), seed=0)
+    for packed in (True, False):
+        rows = next_micro_batch(stream, TrainConfig(micro_batch_size=3, seq_len=512), packed)
+        batch = collate(rows, pad_id=0)
+        assert row_counts(rows) == (answer_tokens(batch), int((batch["doc_ids"] >= 0).sum()))
+
+
+def test_epochs_count_the_steps_that_show_every_example_once(tokenized):
+    examples = read_examples(tokenized / "train.jsonl")
+    padded = TrainConfig(micro_batch_size=4, grad_accum_steps=2, epochs=2)
+    assert steps_for_epochs(examples, padded, packed=False) == -(-2 * len(examples) // 8)
+    packed = TrainConfig(micro_batch_size=2, seq_len=512, epochs=1)
+    steps = steps_for_epochs(examples, packed, packed=True)
+    stream, seen = ExampleStream(examples, seed=0), []
+    for _ in range(steps):
+        assert stream.position < len(examples)  # no step beyond the epoch
+        seen += [e for row in next_micro_batch(stream, packed, True) for e in row]
+    assert stream.position >= len(examples)
+    assert sorted(seen[: len(examples)]) == sorted(examples)  # each example once
+
+
+def test_two_processes_train_exactly_as_one_with_double_accumulation(
+    tmp_path, tiny_model_dir, tokenized
+):
+    one, command = engine(tmp_path, tiny_model_dir, tokenized, "one", grad_accum_steps=2,
+                          max_steps=4, eval_every=2)
+    assert run(command).returncode == 0
+    two, command = engine(tmp_path, tiny_model_dir, tokenized, "two", processes=2,
+                          max_steps=4, eval_every=2, checkpoint_every=2)
+    assert command[1:3] == ["-m", "torch.distributed.run"] and "--standalone" in command
+    done = run(command)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    for a, b in zip(records(one), records(two), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["tokens"] == a["tokens"]  # both ranks' tokens counted once
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)  # summed, not averaged
+        assert b.get("val_loss", 0) == pytest.approx(a.get("val_loss", 0), rel=1e-4)
+    assert json.loads((two / "result.json").read_text())["world_size"] == 2
+    state = json.loads((two / "checkpoints" / "step-0000004" / "state.json").read_text())
+    assert state["world_size"] == 2 and state["rows_per_step"] == 4
+    # rank 0 alone wrote: one metrics line per step, no per-rank files
+    assert len(records(two)) == 4
+    assert sorted(p.name for p in two.iterdir()) == [
+        "adapter", "checkpoints", "metrics.jsonl", "result.json"]
+
+    from safetensors.torch import load_file
+
+    a = load_file(one / "adapter" / "adapter_model.safetensors")
+    b = load_file(two / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5) for k in a)
+
+
+def test_a_checkpoint_from_two_processes_resumes_on_one_with_the_same_effective_batch(
+    tmp_path, tiny_model_dir, tokenized
+):
+    whole, command = engine(tmp_path, tiny_model_dir, tokenized, "whole", grad_accum_steps=2,
+                            max_steps=6)
+    assert run(command).returncode == 0
+    # 3 steps on two processes (checkpoint at 3), then the same run directory on one process
+    # with accumulation 1: the engine raises it to 2 to keep 4 rows per step.
+    moved, command = engine(tmp_path, tiny_model_dir, tokenized, "moved", processes=2,
+                            max_steps=3, checkpoint_every=3)
+    assert run(command).returncode == 0
+    moved, command = engine(tmp_path, tiny_model_dir, tokenized, "moved", max_steps=6,
+                            checkpoint_every=3)
+    done = run(command)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "grad_accum_steps becomes 2" in done.stderr
+    assert [r["loss"] for r in records(moved)] == pytest.approx(
+        [r["loss"] for r in records(whole)], rel=1e-4)
+
+
+def test_two_node_ranks_meet_at_a_rendezvous_endpoint(
+    tmp_path, tiny_model_dir, tokenized, unused_port
+):
+    one, command = engine(tmp_path, tiny_model_dir, tokenized, "one", grad_accum_steps=2,
+                          max_steps=3)
+    assert run(command).returncode == 0
+    out, command = engine(tmp_path, tiny_model_dir, tokenized, "nodes", nodes=2,
+                          port=unused_port, max_steps=3)
+    assert command[command.index("--nnodes"):][:2] == ["--nnodes", "2"]
+    assert f"127.0.0.1:{unused_port}" in command
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Two launches, as two machines would start them: the same command, nothing else shared.
+    nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=env) for _ in range(2)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["world_size"] == 2
+    assert [r["loss"] for r in records(out)] == pytest.approx(
+        [r["loss"] for r in records(one)], rel=1e-4)
+
+
+def test_the_watchdog_names_the_rank_that_stopped(tmp_path, tiny_model_dir, tokenized):
+    out, command = engine(tmp_path, tiny_model_dir, tokenized, "hang", processes=2,
+                          max_steps=6, watchdog_seconds=3.0)
+    start = time.monotonic()
+    done = run(command, LORAFLOW_TEST_STALL_SECONDS="120", LORAFLOW_TEST_STALL_RANK="1")
+    assert done.returncode != 0
+    assert time.monotonic() - start < 100
+    failure = json.loads((out / "failure.json").read_text())
+    assert failure["kind"] == "hung" and failure["rank"] == 0
+    assert "after step 2 on rank 0" in failure["message"]
+    assert "Stopped: rank 1" in failure["message"] and "phase 'compute'" in failure["message"]
+
+
+def test_the_launch_is_plain_python_for_one_process():
+    assert launch_command(["--config", "x.json"], 1, 1, "h:1", "r") == [
+        sys.executable, "-m", "loraflow.train", "--config", "x.json"]
