@@ -230,8 +230,9 @@ class TrainConfig(Section):
     )
     seed: int = Field(0, description="Seed for LoRA init, data order and dropout.")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0: torch's default).")
-    # Where the engine runs: these decide the launch (torchrun), not what is learned, so they
-    # are left out of the training run's identity and a run resumes on another GPU count.
+    # Where and how the engine runs: these decide the launch (torchrun) and each GPU's memory,
+    # not what is learned, so they are left out of the training run's identity and a run
+    # resumes on another GPU count or parallelism.
     gpus_per_node: int = Field(
         1, ge=0, description="GPUs per machine, one engine process each (data-parallel under "
         "torchrun; micro_batch_size and grad_accum_steps are per GPU); 0: one process on CPU. "
@@ -243,9 +244,26 @@ class TrainConfig(Section):
         description="host:port of torchrun's rendezvous when nodes > 1: a port on one of the "
         "machines that every machine can reach."
     )
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="With several GPUs: ddp keeps the whole base model on every GPU (fastest); "
+        "fsdp shards the base weights across all GPUs (FSDP2), for a model whose weights do not "
+        "fit one GPU (70B-class), at the cost of gathering each layer's weights every pass. "
+        "Both learn the same; fsdp needs bf16 or fp32 (not int8, nf4 or fp16).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.parallelism == "fsdp" and self.precision in ("int8", "nf4", "fp16"):
+            raise ValueError(
+                f"parallelism=fsdp cannot use precision={self.precision}: bitsandbytes' "
+                "quantized weights cannot be sharded and fp16's loss scaling would differ "
+                "between ranks. Fix: precision=bf16 (or auto) with fsdp, or parallelism=ddp."
+            )
+        return self
 
 
-LAUNCH_FIELDS = frozenset({"gpus_per_node", "nodes", "rdzv_endpoint"})
+LAUNCH_FIELDS = frozenset({"gpus_per_node", "nodes", "rdzv_endpoint", "parallelism"})
 
 
 Normalisation = Literal["strip", "lower", "collapse_whitespace", "json"]

@@ -1,6 +1,8 @@
 """Data parallelism for the training engine under torchrun: one process a GPU (NCCL), or a few
 CPU processes (gloo) for tests. Each optimizer step's rows are split between the ranks; the
 LoRA gradients (a few MB) are summed in one all-reduce per step; rank 0 alone writes files.
+With train.parallelism=fsdp the base weights are sharded across the ranks instead of whole on
+each (FSDP2, shard_model); FSDP then sums the gradients itself, in backward.
 
     torchrun --standalone --nproc-per-node 4 -m loraflow.train --config engine.json
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \
@@ -9,6 +11,7 @@ LoRA gradients (a few MB) are summed in one all-reduce per step; rank 0 alone wr
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -17,9 +20,11 @@ import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 HEARTBEAT_PREFIX = "loraflow/heartbeat"
 
@@ -64,6 +69,10 @@ def init(device: str, timeout_s: float) -> Ranks:
 
 def shutdown(ranks: Ranks) -> None:
     if ranks.distributed and dist.is_initialized():
+        # FSDP's modules sit in reference cycles with their collectives' state; freed only at
+        # exit, after the group, a rank could abort ("terminate called without an active
+        # exception", seen with gloo when the other rank was still writing).
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -79,6 +88,10 @@ def sync_gradients(params: list[torch.nn.Parameter], loss: torch.Tensor,
     tokens, so the sum is exactly the single-process gradient of the same rows."""
     if not ranks.distributed:
         return loss
+    if sharded(params):  # FSDP's reduce-scatter in backward summed the gradients already
+        total = loss.detach().float().reshape(1).clone()
+        dist.all_reduce(total)
+        return total[0]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1).float() for g in grads] + [loss.reshape(1).float()])
     dist.all_reduce(flat)
@@ -148,14 +161,93 @@ def broadcast_bytes(data: bytes, ranks: Ranks) -> bytes:
 
 def broadcast_parameters(params: list[torch.nn.Parameter], ranks: Ranks) -> None:
     """Start every rank from rank 0's LoRA weights (the same seed gives the same ones; this
-    makes it so whatever the initialisation does)."""
-    if not ranks.distributed:
+    makes it so whatever the initialisation does). Sharded (FSDP) ones came from rank 0 when
+    they were loaded."""
+    if not ranks.distributed or sharded(params):
         return
     with torch.no_grad():
         for p in params:
             buffer = p.data.to(comm_device(ranks))
             dist.broadcast(buffer, src=0)
             p.data.copy_(buffer)
+
+
+# ---------------------------------------------------------------------------- FSDP
+
+
+def sharded(params: Any) -> bool:
+    """Whether FSDP shards these parameters (DTensors) across the ranks."""
+    return any(isinstance(p, DTensor) for p in params)
+
+
+def shard_model(model: torch.nn.Module, ranks: Ranks) -> int:
+    """FSDP2 (train.parallelism=fsdp): shard each decoder layer, then the decoder (embeddings,
+    final norm), across the ranks, and fill the shards with rank 0's weights. Rank 0 holds the
+    loaded model in CPU memory; the others hold it on the meta device (no memory). The output
+    head stays whole on every GPU: the engine calls it outside the decoder, a chunk of tokens
+    at a time, and FSDP keeps the root's (embeddings') weights gathered for the whole step, so
+    sharding a frozen head of the same size would not lower the peak. Returns how many
+    weights this rank holds."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    device = comm_device(ranks)
+    causal_lm = model.get_base_model()
+    decoder, head = causal_lm.model, causal_lm.get_output_embeddings()
+    if any(p.requires_grad for p in head.parameters()):  # its gradients would not be summed
+        raise ValueError("train.parallelism=fsdp cannot train the output head (lm_head in "
+                         "lora.target_modules). Fix: leave it out, or train.parallelism=ddp.")
+    full = model.state_dict() if ranks.main else {}
+    if head.weight is decoder.get_input_embeddings().weight:  # tied: the head gets its own copy
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    if ranks.main:
+        head.to(device)
+    else:
+        head.to_empty(device=device)
+    mesh = init_device_mesh(device.type, (ranks.world_size,))
+    for layer in decoder.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(decoder, mesh=mesh)
+    for module in decoder.modules():
+        if isinstance(module, FSDPModule):
+            # Sum, as sync_gradients does: each rank's loss is already divided by the whole
+            # step's answer tokens. (Only SUM: gloo has no pre-multiplied sum.)
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    set_model_state_dict(model, full, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=True))
+    # Buffers outside the state dict (rotary frequencies) are still on the meta device.
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                rank0s = (buffer.to(device) if ranks.main
+                          else torch.empty(buffer.shape, dtype=buffer.dtype, device=device))
+                dist.broadcast(rank0s, src=0)
+                module._buffers[name] = rank0s
+    return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+               for p in model.parameters())
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor FSDP shards (a DTensor) gathered whole; any other tensor as it is. A
+    collective for a DTensor: every rank calls it."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def full_tensors(state: dict[str, Any]) -> dict[str, Any]:
+    """The same state with FSDP's sharded tensors gathered whole (every rank calls it, with
+    the same keys in the same order)."""
+    return {k: whole(v) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of `full` where `like` is sharded (FSDP), else `full` itself. Every
+    rank has `full` (share_checkpoint), so no data moves between ranks."""
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh,
+                             like.placements, src_data_rank=None)
 
 
 # ---------------------------------------------------------------------------- hang diagnosis

@@ -67,13 +67,17 @@ def lora_parameters(config: dict[str, Any], lora: LoraSettings) -> int:
 
 
 def estimate(config: dict[str, Any], train: TrainConfig, lora: LoraSettings,
-             tokens_per_micro_batch: int) -> Estimate:
-    """Peak GPU memory of one training run, in GiB."""
+             tokens_per_micro_batch: int, shards: int = 1) -> Estimate:
+    """Peak GPU memory of one training run, in GiB (`shards`: GPUs FSDP splits the base
+    weights over)."""
     linear, embeddings = parameter_counts(config)
     precision = "bf16" if train.precision == "auto" else train.precision
     quantized = precision in ("int8", "nf4")  # bitsandbytes keeps embeddings and head in bf16
     weights = (linear * BYTES_PER_WEIGHT[precision]
                + embeddings * (2.0 if quantized else BYTES_PER_WEIGHT[precision]))
+    if shards > 1:  # FSDP: a share of the layers, plus two layers gathered (one prefetched)
+        layers = config["num_hidden_layers"]
+        weights += linear * BYTES_PER_WEIGHT[precision] * (1 / shards + 2 / layers - 1)
     # LoRA weights, gradients and two AdamW moments, all fp32.
     lora_bytes = lora_parameters(config, lora) * 16
     mode = ("checkpointed" if train.gradient_checkpointing
@@ -90,14 +94,15 @@ def tokens_per_micro_batch(train: TrainConfig, packed: bool, max_example_tokens:
 
 
 def fit_micro_batch(config: dict[str, Any], train: TrainConfig, lora: LoraSettings, packed: bool,
-                    max_example_tokens: int, free_gib: float) -> tuple[TrainConfig, Estimate]:
+                    max_example_tokens: int, free_gib: float,
+                    shards: int = 1) -> tuple[TrainConfig, Estimate]:
     """The largest micro-batch (halving from the configured one, accumulation doubled so the
     effective batch stays) whose estimate fits the free memory; refuse when none does."""
     budget = free_gib * HEADROOM
     candidate = train
     while True:
         guess = estimate(config, candidate, lora,
-                         tokens_per_micro_batch(candidate, packed, max_example_tokens))
+                         tokens_per_micro_batch(candidate, packed, max_example_tokens), shards)
         if guess.total_gib <= budget:
             return candidate, guess
         if candidate.micro_batch_size == 1:

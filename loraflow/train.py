@@ -30,7 +30,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -230,6 +236,33 @@ def load_base(path: Path, cfg: TrainConfig, device: str, attn_impl: str) -> torc
     return prepare_for_training(model, cfg)
 
 
+def load_base_sharded(
+    path: Path, cfg: TrainConfig, lora: LoraSettings, device: str, attn_impl: str, ranks: Ranks
+) -> PeftModel:
+    """train.parallelism=fsdp: the base with LoRA, its weights sharded across the ranks, never
+    whole on one GPU. Rank 0 reads them into CPU memory, the other ranks build the model on
+    the meta device; distributed.shard_model shards it and fills the shards from rank 0."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = pick_precision(cfg, device)
+    if dtype == torch.float16:  # precision=auto on a GPU without bf16
+        raise PreflightError("train.parallelism=fsdp needs bf16 (or fp32): this GPU has no bf16 "
+                             "and fp16's loss scaling cannot see other ranks' shards. Fix: "
+                             "train.parallelism=ddp")
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_impl}
+    if ranks.main:
+        base = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
+    else:
+        with torch.device("meta"):
+            base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), **kwargs)
+    model = add_lora(prepare_for_training(base, cfg), lora)
+    held = distributed.shard_model(model, ranks)
+    if ranks.main:
+        print(f"loraflow.train: fsdp: rank 0 holds {held:,} of the model's "
+              f"{sum(p.numel() for p in model.parameters()):,} weights", file=sys.stderr)
+    return model
+
+
 def prepare_for_training(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
     """Kernels and activation checkpointing as the config asks; no KV cache in training."""
     if cfg.kernels == "liger":
@@ -281,16 +314,22 @@ def completion_loss(
 
 def save_checkpoint(
     root: Path, model: PeftModel, optimizer: torch.optim.Optimizer, scaler: Any, step: int,
-    state: dict[str, Any], keep: int,
-) -> Path:
-    """Adapter + optimizer + RNG as safetensors, the rest as JSON; written whole or not at all."""
+    state: dict[str, Any], keep: int, ranks: Ranks = SINGLE,
+) -> Path | None:
+    """Adapter + optimizer + RNG as safetensors, the rest as JSON; written whole or not at all.
+    Every rank calls it (under FSDP each gives its shards); rank 0 alone writes, the same
+    files whatever the parallelism, so a checkpoint resumes under ddp or fsdp on any count."""
+    adapter = lora_state(model)
+    optim = optimizer.state_dict()
+    whole = {i: distributed.full_tensors(s) for i, s in optim["state"].items()}
+    if not ranks.main:
+        return None
     final = root / f"step-{step:07d}"
     staging = root / f".step-{step:07d}.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging / "adapter", safe_serialization=True)
-    optim = optimizer.state_dict()
+    model.save_pretrained(staging / "adapter", safe_serialization=True, state_dict=adapter)
     tensors = {f"optim.{i}.{k}": v.detach().reshape(-1).contiguous().cpu()
-               for i, s in optim["state"].items() for k, v in s.items()}
+               for i, s in whole.items() for k, v in s.items()}
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -314,15 +353,19 @@ def load_checkpoint(
     path: Path, model: PeftModel, optimizer: torch.optim.Optimizer, scaler: Any
 ) -> dict[str, Any]:
     weights = load_file(path / "adapter" / "adapter_model.safetensors")
-    set_peft_model_state_dict(model, weights)
+    like = get_peft_model_state_dict(model)  # the model's own tensors (FSDP: shards) by file key
+    set_peft_model_state_dict(
+        model, {k: distributed.shard_like(v, like[k]) for k, v in weights.items()})
     meta = json.loads((path / "state.json").read_text())
     tensors = load_file(path / "state.safetensors")
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, index, name = key.split(".", 2)
-            shape = () if name == "step" else current_shape(optimizer, int(index))
-            state.setdefault(int(index), {})[name] = value.reshape(shape)
+            param = optimizer_param(optimizer, int(index))
+            state.setdefault(int(index), {})[name] = (
+                value.reshape(()) if name == "step"
+                else distributed.shard_like(value.reshape(param.shape), param))
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scaler.load_state_dict(meta["scaler"])
     torch.set_rng_state(tensors["rng.cpu"])
@@ -331,9 +374,20 @@ def load_checkpoint(
     return meta
 
 
-def current_shape(optimizer: torch.optim.Optimizer, index: int) -> torch.Size:
+def optimizer_param(optimizer: torch.optim.Optimizer, index: int) -> torch.nn.Parameter:
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    return params[index].shape
+    return params[index]
+
+
+def lora_state(model: PeftModel) -> dict[str, torch.Tensor] | None:
+    """Under FSDP the trainable (LoRA) weights gathered whole for save_pretrained, which could
+    not read the shards (a collective: every rank calls it); None for a whole model, which
+    save_pretrained reads itself."""
+    if not distributed.sharded(model.parameters()):
+        return None
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return distributed.full_tensors(
+        {k: v for k, v in model.state_dict().items() if k in trainable})
 
 
 # ---------------------------------------------------------------------------- guards
@@ -429,11 +483,15 @@ def validation_loss(
     model.eval()
     device = next(model.parameters()).device.type
     total, count = torch.zeros((), device=device), 0
+    spare = examples[:1]
+    # Under FSDP every forward gathers weights from all ranks: each runs as many as rank 0,
+    # which has the most examples; a rank short of one runs a spare example it does not count.
+    passes = len(examples[:: ranks.world_size])
     examples = examples[ranks.rank :: ranks.world_size]
-    for start in range(0, len(examples), cfg.micro_batch_size):
+    for start in range(0, passes, cfg.micro_batch_size):
         rows = [[e] for e in examples[start : start + cfg.micro_batch_size]]
-        batch = to_device(collate(rows, pad_id), device)
-        n = answer_tokens(batch)
+        batch = to_device(collate(rows or [spare], pad_id), device)
+        n = answer_tokens(batch) if rows else 0
         with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
             total += completion_loss(model, batch, n, attn_impl, decoder) * n
         count += n
@@ -538,7 +596,8 @@ def fit(
             distributed.heartbeat(ranks, step, "sync")
             step_loss = distributed.sync_gradients(params, step_loss, ranks)
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            # FSDP: the norm over every rank's shards (a DTensor)
+            grad_norm = distributed.whole(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
             loss = float(step_loss)  # one host sync per optimizer step, not per micro-batch
             if step + 1 == POISON_STEP:
                 loss = float("nan")
@@ -575,15 +634,13 @@ def fit(
                                                      dtype, decoder, ranks)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
-            if ranks.main and t.checkpoint_every and (
-                (step + 1) % t.checkpoint_every == 0 or last_step
-            ):
+            if t.checkpoint_every and ((step + 1) % t.checkpoint_every == 0 or last_step):
                 rows_per_step = t.micro_batch_size * t.grad_accum_steps * ranks.world_size
                 save_checkpoint(out / "checkpoints", model, optimizer, scaler, step + 1,
                                 {"position": position, "rows_per_step": rows_per_step,
                                  "world_size": ranks.world_size,
                                  "guard": {"mean": guard.mean, "streak": guard.streak}},
-                                t.keep_checkpoints)
+                                t.keep_checkpoints, ranks)
             bar.set_postfix(loss=f"{loss:.4f}")
     bar.close()
     watchdog.stopped = True  # saving the adapter below is not a step
@@ -670,7 +727,9 @@ def train_ranks(
 
     if device == "cuda":  # the guide's checklist, and a micro-batch that fits
         architecture = json.loads((Path(cfg.base_path) / "config.json").read_text())
-        t, guess = fit_micro_batch(architecture, t, cfg.lora, packed, too_long, check_device(t))
+        shards = ranks.world_size if t.parallelism == "fsdp" else 1
+        t, guess = fit_micro_batch(architecture, t, cfg.lora, packed, too_long, check_device(t),
+                                   shards)
         micro = distributed.min_value(t.micro_batch_size, ranks)  # every rank the same rows
         if micro != t.micro_batch_size:
             t = t.model_copy(update={"micro_batch_size": micro, "grad_accum_steps": (
@@ -680,16 +739,20 @@ def train_ranks(
                   f"micro_batch_size={t.micro_batch_size} x grad_accum_steps="
                   f"{t.grad_accum_steps} x {ranks.world_size} GPU(s)", file=sys.stderr)
 
-    model = add_lora(load_base(cfg.base_path, t, device, attn_impl), cfg.lora)
+    if t.parallelism == "fsdp" and ranks.distributed:
+        model = load_base_sharded(cfg.base_path, t, cfg.lora, device, attn_impl, ranks)
+    else:
+        model = add_lora(load_base(cfg.base_path, t, device, attn_impl), cfg.lora)
     result = fit(model, train_set, val_set, t, out, tokenizer.pad_token_id, dtype, attn_impl,
                  packed, ranks)
+    adapter = lora_state(model)
     if not ranks.main:
         return result
 
     # Write the adapter beside its final name, then rename: no half-written adapter/.
     staging = out / "adapter.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
+    model.save_pretrained(staging, safe_serialization=True, state_dict=adapter)
     shutil.rmtree(out / "adapter", ignore_errors=True)
     staging.rename(out / "adapter")
     (out / "result.json").write_text(json.dumps(result, indent=2))

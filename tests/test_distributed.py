@@ -3,12 +3,16 @@ two-node rendezvous on one host. The same code runs one process a GPU with NCCL.
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
 
 from loraflow.config import LoraSettings, TrainConfig
 from loraflow.distributed import launch_command
@@ -109,8 +113,6 @@ def test_two_processes_train_exactly_as_one_with_double_accumulation(
     assert sorted(p.name for p in two.iterdir()) == [
         "adapter", "checkpoints", "metrics.jsonl", "result.json"]
 
-    from safetensors.torch import load_file
-
     a = load_file(one / "adapter" / "adapter_model.safetensors")
     b = load_file(two / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
@@ -135,6 +137,107 @@ def test_a_checkpoint_from_two_processes_resumes_on_one_with_the_same_effective_
     assert "grad_accum_steps becomes 2" in done.stderr
     assert [r["loss"] for r in records(moved)] == pytest.approx(
         [r["loss"] for r in records(whole)], rel=1e-4)
+
+
+def assert_half_held(stderr, base):
+    """The engine's fsdp line says rank 0 holds half of every weight but the output head's
+    (whole on each rank)."""
+    match = re.search(r"fsdp: rank 0 holds ([\d,]+) of the model's ([\d,]+) weights", stderr)
+    assert match, stderr[-3000:]
+    held, total = (int(n.replace(",", "")) for n in match.groups())
+    config = json.loads((base / "config.json").read_text())
+    head = config["vocab_size"] * config["hidden_size"]
+    assert held - head == pytest.approx((total - head) / 2, rel=0.01)
+
+
+def test_fsdp_on_two_processes_trains_exactly_as_one_with_double_accumulation(
+    tmp_path, tiny_model_dir, tokenized
+):
+    # 5 validation examples, 2 a pass: rank 0 makes two passes, rank 1 (with 2) one and a
+    # spare, as every forward under FSDP needs all ranks
+    data = tmp_path / "five"
+    data.mkdir()
+    shutil.copy(tokenized / "train.parquet", data)
+    (data / "validation.jsonl").write_text("".join(
+        json.dumps({"input_ids": ids, "prompt_len": n}) + "\n"
+        for ids, n in read_examples(tokenized / "validation.parquet")[:5]))
+    one, command = engine(tmp_path, tiny_model_dir, data, "one", grad_accum_steps=2,
+                          max_steps=4, eval_every=2, max_grad_norm=0.2)
+    assert run(command).returncode == 0
+    two, command = engine(tmp_path, tiny_model_dir, data, "fsdp", processes=2,
+                          max_steps=4, eval_every=2, checkpoint_every=2, parallelism="fsdp",
+                          gradient_checkpointing=True, max_grad_norm=0.2)
+    done = run(command)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_half_held(done.stderr, tiny_model_dir)
+
+    for a, b in zip(records(one), records(two), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["tokens"] == a["tokens"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)  # summed, all shards
+        assert b.get("val_loss", 0) == pytest.approx(a.get("val_loss", 0), rel=1e-4)
+    assert any(r["grad_norm"] > 0.2 for r in records(one))  # clipping took part
+    a = load_file(one / "adapter" / "adapter_model.safetensors")
+    b = load_file(two / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5) for k in a)
+
+
+def test_checkpoints_move_between_ddp_and_fsdp(tmp_path, tiny_model_dir, tokenized):
+    whole, command = engine(tmp_path, tiny_model_dir, tokenized, "whole", grad_accum_steps=2,
+                            max_steps=6)
+    assert run(command).returncode == 0
+    # steps 1-2 on one process, 3-4 under fsdp on two (loads a whole checkpoint into shards,
+    # saves its shards whole), 5-6 on one process again (loads what fsdp wrote)
+    moved = tmp_path / "moved"
+    for steps, more in ((2, dict(grad_accum_steps=2)),
+                        (4, dict(processes=2, parallelism="fsdp")),
+                        (6, dict(grad_accum_steps=1))):
+        moved, command = engine(tmp_path, tiny_model_dir, tokenized, "moved", max_steps=steps,
+                                checkpoint_every=2, **more)
+        done = run(command)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"resuming from {moved / 'checkpoints'}" in done.stderr or steps == 2
+    assert [r["loss"] for r in records(moved)] == pytest.approx(
+        [r["loss"] for r in records(whole)], rel=1e-4)
+    a = load_file(whole / "adapter" / "adapter_model.safetensors")
+    b = load_file(moved / "adapter" / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5) for k in a)
+
+
+def test_fsdp_refuses_quantized_or_fp16_weights():
+    for precision in ("nf4", "int8", "fp16"):
+        with pytest.raises(ValidationError, match=f"parallelism=fsdp cannot use precision="
+                                                  f"{precision}"):
+            TrainConfig(parallelism="fsdp", precision=precision)
+    assert TrainConfig(parallelism="fsdp", precision="bf16").parallelism == "fsdp"
+
+
+@pytest.mark.gpu
+def test_fsdp_on_two_gpus_trains_as_one_gpu_and_holds_a_share_of_the_weights(
+    tmp_path, tiny_model_dir, tokenized
+):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    one, command = engine(tmp_path, tiny_model_dir, tokenized, "one", grad_accum_steps=2,
+                          max_steps=4, eval_every=2)
+    done = run(command, CUDA_VISIBLE_DEVICES="0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    two, command = engine(tmp_path, tiny_model_dir, tokenized, "fsdp", processes=2,
+                          max_steps=4, eval_every=2, checkpoint_every=2, parallelism="fsdp")
+    done = run(command, CUDA_VISIBLE_DEVICES="0,1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_half_held(done.stderr, tiny_model_dir)
+    for a, b in zip(records(one), records(two), strict=True):  # bf16: sums in another order
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-2)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=5e-2)
+        assert b.get("val_loss", 0) == pytest.approx(a.get("val_loss", 0), rel=2e-2)
+    # and the fsdp checkpoint resumes on one GPU
+    more, command = engine(tmp_path, tiny_model_dir, tokenized, "fsdp", max_steps=6,
+                           grad_accum_steps=2, checkpoint_every=2)
+    done = run(command, CUDA_VISIBLE_DEVICES="0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stderr and len(records(more)) == 6
 
 
 def test_two_node_ranks_meet_at_a_rendezvous_endpoint(
