@@ -469,7 +469,13 @@ def fit(
                                   fused=device == "cuda")
     scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
     decoder = model.get_base_model().model
-    if t.compile:
+    if t.compile and t.gradient_checkpointing:
+        # Compiling the whole decoder traces through activation checkpointing and keeps what
+        # it would recompute (nf4 7B: 16.6 GiB instead of 7.6); compiling each layer inside
+        # its checkpointed call keeps the savings.
+        for layer in decoder.layers:
+            layer.compile(dynamic=False)
+    elif t.compile:
         decoder = torch.compile(decoder, dynamic=False)
     width = t.seq_len if packed else None
 
@@ -681,6 +687,10 @@ def train_ranks(
                   f"{t.grad_accum_steps} x {ranks.world_size} GPU(s)", file=sys.stderr)
 
     model = add_lora(load_base(cfg.base_path, t, device, attn_impl), cfg.lora)
+    if t.precision == "fp8":  # after PEFT: its LoRA layers wrap the FP8 base layers
+        from loraflow.fp8 import convert_frozen_linears
+
+        convert_frozen_linears(model, skip=lambda name: name.endswith("lm_head"))
     result = fit(model, train_set, val_set, t, out, tokenizer.pad_token_id, dtype, attn_impl,
                  packed, ranks)
     if not ranks.main:
