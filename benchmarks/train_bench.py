@@ -14,6 +14,7 @@ tokens/s x (4N + attention FLOPs per token) / the bf16 matmul rate measured in t
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -79,6 +80,7 @@ def flops_per_token(n_params: int, mean_len: float, cfg: dict[str, int]) -> floa
 
 
 def reset_memory() -> None:
+    gc.collect()  # an earlier variant's model can sit in reference cycles
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -144,6 +146,10 @@ def run_engine(examples: list[tuple[list[int], int]], steps: int, ranks: Any = N
 
     cfg = TrainConfig(max_steps=steps + 2, warmup_steps=0, learning_rate=1e-4,
                       watchdog_seconds=0, **train)
+    reset_memory()
+    # What earlier variants in this process left allocated (the guide's Trainer keeps its
+    # model reachable) is not this variant's: it is subtracted from the peak.
+    leftover = torch.cuda.memory_allocated()
     packed = cfg.batching == "packed"
     attn = "flex_attention" if packed else "sdpa"
     model_dir = None
@@ -168,7 +174,8 @@ def run_engine(examples: list[tuple[list[int], int]], steps: int, ranks: Any = N
     timed = records[2:]  # warm-up and compilation
     seconds = timed[-1]["elapsed_s"] - records[1]["elapsed_s"]
     result = {"real_tokens_per_s": sum(r["tokens"] for r in timed) / seconds,
-              "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+              "peak_gib": (torch.cuda.max_memory_allocated() - leftover) / 2**30,
+              "leftover_gib": leftover / 2**30,
               "first_step_s": records[0]["elapsed_s"], "gpus": ranks.world_size,
               "grad_accum_steps": cfg.grad_accum_steps,
               "losses": [r["loss"] for r in records]}

@@ -148,9 +148,15 @@ def test_two_node_ranks_meet_at_a_rendezvous_endpoint(
     assert command[command.index("--nnodes"):][:2] == ["--nnodes", "2"]
     assert f"127.0.0.1:{unused_port}" in command
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if torch.cuda.is_available():  # each "machine" has its own GPU, as two hosts would
+        if torch.cuda.device_count() < 2:
+            pytest.skip("two node ranks on one host need two GPUs (NCCL: one rank a GPU)")
+        visible = [{"CUDA_VISIBLE_DEVICES": str(i)} for i in range(2)]
+    else:
+        visible = [{}, {}]
     # Two launches, as two machines would start them: the same command, nothing else shared.
     nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env=env) for _ in range(2)]
+                              text=True, env=env | visible[i]) for i in range(2)]
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     result = json.loads((out / "result.json").read_text())
