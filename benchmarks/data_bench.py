@@ -6,7 +6,9 @@
   (alpaca layout, truncation=True, padding="max_length", max_length=1024), one process.
 - loraflow: `validate_splits` (every line checked, cleaned, deduplicated, quarantine written)
   then `tokenize_splits` (alpaca layout, max_length 1024, no padding stored, zstd Parquet).
-Each contender runs in its own child process; the table shows wall time, the child's peak
+Each contender runs in its own child process; the table shows wall time, the CPU seconds it
+used (all threads: more than the wall time means it used more than one core), how many cores
+other processes on the machine kept busy meanwhile, on average, the child's peak
 resident memory, the bytes of the tokenized dataset and every byte the contender wrote.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import subprocess
@@ -106,15 +109,34 @@ def _tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU of this process (all its threads) and of its finished children."""
+    used = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in used)
+
+
+def _machine_busy_seconds() -> float:
+    """CPU seconds every process on the machine has used since boot (Linux /proc/stat)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def child(args: argparse.Namespace) -> None:
     """One contender in this process; prints its numbers as JSON on the last line."""
     work = Path(tempfile.mkdtemp(prefix=f"bench-{args.child}-", dir=args.workdir))
-    import transformers  # noqa: F401 - imports are not data work: load them before timing
+    # imports are not data work: load them before timing (transformers' are lazy: AutoTokenizer
+    # pulls in torch, ~1 s, on first use, for both contenders alike)
+    from transformers import AutoTokenizer  # noqa: F401
 
     if args.child == "guide":
         import datasets  # noqa: F401
     else:
+        import pyarrow.parquet  # noqa: F401 - imported by loraflow on first write
+
         import loraflow.tokenization  # noqa: F401
+    cpu_before, busy_before = _cpu_seconds(), _machine_busy_seconds()
     start = time.perf_counter()
     if args.child == "guide":
         result = run_guide(args.data, args.tokenizer, work)
@@ -122,6 +144,10 @@ def child(args: argparse.Namespace) -> None:
         result = run_loraflow(args.data, args.tokenizer, work, args.child == "loraflow-packed")
     result["seconds"] = time.perf_counter() - start
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["cpu_seconds"] = _cpu_seconds() - cpu_before
+    # what the rest of the machine used meanwhile (a shared machine): cores, on average
+    others = _machine_busy_seconds() - busy_before - result["cpu_seconds"]
+    result["other_cores"] = max(0.0, others) / result["seconds"]
     print(json.dumps(result))
 
 
@@ -155,15 +181,16 @@ def main() -> None:
     size_mib = data.stat().st_size / 2**20
     print(f"\n{args.n} examples, {size_mib:.0f} MiB JSONL, tokenizer {args.tokenizer}")
     print(
-        "| contender | examples | wall s | peak RSS MiB | tokenized dataset MiB "
-        "| all written MiB | speed vs guide | smaller vs guide |"
+        "| contender | examples | wall s | CPU s | other jobs' cores | peak RSS MiB "
+        "| tokenized dataset MiB | all written MiB | speed vs guide | smaller vs guide |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         speed = f"{guide['seconds'] / r['seconds']:.1f}x" if guide else "-"
         size = f"{guide['dataset_bytes'] / r['dataset_bytes']:.1f}x" if guide else "-"
         print(
-            f"| {name} | {r['examples']} | {r['seconds']:.1f} | {r['peak_rss_mib']:.0f} | "
+            f"| {name} | {r['examples']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
+            f"{r['other_cores']:.2f} | {r['peak_rss_mib']:.0f} | "
             f"{r['dataset_bytes'] / 2**20:.1f} | {r['written_bytes'] / 2**20:.1f} | "
             f"{speed} | {size} |"
         )

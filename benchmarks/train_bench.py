@@ -1,6 +1,8 @@
-"""Training throughput on one GPU: the guide's recipe against loraflow's engine, in one run.
+"""Training throughput: the guide's recipe against loraflow's engine, in one run; and the
+engine on 1, 2 and 4 GPUs (data-parallel under torchrun) with the loss curves compared.
 
     python benchmarks/train_bench.py [--variants guide,packed,packed-compile,nf4] [--steps 8]
+    python benchmarks/train_bench.py --gpus 1,2,4 --variants packed-compile --accum 2
 
 Llama-2-7B architecture with random bf16 weights built on the GPU (throughput does not depend
 on the weight values); instruction examples with log-normal lengths (median ~220 tokens, clipped
@@ -12,10 +14,14 @@ tokens/s x (4N + attention FLOPs per token) / the bf16 matmul rate measured in t
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
+import os
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -74,6 +80,7 @@ def flops_per_token(n_params: int, mean_len: float, cfg: dict[str, int]) -> floa
 
 
 def reset_memory() -> None:
+    gc.collect()  # an earlier variant's model can sit in reference cycles
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -128,13 +135,21 @@ def run_guide(examples: list[tuple[list[int], int]], steps: int) -> dict[str, An
     return result
 
 
-def run_engine(examples: list[tuple[list[int], int]], steps: int, **train: Any) -> dict[str, Any]:
-    """loraflow's own loop (loraflow.train.fit) on the same examples."""
+def run_engine(examples: list[tuple[list[int], int]], steps: int, ranks: Any = None,
+               **train: Any) -> dict[str, Any]:
+    """loraflow's own loop (loraflow.train.fit) on the same examples; under torchrun each
+    rank trains its share of every step (tokens/s counts every rank's tokens)."""
     from loraflow.config import LoraSettings, TrainConfig
+    from loraflow.distributed import SINGLE
+    from loraflow.fp8 import convert_frozen_linears
     from loraflow.train import add_lora, fit, load_base, prepare_for_training
 
     cfg = TrainConfig(max_steps=steps + 2, warmup_steps=0, learning_rate=1e-4,
                       watchdog_seconds=0, **train)
+    reset_memory()
+    # What earlier variants in this process left allocated (the guide's Trainer keeps its
+    # model reachable) is not this variant's: it is subtracted from the peak.
+    leftover = torch.cuda.memory_allocated()
     packed = cfg.batching == "packed"
     attn = "flex_attention" if packed else "sdpa"
     model_dir = None
@@ -146,15 +161,24 @@ def run_engine(examples: list[tuple[list[int], int]], steps: int, **train: Any) 
     else:
         model = prepare_for_training(build_model(attn), cfg)
     model = add_lora(model, LoraSettings(dropout=0.0))
+    if cfg.precision == "fp8":  # as loraflow.train.train_ranks does
+        convert_frozen_linears(model, skip=lambda name: name.endswith("lm_head"))
     reset_memory()
+    ranks = ranks or SINGLE
     out = Path(tempfile.mkdtemp())
-    fit(model, examples, [], cfg, out, 0, torch.bfloat16, attn, packed)
+    fit(model, examples, [], cfg, out, 0, torch.bfloat16, attn, packed, ranks)
+    if not ranks.main:
+        del model
+        return {}
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = records[2:]  # warm-up and compilation
     seconds = timed[-1]["elapsed_s"] - records[1]["elapsed_s"]
     result = {"real_tokens_per_s": sum(r["tokens"] for r in timed) / seconds,
-              "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-              "first_step_s": records[0]["elapsed_s"]}
+              "peak_gib": (torch.cuda.max_memory_allocated() - leftover) / 2**30,
+              "leftover_gib": leftover / 2**30,
+              "first_step_s": records[0]["elapsed_s"], "gpus": ranks.world_size,
+              "grad_accum_steps": cfg.grad_accum_steps,
+              "losses": [r["loss"] for r in records]}
     del model
     if model_dir:
         shutil.rmtree(model_dir, ignore_errors=True)
@@ -194,6 +218,8 @@ ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
     "packed-compile-mb12": SPEED | {"compile": True, "micro_batch_size": 12},
     "packed-liger": SPEED | {"kernels": "liger"},
     "packed-liger-compile": SPEED | {"kernels": "liger", "compile": True},
+    "packed-fp8": SPEED | {"precision": "fp8"},
+    "packed-fp8-compile": SPEED | {"precision": "fp8", "compile": True},
     "nf4": QLORA | {"micro_batch_size": 2, "grad_accum_steps": 4},
     "nf4-mb3": QLORA | {"micro_batch_size": 3, "grad_accum_steps": 3},
     "nf4-mb4": QLORA | {"micro_batch_size": 4, "grad_accum_steps": 2},
@@ -204,47 +230,100 @@ ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+def scaling(args: argparse.Namespace) -> None:
+    """The engine on each GPU count of --gpus, same per-GPU work (--accum micro-batches of 8
+    rows a step); and, when 2 is among them, one GPU with twice the accumulation: the same
+    rows per step as two GPUs, so its loss curve must match theirs."""
+    runs = [(n, args.accum) for n in map(int, args.gpus.split(","))]
+    if any(n == 2 for n, _ in runs):
+        runs.append((1, 2 * args.accum))
+    results = {}
+    for gpus, accum in runs:
+        out = args.out.with_name(f"{args.out.stem}-gpus{gpus}-accum{accum}.json")
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc-per-node", str(gpus), __file__, "--variants", args.variants,
+                   "--steps", str(args.steps), "--accum", str(accum), "--out", str(out)]
+        print(" ".join(command), flush=True)
+        subprocess.run(command, check=True, env={**os.environ, "NCCL_NVLS_ENABLE": "0"})
+        results[(gpus, accum)] = json.loads(out.read_text())[args.variants]
+    args.out.write_text(json.dumps({f"{g}x{a}": r for (g, a), r in results.items()}, indent=2))
+
+    one = results[(1, args.accum)]["real_tokens_per_s"]
+    print(f"\n{args.variants}, {args.accum} micro-batch(es) of 8 x 2048 a GPU a step")
+    print("| GPUs | real tokens/s | per GPU | scaling efficiency | peak GiB a GPU |")
+    print("|---|---|---|---|---|")
+    for (gpus, accum), r in results.items():
+        if accum != args.accum:
+            continue
+        tps = r["real_tokens_per_s"]
+        print(f"| {gpus} | {tps:,.0f} | {tps / gpus:,.0f} | {tps / (gpus * one):.1%} | "
+              f"{r['peak_gib']:.1f} |")
+    if (2, args.accum) in results:
+        a, b = results[(1, 2 * args.accum)]["losses"], results[(2, args.accum)]["losses"]
+        gap = max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True))
+        print(f"\nloss curve, 1 GPU x accum {2 * args.accum} vs 2 GPUs x accum {args.accum} "
+              f"(same rows each step): largest relative gap {gap:.2e} over {len(a)} steps")
+        print("1 GPU :", " ".join(f"{x:.4f}" for x in a))
+        print("2 GPUs:", " ".join(f"{x:.4f}" for x in b))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default="guide,packed,packed-compile,nf4")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--accum", type=int, default=0,
+                        help="grad_accum_steps for the engine's variants (0: each variant's)")
+    parser.add_argument("--gpus", default="", help="e.g. 1,2,4: the scaling run (torchrun)")
     parser.add_argument("--out", type=Path, default=Path("train_bench.json"))
     args = parser.parse_args()
+    if args.gpus:
+        return scaling(args)
 
+    from loraflow import distributed
+
+    ranks = distributed.init("cuda", 1800)  # one process unless started by torchrun
     examples = make_examples(4000)
     mean_len = sum(len(ids) for ids, _ in examples) / len(examples)
     ceiling = matmul_tflops()
     n_params = 6_738_415_616  # Llama-2-7B with its untied 32000-token head
     per_token = flops_per_token(n_params, mean_len, LLAMA2_7B)
-    print(f"bf16 matmul ceiling {ceiling:.0f} TFLOP/s; mean example {mean_len:.0f} tokens; "
-          f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    say = print if ranks.main else (lambda *a, **k: None)
+    say(f"bf16 matmul ceiling {ceiling:.0f} TFLOP/s; mean example {mean_len:.0f} tokens; "
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {ranks.world_size} GPU(s)",
+        flush=True)
     plans = {
         "guide": lambda: run_guide(examples, args.steps),
         "isolation": lambda: {"max_rel_loss_gap": isolation_check(examples)},
     }
+    accum = {"grad_accum_steps": args.accum} if args.accum else {}
     for name, train in ENGINE_VARIANTS.items():
-        plans[name] = lambda train=train: run_engine(examples, args.steps, **train)
+        plans[name] = lambda train=train: run_engine(examples, args.steps, ranks,
+                                                     **(train | accum))
     results: dict[str, Any] = {"ceiling_tflops": ceiling, "mean_len": mean_len}
     for name in args.variants.split(","):
         start = time.perf_counter()
         try:
             results[name] = plans[name]()
         except Exception as exc:  # a variant that fails is reported in the table, not hidden
+            if ranks.distributed:
+                raise
             results[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         results[name]["wall_s"] = time.perf_counter() - start
         reset_memory()
-        print(name, json.dumps(results[name]), flush=True)
-        args.out.write_text(json.dumps(results, indent=2))
+        say(name, json.dumps(results[name]), flush=True)
+        if ranks.main:
+            args.out.write_text(json.dumps(results, indent=2))
+    distributed.shutdown(ranks)
 
     guide = results.get("guide", {}).get("real_tokens_per_s")
-    print("\n| recipe | real tokens/s | MFU | peak GiB | vs guide |\n|---|---|---|---|---|")
+    say("\n| recipe | real tokens/s | MFU | peak GiB | vs guide |\n|---|---|---|---|---|")
     for name, r in results.items():
         if not isinstance(r, dict) or "real_tokens_per_s" not in r:
             continue
         tps = r["real_tokens_per_s"]
-        mfu = tps * per_token / (ceiling * 1e12)
+        mfu = tps * per_token / (ceiling * 1e12 * ranks.world_size)
         ratio = f"{tps / guide:.2f}x" if guide else "-"
-        print(f"| {name} | {tps:,.0f} | {mfu:.0%} | {r['peak_gib']:.1f} | {ratio} |")
+        say(f"| {name} | {tps:,.0f} | {mfu:.0%} | {r['peak_gib']:.1f} | {ratio} |")
 
 
 if __name__ == "__main__":

@@ -192,11 +192,13 @@ class TrainConfig(Section):
     warmup_steps: int = Field(4, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold.")
-    precision: Literal["auto", "fp32", "bf16", "fp16", "int8", "nf4"] = Field(
+    precision: Literal["auto", "fp32", "bf16", "fp16", "fp8", "int8", "nf4"] = Field(
         "auto",
         description="Base weights and compute: auto is bf16 on a GPU that supports it, fp16 "
-        "(with loss scaling) on older GPUs, fp32 on CPU; int8 and nf4 (double-quantised, QLoRA) "
-        "load the base through bitsandbytes on a GPU.",
+        "(with loss scaling) on older GPUs, fp32 on CPU; fp8 is bf16 with the frozen base "
+        "linear layers' matmuls in FP8 (e4m3, rowwise scales; Hopper/Ada GPUs; the LoRA "
+        "weights, attention, norms and loss stay bf16/fp32); int8 and nf4 (double-quantised, "
+        "QLoRA) load the base through bitsandbytes on a GPU.",
     )
     batching: Literal["auto", "padded", "packed"] = Field(
         "auto",
@@ -249,16 +251,17 @@ class TrainConfig(Section):
         description="With several GPUs: ddp keeps the whole base model on every GPU (fastest); "
         "fsdp shards the base weights across all GPUs (FSDP2), for a model whose weights do not "
         "fit one GPU (70B-class), at the cost of gathering each layer's weights every pass. "
-        "Both learn the same; fsdp needs bf16 or fp32 (not int8, nf4 or fp16).",
+        "Both learn the same; fsdp needs bf16 or fp32 (not fp8, int8, nf4 or fp16).",
     )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.parallelism == "fsdp" and self.precision in ("int8", "nf4", "fp16"):
+        if self.parallelism == "fsdp" and self.precision in ("fp8", "int8", "nf4", "fp16"):
             raise ValueError(
-                f"parallelism=fsdp cannot use precision={self.precision}: bitsandbytes' "
-                "quantized weights cannot be sharded and fp16's loss scaling would differ "
-                "between ranks. Fix: precision=bf16 (or auto) with fsdp, or parallelism=ddp."
+                f"parallelism=fsdp cannot use precision={self.precision}: quantized weights "
+                "(bitsandbytes' int8/nf4, loraflow's fp8 copies) cannot be sharded and fp16's "
+                "loss scaling would differ between ranks. Fix: precision=bf16 (or auto) with "
+                "fsdp, or parallelism=ddp."
             )
         return self
 

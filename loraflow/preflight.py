@@ -19,7 +19,8 @@ from typing import Any
 from loraflow.config import LoraSettings, TrainConfig
 
 GIB = 2**30
-BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "nf4": 0.6}
+# fp8 keeps two FP8 copies of each frozen weight (one laid out for each GEMM): 2 bytes.
+BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 2.0, "int8": 1.0, "nf4": 0.6}
 ACTIVATION_BYTES_PER_HIDDEN = {"plain": 42.0, "compiled": 25.0, "checkpointed": 6.0}
 OVERHEAD_GIB = 0.5  # CUDA context, allocator slack, cuBLAS workspaces
 HEADROOM = 0.92  # never plan to fill the card
@@ -130,6 +131,13 @@ def check_device(train: TrainConfig) -> float:
     if train.precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise PreflightError("train.precision=bf16 but this GPU has no bf16. Fix: "
                              "train.precision=fp16 (or auto)")
+    if train.precision == "fp8":
+        from loraflow.fp8 import fp8_supported
+
+        supported, why = fp8_supported()
+        if not supported:
+            raise PreflightError(why.replace("turn FP8 off for this run",
+                                             "train.precision=bf16 (or auto)"))
     if train.precision in ("int8", "nf4"):
         try:
             import bitsandbytes  # noqa: F401

@@ -17,7 +17,9 @@ import json
 import shutil
 from array import array
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 from tqdm import tqdm
@@ -77,7 +79,11 @@ def cache_key(
 
 class Encoder:
     """Renders and encodes examples in batches, straight through the fast tokenizer's Rust
-    backend (the same ids as tokenizer(...), without building Python BatchEncodings)."""
+    backend (the same ids as tokenizer(...), without building Python BatchEncodings).
+
+    encode() = texts() (render, Python) -> run() (the tokenizer; for a fast tokenizer, Rust
+    without the GIL) -> assemble() (ids into lists, Python); tokenize_splits runs run() in a
+    second thread so that it overlaps the Python steps of the batches around it."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, template: str) -> None:
         if tokenizer.eos_token_id is None:
@@ -91,18 +97,40 @@ class Encoder:
             self.backend.no_padding()
         self.tokenizer = tokenizer
 
-    def _encode(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    def texts(self, examples: list[Example]) -> tuple[list[str], list[str]]:
+        """(prompts, answers): the prompt and the answer are encoded apart, so the prompt's ids
+        are exactly those the model is given at inference."""
+        return [self.render(e) for e in examples], [e.output for e in examples]
+
+    def run(self, texts: tuple[list[str], list[str]]) -> tuple[list[Any], list[Any]]:
+        """The tokenizer's work: Encodings of a fast tokenizer, id lists of a slow one."""
+        (prompts, answers), specials = texts, self.prompt_specials
         if self.backend is None:
-            return self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
-        return [
-            e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
-        ]
+            return (
+                self.tokenizer(prompts, add_special_tokens=specials)["input_ids"],
+                self.tokenizer(answers, add_special_tokens=False)["input_ids"],
+            )
+        # encode_batch_fast: the ids of encode_batch, ~30% faster: no character offsets
+        return (
+            self.backend.encode_batch_fast(prompts, add_special_tokens=specials),
+            self.backend.encode_batch_fast(answers, add_special_tokens=False),
+        )
+
+    def assemble(self, encoded: tuple[list[Any], list[Any]]) -> list[tuple[list[int], int]]:
+        """(input_ids, prompt_len) per example: prompt ids, answer ids, EOS."""
+        fast = self.backend is not None
+        out = []
+        for prompt, answer in zip(*encoded, strict=True):
+            ids = prompt.ids if fast else prompt
+            prompt_len = len(ids)
+            ids += answer.ids if fast else answer
+            ids.append(self.eos)
+            out.append((ids, prompt_len))
+        return out
 
     def encode(self, examples: list[Example]) -> list[tuple[list[int], int]]:
         """(input_ids, prompt_len) per example: prompt ids, answer ids, EOS."""
-        prompts = self._encode([self.render(e) for e in examples], self.prompt_specials)
-        answers = self._encode([e.output for e in examples], False)
-        return [(p + a + [self.eos], len(p)) for p, a in zip(prompts, answers, strict=True)]
+        return self.assemble(self.run(self.texts(examples)))
 
 
 def encode_example(
@@ -121,6 +149,22 @@ def _batches(path: Path) -> Iterator[list[Example]]:
             batch = []
     if batch:
         yield batch
+
+
+def _encoded(encoder: Encoder, path: Path) -> Iterator[list[tuple[list[int], int]]]:
+    """The split's examples encoded, batch after batch. The tokenizer runs in a second thread
+    (it releases the GIL) on batch k+1 while this one reads batch k+2 and the caller stores
+    batch k, so the Rust encoding never waits for our Python and both cores are used."""
+    batches = _batches(path)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as pool:
+        batch = next(batches, None)
+        running = pool.submit(encoder.run, encoder.texts(batch)) if batch else None
+        while running is not None:
+            batch = next(batches, None)
+            texts = encoder.texts(batch) if batch else None
+            encoded = running.result()
+            running = pool.submit(encoder.run, texts) if texts else None
+            yield encoder.assemble(encoded)
 
 
 class _ParquetOut:
@@ -204,8 +248,8 @@ def tokenize_splits(
         packer = Packer(settings.pack_length or max_length) if settings.packing else None
         bar = tqdm(desc=f"tokenize {split}", unit="ex", disable=not progress, leave=False)
         try:
-            for batch in _batches(Path(data_dir) / f"{split}.jsonl"):
-                for ids, prompt_len in encoder.encode(batch):
+            for batch in _encoded(encoder, Path(data_dir) / f"{split}.jsonl"):
+                for ids, prompt_len in batch:
                     split_lengths.append(len(ids))
                     if len(ids) > max_length:
                         if settings.truncation == "drop":

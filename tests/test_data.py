@@ -1,4 +1,5 @@
 import json
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from loraflow.config import DataConfig
-from loraflow.data import REASONS, DataError, read_jsonl, validate_splits
+from loraflow.data import FOLD, REASONS, DataError, fold, read_jsonl, strip_html, validate_splits
 
 ASSETS = Path(__file__).parent / "assets"
 GOOD = {"instruction": "Extract the order.", "input": "3 x AB-100 for Ann", "output": '{"sku": 1}'}
@@ -268,3 +269,11 @@ def test_arbitrary_bytes_and_json_never_crash_and_every_line_is_counted(
     for split, c in report.splits.items():
         quarantined = (out / "quarantine" / f"{split}.jsonl").read_bytes()
         assert quarantined.count(b"\n") == c.quarantined
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet=st.characters(max_codepoint=127), max_size=40))
+def test_folding_ascii_text_fast_equals_the_unicode_rules(text):
+    # fold() takes a bytes.translate shortcut for ASCII; it must equal the general path
+    expected = FOLD.sub(" ", unicodedata.normalize("NFKC", strip_html(text)).casefold()).strip()
+    assert fold(text) == expected

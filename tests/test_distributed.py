@@ -206,7 +206,7 @@ def test_checkpoints_move_between_ddp_and_fsdp(tmp_path, tiny_model_dir, tokeniz
 
 
 def test_fsdp_refuses_quantized_or_fp16_weights():
-    for precision in ("nf4", "int8", "fp16"):
+    for precision in ("fp8", "nf4", "int8", "fp16"):
         with pytest.raises(ValidationError, match=f"parallelism=fsdp cannot use precision="
                                                   f"{precision}"):
             TrainConfig(parallelism="fsdp", precision=precision)
@@ -251,9 +251,15 @@ def test_two_node_ranks_meet_at_a_rendezvous_endpoint(
     assert command[command.index("--nnodes"):][:2] == ["--nnodes", "2"]
     assert f"127.0.0.1:{unused_port}" in command
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if torch.cuda.is_available():  # each "machine" has its own GPU, as two hosts would
+        if torch.cuda.device_count() < 2:
+            pytest.skip("two node ranks on one host need two GPUs (NCCL: one rank a GPU)")
+        visible = [{"CUDA_VISIBLE_DEVICES": str(i)} for i in range(2)]
+    else:
+        visible = [{}, {}]
     # Two launches, as two machines would start them: the same command, nothing else shared.
     nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env=env) for _ in range(2)]
+                              text=True, env=env | visible[i]) for i in range(2)]
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     result = json.loads((out / "result.json").read_text())

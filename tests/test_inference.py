@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from mlflow import MlflowClient
 
 from loraflow.data import DataError
 from loraflow.generation import Decoding, Prompt, generate
@@ -52,6 +51,9 @@ def test_a_local_model_answers_with_the_template_recorded_with_it(merged_dir):
 
 
 def test_a_registered_model_loads_by_alias_and_by_version(merged_dir):
+    # imported here: the GPU machine runs this file's gpu tests and has no MLflow
+    from mlflow import MlflowClient
+
     client = MlflowClient()
     client.create_registered_model("tiny-inference")
     version = client.create_model_version("tiny-inference", source=merged_dir.as_uri())

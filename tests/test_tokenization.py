@@ -120,6 +120,17 @@ def test_bulk_rendering_and_encoding_equal_the_one_by_one_path(tokenizer):
         assert Encoder(tokenizer, template).encode(batch) == expected
 
 
+def test_batches_stream_through_the_encoding_thread_in_line_order(tmp_path, tokenizer, monkeypatch):
+    # several batches (the last one short) go through the second thread; none lost or reordered
+    monkeypatch.setattr("loraflow.tokenization.BATCH", 7)
+    rows = examples(30)
+    data = write_data(tmp_path / "data", {"train": rows, "validation": []})
+    report = tokenize_splits(data, tokenizer, "alpaca", 4096, tmp_path / "tok", progress=False)
+    assert report.counts == {"train": 30, "validation": 0}
+    stored = read_tokenized(tmp_path / "tok" / "train.parquet")
+    assert stored == [encode_example(tokenizer, "alpaca", e) for e in rows]
+
+
 def test_over_max_length_is_dropped_or_truncated_and_a_lost_answer_is_reported(tmp_path, tokenizer):
     long_input = EXAMPLE.model_copy(update={"input": "word " * 200})
     data = write_data(tmp_path / "data", {"train": [EXAMPLE, long_input], "validation": [EXAMPLE]})

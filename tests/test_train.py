@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -202,3 +203,49 @@ def test_after_out_of_memory_the_micro_batch_halves_and_the_effective_batch_stay
     assert (twice.micro_batch_size, twice.grad_accum_steps) == (2, 8)
     with pytest.raises(ValueError, match="micro_batch_size=1"):
         halve_micro_batch(TrainConfig(micro_batch_size=1), 1)
+
+
+def test_recomputing_the_logits_in_backward_gives_the_same_loss_and_gradients(
+    tiny_model_dir, tokenized
+):
+    from loraflow.train import collate, completion_loss
+
+    model = add_lora(load_model(tiny_model_dir), LoraSettings(dropout=0.0))
+    batch = collate([[e] for e in read_examples(tokenized / "train.jsonl")[:4]], pad_id=3)
+    results = []
+    for recompute in (False, True):
+        model.zero_grad()
+        loss = completion_loss(model, batch, 10, "sdpa", recompute_logits=recompute)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((float(loss.detach()), grads))
+    (plain, plain_grads), (again, again_grads) = results
+    assert again == pytest.approx(plain, rel=1e-6)
+    pairs = zip(plain_grads, again_grads, strict=True)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in pairs)
+    assert any(float(g.abs().sum()) > 0 for g in plain_grads)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"precision": "bf16", "batching": "packed", "compile": True},  # speed mode (bf16)
+        {"precision": "fp8", "batching": "packed", "compile": True},  # speed mode
+        {"precision": "nf4", "batching": "packed", "compile": True,  # memory mode
+         "gradient_checkpointing": True},
+        {"precision": "fp16", "batching": "padded"},  # loss scaling
+    ],
+    ids=["bf16-compile", "fp8-compile", "nf4-checkpointed-compile", "fp16-padded"],
+)
+def test_the_engine_learns_on_a_gpu_in_each_mode(tmp_path, tiny_model_dir, tokenized, settings):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    out, command = engine_run(tmp_path, tiny_model_dir, tokenized, "gpu", max_steps=12,
+                              seq_len=512, lr_schedule="constant", **settings)
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    curve = losses(out)
+    assert all(map(math.isfinite, curve)) and min(curve[-3:]) < curve[0]
+    assert "preflight: about" in done.stderr
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
