@@ -51,6 +51,22 @@ def small_data(tmp_path: Path) -> dict[str, Path]:
     return out
 
 
+@pytest.fixture
+def tokenized(tmp_path: Path, small_data: dict[str, Path], tiny_model_dir: Path) -> Path:
+    """small_data validated and tokenized (chat template, max length 512) for the tiny model."""
+    from loraflow.config import DataConfig
+    from loraflow.data import validate_splits
+    from loraflow.model import load_tokenizer
+    from loraflow.tokenization import tokenize_splits
+
+    sources = {split: [str(path)] for split, path in small_data.items()}
+    validate_splits(sources, tmp_path / "valid", DataConfig(), progress=False)
+    tokenize_splits(
+        tmp_path / "valid", load_tokenizer(tiny_model_dir), "chat", 512, tmp_path / "tokens"
+    )
+    return tmp_path / "tokens"
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """One temporary Prefect server (SQLite) for every flow test in the session."""

@@ -16,8 +16,6 @@ from safetensors.torch import load_file
 
 from loraflow.config import LoraSettings, TrainConfig
 from loraflow.distributed import launch_command
-from loraflow.model import load_tokenizer
-from loraflow.tokenization import tokenize_splits
 from loraflow.train import (
     EngineConfig,
     ExampleStream,
@@ -28,19 +26,6 @@ from loraflow.train import (
     row_counts,
     steps_for_epochs,
 )
-
-
-@pytest.fixture
-def tokenized(tmp_path, small_data, tiny_model_dir):
-    from loraflow.config import DataConfig
-    from loraflow.data import validate_splits
-
-    sources = {split: [str(path)] for split, path in small_data.items()}
-    validate_splits(sources, tmp_path / "valid", DataConfig(), progress=False)
-    tokenize_splits(
-        tmp_path / "valid", load_tokenizer(tiny_model_dir), "chat", 512, tmp_path / "tokens"
-    )
-    return tmp_path / "tokens"
 
 
 def engine(tmp_path, tiny_model_dir, tokenized, name, processes=1, nodes=1, port=0, **train):

@@ -10,22 +10,8 @@ import pytest
 import torch
 
 from loraflow.config import LoraSettings, TrainConfig
-from loraflow.model import load_model, load_tokenizer
-from loraflow.tokenization import tokenize_splits
+from loraflow.model import load_model
 from loraflow.train import EngineConfig, add_lora, fit, lr_factor, read_examples
-
-
-@pytest.fixture
-def tokenized(tmp_path, small_data, tiny_model_dir):
-    from loraflow.config import DataConfig
-    from loraflow.data import validate_splits
-
-    sources = {split: [str(path)] for split, path in small_data.items()}
-    validate_splits(sources, tmp_path / "valid", DataConfig(), progress=False)
-    tokenize_splits(
-        tmp_path / "valid", load_tokenizer(tiny_model_dir), "chat", 512, tmp_path / "tokens"
-    )
-    return tmp_path / "tokens"
 
 
 def test_training_moves_only_adapter_weights(tmp_path, tiny_model_dir, tokenized):
