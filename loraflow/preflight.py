@@ -6,7 +6,8 @@ activation coefficients fitted to peaks measured on an H200 (docs/benchmarks.md)
 - no activation checkpointing: ~42 bytes x hidden per token per layer (bf16, eager);
   torch.compile fuses enough to need ~25;
 - with checkpointing: ~6 bytes x hidden per token per layer (the stored layer inputs, one
-  layer's recomputed activations and the loss chunk, spread over the layers).
+  layer's recomputed activations and the loss chunk, spread over the layers); ~3.5 with each
+  layer compiled inside its checkpoint (nf4 7B, run 9: 6.9 and 7.2 GiB at 2 and 4 rows).
 The coefficients are fitted to those peaks (tests hold the estimate within 15% of each); the
 guide's 7B/13B table is the independent check: the estimate is 7-18% above it.
 """
@@ -21,7 +22,8 @@ from loraflow.config import LoraSettings, TrainConfig
 GIB = 2**30
 # fp8 keeps two FP8 copies of each frozen weight (one laid out for each GEMM): 2 bytes.
 BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 2.0, "int8": 1.0, "nf4": 0.6}
-ACTIVATION_BYTES_PER_HIDDEN = {"plain": 42.0, "compiled": 25.0, "checkpointed": 6.0}
+ACTIVATION_BYTES_PER_HIDDEN = {"plain": 42.0, "compiled": 25.0, "checkpointed": 6.0,
+                               "checkpointed-compiled": 3.5}
 OVERHEAD_GIB = 0.5  # CUDA context, allocator slack, cuBLAS workspaces
 HEADROOM = 0.92  # never plan to fill the card
 
@@ -81,8 +83,10 @@ def estimate(config: dict[str, Any], train: TrainConfig, lora: LoraSettings,
         weights += linear * BYTES_PER_WEIGHT[precision] * (1 / shards + 2 / layers - 1)
     # LoRA weights, gradients and two AdamW moments, all fp32.
     lora_bytes = lora_parameters(config, lora) * 16
-    mode = ("checkpointed" if train.gradient_checkpointing
-            else "compiled" if train.compile else "plain")
+    if train.gradient_checkpointing:
+        mode = "checkpointed-compiled" if train.compile else "checkpointed"
+    else:
+        mode = "compiled" if train.compile else "plain"
     activations = (tokens_per_micro_batch * config["num_hidden_layers"] * config["hidden_size"]
                    * ACTIVATION_BYTES_PER_HIDDEN[mode])
     return Estimate(weights / GIB, lora_bytes / GIB, activations / GIB, OVERHEAD_GIB)
