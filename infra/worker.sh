@@ -13,4 +13,4 @@ case "$pool" in
   *) echo "infra/worker.sh: pool must be cpu or gpu, not '$pool'" >&2; exit 2 ;;
 esac
 exec prefect --no-prompt worker start --pool "$pool" --type process --limit "$limit" \
-  --name "$pool-$(hostname)${CUDA_VISIBLE_DEVICES:+-gpu$CUDA_VISIBLE_DEVICES}"
+  --name "${WORKER_NAME:-$pool-$(hostname)${CUDA_VISIBLE_DEVICES:+-gpu$CUDA_VISIBLE_DEVICES}}"

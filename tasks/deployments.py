@@ -4,6 +4,7 @@ through MLflow, not through Prefect results."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from mlflow import MlflowClient
@@ -67,7 +68,6 @@ def train_on_gpu_pool(
     A run_deployment child returns no result the parent can read unless results are persisted
     where both sides can reach them; the MLflow run is that shared place already."""
     from prefect.deployments import run_deployment
-    from prefect.flow_runs import wait_for_flow_run
 
     parameters = {
         "tokens": tokens.model_dump(mode="json"),
@@ -86,7 +86,7 @@ def train_on_gpu_pool(
             for _ in range(train.nodes)]
     for flow_run in runs:
         if train.nodes > 1:
-            flow_run = wait_for_flow_run(flow_run.id, timeout=None, log_states=True)
+            flow_run = wait_until_final(flow_run.id)
         if flow_run.state is None or not flow_run.state.is_completed():
             state = flow_run.state.name if flow_run.state else "unknown"
             raise RemoteTrainingError(
@@ -102,3 +102,14 @@ def train_on_gpu_pool(
         )
     return ArtifactRef.model_validate_json(tags[ADAPTER_TAG])
 
+
+def wait_until_final(flow_run_id: Any, poll_seconds: float = 2.0) -> Any:
+    """The flow run once it has ended (completed, failed, crashed, cancelled)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        while True:
+            flow_run = client.read_flow_run(flow_run_id)
+            if flow_run.state is not None and flow_run.state.is_final():
+                return flow_run
+            time.sleep(poll_seconds)

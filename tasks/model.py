@@ -108,7 +108,6 @@ def train_adapter(
     )
     config_file = run_dir / "engine.json"
     config_file.write_text(engine.model_dump_json(indent=2))
-    log_params(run_id, {"train.run_dir": run_dir})
     processes = max(train.gpus_per_node, 1)  # 0 GPUs: one process on CPU
     command = launch_command(
         ["--config", str(config_file)], processes, train.nodes, train.rdzv_endpoint, key[:16]
@@ -116,6 +115,7 @@ def train_adapter(
     result = run_engine(command, run_dir, run_id)
     if result is None:  # a machine without rank 0: the adapter is on rank 0's machine
         return None
+    log_params(run_id, {"train.run_dir": run_dir})  # rank 0's machine (a failure names it)
 
     adapter_dir = run_dir / "adapter"
     # The lineage manifest (issue 5): every later load checks it against its base.

@@ -28,16 +28,17 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny-deployed"
 
 
-def tiny_prefect_yaml(out: Path, model_dir: Path, data: dict[str, Path]) -> Path:
+def tiny_prefect_yaml(out: Path, model_dir: Path, data: dict[str, Path], rdzv: str) -> Path:
     """The repo's prefect.yaml with the pipeline's parameters overridden for the tiny model
-    (pools, trigger, schedule and entrypoints as they are)."""
+    (pools, trigger, schedule and entrypoints as they are), trained by two "machines"."""
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     config = {
         "data": {k: [str(v)] for k, v in data.items()},
         "model": {"base": str(model_dir)},
-        # gpus_per_node 0: this machine has no CUDA device
-        "train": {"max_steps": 3, "micro_batch_size": 8, "learning_rate": 1e-2,
-                  "gpus_per_node": 0},
+        # gpus_per_node 0: this machine has no CUDA device; nodes 2: two gpu workers train
+        # together, as two machines would, meeting at the rendezvous endpoint
+        "train": {"max_steps": 3, "micro_batch_size": 4, "learning_rate": 1e-2,
+                  "gpus_per_node": 0, "nodes": 2, "rdzv_endpoint": rdzv},
         "eval": {"max_new_tokens": 8, "batch_size": 4},
         "merge": {"dtype": "float32"},
         "registry": {"model_name": MODEL},
@@ -115,14 +116,19 @@ def test_new_data_triggers_training_on_the_gpu_pool_and_the_same_bytes_do_not(
         server.start("/api/health", timeout=90)
         data = {"train": small_data["train"], "validation": small_data["validation"],
                 "test": small_data["test"]}  # fmt: skip
-        prefect_file = tiny_prefect_yaml(tmp_path / "prefect.yaml", tiny_model_dir, data)
+        prefect_file = tiny_prefect_yaml(tmp_path / "prefect.yaml", tiny_model_dir, data,
+                                         f"127.0.0.1:{free_port()}")
         run(["infra/deploy.sh"], env | {"PREFECT_FILE": str(prefect_file)}, timeout=180)
-        for pool in ("cpu", "gpu"):
-            worker = Server(f"{pool} worker", ["infra/worker.sh", pool], 0, {}, logs / pool)
+        # one cpu worker; two gpu workers with homes of their own, like two GPU machines
+        for name, pool in (("cpu", "cpu"), ("gpu-a", "gpu"), ("gpu-b", "gpu")):
+            worker = Server(f"{name} worker", ["infra/worker.sh", pool], 0, {}, logs / name)
             workers.append(worker)
+            own = {"WORKER_NAME": name}
+            if pool == "gpu":
+                own["LORAFLOW_HOME"] = str(tmp_path / name)
             with open(worker.log, "ab") as log:
                 worker.process = subprocess.Popen(
-                    worker.args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                    worker.args, cwd=ROOT, env=env | own, stdout=log, stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )  # fmt: skip
         all_logs = [server.log] + [w.log for w in workers]
@@ -163,10 +169,14 @@ def test_new_data_triggers_training_on_the_gpu_pool_and_the_same_bytes_do_not(
 
         runs = flow_runs(api)
         assert len([r for r in runs if r["deployment"] == "finetune"]) == 1
-        training = [r for r in runs if r["deployment"] == "train"]
-        assert len(training) == 1 and training[0]["work_pool_name"] == "gpu"
-        assert training[0]["parameters"]["run_id"] == version.run_id
-        assert training[0]["state"] == "COMPLETED"
+        training = [r for r in runs if r["deployment"] == "train"]  # one run a machine
+        assert len(training) == 2 and {r["work_pool_name"] for r in training} == {"gpu"}
+        assert {r["parameters"]["run_id"] for r in training} == {version.run_id}
+        assert {r["parameters"]["nodes"] for r in training} == {2}
+        assert {r["state"] for r in training} == {"COMPLETED"}
+        # the two machines trained one adapter together: rank 0's relayed two ranks' tokens
+        result = json.loads(tags["loraflow.adapter"])["meta"]
+        assert result["world_size"] == 2
 
         # the same bytes under another name: no event, no run
         shutil.copy(landed, inbox / "orders-copy.jsonl")
