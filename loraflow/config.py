@@ -254,6 +254,13 @@ class TrainConfig(Section):
         "Both learn the same; fsdp needs bf16 or fp32 (not fp8, int8, nf4 or fp16).",
     )
 
+    def with_micro_batch(self, micro: int) -> TrainConfig:
+        """The same run at a smaller micro-batch: accumulation multiplied by the same factor,
+        so the rows per optimizer step stay (exactly where `micro` divides the old one)."""
+        factor = self.micro_batch_size // micro
+        return self.model_copy(update={"micro_batch_size": micro,
+                                       "grad_accum_steps": self.grad_accum_steps * factor})
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.parallelism == "fsdp" and self.precision in ("fp8", "int8", "nf4", "fp16"):

@@ -118,10 +118,7 @@ def fit_micro_batch(config: dict[str, Any], train: TrainConfig, lora: LoraSettin
                 f"has {free_gib:.1f} GiB free. Fix: train.gradient_checkpointing=true, "
                 "train.precision=nf4 (QLoRA), or a shorter train.seq_len / data.max_length."
             )
-        micro = candidate.micro_batch_size // 2
-        factor = train.micro_batch_size // micro
-        candidate = train.model_copy(update={"micro_batch_size": micro,
-                                             "grad_accum_steps": train.grad_accum_steps * factor})
+        candidate = train.with_micro_batch(candidate.micro_batch_size // 2)
 
 
 def check_device(train: TrainConfig) -> float:

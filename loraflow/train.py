@@ -198,9 +198,7 @@ def halve_micro_batch(cfg: TrainConfig, halvings: int) -> TrainConfig:
         raise ValueError(f"out of memory even at micro_batch_size=1 after {halvings} halvings. "
                          "Fix: train.gradient_checkpointing=true, precision nf4, or a shorter "
                          "train.seq_len / data.max_length.")
-    factor = cfg.micro_batch_size // micro
-    return cfg.model_copy(update={"micro_batch_size": micro,
-                                  "grad_accum_steps": cfg.grad_accum_steps * factor})
+    return cfg.with_micro_batch(micro)
 
 
 def pick_precision(cfg: TrainConfig, device: str) -> torch.dtype:
@@ -741,12 +739,12 @@ def train_ranks(
     if device == "cuda":  # the guide's checklist, and a micro-batch that fits
         architecture = json.loads((Path(cfg.base_path) / "config.json").read_text())
         shards = ranks.world_size if t.parallelism == "fsdp" else 1
+        asked = t
         t, guess = fit_micro_batch(architecture, t, cfg.lora, packed, too_long, check_device(t),
                                    shards)
         micro = distributed.min_value(t.micro_batch_size, ranks)  # every rank the same rows
-        if micro != t.micro_batch_size:
-            t = t.model_copy(update={"micro_batch_size": micro, "grad_accum_steps": (
-                t.micro_batch_size * t.grad_accum_steps) // micro})
+        if micro != t.micro_batch_size:  # from the asked config, as the other ranks' fit did
+            t = asked.with_micro_batch(micro)
         if ranks.main:
             print(f"loraflow.train: preflight: about {guess.total_gib:.1f} GiB a GPU at "
                   f"micro_batch_size={t.micro_batch_size} x grad_accum_steps="
