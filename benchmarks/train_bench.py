@@ -141,8 +141,7 @@ def run_engine(examples: list[tuple[list[int], int]], steps: int, ranks: Any = N
     rank trains its share of every step (tokens/s counts every rank's tokens)."""
     from loraflow.config import LoraSettings, TrainConfig
     from loraflow.distributed import SINGLE
-    from loraflow.fp8 import convert_frozen_linears
-    from loraflow.train import add_lora, fit, load_base, prepare_for_training
+    from loraflow.train import add_lora, fit, load_base, prepare_for_training, use_fp8
 
     cfg = TrainConfig(max_steps=steps + 2, warmup_steps=0, learning_rate=1e-4,
                       watchdog_seconds=0, **train)
@@ -161,8 +160,8 @@ def run_engine(examples: list[tuple[list[int], int]], steps: int, ranks: Any = N
     else:
         model = prepare_for_training(build_model(attn), cfg)
     model = add_lora(model, LoraSettings(dropout=0.0))
-    if cfg.precision == "fp8":  # as loraflow.train.train_ranks does
-        convert_frozen_linears(model, skip=lambda name: name.endswith("lm_head"))
+    if cfg.precision == "fp8":
+        use_fp8(model)
     reset_memory()
     ranks = ranks or SINGLE
     out = Path(tempfile.mkdtemp())

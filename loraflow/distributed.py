@@ -292,7 +292,6 @@ def stalled_ranks(ranks: Ranks) -> str:
     return (f" Stopped: {described}; the other ranks wait for it in the gradient all-reduce.")
 
 
-
 def launch_command(engine_args: list[str], gpus_per_node: int, nodes: int,
                    rdzv_endpoint: str, run_id: str) -> list[str]:
     """The command that starts the engine: plain Python for one process, torchrun for more

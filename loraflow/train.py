@@ -131,6 +131,20 @@ def next_micro_batch(
     return rows
 
 
+def step_rows(
+    stream: ExampleStream, cfg: TrainConfig, packed: bool, ranks: Ranks
+) -> list[list[list[Example]]]:
+    """One optimizer step's rows for every rank, micro-step by micro-step: each micro-step has
+    micro_batch_size x world_size rows, of which rank r trains the r-th micro_batch_size."""
+    return [next_micro_batch(stream, cfg, packed, cfg.micro_batch_size * ranks.world_size)
+            for _ in range(cfg.grad_accum_steps)]
+
+
+def rows_per_step(cfg: TrainConfig, ranks: Ranks) -> int:
+    """The effective batch: rows in one optimizer step over all ranks."""
+    return cfg.micro_batch_size * cfg.grad_accum_steps * ranks.world_size
+
+
 def collate(rows: list[list[Example]], pad_id: int, width: int | None = None) -> dict[str, Any]:
     """Tensors for rows of one or more examples each, padded at the end to `width` (default:
     the longest row). Labels are -100 on prompts and padding; position ids restart at 0 for
@@ -281,6 +295,14 @@ def add_lora(model: torch.nn.Module, lora: LoraSettings) -> PeftModel:
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=targets, bias=lora.bias, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def use_fp8(model: PeftModel) -> None:
+    """precision=fp8: the frozen base linears compute in FP8; after PEFT, whose LoRA layers
+    wrap them; the head stays in the compute dtype."""
+    from loraflow.fp8 import convert_frozen_linears
+
+    convert_frozen_linears(model, skip=lambda name: name.endswith("lm_head"))
 
 
 def chunk_loss(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -571,8 +593,7 @@ def fit(
         """This rank's micro-batches, the whole step's answer and real tokens, and the stream
         position after the step."""
         batches, answers, real = [], 0, 0
-        for _ in range(t.grad_accum_steps):
-            rows = next_micro_batch(stream, t, packed, t.micro_batch_size * ranks.world_size)
+        for rows in step_rows(stream, t, packed, ranks):
             a, r = row_counts(rows)
             answers, real = answers + a, real + r
             batches.append(collate(rows[mine], pad_id, width))
@@ -646,9 +667,8 @@ def fit(
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             if t.checkpoint_every and ((step + 1) % t.checkpoint_every == 0 or last_step):
-                rows_per_step = t.micro_batch_size * t.grad_accum_steps * ranks.world_size
                 save_checkpoint(out / "checkpoints", model, optimizer, scaler, step + 1,
-                                {"position": position, "rows_per_step": rows_per_step,
+                                {"position": position, "rows_per_step": rows_per_step(t, ranks),
                                  "world_size": ranks.world_size,
                                  "guard": {"mean": guard.mean, "streak": guard.streak}},
                                 t.keep_checkpoints, ranks)
@@ -670,7 +690,7 @@ def fit(
 def keep_rows_per_step(t: TrainConfig, rows: int | None, ranks: Ranks) -> TrainConfig:
     """Resuming on another number of GPUs: keep the checkpoint's effective batch (rows per
     optimizer step) by changing accumulation, where it divides evenly."""
-    now = t.micro_batch_size * t.grad_accum_steps * ranks.world_size
+    now = rows_per_step(t, ranks)
     if rows is None or rows == now:
         return t
     per_pass = t.micro_batch_size * ranks.world_size
@@ -694,8 +714,7 @@ def steps_for_epochs(
     rows the run will (packing decides how many examples a row holds)."""
     stream, steps, target = ExampleStream(train_set, t.seed), 0, t.epochs * len(train_set)
     while stream.position < target:
-        for _ in range(t.grad_accum_steps):
-            next_micro_batch(stream, t, packed, t.micro_batch_size * ranks.world_size)
+        step_rows(stream, t, packed, ranks)
         steps += 1
     return steps
 
@@ -754,10 +773,8 @@ def train_ranks(
         model = load_base_sharded(cfg.base_path, t, cfg.lora, device, attn_impl, ranks)
     else:
         model = add_lora(load_base(cfg.base_path, t, device, attn_impl), cfg.lora)
-    if t.precision == "fp8":  # after PEFT: its LoRA layers wrap the FP8 base layers
-        from loraflow.fp8 import convert_frozen_linears
-
-        convert_frozen_linears(model, skip=lambda name: name.endswith("lm_head"))
+    if t.precision == "fp8":
+        use_fp8(model)
     result = fit(model, train_set, val_set, t, out, tokenizer.pad_token_id, dtype, attn_impl,
                  packed, ranks)
     adapter = lora_state(model)
