@@ -3,12 +3,16 @@ engine on 1, 2 and 4 GPUs (data-parallel under torchrun) with the loss curves co
 
     python benchmarks/train_bench.py [--variants guide,packed,packed-compile,nf4] [--steps 8]
     python benchmarks/train_bench.py --gpus 1,2,4 --variants packed-compile --accum 2
+    python benchmarks/train_bench.py --gpus 4 --variants fsdp70b --steps 3
 
 Llama-2-7B architecture with random bf16 weights built on the GPU (throughput does not depend
-on the weight values); instruction examples with log-normal lengths (median ~220 tokens, clipped
-to 32..1024), 40-80% of each example prompt. Counts only real (non-padding) tokens. MFU is real
-tokens/s x (4N + attention FLOPs per token) / the bf16 matmul rate measured in this run (an
-8192^3 product). Prints a table and writes it as JSON to --out.
+on the weight values); fsdp70b: Llama-2-70B under train.parallelism=fsdp, built on the meta
+device and filled with random weights shard by shard on each GPU (never whole anywhere; needs
+torchrun, i.e. --gpus, and 2 GPUs or more). Instruction examples with log-normal lengths
+(median ~220 tokens, clipped to 32..1024), 40-80% of each example prompt. Counts only real
+(non-padding) tokens. MFU is real tokens/s x (4N + attention FLOPs per token) / (the bf16
+matmul rate measured in this run (an 8192^3 product) x GPUs), N the variant's architecture's
+weights. Prints a table and writes it as JSON to --out.
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                  max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=0,
                  bos_token_id=1, eos_token_id=2)
+LLAMA2_70B = dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672,
+                  num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                  max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
+                  tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
 def matmul_tflops(n: int = 8192, reps: int = 10) -> float:
@@ -71,12 +79,23 @@ def build_model(attn: str) -> torch.nn.Module:
     return model
 
 
-def flops_per_token(n_params: int, mean_len: float, cfg: dict[str, int]) -> float:
-    # 4N: forward 2N + backward through activations 2N (no weight grads for the frozen base).
-    # Attention scores and values: 2 matmuls x 2 FLOP x L/2 average causal span x hidden,
+def llama_params(arch: dict[str, Any]) -> int:
+    """Weights of a Llama architecture, the output head included (untied): 6,738,415,616 for
+    Llama-2-7B, 68,976,648,192 for Llama-2-70B."""
+    hidden, layers = arch["hidden_size"], arch["num_hidden_layers"]
+    kv = hidden // arch["num_attention_heads"] * arch["num_key_value_heads"]
+    layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * arch["intermediate_size"] \
+        + 2 * hidden  # q, o; k, v (GQA); gate, up, down; two norms
+    return 2 * arch["vocab_size"] * hidden + layers * layer + hidden
+
+
+def flops_per_token(arch: dict[str, Any], mean_len: float) -> float:
+    # 4N: forward 2N + backward through activations 2N (no weight grads for the frozen base;
+    # checkpointing's recomputed forward is not counted). Attention scores and values:
+    # 2 matmuls x 2 FLOP x L/2 average causal span x hidden (every query head, GQA or not),
     # per layer, x3 for forward + backward.
-    attn = 3 * 2 * 2 * (mean_len / 2) * cfg["hidden_size"] * cfg["num_hidden_layers"]
-    return 4 * n_params + attn
+    attn = 3 * 2 * 2 * (mean_len / 2) * arch["hidden_size"] * arch["num_hidden_layers"]
+    return 4 * llama_params(arch) + attn
 
 
 def reset_memory() -> None:
@@ -184,6 +203,69 @@ def run_engine(examples: list[tuple[list[int], int]], steps: int, ranks: Any = N
     return result
 
 
+def run_fsdp_random(
+    examples: list[tuple[list[int], int]], steps: int, ranks: Any, arch: dict[str, Any],
+    micro_batch: int, accum: int = 1, seq_len: int = 2048, device: str = "cuda",
+) -> dict[str, Any]:
+    """The engine's train.parallelism=fsdp on an architecture too large to build whole (the
+    70B): random weights made shard by shard on each rank (loraflow.train.random_base_sharded),
+    then loraflow.train.fit as run_engine runs it; packed rows, checkpointing, no compile.
+    Rank 0 returns the numbers, with every rank's weights held and peak memory; the others {}.
+    On CPU (gloo, fp32) for the tests."""
+    from torch import distributed as dist
+    from transformers import LlamaConfig
+
+    from loraflow.config import LoraSettings, TrainConfig
+    from loraflow.distributed import held_weights
+    from loraflow.train import fit, random_base_sharded
+
+    if not ranks.distributed:
+        raise ValueError("the fsdp variant shards the model across GPUs: run it under torchrun "
+                         "with 2 GPUs or more, e.g. --gpus 4")
+    cuda = device == "cuda"
+    cfg = TrainConfig(max_steps=steps + 2, warmup_steps=0, learning_rate=1e-4,
+                      watchdog_seconds=0, parallelism="fsdp", batching="packed",
+                      seq_len=seq_len, micro_batch_size=micro_batch, grad_accum_steps=accum,
+                      precision="bf16" if cuda else "fp32", gradient_checkpointing=True)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    attn = "flex_attention" if cuda else "sdpa"  # as the engine picks for packed rows
+    if cuda:
+        reset_memory()
+    start = time.perf_counter()
+    model = random_base_sharded(LlamaConfig(**arch), cfg, LoraSettings(dropout=0.0), device,
+                                attn, ranks)
+    if cuda:
+        torch.cuda.synchronize()
+    dist.barrier()
+    build_s = time.perf_counter() - start
+    if ranks.main:
+        print(f"fsdp: built on meta, sharded and filled with random weights in {build_s:.1f} s",
+              flush=True)
+    out = Path(tempfile.mkdtemp())
+    fit(model, examples, [], cfg, out, 0, dtype, attn, True, ranks)
+    mine = {"held": held_weights(model),
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+            "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0}
+    every: list[Any] = [None] * ranks.world_size
+    dist.all_gather_object(every, mine)
+    total = sum(p.numel() for p in model.parameters())  # DTensors count their whole shape
+    del model
+    if not ranks.main:
+        return {}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(out, ignore_errors=True)
+    timed = records[2:]  # warm-up (flex_attention's kernels compile in the first step)
+    seconds = timed[-1]["elapsed_s"] - records[1]["elapsed_s"]
+    return {"real_tokens_per_s": sum(r["tokens"] for r in timed) / seconds,
+            "peak_gib": max(r["peak_gib"] for r in every),
+            "peak_gib_per_rank": [r["peak_gib"] for r in every],
+            "reserved_gib_per_rank": [r["reserved_gib"] for r in every],
+            "weights": total, "held_per_rank": [r["held"] for r in every],
+            "build_s": build_s, "first_step_s": records[0]["elapsed_s"],
+            "timed_s": seconds, "gpus": ranks.world_size, "micro_batch_size": micro_batch,
+            "grad_accum_steps": accum, "losses": [r["loss"] for r in records]}
+
+
 def isolation_check(examples: list[tuple[list[int], int]]) -> float:
     """Largest relative gap between each example's loss alone and inside a packed row."""
     from loraflow.config import LoraSettings
@@ -206,6 +288,10 @@ def isolation_check(examples: list[tuple[list[int], int]]) -> float:
     del model
     return worst
 
+
+# fsdp70b: 2 rows of 2048 a GPU under checkpointing; about 32 GiB of weight shards a GPU on 4.
+FSDP70B_MICRO_BATCH = 2
+ARCHITECTURES = {"fsdp70b": LLAMA2_70B}  # the others are Llama-2-7B
 
 # The engine's variants: speed mode (bf16 weights, 8 packed rows of 2048, no checkpointing)
 # and memory mode (QLoRA nf4 with checkpointing); mbN = N rows per micro-batch.
@@ -230,9 +316,10 @@ ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def scaling(args: argparse.Namespace) -> None:
-    """The engine on each GPU count of --gpus, same per-GPU work (--accum micro-batches of 8
-    rows a step); and, when 2 is among them, one GPU with twice the accumulation: the same
-    rows per step as two GPUs, so its loss curve must match theirs."""
+    """The engine on each GPU count of --gpus, same per-GPU work (--accum micro-batches a
+    step); scaling efficiency against one GPU when 1 is among the counts; and, when 2 is, one
+    GPU with twice the accumulation: the same rows per step as two GPUs, so its loss curve
+    must match theirs."""
     runs = [(n, args.accum) for n in map(int, args.gpus.split(","))]
     if any(n == 2 for n, _ in runs):
         runs.append((1, 2 * args.accum))
@@ -241,21 +328,24 @@ def scaling(args: argparse.Namespace) -> None:
         out = args.out.with_name(f"{args.out.stem}-gpus{gpus}-accum{accum}.json")
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    "--nproc-per-node", str(gpus), __file__, "--variants", args.variants,
-                   "--steps", str(args.steps), "--accum", str(accum), "--out", str(out)]
+                   "--steps", str(args.steps), "--accum", str(accum), "--micro-batch",
+                   str(args.micro_batch), "--out", str(out)]
         print(" ".join(command), flush=True)
         subprocess.run(command, check=True, env={**os.environ, "NCCL_NVLS_ENABLE": "0"})
         results[(gpus, accum)] = json.loads(out.read_text())[args.variants]
     args.out.write_text(json.dumps({f"{g}x{a}": r for (g, a), r in results.items()}, indent=2))
 
-    one = results[(1, args.accum)]["real_tokens_per_s"]
-    print(f"\n{args.variants}, {args.accum} micro-batch(es) of 8 x 2048 a GPU a step")
-    print("| GPUs | real tokens/s | per GPU | scaling efficiency | peak GiB a GPU |")
-    print("|---|---|---|---|---|")
+    one = results.get((1, args.accum), {}).get("real_tokens_per_s")
+    print(f"\n{args.variants}, accum {args.accum or 'as the variant'}, micro-batch "
+          f"{args.micro_batch or 'as the variant'} (rows of 2048) a GPU a step")
+    print("| GPUs | real tokens/s | per GPU | MFU | scaling efficiency | peak GiB a GPU |")
+    print("|---|---|---|---|---|---|")
     for (gpus, accum), r in results.items():
         if accum != args.accum:
             continue
         tps = r["real_tokens_per_s"]
-        print(f"| {gpus} | {tps:,.0f} | {tps / gpus:,.0f} | {tps / (gpus * one):.1%} | "
+        efficiency = f"{tps / (gpus * one):.1%}" if one else "-"  # no 1-GPU run to compare
+        print(f"| {gpus} | {tps:,.0f} | {tps / gpus:,.0f} | {r['mfu']:.1%} | {efficiency} | "
               f"{r['peak_gib']:.1f} |")
     if (2, args.accum) in results:
         a, b = results[(1, 2 * args.accum)]["losses"], results[(2, args.accum)]["losses"]
@@ -272,6 +362,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--accum", type=int, default=0,
                         help="grad_accum_steps for the engine's variants (0: each variant's)")
+    parser.add_argument("--micro-batch", type=int, default=0,
+                        help="micro_batch_size (rows a GPU) for the engine's variants (0: each "
+                             f"variant's; fsdp70b: {FSDP70B_MICRO_BATCH})")
     parser.add_argument("--gpus", default="", help="e.g. 1,2,4: the scaling run (torchrun)")
     parser.add_argument("--out", type=Path, default=Path("train_bench.json"))
     args = parser.parse_args()
@@ -284,8 +377,6 @@ def main() -> None:
     examples = make_examples(4000)
     mean_len = sum(len(ids) for ids, _ in examples) / len(examples)
     ceiling = matmul_tflops()
-    n_params = 6_738_415_616  # Llama-2-7B with its untied 32000-token head
-    per_token = flops_per_token(n_params, mean_len, LLAMA2_7B)
     say = print if ranks.main else (lambda *a, **k: None)
     say(f"bf16 matmul ceiling {ceiling:.0f} TFLOP/s; mean example {mean_len:.0f} tokens; "
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {ranks.world_size} GPU(s)",
@@ -294,10 +385,14 @@ def main() -> None:
         "guide": lambda: run_guide(examples, args.steps),
         "isolation": lambda: {"max_rel_loss_gap": isolation_check(examples)},
     }
-    accum = {"grad_accum_steps": args.accum} if args.accum else {}
+    overrides = ({"grad_accum_steps": args.accum} if args.accum else {}) | (
+        {"micro_batch_size": args.micro_batch} if args.micro_batch else {})
     for name, train in ENGINE_VARIANTS.items():
         plans[name] = lambda train=train: run_engine(examples, args.steps, ranks,
-                                                     **(train | accum))
+                                                     **(train | overrides))
+    plans["fsdp70b"] = lambda: run_fsdp_random(
+        examples, args.steps, ranks, LLAMA2_70B, args.micro_batch or FSDP70B_MICRO_BATCH,
+        args.accum or 1)
     results: dict[str, Any] = {"ceiling_tflops": ceiling, "mean_len": mean_len}
     for name in args.variants.split(","):
         start = time.perf_counter()
@@ -308,6 +403,10 @@ def main() -> None:
                 raise
             results[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         results[name]["wall_s"] = time.perf_counter() - start
+        if "real_tokens_per_s" in results[name]:
+            per_token = flops_per_token(ARCHITECTURES.get(name, LLAMA2_7B), mean_len)
+            results[name]["mfu"] = (results[name]["real_tokens_per_s"] * per_token
+                                    / (ceiling * 1e12 * ranks.world_size))
         reset_memory()
         say(name, json.dumps(results[name]), flush=True)
         if ranks.main:
@@ -320,9 +419,8 @@ def main() -> None:
         if not isinstance(r, dict) or "real_tokens_per_s" not in r:
             continue
         tps = r["real_tokens_per_s"]
-        mfu = tps * per_token / (ceiling * 1e12 * ranks.world_size)
-        ratio = f"{tps / guide:.2f}x" if guide else "-"
-        say(f"| {name} | {tps:,.0f} | {mfu:.0%} | {r['peak_gib']:.1f} | {ratio} |")
+        ratio = f"{tps / guide:.2f}x" if guide and name in ENGINE_VARIANTS else "-"
+        say(f"| {name} | {tps:,.0f} | {r['mfu']:.0%} | {r['peak_gib']:.1f} | {ratio} |")
 
 
 if __name__ == "__main__":

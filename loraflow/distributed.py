@@ -181,31 +181,33 @@ def sharded(params: Any) -> bool:
 
 
 def shard_model(model: torch.nn.Module, ranks: Ranks) -> int:
-    """FSDP2 (train.parallelism=fsdp): shard each decoder layer, then the decoder (embeddings,
-    final norm), across the ranks, and fill the shards with rank 0's weights. Rank 0 holds the
-    loaded model in CPU memory; the others hold it on the meta device (no memory). The output
-    head stays whole on every GPU: the engine calls it outside the decoder, a chunk of tokens
-    at a time, and FSDP keeps the root's (embeddings') weights gathered for the whole step, so
-    sharding a frozen head of the same size would not lower the peak. Returns how many
-    weights this rank holds."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    """FSDP2 (train.parallelism=fsdp): shard the model across the ranks (shard_layers) and fill
+    the shards with rank 0's weights (fill_from_rank0). Rank 0 holds the loaded model in CPU
+    memory; the others hold it on the meta device (no memory). Returns how many weights this
+    rank holds."""
+    full = model.state_dict() if ranks.main else {}
+    shard_layers(model, ranks)
+    fill_from_rank0(model, full, ranks)
+    return held_weights(model)
+
+
+def shard_layers(model: torch.nn.Module, ranks: Ranks) -> None:
+    """Shard each decoder layer, then the decoder (embeddings, final norm), across the ranks;
+    moves no weights (meta ones stay meta). The output head stays whole on every GPU: the
+    engine calls it outside the decoder, a chunk of tokens at a time, and FSDP keeps the
+    root's (embeddings') weights gathered for the whole step, so sharding a frozen head of the
+    same size would not lower the peak. A fill_* function then puts the weights on the GPU."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    device = comm_device(ranks)
     causal_lm = model.get_base_model()
     decoder, head = causal_lm.model, causal_lm.get_output_embeddings()
     if any(p.requires_grad for p in head.parameters()):  # its gradients would not be summed
         raise ValueError("train.parallelism=fsdp cannot train the output head (lm_head in "
                          "lora.target_modules). Fix: leave it out, or train.parallelism=ddp.")
-    full = model.state_dict() if ranks.main else {}
     if head.weight is decoder.get_input_embeddings().weight:  # tied: the head gets its own copy
         head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-    if ranks.main:
-        head.to(device)
-    else:
-        head.to_empty(device=device)
-    mesh = init_device_mesh(device.type, (ranks.world_size,))
+    mesh = init_device_mesh(comm_device(ranks).type, (ranks.world_size,))
     for layer in decoder.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(decoder, mesh=mesh)
@@ -215,6 +217,19 @@ def shard_model(model: torch.nn.Module, ranks: Ranks) -> int:
             # step's answer tokens. (Only SUM: gloo has no pre-multiplied sum.)
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
+
+
+def fill_from_rank0(model: torch.nn.Module, full: dict[str, torch.Tensor], ranks: Ranks) -> None:
+    """Every rank's shards (and whole head, and buffers) from rank 0's `full` state dict, taken
+    before shard_layers; `full` is empty on the other ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    device = comm_device(ranks)
+    head = model.get_base_model().get_output_embeddings()
+    if ranks.main:
+        head.to(device)
+    else:
+        head.to_empty(device=device)
     set_model_state_dict(model, full, options=StateDictOptions(
         full_state_dict=True, broadcast_from_rank0=True))
     # Buffers outside the state dict (rotary frequencies) are still on the meta device.
@@ -225,6 +240,44 @@ def shard_model(model: torch.nn.Module, ranks: Ranks) -> int:
                           else torch.empty(buffer.shape, dtype=buffer.dtype, device=device))
                 dist.broadcast(rank0s, src=0)
                 module._buffers[name] = rank0s
+
+
+@torch.no_grad()
+def fill_random(model: torch.nn.Module, ranks: Ranks, seed: int = 0) -> None:
+    """Benchmarks: a model built on the meta device and sharded (shard_layers) gets its memory
+    on this rank's device and small random weights generated there, shard by shard, never
+    whole anywhere: normal(0, 0.02) matrices, norms at one, LoRA as PEFT starts it (A
+    Kaiming-uniform, B zero). The head, whole on every rank, is the same on all of them; the
+    rotary frequencies are computed as the model's own constructor does."""
+    device = comm_device(ranks)
+    model.to_empty(device=device)
+    shards = torch.Generator(device).manual_seed(seed + 1 + ranks.rank)
+    same = torch.Generator(device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        local = param.to_local() if isinstance(param, DTensor) else param
+        generator = shards if isinstance(param, DTensor) else same
+        if local.numel() == 0:  # a rank's share of a small tensor can be empty
+            continue
+        if "lora_A" in name:
+            torch.nn.init.kaiming_uniform_(local, a=5**0.5, generator=generator)
+        elif "lora_B" in name:
+            local.zero_()
+        elif local.dim() == 1:  # norm weights (a Llama has no biases)
+            local.fill_(1.0)
+        else:
+            local.normal_(0.0, 0.02, generator=generator)
+    for module in model.modules():
+        if any(b is not None for b in module._buffers.values()):
+            # Only computed buffers (a Llama's rotary inv_freq): rebuild their module on the
+            # device, from its config, and take its buffers; to_empty left garbage in ours.
+            with torch.device(device):
+                fresh = type(module)(module.config)
+            for name in module._buffers:
+                module._buffers[name] = fresh._buffers[name].to(device)
+
+
+def held_weights(model: torch.nn.Module) -> int:
+    """How many of the model's weights this rank holds (its shards, and whole tensors)."""
     return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel()
                for p in model.parameters())
 

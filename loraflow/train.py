@@ -255,23 +255,51 @@ def load_base_sharded(
     the meta device; distributed.shard_model shards it and fills the shards from rank 0."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = pick_precision(cfg, device)
-    if dtype == torch.float16:  # precision=auto on a GPU without bf16
-        raise PreflightError("train.parallelism=fsdp needs bf16 (or fp32): this GPU has no bf16 "
-                             "and fp16's loss scaling cannot see other ranks' shards. Fix: "
-                             "train.parallelism=ddp")
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_impl}
+    dtype = fsdp_precision(cfg, device)
     if ranks.main:
-        base = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
+        base = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=dtype,
+                                                    attn_implementation=attn_impl)
     else:
-        with torch.device("meta"):
-            base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), **kwargs)
+        base = meta_base(AutoConfig.from_pretrained(path), dtype, attn_impl)
     model = add_lora(prepare_for_training(base, cfg), lora)
     held = distributed.shard_model(model, ranks)
     if ranks.main:
         print(f"loraflow.train: fsdp: rank 0 holds {held:,} of the model's "
               f"{sum(p.numel() for p in model.parameters()):,} weights", file=sys.stderr)
     return model
+
+
+def random_base_sharded(
+    config: Any, cfg: TrainConfig, lora: LoraSettings, device: str, attn_impl: str,
+    ranks: Ranks, seed: int = 0,
+) -> PeftModel:
+    """Benchmarks of train.parallelism=fsdp on a model too large to build whole (a 70B): the
+    architecture `config` (a transformers config) with LoRA, built on the meta device on every
+    rank, sharded as load_base_sharded's model is, and filled with random weights on each
+    rank's device (distributed.fill_random). Throughput does not depend on the values."""
+    model = add_lora(prepare_for_training(meta_base(config, fsdp_precision(cfg, device),
+                                                    attn_impl), cfg), lora)
+    distributed.shard_layers(model, ranks)
+    distributed.fill_random(model, ranks, seed)
+    return model
+
+
+def fsdp_precision(cfg: TrainConfig, device: str) -> torch.dtype:
+    dtype = pick_precision(cfg, device)
+    if dtype == torch.float16:  # precision=auto on a GPU without bf16
+        raise PreflightError("train.parallelism=fsdp needs bf16 (or fp32): this GPU has no bf16 "
+                             "and fp16's loss scaling cannot see other ranks' shards. Fix: "
+                             "train.parallelism=ddp")
+    return dtype
+
+
+def meta_base(config: Any, dtype: torch.dtype, attn_impl: str) -> torch.nn.Module:
+    """The causal LM of `config` on the meta device: its shapes, no memory, no weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                attn_implementation=attn_impl)
 
 
 def prepare_for_training(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:

@@ -2,6 +2,7 @@
 two-node rendezvous on one host. The same code runs one process a GPU with NCCL."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -269,3 +270,94 @@ def test_the_watchdog_names_the_rank_that_stopped(tmp_path, tiny_model_dir, toke
 def test_the_launch_is_plain_python_for_one_process():
     assert launch_command(["--config", "x.json"], 1, 1, "h:1", "r") == [
         sys.executable, "-m", "loraflow.train", "--config", "x.json"]
+
+
+# One rank of the fsdp benchmark's path (benchmarks/train_bench.py, fsdp70b) on a tiny
+# architecture: built on the meta device, sharded, filled with random weights, trained by fit.
+RANDOM_FSDP_RANK = """
+import json, math, random, sys
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from loraflow import distributed
+from loraflow.config import LoraSettings, TrainConfig
+from loraflow.train import fit, random_base_sharded
+
+root, out = Path(sys.argv[1]), Path(sys.argv[2])
+sys.path.insert(0, str(root / "benchmarks"))
+from train_bench import run_fsdp_random
+
+arch = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            rope_theta=10000.0, tie_word_embeddings=False, pad_token_id=0)
+ranks = distributed.init("cpu", 120)
+rng = random.Random(0)
+examples = []
+for _ in range(100):
+    n = rng.randrange(16, 100)
+    examples.append(([1] + [rng.randrange(3, 256) for _ in range(n - 2)] + [2], n // 2))
+cfg = TrainConfig(parallelism="fsdp", precision="fp32", batching="packed", seq_len=256,
+                  micro_batch_size=2, max_steps=3, warmup_steps=0, learning_rate=1e-2,
+                  lr_schedule="constant", gradient_checkpointing=True, watchdog_seconds=0)
+model = random_base_sharded(LlamaConfig(**arch), cfg, LoraSettings(dropout=0.0), "cpu", "sdpa",
+                            ranks)
+fresh = LlamaForCausalLM(LlamaConfig(**arch))
+built, expected = list(model.buffers()), list(fresh.buffers())
+rotary = len(built) == len(expected) > 0 and all(
+    torch.equal(a, b) for a, b in zip(built, expected))
+
+def lora():
+    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.clone() for k, v in distributed.full_tensors(trainable).items()}
+
+head = model.get_base_model().lm_head.weight
+q = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.to_local()
+facts = {"held": distributed.held_weights(model),
+         "total": sum(p.numel() for p in model.parameters()), "head": head.numel(),
+         "head_sum": float(head.double().sum()), "q_std": float(q.std()), "rotary": rotary}
+before = lora()
+(out / "fit").mkdir(exist_ok=True)
+fit(model, examples, [], cfg, out / "fit", 0, torch.float32, "sdpa", True, ranks)
+after = lora()
+facts["b_zero_before"] = all(not v.any() for k, v in before.items() if "lora_B" in k)
+facts["lora_changed"] = all(not torch.equal(before[k], after[k]) for k in before
+                            if "lora_B" in k)
+if ranks.main:
+    lines = (out / "fit" / "metrics.jsonl").read_text().splitlines()
+    facts["losses"] = [json.loads(line)["loss"] for line in lines]
+facts["bench"] = run_fsdp_random(examples, 1, ranks, arch, micro_batch=2, seq_len=256,
+                                 device="cpu")
+(out / f"rank{ranks.rank}.json").write_text(json.dumps(facts))
+distributed.shutdown(ranks)
+"""
+
+
+def test_the_fsdp_benchmark_builds_random_shards_on_each_rank_and_trains(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(RANDOM_FSDP_RANK)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", "2", str(script), root, str(tmp_path)],
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for facts in ranks:
+        # each rank holds half of every weight but the head's, whole on both (and the same)
+        assert facts["held"] - facts["head"] == pytest.approx(
+            (facts["total"] - facts["head"]) / 2, rel=0.01)
+        assert facts["head_sum"] == ranks[0]["head_sum"]
+        assert facts["rotary"]  # computed, not what to_empty left
+        assert 0.015 < facts["q_std"] < 0.025  # the random fill: normal(0, 0.02)
+        assert facts["b_zero_before"] and facts["lora_changed"]
+    losses = ranks[0]["losses"]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    # small random weights predict about uniformly over the 256 tokens (to_empty's garbage
+    # left in any weight would not)
+    assert losses[0] == pytest.approx(math.log(256), abs=0.05)
+    bench = ranks[0]["bench"]  # the benchmark's own numbers on the same path
+    assert bench["held_per_rank"] == [ranks[0]["held"], ranks[1]["held"]]
+    assert bench["weights"] == ranks[0]["total"] and bench["real_tokens_per_s"] > 0
+    assert len(bench["losses"]) == 3 and all(math.isfinite(x) for x in bench["losses"])
+    assert ranks[1]["bench"] == {}
