@@ -19,7 +19,6 @@ from array import array
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel
 from tqdm import tqdm
@@ -27,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from loraflow.data import Example, read_jsonl
 from loraflow.packing import Packer
+from loraflow.pretokens import PretokenEncoder
 from loraflow.prompts import prompt_renderer
 
 FORMAT_VERSION = "2"  # bump when the files written here change shape
@@ -78,12 +78,13 @@ def cache_key(
 
 
 class Encoder:
-    """Renders and encodes examples in batches, straight through the fast tokenizer's Rust
-    backend (the same ids as tokenizer(...), without building Python BatchEncodings).
+    """Renders and encodes examples in batches: the same ids as tokenizer(...), without building
+    Python BatchEncodings; by pre-token lookup (loraflow.pretokens) where the tokenizer allows,
+    through its Rust backend otherwise.
 
-    encode() = texts() (render, Python) -> run() (the tokenizer; for a fast tokenizer, Rust
-    without the GIL) -> assemble() (ids into lists, Python); tokenize_splits runs run() in a
-    second thread so that it overlaps the Python steps of the batches around it."""
+    encode() = texts() (render) -> run() (the ids) -> assemble() (prompt + answer + EOS);
+    tokenize_splits runs run() in a second thread, so that the Rust tokenizer, which releases
+    the GIL, overlaps the Python steps of the batches around it."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, template: str) -> None:
         if tokenizer.eos_token_id is None:
@@ -96,37 +97,45 @@ class Encoder:
             self.backend.no_truncation()
             self.backend.no_padding()
         self.tokenizer = tokenizer
+        self.pretokens = PretokenEncoder.of(self.backend)
 
     def texts(self, examples: list[Example]) -> tuple[list[str], list[str]]:
         """(prompts, answers): the prompt and the answer are encoded apart, so the prompt's ids
         are exactly those the model is given at inference."""
         return [self.render(e) for e in examples], [e.output for e in examples]
 
-    def run(self, texts: tuple[list[str], list[str]]) -> tuple[list[Any], list[Any]]:
-        """The tokenizer's work: Encodings of a fast tokenizer, id lists of a slow one."""
+    def run(self, texts: tuple[list[str], list[str]]) -> tuple[list[list[int]], list[list[int]]]:
+        """The tokenizer's work: (prompt ids, answer ids) per example."""
         (prompts, answers), specials = texts, self.prompt_specials
         if self.backend is None:
             return (
                 self.tokenizer(prompts, add_special_tokens=specials)["input_ids"],
                 self.tokenizer(answers, add_special_tokens=False)["input_ids"],
             )
-        # encode_batch_fast: the ids of encode_batch, ~30% faster: no character offsets
-        return (
-            self.backend.encode_batch_fast(prompts, add_special_tokens=specials),
-            self.backend.encode_batch_fast(answers, add_special_tokens=False),
-        )
+        return self._ids(prompts, specials), self._ids(answers, False)
 
-    def assemble(self, encoded: tuple[list[Any], list[Any]]) -> list[tuple[list[int], int]]:
+    def _ids(self, texts: list[str], specials: bool) -> list[list[int]]:
+        """Ids by pre-token lookup where it applies (ASCII text, byte-level BPE), the Rust
+        tokenizer for the rest; both give the same ids."""
+        fast = self.pretokens
+        ids = [fast.encode(text, specials) for text in texts] if fast else [None] * len(texts)
+        rest = [i for i, found in enumerate(ids) if found is None]
+        if rest:  # encode_batch_fast: encode_batch's ids without the character offsets
+            encoded = self.backend.encode_batch_fast(
+                [texts[i] for i in rest], add_special_tokens=specials
+            )
+            for i, encoding in zip(rest, encoded, strict=True):
+                ids[i] = encoding.ids
+        return ids  # type: ignore[return-value]
+
+    def assemble(
+        self, encoded: tuple[list[list[int]], list[list[int]]]
+    ) -> list[tuple[list[int], int]]:
         """(input_ids, prompt_len) per example: prompt ids, answer ids, EOS."""
-        fast = self.backend is not None
-        out = []
-        for prompt, answer in zip(*encoded, strict=True):
-            ids = prompt.ids if fast else prompt
-            prompt_len = len(ids)
-            ids += answer.ids if fast else answer
-            ids.append(self.eos)
-            out.append((ids, prompt_len))
-        return out
+        return [
+            (prompt + answer + [self.eos], len(prompt))
+            for prompt, answer in zip(*encoded, strict=True)
+        ]
 
     def encode(self, examples: list[Example]) -> list[tuple[list[int], int]]:
         """(input_ids, prompt_len) per example: prompt ids, answer ids, EOS."""

@@ -3,6 +3,9 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import AddedToken, normalizers, processors
 from transformers import AutoTokenizer
 
 from loraflow.data import Example
@@ -233,3 +236,62 @@ def test_tokenized_data_is_cached_on_data_tokenizer_and_template(tmp_path, token
     assert not reused and other != first
     png = plot_lengths(first / "lengths.npz", 256, tmp_path / "lengths.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- ids by pre-token lookup (loraflow.pretokens) ---------------------------------------------
+
+# Every ASCII character, runs of white space, the contractions the pre-tokenizer keeps apart,
+# the template's markers, added tokens and pieces of them; and some non-ASCII text, which must
+# go to the tokenizer itself.
+FRAGMENTS = [chr(c) for c in range(128)] + [
+    "'s", "'ll", "'D", "  ", "\r\n", " \n\n", "\t ", "### Input:\n", "12.50", " word",
+    "<|im_start|>", "<|im_end|>", "<pad>", "<|im_", "\u00e9", "\u2014", "\u00a0", "\U0001f600",
+]  # fmt: skip
+TEXTS = st.lists(st.lists(st.sampled_from(FRAGMENTS), max_size=40).map("".join), max_size=8)
+
+
+def tokenizer_ids(backend, texts: list[str], specials: bool) -> list[list[int]]:
+    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=specials)]
+
+
+@settings(max_examples=400, deadline=None)
+@given(texts=TEXTS, specials=st.booleans())
+def test_pretoken_lookup_gives_the_tokenizers_ids(tokenizer, texts, specials):
+    encoder = Encoder(tokenizer, "alpaca")
+    assert encoder.pretokens is not None  # the tiny tokenizer is byte-level BPE
+    assert encoder._ids(texts, specials) == tokenizer_ids(encoder.backend, texts, specials)
+
+
+def test_pretoken_lookup_keeps_the_post_processors_special_tokens(tokenizer):
+    bos_eos = AutoTokenizer.from_pretrained(ASSETS / "tiny-tokenizer")
+    backend = bos_eos.backend_tokenizer
+    ids = {t: backend.token_to_id(t) for t in ("<|im_start|>", "<|im_end|>")}
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A <|im_end|>", special_tokens=list(ids.items())
+    )
+    encoder = Encoder(bos_eos, "alpaca")
+    assert (encoder.pretokens.prefix, encoder.pretokens.suffix) == ([ids["<|im_start|>"]],
+                                                                   [ids["<|im_end|>"]])  # fmt: skip
+    texts = [render_example(bos_eos, "alpaca", e) for e in examples(20)]
+    assert encoder._ids(texts, True) == tokenizer_ids(backend, texts, True)
+    assert encoder._ids(texts, False) == tokenizer_ids(backend, texts, False)
+
+
+def test_tokenizers_the_lookup_cannot_copy_are_left_to_the_tokenizer(monkeypatch):
+    lower = AutoTokenizer.from_pretrained(ASSETS / "tiny-tokenizer")
+    lower.backend_tokenizer.normalizer = normalizers.Lowercase()  # ids depend on more than pieces
+    stripping = AutoTokenizer.from_pretrained(ASSETS / "tiny-tokenizer")
+    stripping.add_tokens([AddedToken("ZZ", lstrip=True)])
+    texts = ["Hello World ZZ there", "  MIXED case\n"]
+    for tokenizer in (lower, stripping):
+        encoder = Encoder(tokenizer, "alpaca")
+        assert encoder.pretokens is None
+        assert encoder._ids(texts, False) == tokenizer_ids(encoder.backend, texts, False)
+
+
+def test_the_pretoken_table_is_emptied_when_full_and_the_ids_stay_right(tokenizer, monkeypatch):
+    monkeypatch.setattr("loraflow.pretokens.MAX_PIECES", 5)
+    encoder = Encoder(tokenizer, "alpaca")
+    texts = [render_example(tokenizer, "alpaca", e) for e in examples(30)]
+    assert encoder._ids(texts, False) == tokenizer_ids(encoder.backend, texts, False)
+    assert len(encoder.pretokens.pieces) < 5 + 40  # emptied on the way, not grown to all
