@@ -5,7 +5,8 @@
 - guide: `load_dataset("json")` then `dataset.map(tokenize)` with the guide's function verbatim
   (alpaca layout, truncation=True, padding="max_length", max_length=1024), one process.
 - loraflow: `validate_splits` (every line checked, cleaned, deduplicated, quarantine written)
-  then `tokenize_splits` (alpaca layout, max_length 1024, no padding stored, zstd Parquet).
+  then `tokenize_splits` (alpaca layout, max_length 1024, no padding stored, zstd Parquet);
+  loraflow-packed: the same with packing; loraflow-minhash: with data.clean.dedup=minhash.
 Each contender runs in its own child process; the table shows wall time, the CPU seconds it
 used (all threads: more than the wall time means it used more than one core), how many cores
 other processes on the machine kept busy meanwhile, on average, the child's peak
@@ -82,7 +83,7 @@ def run_guide(data: Path, tokenizer_dir: str, work: Path) -> dict:
     }
 
 
-def run_loraflow(data: Path, tokenizer_dir: str, work: Path, packing: bool) -> dict:
+def run_loraflow(data: Path, tokenizer_dir: str, work: Path, packing: bool, dedup: str) -> dict:
     from transformers import AutoTokenizer
 
     from loraflow.config import DataConfig
@@ -90,7 +91,7 @@ def run_loraflow(data: Path, tokenizer_dir: str, work: Path, packing: bool) -> d
     from loraflow.tokenization import TokenizeSettings, tokenize_splits
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = DataConfig(train=[str(data)], min_kept_fraction=0.9)
+    cfg = DataConfig(train=[str(data)], min_kept_fraction=0.9, clean={"dedup": dedup})
     report = validate_splits({"train": [str(data)]}, work / "validated", cfg)
     report.check(work / "validated")
     settings = TokenizeSettings(max_length=1024, truncation="truncate", packing=packing)
@@ -141,7 +142,10 @@ def child(args: argparse.Namespace) -> None:
     if args.child == "guide":
         result = run_guide(args.data, args.tokenizer, work)
     else:
-        result = run_loraflow(args.data, args.tokenizer, work, args.child == "loraflow-packed")
+        packing, dedup = args.child == "loraflow-packed", "near"
+        if args.child == "loraflow-minhash":
+            dedup = "minhash"
+        result = run_loraflow(args.data, args.tokenizer, work, packing, dedup)
     result["seconds"] = time.perf_counter() - start
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["cpu_seconds"] = _cpu_seconds() - cpu_before

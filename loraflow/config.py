@@ -57,10 +57,19 @@ class CleaningConfig(Section):
         description="Quarantine examples whose instruction and input are this similar "
         "(0..1, after case/space/punctuation folding; 1.0: identical only); null: off.",
     )
-    dedup: Literal["off", "exact", "near"] = Field(
+    dedup: Literal["off", "exact", "near", "minhash"] = Field(
         "near",
-        description="Quarantine repeated examples: exact (same text) or near (same text up to "
-        "case, whitespace, punctuation and markup).",
+        description="Quarantine repeated examples: exact (same text), near (same text up to "
+        "case, whitespace, punctuation and markup), or minhash (near, and also examples whose "
+        "word trigrams overlap by near_threshold or more, found by MinHash; ~240 bytes of "
+        "memory per example).",
+    )
+    near_threshold: float = Field(
+        0.85,
+        ge=0.5,
+        le=1.0,
+        description="With dedup=minhash: the Jaccard similarity of two examples' word-trigram "
+        "sets (after folding) from which the later one is a near duplicate.",
     )
     leakage: bool = Field(
         True,

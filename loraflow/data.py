@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from loraflow.config import CleaningConfig, DataConfig
 from loraflow.lineage import sha256_file
+from loraflow.minhash import NearDuplicates
 
 SPLITS = ("train", "validation", "test")
 MAX_REPORTED = 20
@@ -517,6 +518,7 @@ def _validate_split(
     rules: Counter[str] = Counter()
     seen_exact: set[bytes] = set()
     seen_near: set[bytes] = set()
+    similar = NearDuplicates(clean.near_threshold) if clean.dedup == "minhash" else None
     quarantine = _Quarantine(out_dir, split)
     out = open(out_dir / f"{split}.jsonl", "wb")  # noqa: SIM115
     split_digest = hashlib.sha256()
@@ -537,12 +539,17 @@ def _validate_split(
                         checked.append((raw, number, *_check_line(line, cfg, steps)))
                     except Rejected as r:
                         checked.append((raw, number, r, [], ""))
-                answers = [c[2].output for c in checked if isinstance(c[2], Example)]
+                usable = [c for c in checked if isinstance(c[2], Example)]
+                answers = [c[2].output for c in usable]
                 lengths = iter(count_tokens(answers) if clean.min_output_tokens and answers else [])
+                if similar is not None:  # MinHash signatures of the whole chunk at once
+                    similar.check_chunk([c[4] + "\x1e" + fold(c[2].output) for c in usable])
+                doc = -1
                 for raw, number, example, changed, prompt in checked:  # in line order
                     if isinstance(example, Rejected):
                         reject(raw, source, number, example.reason, example.detail)
                         continue
+                    doc += 1
                     n_tokens = next(lengths, None)
                     if n_tokens is not None and n_tokens < clean.min_output_tokens:
                         reject(
@@ -559,14 +566,25 @@ def _validate_split(
                         if exact in seen_exact:
                             reject(raw, source, number, "duplicate", "same as an earlier line")
                             continue
-                        if clean.dedup == "near" and near in seen_near:
+                        if clean.dedup != "exact" and near in seen_near:
                             reject(
                                 raw, source, number, "near_duplicate",
                                 "same as an earlier line up to case, spacing and punctuation",
                             )  # fmt: skip
                             continue
+                        match = similar.match(doc) if similar is not None else None
+                        if match is not None:
+                            reject(
+                                raw, source, number, "near_duplicate",
+                                f"near duplicate of {match[0]}: word-trigram similarity "
+                                f"~{match[1]:.0%} (data.clean.near_threshold="
+                                f"{clean.near_threshold})",
+                            )  # fmt: skip
+                            continue
                         seen_exact.add(exact)
                         seen_near.add(near)
+                        if similar is not None:
+                            similar.keep(doc, source, number)
                     if split == "train":
                         train_prompts.add(prompt_key)
                     elif clean.leakage and prompt_key in train_prompts:
@@ -583,6 +601,8 @@ def _validate_split(
                         counts.kept += 1
                     out.write(line_out)
                     split_digest.update(line_out)
+                if similar is not None:
+                    similar.commit()
             source_digest.update(f"{split}\0{source}\0".encode() + file_digest.digest())
     finally:
         out.close()

@@ -1,4 +1,5 @@
 import json
+import random
 import unicodedata
 from pathlib import Path
 
@@ -143,6 +144,35 @@ def test_cleaning_rules_and_dedup_can_be_switched_off(tmp_path):
     assert report.splits["train"].quarantined == 0
 
 
+def reworded(words: int, seed: int, change: int | None = None) -> bytes:
+    """An example with a long input; `change`: the same with that one word replaced."""
+    rng = random.Random(seed)
+    text = [rng.choice(["ship", "box", "red", "blue", "order", "late", "soon", "gift", "note",
+                        "paid", "card", "city", "road", "fast"]) + str(rng.randint(0, 99))
+            for _ in range(words)]  # fmt: skip
+    if change is not None:
+        text[change] = "CHANGED"
+    return line(input=" ".join(text))
+
+
+@pytest.mark.parametrize("chunk", [2048, 2])  # the copy in the same chunk, and in a later one
+def test_minhash_quarantines_a_copy_with_a_word_changed_naming_the_first(
+    tmp_path, monkeypatch, chunk
+):
+    monkeypatch.setattr("loraflow.data.CHUNK", chunk)
+    raw = reworded(80, 1) + reworded(30, 2) + reworded(30, 3) + reworded(80, 1, change=40)
+    report, out = validate(tmp_path, raw, config(clean={"dedup": "minhash"}))
+    c = report.splits["train"]
+    assert (c.kept, c.reasons) == (3, {"near_duplicate": 1})
+    row = (out / "quarantine" / "train.tsv").read_text().splitlines()[1].split("\t")
+    assert row[2:4] == ["4", "near_duplicate"]
+    assert f"near duplicate of {tmp_path / 'train.jsonl'}:1" in row[4]
+    # folded equality alone does not see it; a threshold above its similarity keeps it
+    for clean in ({"dedup": "near"}, {"dedup": "minhash", "near_threshold": 0.99}):
+        report, _ = validate(tmp_path / str(len(clean)), raw, config(clean=clean))
+        assert report.splits["train"].quarantined == 0
+
+
 def test_chat_messages_prompt_completion_and_mapped_columns_are_read(tmp_path):
     chat = {
         "messages": [
@@ -256,14 +286,17 @@ lines = st.one_of(
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(train=st.lists(lines, max_size=12), validation=st.lists(lines, max_size=4))
+@given(
+    train=st.lists(lines, max_size=12),
+    validation=st.lists(lines, max_size=4),
+    dedup=st.sampled_from(["near", "minhash"]),
+)
 def test_arbitrary_bytes_and_json_never_crash_and_every_line_is_counted(
-    tmp_path_factory, train, validation
+    tmp_path_factory, train, validation, dedup
 ):
     tmp = tmp_path_factory.mktemp("prop")
-    report, out = validate(
-        tmp, b"\n".join(train), config(min_kept_fraction=0.0), validation=b"\r\n".join(validation)
-    )
+    cfg = config(min_kept_fraction=0.0, clean={"dedup": dedup})
+    report, out = validate(tmp, b"\n".join(train), cfg, validation=b"\r\n".join(validation))
     raw = b"\n".join(train)
     assert report.splits["train"].read == len(raw.split(b"\n")) - raw.endswith(b"\n") - (not raw)
     for split, c in report.splits.items():
