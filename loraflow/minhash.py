@@ -7,7 +7,8 @@ chunk of examples at once); 8 bands of 8 values find candidates among all earlie
 classic MinHash a pair at similarity 0.9 shares a band with probability 0.99, at 0.6 with 0.13),
 and a candidate counts only when the share of equal values of the two signatures, an estimate of
 their similarity, reaches the threshold. The first of a
-group is kept; later ones are quarantined naming it. Memory: ~240 bytes per kept example.
+group is kept; later ones are quarantined naming it. Memory: ~240 bytes per kept example
+(16-bit signatures, band keys), ~340 at the peak while arrays grow (measured at 1M examples).
 """
 
 from __future__ import annotations
@@ -103,8 +104,8 @@ def estimate(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class NearDuplicates:
-    """check_chunk(docs) once per chunk, then match(i) / keep(i, where) in line order for the
-    chunk's docs that reach the dedup check; commit() after the chunk."""
+    """check_chunk(docs) once per chunk, then match(i) / keep(i, source, line) in line order
+    for the chunk's docs that reach the dedup check; commit() after the chunk."""
 
     def __init__(self, threshold: float) -> None:
         self.threshold = threshold
@@ -118,39 +119,43 @@ class NearDuplicates:
 
     def check_chunk(self, docs: list[str]) -> None:
         self.signatures = signatures(docs, self.words)
-        self.keys = np.stack(  # (BANDS, len(docs))
-            [_band_keys(self.signatures[:, b * ROWS : (b + 1) * ROWS]) for b in range(BANDS)]
+        self.keys = np.stack(  # (BANDS, len(docs)); the band's number mixed in: one key space
+            [_band_keys(self.signatures[:, b * ROWS : (b + 1) * ROWS], b) for b in range(BANDS)]
         )
-        self.earlier = np.stack([band.find(self.keys[b]) for b, band in enumerate(self.bands)])
-        self._chunk_index: dict[tuple[int, int], int] = {}
+        earlier = np.stack([band.find(self.keys[b]) for b, band in enumerate(self.bands)])
+        # per doc, as Python ints: line-by-line work below stays out of numpy's scalar path
+        self.doc_keys = self.keys.T.tolist()
+        self.doc_earlier = [
+            [c for c in row if c >= 0] if any_hit else []
+            for row, any_hit in zip(earlier.T.tolist(), (earlier >= 0).any(axis=0), strict=True)
+        ]
+        self._chunk_index: dict[int, int] = {}  # band key -> kept example, this chunk's
         self._pending = []
 
     def match(self, i: int) -> tuple[str, float] | None:
         """(file:line of the earlier example, estimated similarity) if doc i of the chunk is a
         near duplicate of an earlier kept example, else None."""
-        candidates = {int(c) for c in self.earlier[:, i] if c >= 0}
-        candidates |= {
-            self._chunk_index[(b, int(self.keys[b, i]))]
-            for b in range(BANDS)
-            if (b, int(self.keys[b, i])) in self._chunk_index
-        }
-        mine = self.signatures[i].astype(np.uint16)
+        index = self._chunk_index
+        candidates = self.doc_earlier[i] + [index[k] for k in self.doc_keys[i] if k in index]
+        if not candidates:
+            return None
+        mine = self.signatures[i]
         best: tuple[str, float] | None = None
-        for c in sorted(candidates):
+        for c in sorted(set(candidates)):
             similarity = estimate(self._signature(c), mine)
             if similarity >= self.threshold and (best is None or similarity > best[1]):
                 best = (f"{self.sources[self.source_of[c]]}:{self.line_of[c]}", similarity)
         return best
 
     def keep(self, i: int, source: str, line: int) -> None:
-        index = len(self.line_of)
+        kept = len(self.line_of)
         if not self.sources or self.sources[-1] != source:
             self.sources.append(source)
         self.source_of.append(len(self.sources) - 1)
         self.line_of.append(line)
         self._pending.append(i)
-        for b in range(BANDS):
-            self._chunk_index.setdefault((b, int(self.keys[b, i])), index)
+        for key in self.doc_keys[i]:
+            self._chunk_index.setdefault(key, kept)
 
     def commit(self) -> None:
         """Add the chunk's kept examples to the index of earlier ones."""
@@ -175,9 +180,10 @@ class NearDuplicates:
         return self.signatures[self._pending[index - self.kept]].astype(np.uint16)
 
 
-def _band_keys(band: np.ndarray) -> np.ndarray:
-    """One uint64 per row of a band's values (a hash of them)."""
-    key = np.zeros(len(band), dtype=np.uint64)
+def _band_keys(band: np.ndarray, number: int) -> np.ndarray:
+    """One uint64 per row of a band's values (an FNV-style hash of them and the band's
+    number, so that the bands' keys do not meet)."""
+    key = np.full(len(band), number + 1, dtype=np.uint64)
     for column in range(band.shape[1]):
         key = (key ^ band[:, column].astype(np.uint64)) * np.uint64(0x100000001B3)
     return key
