@@ -6,9 +6,9 @@ signature of 64 MinHash values by one permutation hashing (one hash per trigram,
 chunk of examples at once); 8 bands of 8 values find candidates among all earlier examples (for
 classic MinHash a pair at similarity 0.9 shares a band with probability 0.99, at 0.6 with 0.13),
 and a candidate counts only when the share of equal values of the two signatures, an estimate of
-their similarity, reaches the threshold. The first of a
-group is kept; later ones are quarantined naming it. Memory: ~240 bytes per kept example
-(16-bit signatures, band keys), ~340 at the peak while arrays grow (measured at 1M examples).
+their similarity, reaches the threshold. The first of a group is kept; later ones are
+quarantined naming it. Memory: ~240 bytes per kept example (16-bit signatures, band keys), ~340
+at the peak while arrays grow (measured at 1M examples).
 """
 
 from __future__ import annotations
