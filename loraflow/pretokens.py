@@ -26,7 +26,7 @@ BYTE_LEVEL = re.compile(
     rf"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^{WHITE}A-Za-z0-9]+"
     rf"|[{WHITE}]+(?![^{WHITE}])|[{WHITE}]+"
 )
-MAX_PIECES = 1 << 20  # the lookup table is emptied when it grows past this many pre-tokens
+MAX_PIECES = 1 << 18  # the lookup table (~60 MiB full) is emptied when it grows past this
 PROBES = (
     "Hello, world! It's a test: we'll see; I'd say they're fine, you've done 'it'.",
     "  two  spaces,\ttab\n\nnew lines\r\nCRLF   trailing   ",
