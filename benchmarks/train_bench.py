@@ -154,6 +154,18 @@ def run_guide(examples: list[tuple[list[int], int]], steps: int) -> dict[str, An
     return result
 
 
+def timed_metrics(out: Path) -> dict[str, Any]:
+    """What the engine's metrics.jsonl in `out` says of the run: real tokens/s over the steps
+    after two warm-up steps (compilation, flex_attention's kernels), the first step's seconds,
+    the timed seconds and every step's loss."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    timed = records[2:]
+    seconds = timed[-1]["elapsed_s"] - records[1]["elapsed_s"]
+    return {"real_tokens_per_s": sum(r["tokens"] for r in timed) / seconds,
+            "first_step_s": records[0]["elapsed_s"], "timed_s": seconds,
+            "losses": [r["loss"] for r in records]}
+
+
 def run_engine(examples: list[tuple[list[int], int]], steps: int, ranks: Any = None,
                **train: Any) -> dict[str, Any]:
     """loraflow's own loop (loraflow.train.fit) on the same examples; under torchrun each
@@ -188,15 +200,10 @@ def run_engine(examples: list[tuple[list[int], int]], steps: int, ranks: Any = N
     if not ranks.main:
         del model
         return {}
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    timed = records[2:]  # warm-up and compilation
-    seconds = timed[-1]["elapsed_s"] - records[1]["elapsed_s"]
-    result = {"real_tokens_per_s": sum(r["tokens"] for r in timed) / seconds,
-              "peak_gib": (torch.cuda.max_memory_allocated() - leftover) / 2**30,
-              "leftover_gib": leftover / 2**30,
-              "first_step_s": records[0]["elapsed_s"], "gpus": ranks.world_size,
-              "grad_accum_steps": cfg.grad_accum_steps,
-              "losses": [r["loss"] for r in records]}
+    result = timed_metrics(out) | {
+        "peak_gib": (torch.cuda.max_memory_allocated() - leftover) / 2**30,
+        "leftover_gib": leftover / 2**30, "gpus": ranks.world_size,
+        "grad_accum_steps": cfg.grad_accum_steps}
     del model
     if model_dir:
         shutil.rmtree(model_dir, ignore_errors=True)
@@ -252,18 +259,14 @@ def run_fsdp_random(
     del model
     if not ranks.main:
         return {}
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    result = timed_metrics(out)
     shutil.rmtree(out, ignore_errors=True)
-    timed = records[2:]  # warm-up (flex_attention's kernels compile in the first step)
-    seconds = timed[-1]["elapsed_s"] - records[1]["elapsed_s"]
-    return {"real_tokens_per_s": sum(r["tokens"] for r in timed) / seconds,
-            "peak_gib": max(r["peak_gib"] for r in every),
-            "peak_gib_per_rank": [r["peak_gib"] for r in every],
-            "reserved_gib_per_rank": [r["reserved_gib"] for r in every],
-            "weights": total, "held_per_rank": [r["held"] for r in every],
-            "build_s": build_s, "first_step_s": records[0]["elapsed_s"],
-            "timed_s": seconds, "gpus": ranks.world_size, "micro_batch_size": micro_batch,
-            "grad_accum_steps": accum, "losses": [r["loss"] for r in records]}
+    return result | {"peak_gib": max(r["peak_gib"] for r in every),
+                     "peak_gib_per_rank": [r["peak_gib"] for r in every],
+                     "reserved_gib_per_rank": [r["reserved_gib"] for r in every],
+                     "weights": total, "held_per_rank": [r["held"] for r in every],
+                     "build_s": build_s, "gpus": ranks.world_size,
+                     "micro_batch_size": micro_batch, "grad_accum_steps": accum}
 
 
 def isolation_check(examples: list[tuple[list[int], int]]) -> float:
