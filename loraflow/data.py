@@ -542,8 +542,11 @@ def _validate_split(
                 usable = [c for c in checked if isinstance(c[2], Example)]
                 answers = [c[2].output for c in usable]
                 lengths = iter(count_tokens(answers) if clean.min_output_tokens and answers else [])
+                # folded answers, once: for the near key and the MinHash documents
+                outputs = [fold(c[2].output) for c in usable] if clean.dedup != "off" else []
                 if similar is not None:  # MinHash signatures of the whole chunk at once
-                    similar.check_chunk([c[4] + "\x1e" + fold(c[2].output) for c in usable])
+                    docs = zip(usable, outputs, strict=True)
+                    similar.check_chunk([c[4] + "\x1e" + output for c, output in docs])
                 doc = -1
                 for raw, number, example, changed, prompt in checked:  # in line order
                     if isinstance(example, Rejected):
@@ -562,7 +565,7 @@ def _validate_split(
                     line_out = example.model_dump_json(exclude_none=True).encode() + b"\n"
                     if clean.dedup != "off":
                         exact = hashlib.blake2b(line_out, digest_size=16).digest()
-                        near = _digest(prompt + "\x1f" + fold(example.output))
+                        near = _digest(prompt + "\x1f" + outputs[doc])
                         if exact in seen_exact:
                             reject(raw, source, number, "duplicate", "same as an earlier line")
                             continue
