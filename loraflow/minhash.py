@@ -19,6 +19,7 @@ from array import array
 import numpy as np
 
 HASHES, BANDS = 64, 8
+BIN_BITS = HASHES.bit_length() - 1  # a trigram's bin: the top BIN_BITS bits of its hash
 ROWS = HASHES // BANDS
 SHINGLE = 3  # words per shingle
 EMPTY = 0xFFFFFFFF  # a bin no trigram fell into
@@ -83,15 +84,16 @@ def signatures(docs: list[str], words: _Words) -> np.ndarray:
     shingles *= MIX[0]
     # (doc, bin, value) in one sortable word: the first of each (doc, bin) is its minimum
     doc = np.repeat(np.arange(len(docs), dtype=np.uint64), counts)
-    packed = (doc << np.uint64(38)) | (shingles >> np.uint64(58) << np.uint64(32))
+    bin_of = shingles >> np.uint64(64 - BIN_BITS)
+    packed = (doc << np.uint64(32 + BIN_BITS)) | (bin_of << np.uint64(32))
     packed |= shingles & np.uint64(0xFFFFFFFF)
     packed.sort()
     group = packed >> np.uint64(32)
     first = np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1]]))
     out = np.full((len(docs), HASHES), EMPTY, dtype=np.uint32)
-    out[(group[first] >> np.uint64(6)).astype(np.int64), (group[first] & np.uint64(63)).astype(
-        np.int64
-    )] = (packed[first] & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    rows = (group[first] >> np.uint64(BIN_BITS)).astype(np.int64)
+    bins = (group[first] & np.uint64(HASHES - 1)).astype(np.int64)
+    out[rows, bins] = (packed[first] & np.uint64(0xFFFFFFFF)).astype(np.uint32)
     return out
 
 
