@@ -6,7 +6,7 @@
   (alpaca layout, truncation=True, padding="max_length", max_length=1024), one process.
 - loraflow: `validate_splits` (every line checked, cleaned, deduplicated, quarantine written)
   then `tokenize_splits` (alpaca layout, max_length 1024, no padding stored, zstd Parquet);
-  loraflow-packed: the same with packing; loraflow-minhash: with data.clean.dedup=minhash.
+  loraflow-minhash: the same with data.clean.dedup=minhash.
 Each contender runs in its own child process; the table shows wall time, the CPU seconds it
 used (all threads: more than the wall time means it used more than one core), how many cores
 other processes on the machine kept busy meanwhile, on average, the child's peak
@@ -83,20 +83,21 @@ def run_guide(data: Path, tokenizer_dir: str, work: Path) -> dict:
     }
 
 
-def run_loraflow(data: Path, tokenizer_dir: str, work: Path, packing: bool, dedup: str) -> dict:
+def run_loraflow(data: Path, tokenizer_dir: str, work: Path, dedup: str) -> dict:
     from transformers import AutoTokenizer
 
     from loraflow.config import DataConfig
     from loraflow.data import validate_splits
+    from loraflow.prompts import PromptTemplate
     from loraflow.tokenization import TokenizeSettings, tokenize_splits
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg = DataConfig(train=[str(data)], min_kept_fraction=0.9, clean={"dedup": dedup})
     report = validate_splits({"train": [str(data)]}, work / "validated", cfg)
     report.check(work / "validated")
-    settings = TokenizeSettings(max_length=1024, truncation="truncate", packing=packing)
+    settings = TokenizeSettings(max_length=1024, truncation="truncate")
     tok = tokenize_splits(
-        work / "validated", tokenizer, "alpaca", settings, work / "tokenized", splits=("train",)
+        work / "validated", tokenizer, PromptTemplate(kind="alpaca"), settings, work / "tokenized", splits=("train",)
     )
     return {
         "examples": tok.counts["train"],
@@ -142,10 +143,8 @@ def child(args: argparse.Namespace) -> None:
     if args.child == "guide":
         result = run_guide(args.data, args.tokenizer, work)
     else:
-        packing, dedup = args.child == "loraflow-packed", "near"
-        if args.child == "loraflow-minhash":
-            dedup = "minhash"
-        result = run_loraflow(args.data, args.tokenizer, work, packing, dedup)
+        dedup = "minhash" if args.child == "loraflow-minhash" else "near"
+        result = run_loraflow(args.data, args.tokenizer, work, dedup)
     result["seconds"] = time.perf_counter() - start
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["cpu_seconds"] = _cpu_seconds() - cpu_before
@@ -160,7 +159,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1_000_000, help="examples to generate")
     parser.add_argument("--tokenizer", default=str(ROOT / "tests" / "assets" / "tiny-tokenizer"))
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
-    parser.add_argument("--contenders", default="guide,loraflow,loraflow-packed")
+    parser.add_argument("--contenders", default="guide,loraflow")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -29,7 +29,7 @@ def main() -> None:
     cfg = EvalConfig(limit=args.limit, batch_size=args.batch_size)
     sets = load_sets(cfg, Path("data/orders/test.jsonl"))
     start = time.perf_counter()
-    result = evaluate(ModelSource(path=base.path), sets, "chat", cfg, label="base")
+    result = evaluate(ModelSource(path=base.path), sets, PromptTemplate(kind="chat"), cfg, label="base")
     seconds = time.perf_counter() - start
     n = len(sets[0].examples)
     print(f"\n{'model':<24}{'examples':>9}{'threads':>8}{'seconds':>9}{'s/example':>10}")

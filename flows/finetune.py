@@ -23,6 +23,7 @@ from prefect.runtime import deployment
 
 from loraflow.config import PipelineConfig
 from loraflow.environment import configure
+from loraflow.prompts import PromptTemplate
 from loraflow.summary import render, write_summary
 from tasks.data import tokenize_data, validate_data
 from tasks.deployments import record_trained_data, skip_run, train_on_gpu_pool
@@ -67,7 +68,8 @@ def finetune(
             adapter = step(train_on_gpu_pool, *args, run_id=run_id)
         else:
             adapter = step(train_adapter, tokens, base, cfg.lora, cfg.train, run_id=run_id)
-        template, name = tokens.meta["prompt_template"], cfg.registry.model_name
+        template = PromptTemplate.model_validate(tokens.meta["template"])
+        name = cfg.registry.model_name
         base_eval = step(evaluate_base, base, None, data, template, cfg.eval, run_id=run_id)
         tuned_eval = step(evaluate_tuned, base, adapter, data, template, cfg.eval, run_id=run_id)
         model = step(merge_adapter, base, adapter, cfg.merge, run_id=run_id)

@@ -126,14 +126,6 @@ class DataConfig(Section):
         description="Examples over max_length: drop them (counted), or cut them to max_length "
         "(an example whose answer is cut away entirely is reported and left out).",
     )
-    packing: bool = Field(
-        False,
-        description="Store examples packed into sequences of up to pack_length tokens with "
-        "each example's boundaries (no padding stored); off: one example per row.",
-    )
-    pack_length: int | None = Field(
-        None, ge=16, le=131072, description="Tokens per packed sequence (default: max_length)."
-    )
     max_line_bytes: int = Field(
         1 << 24, ge=1024, description="Quarantine JSONL lines longer than this many bytes."
     )
@@ -154,11 +146,6 @@ class DataConfig(Section):
         if (self.template == "jinja") != (self.jinja_template is not None):
             raise ValueError(
                 "template=jinja needs jinja_template=FILE, and jinja_template needs template=jinja"
-            )
-        if self.pack_length is not None and self.pack_length < self.max_length:
-            raise ValueError(
-                f"pack_length {self.pack_length} is shorter than max_length {self.max_length}: "
-                "an example could not fit a pack. Fix: raise pack_length or lower max_length."
             )
         return self
 
@@ -547,11 +534,20 @@ def load_config(
         raise ConfigError(format_errors(source, exc)) from None
 
 
+# Keys that moved, with what replaces them: an old config gets the fix, not "unknown key".
+MOVED = {
+    "data.packing": "packing is one switch, the engine's: set train.batching=packed",
+    "data.pack_length": "the packed row length is train.seq_len",
+}
+
+
 def format_errors(source: str, exc: ValidationError) -> str:
     lines = [f"{source}: {exc.error_count()} problem(s) in the configuration:"]
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "<root>"
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and field in MOVED:
+            lines.append(f"  - {field}: no longer here. Fix: {MOVED[field]}.")
+        elif err["type"] == "extra_forbidden":
             section = _section_model(err["loc"][:-1])
             allowed = ", ".join(section.model_fields) if section else "see configs/default.yaml"
             lines.append(

@@ -24,7 +24,7 @@ from loraflow.data import DataError, read_records
 from loraflow.generation import Decoding, Prompt, answer_losses, generate
 from loraflow.metrics import Scorer, summarise
 from loraflow.model import load_model, load_tokenizer
-from loraflow.prompts import Template
+from loraflow.prompts import PromptTemplate
 
 
 class EvalExample(BaseModel):
@@ -92,7 +92,7 @@ def decoding_of(cfg: EvalConfig) -> Decoding:
 def evaluate(
     model: ModelSource,
     sets: list[EvalSet],
-    template: Template,
+    template: PromptTemplate,
     cfg: EvalConfig,
     label: str = "model",
 ) -> EvalResult:
@@ -162,7 +162,7 @@ def evaluate(
 
 
 def evaluate_models(
-    models: dict[str, ModelSource], sets: list[EvalSet], template: Template, cfg: EvalConfig
+    models: dict[str, ModelSource], sets: list[EvalSet], template: PromptTemplate, cfg: EvalConfig
 ) -> dict[str, EvalResult]:
     """Several named models (base, tuned, champion, ...) on the same prompts and decoding."""
     return {label: evaluate(m, sets, template, cfg, label=label) for label, m in models.items()}

@@ -10,7 +10,8 @@ from pydantic import BaseModel
 from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from loraflow.prompts import Template, encode_prompt, render_prompt
+from loraflow.prompts import PromptTemplate, encode_prompt, render_prompt
+from loraflow.tokenization import IGNORE_INDEX
 
 
 class Prompt(BaseModel):
@@ -50,7 +51,7 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    template: Template,
+    template: PromptTemplate,
     prompts: list[Prompt],
     decoding: Decoding,
     batch_size: int,
@@ -97,7 +98,7 @@ def generate(
 def answer_losses(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    template: Template,
+    template: PromptTemplate,
     pairs: list[tuple[Prompt, str]],
     batch_size: int,
     desc: str = "loss",
@@ -122,7 +123,7 @@ def answer_losses(
         batch = examples[start : start + batch_size]
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, (ids, prompt_len) in enumerate(batch):
             input_ids[row, : len(ids)] = torch.tensor(ids)
@@ -132,7 +133,7 @@ def answer_losses(
         shifted = labels[:, 1:].to(device)
         for row in range(len(batch)):  # row by row: one more vocabulary-wide tensor, not B
             nll = torch.nn.functional.cross_entropy(
-                logits[row, :-1].float(), shifted[row], ignore_index=-100, reduction="sum"
+                logits[row, :-1].float(), shifted[row], ignore_index=IGNORE_INDEX, reduction="sum"
             )
-            out.append((float(nll), int((shifted[row] != -100).sum())))
+            out.append((float(nll), int((shifted[row] != IGNORE_INDEX).sum())))
     return out

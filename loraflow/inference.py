@@ -21,7 +21,7 @@ from loraflow.config import loraflow_home
 from loraflow.data import read_records
 from loraflow.generation import Decoding, Prompt, generate
 from loraflow.model import ModelNotFoundError, load_tokenizer
-from loraflow.prompts import Template
+from loraflow.prompts import PromptTemplate, TemplateKind
 
 Quantization = Literal["none", "8bit", "4bit"]
 LINEAGE_FILE = "loraflow.json"
@@ -112,13 +112,13 @@ def resolve_model(ref: str) -> Path:
     return path
 
 
-def recorded_template(path: Path, tokenizer: PreTrainedTokenizerBase) -> Template:
+def recorded_template(path: Path, tokenizer: PreTrainedTokenizerBase) -> PromptTemplate:
     """The template the model was trained with (loraflow.json); for a model loraflow did not
     make, its chat template if it has one, else the guide's alpaca layout."""
     lineage = Path(path) / LINEAGE_FILE
     if lineage.is_file():
-        return json.loads(lineage.read_text(encoding="utf-8"))["template"]
-    return "chat" if tokenizer.chat_template else "alpaca"
+        return PromptTemplate.recorded(json.loads(lineage.read_text(encoding="utf-8")))
+    return PromptTemplate(kind="chat" if tokenizer.chat_template else "alpaca")
 
 
 def load_for_inference(
@@ -183,11 +183,11 @@ def generate_answers(
     prompts: list[Prompt],
     decoding: Decoding | None = None,
     quantization: Quantization = "none",
-    template: Template | None = None,
+    template: TemplateKind | None = None,
     batch_size: int = 8,
 ) -> list[str]:
     """Answers to `prompts` from a registered model (models:/...) or a local directory."""
     path = resolve_model(str(model))
     loaded, tokenizer = load_for_inference(path, quantization)
-    template = template or recorded_template(path, tokenizer)
-    return generate(loaded, tokenizer, template, prompts, decoding or Decoding(), batch_size)
+    recorded = PromptTemplate(kind=template) if template else recorded_template(path, tokenizer)
+    return generate(loaded, tokenizer, recorded, prompts, decoding or Decoding(), batch_size)

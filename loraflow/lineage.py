@@ -146,7 +146,7 @@ def adapter_manifest(
     lora: dict[str, Any],
     train: dict[str, Any],
     data_sha256: str,
-    template: str,
+    template: dict[str, Any],
     chat_template: str | None,
     base_quantization: str = "none",
 ) -> dict[str, Any]:

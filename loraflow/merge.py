@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from loraflow.lineage import LINEAGE_FILE, check_adapter_matches_base
 from loraflow.model import load_model, load_tokenizer
-from loraflow.prompts import encode_prompt, render_prompt
+from loraflow.prompts import PromptTemplate, encode_prompt, render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def merge_adapter(
     tokenizer = load_tokenizer(base_path)
     model = PeftModel.from_pretrained(load_model(base_path, DTYPES[dtype], device), adapter_path)
     model.eval()
-    template = manifest.get("template", "alpaca")
+    template = PromptTemplate.recorded(manifest)
     prompts = [
         torch.tensor(encode_prompt(tokenizer, template, render_prompt(tokenizer, template, p, "")))
         for p in check_prompts

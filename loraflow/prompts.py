@@ -1,9 +1,10 @@
 """Prompt templates: one function renders a prompt for training, evaluation and inference alike,
 so what the model was trained on is exactly what it is asked at serving time.
 
-A template is named by a string: "chat" (the model's own chat template), "alpaca" (the guide's
-layout) or the source text of a user Jinja template. That string is what tokenization records,
-what the adapter's loraflow.json keeps and what evaluation renders with.
+A template is a typed record: its kind ("chat": the model's own chat template, "alpaca": the
+guide's layout, "jinja": a user template) and, for "jinja", the template's source text. That
+record is what tokenization records, what the adapter's and the merged model's loraflow.json keep,
+and what evaluation, the merge check, `loraflow generate` and the served model render with.
 """
 
 from __future__ import annotations
@@ -11,32 +12,57 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from pydantic import BaseModel, model_validator
 from transformers import PreTrainedTokenizerBase
 
 from loraflow.data import Example
 
-Template = Literal["chat", "alpaca", "jinja"]
+TemplateKind = Literal["chat", "alpaca", "jinja"]
+
+
+class PromptTemplate(BaseModel, frozen=True):
+    """How a prompt is laid out: one record, so the kind is never mistaken for the text."""
+
+    kind: TemplateKind = "chat"
+    jinja: str | None = None  # the Jinja source, for kind "jinja" only
+
+    @model_validator(mode="after")
+    def _jinja_text(self) -> PromptTemplate:
+        if (self.kind == "jinja") != (self.jinja is not None):
+            raise ValueError("a jinja template carries its source text; chat and alpaca none")
+        return self
+
+    @classmethod
+    def recorded(cls, manifest: dict[str, Any]) -> PromptTemplate:
+        """The template in a loraflow.json; models registered before the record existed kept
+        the kind in "template" and the text in "prompt_template"."""
+        recorded = manifest["template"]
+        if isinstance(recorded, dict):
+            return cls.model_validate(recorded)
+        if recorded in ("chat", "alpaca"):
+            return cls(kind=recorded)
+        return cls(kind="jinja", jinja=manifest["prompt_template"])
 
 # The guide's layout (its section 4), kept byte for byte.
 ALPACA = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Output:\n"
 _PROBE = "\x00loraflow-content\x00"
 
 
-def prompt_template(kind: Template, jinja_file: Path | None = None) -> str:
-    """The template string for a config: "chat", "alpaca", or the Jinja file's text."""
+def prompt_template(kind: TemplateKind, jinja_file: Path | None = None) -> PromptTemplate:
+    """The template record for a config: its kind, and the Jinja file's text for "jinja"."""
     if kind != "jinja":
-        return kind
+        return PromptTemplate(kind=kind)
     if jinja_file is None or not Path(jinja_file).is_file():
         raise ValueError(
             f"data.jinja_template {jinja_file} does not exist. Fix: point it at a Jinja file."
         )
     source = Path(jinja_file).read_text(encoding="utf-8")
     _compile(source)  # fail now, naming the file, rather than at the first example
-    return source
+    return PromptTemplate(kind="jinja", jinja=source)
 
 
 @lru_cache(maxsize=8)
@@ -53,12 +79,14 @@ def chat_messages(example: Example) -> list[dict[str, str]]:
     return [*(example.messages or []), {"role": "user", "content": content}]
 
 
-def render_example(tokenizer: PreTrainedTokenizerBase, template: str, example: Example) -> str:
+def render_example(
+    tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, example: Example
+) -> str:
     """The text the model sees before its answer."""
-    if template == "alpaca":
+    if template.kind == "alpaca":
         history = "".join(f"{m['role']}: {m['content']}\n\n" for m in example.messages or [])
         return ALPACA.format(instruction=history + example.instruction, input=example.input)
-    if template == "chat":
+    if template.kind == "chat":
         if not tokenizer.chat_template:
             raise ValueError(
                 "template 'chat' needs a tokenizer with a chat template; this one has none. "
@@ -67,7 +95,7 @@ def render_example(tokenizer: PreTrainedTokenizerBase, template: str, example: E
         return tokenizer.apply_chat_template(
             chat_messages(example), tokenize=False, add_generation_prompt=True
         )
-    return _compile(template).render(
+    return _compile(template.jinja).render(
         instruction=example.instruction,
         input=example.input,
         messages=chat_messages(example),
@@ -77,25 +105,29 @@ def render_example(tokenizer: PreTrainedTokenizerBase, template: str, example: E
 
 
 def render_prompt(
-    tokenizer: PreTrainedTokenizerBase, template: str, instruction: str, input: str
+    tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, instruction: str, input: str
 ) -> str:
     return render_example(
         tokenizer, template, Example(instruction=instruction, input=input, output="")
     )
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, template: str, prompt: str) -> list[int]:
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, prompt: str
+) -> list[int]:
     """Token ids of a rendered prompt: chat and Jinja templates write their own special tokens,
     the alpaca layout gets whatever the tokenizer adds by default (Llama: BOS)."""
-    return tokenizer(prompt, add_special_tokens=template == "alpaca")["input_ids"]
+    return tokenizer(prompt, add_special_tokens=template.kind == "alpaca")["input_ids"]
 
 
-def prompt_renderer(tokenizer: PreTrainedTokenizerBase, template: str) -> Callable[[Example], str]:
+def prompt_renderer(
+    tokenizer: PreTrainedTokenizerBase, template: PromptTemplate
+) -> Callable[[Example], str]:
     """render_example for many examples. A chat template is rendered once around a marker and
     reused as prefix + content + suffix when two probes show that is exact; the slow path
     (one Jinja render per example) stays for templates that transform the content and for
     multi-turn examples."""
-    if template != "chat":
+    if template.kind != "chat":
         return lambda example: render_example(tokenizer, template, example)
     marked = render_example(tokenizer, template, Example(instruction=_PROBE, output=""))
     if marked.count(_PROBE) != 1:

@@ -29,7 +29,9 @@ class TextGenerator(PythonModel):
         self.tokenizer.padding_side = "left"  # generation continues every row from its end
         self.model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval()
         lineage = json.loads((path / "loraflow.json").read_text(encoding="utf-8"))
-        self.template = lineage.get("template", "alpaca")
+        from loraflow.prompts import PromptTemplate
+
+        self.template = PromptTemplate.recorded(lineage)
 
     # No type hints on predict: MLflow would infer a schema from them; the signature is explicit.
     def predict(self, context, model_input, params=None):  # noqa: ANN001

@@ -1,10 +1,10 @@
 """Tokenizing validated examples into prompt + completion ids, stored once as Parquet.
 
 Each example is (input_ids, prompt_len): the prompt's ids, then the answer's ids and EOS. The
-training engine derives labels from them: -100 on the prompt, so loss is taken on the answer
+training engine derives labels from them: IGNORE_INDEX on the prompt, so loss is taken on the answer
 and on the EOS token only (that is what teaches the model to stop); padding is added per batch
-and masked there, never stored. With packing, whole examples are concatenated into sequences
-of up to pack_length tokens with their boundaries (see loraflow.packing).
+and masked there, never stored. One example a row: packing is the engine's (train.batching),
+so it can reshuffle each epoch.
 
 The result lives under a folder named by the content hash of the cleaned data, the tokenizer,
 the template and these settings: a later run with the same inputs reuses it.
@@ -25,11 +25,11 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from loraflow.data import Example, read_jsonl
-from loraflow.packing import Packer
 from loraflow.pretokens import PretokenEncoder
-from loraflow.prompts import prompt_renderer
+from loraflow.prompts import PromptTemplate, prompt_renderer
 
-FORMAT_VERSION = "2"  # bump when the files written here change shape
+FORMAT_VERSION = "3"  # bump when the files written here change shape
+IGNORE_INDEX = -100  # the label of a token no loss is taken on (PyTorch's cross-entropy default)
 BATCH = 1024  # examples rendered and encoded together
 ROW_GROUP = 16384  # rows per Parquet row group
 
@@ -47,8 +47,6 @@ class TokenizeSettings(BaseModel):
 
     max_length: int
     truncation: str = "drop"
-    packing: bool = False
-    pack_length: int | None = None
 
 
 class TokenizeReport(BaseModel):
@@ -58,7 +56,7 @@ class TokenizeReport(BaseModel):
     completion_truncated_away: dict[str, int]  # cut so that no answer token is left: left out
     tokens: dict[str, int]  # tokens stored
     label_tokens: dict[str, int]  # tokens that carry a label (answer + EOS)
-    rows: dict[str, int]  # Parquet rows: examples, or packs with packing
+    rows: dict[str, int]  # Parquet rows, one an example
     settings: TokenizeSettings
 
 
@@ -71,9 +69,10 @@ def tokenizer_sha256(model_dir: Path) -> str:
 
 
 def cache_key(
-    data_sha256: str, tokenizer_sha: str, template: str, settings: TokenizeSettings
+    data_sha256: str, tokenizer_sha: str, template: PromptTemplate, settings: TokenizeSettings
 ) -> str:
-    payload = [FORMAT_VERSION, data_sha256, tokenizer_sha, template, settings.model_dump()]
+    payload = [FORMAT_VERSION, data_sha256, tokenizer_sha, template.model_dump(),
+               settings.model_dump()]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -86,11 +85,11 @@ class Encoder:
     tokenize_splits runs run() in a second thread, so that the Rust tokenizer, which releases
     the GIL, overlaps the Python steps of the batches around it."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, template: str) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, template: PromptTemplate) -> None:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; the model could not learn to stop")
         self.render = prompt_renderer(tokenizer, template)
-        self.prompt_specials = template == "alpaca"
+        self.prompt_specials = template.kind == "alpaca"
         self.eos = tokenizer.eos_token_id
         self.backend = getattr(tokenizer, "backend_tokenizer", None)
         if self.backend is not None:  # what tokenizer(...) does on every call
@@ -143,7 +142,7 @@ class Encoder:
 
 
 def encode_example(
-    tokenizer: PreTrainedTokenizerBase, template: str, example: Example
+    tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, example: Example
 ) -> tuple[list[int], int]:
     """(input_ids, prompt_len) of one example, exactly as tokenize_splits stores it."""
     return Encoder(tokenizer, template).encode([example])[0]
@@ -180,13 +179,12 @@ class _ParquetOut:
     """Rows buffered in flat int32 buffers and written as zstd row groups (building Arrow list
     arrays from offsets + values, not from Python lists of lists)."""
 
-    def __init__(self, path: Path, packed: bool) -> None:
+    def __init__(self, path: Path) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         ids = pa.list_(pa.int32())
-        lists = ("input_ids", "seq_lens", "prompt_lens") if packed else ("input_ids",)
-        scalars = () if packed else ("prompt_len",)
+        lists, scalars = ("input_ids",), ("prompt_len",)
         self.pa, self.lists, self.scalars = pa, lists, scalars
         self.schema = pa.schema([(n, ids) for n in lists] + [(n, pa.int32()) for n in scalars])
         self.writer = pq.ParquetWriter(path, self.schema, compression="zstd")
@@ -229,10 +227,18 @@ class _ParquetOut:
         self.writer.close()
 
 
+def read_tokenized(path: Path) -> list[tuple[list[int], int]]:
+    """The (input_ids, prompt_len) of every example of a <split>.parquet written here."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["input_ids", "prompt_len"])
+    return list(zip(table["input_ids"].to_pylist(), table["prompt_len"].to_pylist(), strict=True))
+
+
 def tokenize_splits(
     data_dir: Path,
     tokenizer: PreTrainedTokenizerBase,
-    template: str,
+    template: PromptTemplate,
     settings: TokenizeSettings | int,
     out_dir: Path,
     splits: tuple[str, ...] = ("train", "validation"),
@@ -253,8 +259,7 @@ def tokenize_splits(
     for split in splits:
         n = dict.fromkeys((*fields, "label_tokens"), 0)
         split_lengths = array("i")
-        out = _ParquetOut(out_dir / f"{split}.parquet", settings.packing)
-        packer = Packer(settings.pack_length or max_length) if settings.packing else None
+        out = _ParquetOut(out_dir / f"{split}.parquet")
         bar = tqdm(desc=f"tokenize {split}", unit="ex", disable=not progress, leave=False)
         try:
             for batch in _encoded(encoder, Path(data_dir) / f"{split}.jsonl"):
@@ -272,14 +277,8 @@ def tokenize_splits(
                     n["counts"] += 1
                     n["tokens"] += len(ids)
                     n["label_tokens"] += len(ids) - prompt_len
-                    if packer is None:
-                        out.add(ids, prompt_len)
-                    else:
-                        for pack in packer.add(ids, prompt_len):
-                            out.add(*pack)
+                    out.add(ids, prompt_len)
                 bar.update(len(batch))
-            for pack in packer.flush() if packer else []:
-                out.add(*pack)
         finally:
             out.close()
             bar.close()
@@ -299,7 +298,7 @@ def tokenize_cached(
     data_sha256: str,
     tokenizer: PreTrainedTokenizerBase,
     tokenizer_sha: str,
-    template: str,
+    template: PromptTemplate,
     settings: TokenizeSettings,
     progress: bool = True,
 ) -> tuple[Path, TokenizeReport, bool]:

@@ -47,6 +47,7 @@ from loraflow.config import LoraSettings, TrainConfig
 from loraflow.distributed import SINGLE, Ranks
 from loraflow.model import load_tokenizer
 from loraflow.preflight import PreflightError, check_device, fit_micro_batch
+from loraflow.tokenization import IGNORE_INDEX, read_tokenized
 
 EXIT_OOM, EXIT_DIVERGED, EXIT_HUNG, EXIT_REFUSED = 3, 4, 5, 6
 LOSS_CHUNK = 4096  # answer tokens per logits chunk: caps the logits tensor at 4096 x vocab
@@ -72,19 +73,11 @@ class Diverged(RuntimeError):
     """The loss became NaN/inf or stayed spiked: retrying the same thing would not help."""
 
 
-def read_examples(path: Path) -> list[Example]:
-    """The examples of one split: <split>.parquet as loraflow.tokenization writes it (packed
-    or not; needs pyarrow), else an older <split>.jsonl of {"input_ids", "prompt_len"}; `path`
-    may name either. A split with neither file has no examples."""
-    parquet = Path(path).with_suffix(".parquet")
-    if parquet.is_file():
-        from loraflow.packing import read_tokenized
-
-        return read_tokenized(parquet)
-    if not Path(path).is_file():
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [(r["input_ids"], r["prompt_len"]) for r in map(json.loads, f)]
+def read_examples(data_dir: Path, split: str) -> list[Example]:
+    """The examples of one split (<split>.parquet, as loraflow.tokenization writes it); a split
+    without its file has none."""
+    path = Path(data_dir) / f"{split}.parquet"
+    return read_tokenized(path) if path.is_file() else []
 
 
 # ---------------------------------------------------------------------------- data
@@ -147,12 +140,12 @@ def rows_per_step(cfg: TrainConfig, ranks: Ranks) -> int:
 
 def collate(rows: list[list[Example]], pad_id: int, width: int | None = None) -> dict[str, Any]:
     """Tensors for rows of one or more examples each, padded at the end to `width` (default:
-    the longest row). Labels are -100 on prompts and padding; position ids restart at 0 for
+    the longest row). Labels are IGNORE_INDEX on prompts and padding; position ids restart at 0 for
     every example; doc_ids number the examples of a row (padding is -1)."""
     width = width or max(sum(len(ids) for ids, _ in row) for row in rows)
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
-    labels = torch.full(shape, -100, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)
     doc_ids = torch.full(shape, -1, dtype=torch.long)
     for r, row in enumerate(rows):
@@ -186,7 +179,7 @@ def attention_mask_for(doc_ids: torch.Tensor, attn_impl: str) -> Any:
 
 
 def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"][:, 1:] != -100).sum())
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def row_counts(rows: list[list[Example]]) -> tuple[int, int]:
@@ -352,7 +345,7 @@ def completion_loss(
         use_cache=False,
     ).last_hidden_state
     targets = batch["labels"][:, 1:]
-    keep = targets != -100
+    keep = targets != IGNORE_INDEX
     states, targets = hidden[:, :-1][keep], targets[keep]
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), LOSS_CHUNK):
@@ -774,8 +767,8 @@ def train_ranks(
     torch.manual_seed(t.seed)
 
     tokenizer = load_tokenizer(cfg.base_path)
-    train_set = read_examples(Path(cfg.data_dir) / "train.jsonl")
-    val_set = read_examples(Path(cfg.data_dir) / "validation.jsonl")
+    train_set = read_examples(cfg.data_dir, "train")
+    val_set = read_examples(cfg.data_dir, "validation")
     if not train_set:
         raise ValueError(f"{cfg.data_dir} holds no training examples (train.parquet)")
     too_long = max(len(ids) for ids, _ in train_set)

@@ -74,16 +74,11 @@ def validate_data(data: DataConfig, base: BaseModelRef, run_id: str) -> Artifact
 def tokenize_data(
     data: ArtifactRef, base: BaseModelRef, cfg: DataConfig, run_id: str
 ) -> ArtifactRef:
-    """Prompt + answer token ids (packed or not, no padding stored) as Parquet, cached on the
+    """Prompt + answer token ids (one example a row, no padding) as Parquet, cached on the
     content of data, tokenizer and template; logged to the run with a length histogram."""
     tokenizer = load_tokenizer(base.path)
     template = prompt_template(cfg.template, cfg.jinja_template)
-    settings = TokenizeSettings(
-        max_length=cfg.max_length,
-        truncation=cfg.truncation,
-        packing=cfg.packing,
-        pack_length=cfg.pack_length,
-    )
+    settings = TokenizeSettings(max_length=cfg.max_length, truncation=cfg.truncation)
     folder, report, _ = tokenize_cached(
         loraflow_home() / "tokenized",
         fetch(data.uri),
@@ -111,8 +106,7 @@ def tokenize_data(
     log_metrics(run_id, metrics)
     meta = report.model_dump() | {
         "tokenizer_sha256": tokenizer_sha256(base.path),
-        "template": cfg.template,
-        "prompt_template": template,
+        "template": template.model_dump(),
         "data_sha256": data.sha256,
     }
     return ArtifactRef(uri=uri, sha256=sha256_tree(folder), meta=meta)

@@ -16,6 +16,7 @@ from loraflow import evaluate, report
 from loraflow.artifacts import ArtifactRef
 from loraflow.config import EvalConfig
 from loraflow.inference import registered_model
+from loraflow.prompts import PromptTemplate
 from loraflow.registry import CHAMPION
 from tasks.caching import CONTENT, ContentInputs
 from tasks.model import evaluate_model
@@ -52,7 +53,7 @@ def evaluate_champion(
     model_name: str,
     candidate: ArtifactRef,
     data: ArtifactRef,
-    template: str,
+    template: PromptTemplate,
     cfg: EvalConfig,
     run_id: str,
 ) -> ArtifactRef | None:

@@ -31,6 +31,7 @@ from loraflow.lineage import (
     sha256_tree,
 )
 from loraflow.model import BaseModelRef, load_tokenizer, resolve_base_model, source_location
+from loraflow.prompts import PromptTemplate
 from loraflow.train import (
     EXIT_DIVERGED,
     EXIT_HUNG,
@@ -129,10 +130,7 @@ def train_adapter(
         template=tokens.meta["template"],
         chat_template=load_tokenizer(base.path).chat_template,
         base_quantization={"nf4": "4bit", "int8": "8bit"}.get(train.precision, "none"),
-    ) | {
-        "prompt_template": tokens.meta["prompt_template"],  # what evaluation/serving render
-        "tokenize": tokens.meta["settings"],
-    }
+    ) | {"tokenize": tokens.meta["settings"]}
     (adapter_dir / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True))
     uri = log_dir(run_id, adapter_dir, "adapter")
     log_metrics(run_id, {f"train.{k}": v for k, v in result.items()})
@@ -207,7 +205,7 @@ def evaluate_model(
     model: BaseModelRef | ArtifactRef,
     adapter: ArtifactRef | None,
     data: ArtifactRef,
-    template: str,
+    template: PromptTemplate,
     cfg: EvalConfig,
     run_id: str,
     label: str | None = None,

@@ -57,12 +57,14 @@ def tokenized(tmp_path: Path, small_data: dict[str, Path], tiny_model_dir: Path)
     from loraflow.config import DataConfig
     from loraflow.data import validate_splits
     from loraflow.model import load_tokenizer
+    from loraflow.prompts import PromptTemplate
     from loraflow.tokenization import tokenize_splits
 
     sources = {split: [str(path)] for split, path in small_data.items()}
     validate_splits(sources, tmp_path / "valid", DataConfig(), progress=False)
     tokenize_splits(
-        tmp_path / "valid", load_tokenizer(tiny_model_dir), "chat", 512, tmp_path / "tokens"
+        tmp_path / "valid", load_tokenizer(tiny_model_dir), PromptTemplate(kind="chat"), 512,
+        tmp_path / "tokens",
     )
     return tmp_path / "tokens"
 

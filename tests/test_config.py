@@ -57,5 +57,3 @@ def test_data_sources_take_one_path_or_several_and_template_choices_are_checked(
         load_config(None, ["data.template=jinja"])
     with pytest.raises(ConfigError, match=r"unknown name\(s\) \['question'\]"):
         load_config(None, ["data.columns={question: q}"])
-    with pytest.raises(ConfigError, match="pack_length 64 is shorter than max_length 512"):
-        load_config(None, ["data.pack_length=64"])

@@ -53,7 +53,7 @@ def records(out):
 
 
 def test_rows_counts_without_collating_agree_with_the_collated_labels(tokenized):
-    stream = ExampleStream(read_examples(tokenized / "train.jsonl"), seed=0)
+    stream = ExampleStream(read_examples(tokenized, "train"), seed=0)
     for packed in (True, False):
         rows = next_micro_batch(stream, TrainConfig(micro_batch_size=3, seq_len=512), packed)
         batch = collate(rows, pad_id=0)
@@ -61,7 +61,7 @@ def test_rows_counts_without_collating_agree_with_the_collated_labels(tokenized)
 
 
 def test_epochs_count_the_steps_that_show_every_example_once(tokenized):
-    examples = read_examples(tokenized / "train.jsonl")
+    examples = read_examples(tokenized, "train")
     padded = TrainConfig(micro_batch_size=4, grad_accum_steps=2, epochs=2)
     assert steps_for_epochs(examples, padded, packed=False) == -(-2 * len(examples) // 8)
     packed = TrainConfig(micro_batch_size=2, seq_len=512, epochs=1)
@@ -146,7 +146,7 @@ def test_fsdp_on_two_processes_trains_exactly_as_one_with_double_accumulation(
     shutil.copy(tokenized / "train.parquet", data)
     (data / "validation.jsonl").write_text("".join(
         json.dumps({"input_ids": ids, "prompt_len": n}) + "\n"
-        for ids, n in read_examples(tokenized / "validation.parquet")[:5]))
+        for ids, n in read_examples(tokenized, "validation")[:5]))
     one, command = engine(tmp_path, tiny_model_dir, data, "one", grad_accum_steps=2,
                           max_steps=4, eval_every=2, max_grad_norm=0.2)
     assert run(command).returncode == 0

@@ -13,8 +13,10 @@ from loraflow.data import DataError
 from loraflow.evaluate import ModelSource, evaluate_models, load_sets, read_result, write_result
 from loraflow.generation import Decoding, Prompt, answer_losses, generate
 from loraflow.model import load_model, load_tokenizer
-from loraflow.prompts import encode_prompt, render_prompt
+from loraflow.prompts import PromptTemplate, encode_prompt, render_prompt
 from loraflow.train import add_lora
+
+CHAT, ALPACA = PromptTemplate(kind="chat"), PromptTemplate(kind="alpaca")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,7 @@ def test_named_models_answer_the_same_prompts_and_are_scored_per_set_and_example
         "base": ModelSource(path=tiny_model_dir),
         "tuned": ModelSource(path=tiny_model_dir, adapter=tiny_adapter),
     }
-    results = evaluate_models(models, sets, "chat", cfg)
+    results = evaluate_models(models, sets, CHAT, cfg)
 
     assert list(results) == ["base", "tuned"]
     for label, result in results.items():
@@ -94,10 +96,10 @@ def test_batched_generation_returns_each_answer_in_prompt_order(chatty_model_dir
     prompts = [Prompt(instruction=e.instruction, input=e.input) for e in sets[0].examples]
     prompts.append(Prompt(instruction="short"))  # a different length, so padding happens
     decoding = Decoding(max_new_tokens=5)
-    one_by_one = [generate(model, tokenizer, "chat", [p], decoding, 1)[0] for p in prompts]
+    one_by_one = [generate(model, tokenizer, CHAT, [p], decoding, 1)[0] for p in prompts]
     assert len(set(one_by_one)) == len(prompts)  # distinct answers, so order is visible
-    assert generate(model, tokenizer, "chat", prompts, decoding, batch_size=3) == one_by_one
-    beams = generate(model, tokenizer, "chat", prompts[:2], decoding.model_copy(
+    assert generate(model, tokenizer, CHAT, prompts, decoding, batch_size=3) == one_by_one
+    beams = generate(model, tokenizer, CHAT, prompts[:2], decoding.model_copy(
         update={"decoding": "beam", "num_beams": 3}), batch_size=2)
     assert len(beams) == 2 and all(isinstance(b, str) for b in beams)
 
@@ -105,10 +107,10 @@ def test_batched_generation_returns_each_answer_in_prompt_order(chatty_model_dir
 def test_a_stop_string_ends_the_answer_before_it(chatty_model_dir):
     tokenizer, model = load_tokenizer(chatty_model_dir), load_model(chatty_model_dir)
     prompt = [Prompt(instruction="Extract the order", input="3 of AB-1 for Ana")]
-    full = generate(model, tokenizer, "alpaca", prompt, Decoding(max_new_tokens=24), 1)[0]
+    full = generate(model, tokenizer, ALPACA, prompt, Decoding(max_new_tokens=24), 1)[0]
     assert len(full) > 6, full
     stop = full[4:6]  # greedy decoding is deterministic: the same text comes again
-    cut = generate(model, tokenizer, "alpaca", prompt,
+    cut = generate(model, tokenizer, ALPACA, prompt,
                    Decoding(max_new_tokens=24, stop=[stop]), 1)[0]
     assert cut == full[: full.find(stop)].strip()
 
@@ -116,8 +118,8 @@ def test_a_stop_string_ends_the_answer_before_it(chatty_model_dir):
 def test_held_out_loss_is_the_models_own_loss_on_the_answer_tokens(tiny_model_dir):
     tokenizer, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
     prompt, answer = Prompt(instruction="Name a colour", input=""), "blue"
-    [(nll, n)] = answer_losses(model, tokenizer, "chat", [(prompt, answer)], batch_size=1)
-    ids = encode_prompt(tokenizer, "chat", render_prompt(tokenizer, "chat", prompt.instruction, ""))
+    [(nll, n)] = answer_losses(model, tokenizer, CHAT, [(prompt, answer)], batch_size=1)
+    ids = encode_prompt(tokenizer, CHAT, render_prompt(tokenizer, CHAT, prompt.instruction, ""))
     target = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     labels = [-100] * len(ids) + target
     with torch.no_grad():

@@ -20,6 +20,7 @@ from loraflow.inference import (
     resolve_model,
 )
 from loraflow.model import ModelNotFoundError, load_model, load_tokenizer
+from loraflow.prompts import PromptTemplate
 
 PROMPTS = [
     Prompt(instruction="Extract the order", input="3 of AB-1 for Ana"),
@@ -39,7 +40,8 @@ def merged_dir(chatty_model_dir, tmp_path_factory) -> Path:
 
 def direct(model_dir: Path, template: str, prompts=PROMPTS, **decoding) -> list[str]:
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
-    return generate(model, tokenizer, template, prompts, Decoding(**decoding), batch_size=2)
+    return generate(model, tokenizer, PromptTemplate(kind=template), prompts,
+                    Decoding(**decoding), batch_size=2)
 
 
 def test_a_local_model_answers_with_the_template_recorded_with_it(merged_dir):
@@ -91,7 +93,8 @@ def test_quantized_loading_on_a_gpu_generates(merged_dir, quantization):
     model, tokenizer = load_for_inference(merged_dir, quantization)
     assert any("Linear8bitLt" in type(m).__name__ or "Linear4bit" in type(m).__name__
                for m in model.modules())
-    answers = generate(model, tokenizer, "alpaca", PROMPTS, Decoding(max_new_tokens=8), 2)
+    answers = generate(model, tokenizer, PromptTemplate(kind="alpaca"), PROMPTS,
+                       Decoding(max_new_tokens=8), 2)
     assert len(answers) == 2
 
 

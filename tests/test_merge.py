@@ -122,7 +122,7 @@ def test_a_qlora_adapter_merges_onto_the_unquantized_base_on_gpu(tmp_path):
     model.save_pretrained(adapter)
     manifest = adapter_manifest(
         base, "tiny", sha256_tree(base), lora=lora, train={}, data_sha256="0" * 64,
-        template="alpaca", chat_template=None, base_quantization="4bit",
+        template={"kind": "alpaca", "jinja": None}, chat_template=None, base_quantization="4bit",
     )  # fmt: skip
     (adapter / LINEAGE_FILE).write_text(json.dumps(manifest))
 

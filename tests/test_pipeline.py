@@ -18,9 +18,9 @@ from loraflow.storage import StoragePermanentError
 pytestmark = pytest.mark.integration
 
 
-def tiny_config(data: dict[str, Path], model_dir: Path, name: str, **sections) -> PipelineConfig:
+def tiny_config(splits: dict[str, Path], model_dir: Path, name: str, **sections) -> PipelineConfig:
     raw = {
-        "data": {k: str(v) for k, v in data.items()},
+        "data": {k: str(v) for k, v in splits.items()},
         "model": {"base": str(model_dir)},
         "train": {"max_steps": 3, "micro_batch_size": 8, "learning_rate": 1e-2},
         "eval": {"max_new_tokens": 8, "batch_size": 4},
@@ -71,7 +71,8 @@ def test_pipeline_registers_pushes_and_reruns_fully_cached(
     lineage = json.loads((root / "adapter" / "loraflow.json").read_text())
     assert lineage["lora"]["r"] == 8 and lineage["lora"]["target_modules"] == ["q_proj", "v_proj"]
     assert lineage["chat_template"].startswith("{% for message")
-    assert lineage["prompt_template"] == "chat" and lineage["tokenize"]["max_length"] == 512
+    assert lineage["template"] == {"kind": "chat", "jinja": None}
+    assert lineage["tokenize"]["max_length"] == 512
 
     # the data-quality report: counts per rule and reason, quarantine, histogram, parquet
     run = client.get_run(first["run_id"])
@@ -208,3 +209,52 @@ def test_an_unreachable_store_is_retried_with_backoff_then_the_version_is_remove
     assert time.perf_counter() - start >= 2 + 4 + 8  # three retries, exponential backoff
     versions = MlflowClient().search_model_versions("name='tiny-unreachable'")
     assert versions == []  # registered, then removed when the push gave up
+
+
+JINJA_TEXT = "{{ bos_token }}JINJA-MARK {{ instruction }}\n{{ input }}\nAnswer: "
+
+
+def test_a_jinja_template_is_what_the_merge_check_generate_and_the_served_model_render(
+    prefect_server, small_data, tiny_model_dir, tmp_path, monkeypatch
+):
+    """The template's text, not its kind, travels from tokenization to every later render."""
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from flows.finetune import finetune
+    from loraflow import merge
+    from loraflow.generation import Decoding, Prompt, generate
+    from loraflow.inference import generate_answers, recorded_template, resolve_model
+    from loraflow.model import load_model, load_tokenizer
+    from loraflow.prompts import PromptTemplate
+
+    jinja_file = tmp_path / "prompt.jinja"
+    jinja_file.write_text(JINJA_TEXT, encoding="utf-8")
+    template = PromptTemplate(kind="jinja", jinja=JINJA_TEXT)
+    rendered: list[str] = []
+
+    def spy(*args, **kwargs):
+        rendered.append(render(*args, **kwargs))
+        return rendered[-1]
+
+    render = merge.render_prompt
+    monkeypatch.setattr(merge, "render_prompt", spy)
+    cfg = tiny_config(small_data, tiny_model_dir, "tiny-jinja",
+                      data={"template": "jinja", "jinja_template": str(jinja_file)},
+                      merge={"dtype": "float32", "check_prompts": ["Say hi."]})
+    finetune(config=cfg)
+    assert rendered and all("JINJA-MARK Say hi." in text for text in rendered)  # merge check
+
+    model_dir = resolve_model("models:/tiny-jinja@challenger")
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
+    assert recorded_template(model_dir, tokenizer) == template
+    prompt = Prompt(instruction="Extract the order.", input="2 mugs to Oslo")
+    expected = generate(model, tokenizer, template, [prompt], Decoding(max_new_tokens=8), 1)
+    wrong = generate(model, tokenizer, PromptTemplate(kind="chat"), [prompt],
+                     Decoding(max_new_tokens=8), 1)
+    assert expected != wrong  # the tiny model answers differently under another layout
+    assert generate_answers(model_dir, [prompt], Decoding(max_new_tokens=8)) == expected
+
+    served = mlflow.pyfunc.load_model("models:/tiny-jinja@challenger")
+    frame = pd.DataFrame({"instruction": [prompt.instruction], "input": [prompt.input]})
+    assert served.predict(frame, params={"max_new_tokens": 8}) == expected

@@ -8,23 +8,25 @@ from hypothesis import strategies as st
 from tokenizers import AddedToken, normalizers, processors
 from transformers import AutoTokenizer
 
+from loraflow.config import ConfigError, load_config
 from loraflow.data import Example
-from loraflow.packing import (
-    IGNORE,
-    Packer,
-    collate_packed,
-    labels,
-    position_ids,
-    read_packs,
-    read_tokenized,
-    unpack,
+from loraflow.prompts import (
+    ALPACA,
+    PromptTemplate,
+    encode_prompt,
+    prompt_renderer,
+    render_example,
+    render_prompt,
 )
-from loraflow.prompts import ALPACA, encode_prompt, prompt_renderer, render_example, render_prompt
+from loraflow.tokenization import (
+    IGNORE_INDEX as IGNORE,
+)
 from loraflow.tokenization import (
     Encoder,
     TokenizeSettings,
     encode_example,
     plot_lengths,
+    read_tokenized,
     tokenize_cached,
     tokenize_splits,
 )
@@ -37,7 +39,11 @@ EXAMPLE = Example(
     input="3 x AB-100 for Ann",
     output='{"sku":"AB-100","quantity":3}',
 )
-JINJA = "{{ bos_token }}Q: {{ instruction }}{% if input %} [{{ input }}]{% endif %}\nA: "
+JINJA = PromptTemplate(
+    kind="jinja",
+    jinja="{{ bos_token }}Q: {{ instruction }}{% if input %} [{{ input }}]{% endif %}\nA: ",
+)
+CHAT, ALPACA_LAYOUT = PromptTemplate(kind="chat"), PromptTemplate(kind="alpaca")
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +70,7 @@ def write_data(folder: Path, splits: dict[str, list[Example]]) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("template", ["chat", "alpaca", JINJA])
+@pytest.mark.parametrize("template", [CHAT, ALPACA_LAYOUT, JINJA])
 def test_labels_cover_the_answer_and_eos_only(tokenizer, template):
     ids, prompt_len = encode_example(tokenizer, template, EXAMPLE)
     batch = collate([[(ids, prompt_len)]], pad_id=tokenizer.pad_token_id)
@@ -76,8 +82,8 @@ def test_labels_cover_the_answer_and_eos_only(tokenizer, template):
 
 
 def test_padding_is_masked_out_of_labels_and_attention_while_eos_is_trained(tokenizer):
-    short = encode_example(tokenizer, "chat", EXAMPLE)
-    long = encode_example(tokenizer, "chat", EXAMPLE.model_copy(update={"input": "x " * 30}))
+    short = encode_example(tokenizer, CHAT, EXAMPLE)
+    long = encode_example(tokenizer, CHAT, EXAMPLE.model_copy(update={"input": "x " * 30}))
     batch = collate([[short], [long]], pad_id=tokenizer.pad_token_id)
     n = len(short[0])
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
@@ -92,7 +98,7 @@ def test_padding_is_masked_out_of_labels_and_attention_while_eos_is_trained(toke
     assert (same["labels"][0, n:] == IGNORE).all()
 
 
-@pytest.mark.parametrize("template", ["chat", "alpaca", JINJA])
+@pytest.mark.parametrize("template", [CHAT, ALPACA_LAYOUT, JINJA])
 def test_training_prompt_is_exactly_the_inference_prompt(tokenizer, template):
     ids, prompt_len = encode_example(tokenizer, template, EXAMPLE)
     prompt = render_prompt(tokenizer, template, EXAMPLE.instruction, EXAMPLE.input)
@@ -100,8 +106,8 @@ def test_training_prompt_is_exactly_the_inference_prompt(tokenizer, template):
 
 
 def test_the_three_templates_render_what_they_promise(tokenizer):
-    assert render_prompt(tokenizer, "chat", "Do it.", "").endswith("<|im_start|>assistant\n")
-    prompt = render_prompt(tokenizer, "alpaca", "Do it.", "this")
+    assert render_prompt(tokenizer, CHAT, "Do it.", "").endswith("<|im_start|>assistant\n")
+    prompt = render_prompt(tokenizer, ALPACA_LAYOUT, "Do it.", "this")
     assert prompt == "### Instruction:\nDo it.\n\n### Input:\nthis\n\n### Output:\n"
     assert ALPACA.count("###") == 3
     assert render_prompt(tokenizer, JINJA, "Do it.", "this") == "<|im_start|>Q: Do it. [this]\nA: "
@@ -112,7 +118,7 @@ def test_bulk_rendering_and_encoding_equal_the_one_by_one_path(tokenizer):
         *examples(20),
         EXAMPLE.model_copy(update={"messages": [{"role": "system", "content": "Hi"}]}),
     ]
-    for template in ("chat", "alpaca", JINJA):
+    for template in (CHAT, ALPACA_LAYOUT, JINJA):
         render = prompt_renderer(tokenizer, template)
         assert [render(e) for e in batch] == [render_example(tokenizer, template, e) for e in batch]
         expected = []
@@ -128,16 +134,16 @@ def test_batches_stream_through_the_encoding_thread_in_line_order(tmp_path, toke
     monkeypatch.setattr("loraflow.tokenization.BATCH", 7)
     rows = examples(30)
     data = write_data(tmp_path / "data", {"train": rows, "validation": []})
-    report = tokenize_splits(data, tokenizer, "alpaca", 4096, tmp_path / "tok", progress=False)
+    report = tokenize_splits(data, tokenizer, ALPACA_LAYOUT, 4096, tmp_path / "tok", progress=False)
     assert report.counts == {"train": 30, "validation": 0}
     stored = read_tokenized(tmp_path / "tok" / "train.parquet")
-    assert stored == [encode_example(tokenizer, "alpaca", e) for e in rows]
+    assert stored == [encode_example(tokenizer, ALPACA_LAYOUT, e) for e in rows]
 
 
 def test_over_max_length_is_dropped_or_truncated_and_a_lost_answer_is_reported(tmp_path, tokenizer):
     long_input = EXAMPLE.model_copy(update={"input": "word " * 200})
     data = write_data(tmp_path / "data", {"train": [EXAMPLE, long_input], "validation": [EXAMPLE]})
-    drop = tokenize_splits(data, tokenizer, "chat", 128, tmp_path / "drop", progress=False)
+    drop = tokenize_splits(data, tokenizer, CHAT, 128, tmp_path / "drop", progress=False)
     assert drop.counts == {"train": 1, "validation": 1}
     assert drop.too_long == {"train": 1, "validation": 0}
     assert [len(ids) <= 128 for ids, _ in read_tokenized(tmp_path / "drop" / "train.parquet")] == [
@@ -149,72 +155,38 @@ def test_over_max_length_is_dropped_or_truncated_and_a_lost_answer_is_reported(t
         tmp_path / "d2", {"train": [EXAMPLE, long_input, long_answer], "validation": []}
     )
     cut = TokenizeSettings(max_length=128, truncation="truncate")
-    report = tokenize_splits(data, tokenizer, "chat", cut, tmp_path / "cut", progress=False)
+    report = tokenize_splits(data, tokenizer, CHAT, cut, tmp_path / "cut", progress=False)
     assert report.completion_truncated_away["train"] == 1  # the long prompt left no answer
     assert report.truncated["train"] == 1 and report.counts["train"] == 2
     rows = read_tokenized(tmp_path / "cut" / "train.parquet")
     assert all(len(ids) <= 128 and prompt_len < len(ids) for ids, prompt_len in rows)
 
 
-def test_packer_keeps_whole_examples_and_their_boundaries():
-    rng = random.Random(1)
-    items = [
-        ([rng.randint(5, 50) for _ in range(rng.randint(2, 60))], rng.randint(1, 2))
-        for _ in range(300)
-    ]
-    packer = Packer(64, open_limit=4)
-    packs = [p for ids, pl in items for p in packer.add(ids, pl)] + packer.flush()
-    for pack in packs:
-        assert len(pack.input_ids) <= 64 and sum(pack.seq_lens) == len(pack.input_ids)
-    assert sorted(ex for p in packs for ex in unpack(p)) == sorted(items)
-    filled = sum(len(ids) for ids, _ in items) / (64 * len(packs))
-    assert filled > 0.8  # best fit with a few open packs wastes little
-
-
-def test_packed_batches_label_completions_only_and_restart_positions(tokenizer):
-    a = encode_example(tokenizer, "chat", EXAMPLE)
-    b = encode_example(tokenizer, "chat", EXAMPLE.model_copy(update={"input": "7 x ZZ-9"}))
-    packer = Packer(len(a[0]) + len(b[0]) + 5)
-    assert packer.add(*a) == [] and packer.add(*b) == []
-    (pack,) = packer.flush()
-    batch = collate_packed([pack], pad_id=tokenizer.pad_token_id)
-    n_a = len(a[0])
-    assert batch["seq_lens"] == [[n_a, len(b[0])]]
-    assert batch["position_ids"][0, : n_a + 2].tolist() == [*range(n_a), 0, 1]
-    assert batch["document_ids"][0].tolist() == [0] * n_a + [1] * len(b[0])
-    got = batch["labels"][0].tolist()
-    assert got == labels(*pack)
-    expected = [IGNORE] * a[1] + a[0][a[1] :] + [IGNORE] * b[1] + b[0][b[1] :]
-    assert got == expected  # answer + EOS of each example and nothing else
-    assert position_ids([2, 3]) == [0, 1, 0, 1, 2]
-
-
-def test_packed_and_unpacked_files_hold_the_same_examples_without_padding(tmp_path, tokenizer):
+def test_files_hold_one_example_a_row_unpadded_and_the_engine_reads_them(tmp_path, tokenizer):
     data = write_data(tmp_path / "data", {"train": examples(60), "validation": examples(5, 1)})
-    plain = tokenize_splits(data, tokenizer, "chat", 256, tmp_path / "plain", progress=False)
-    packed_settings = TokenizeSettings(max_length=256, packing=True, pack_length=512)
-    packed = tokenize_splits(
-        data, tokenizer, "chat", packed_settings, tmp_path / "packed", progress=False
-    )
-    assert plain.tokens == packed.tokens and plain.counts == packed.counts
-    assert packed.rows["train"] < plain.rows["train"]
-    unpacked = read_tokenized(tmp_path / "plain" / "train.parquet")
-    assert sorted(read_tokenized(tmp_path / "packed" / "train.parquet")) == sorted(unpacked)
-    packs = read_packs(tmp_path / "packed" / "train.parquet")
-    assert sum(len(p.input_ids) for p in packs) == plain.tokens["train"]  # no padding stored
-    assert tokenizer.pad_token_id not in {t for ids, _ in unpacked for t in ids}
-    # the training engine reads both, by the split's old .jsonl name too
-    assert read_examples(tmp_path / "packed" / "train.jsonl") == read_tokenized(
-        tmp_path / "packed" / "train.parquet"
-    )
-    assert read_examples(tmp_path / "plain" / "test.jsonl") == []
+    report = tokenize_splits(data, tokenizer, CHAT, 256, tmp_path / "tok", progress=False)
+    stored = read_tokenized(tmp_path / "tok" / "train.parquet")
+    assert report.rows["train"] == report.counts["train"] == len(stored) == 60
+    assert sum(len(ids) for ids, _ in stored) == report.tokens["train"]  # no padding stored
+    assert tokenizer.pad_token_id not in {t for ids, _ in stored for t in ids}
+    assert read_examples(tmp_path / "tok", "train") == stored
+    assert read_examples(tmp_path / "tok", "test") == []  # a split without its file
+
+
+def test_packing_is_the_engines_one_switch():
+    """Packing lives in the engine alone (train.batching); the data-side keys say where."""
+    with pytest.raises(ConfigError, match="data.packing: no longer here.*train.batching=packed"):
+        load_config(None, ["data.packing=true"])
+    with pytest.raises(ConfigError, match="data.pack_length: no longer here.*train.seq_len"):
+        load_config(None, ["data.pack_length=1024"])
+    assert "packing" not in TokenizeSettings.model_fields
 
 
 def test_the_parquet_files_load_with_datasets(tmp_path, tokenizer):
     from datasets import load_dataset
 
     data = write_data(tmp_path / "data", {"train": examples(10), "validation": examples(2)})
-    tokenize_splits(data, tokenizer, "alpaca", 256, tmp_path / "tok", progress=False)
+    tokenize_splits(data, tokenizer, ALPACA_LAYOUT, 256, tmp_path / "tok", progress=False)
     ds = load_dataset(
         "parquet",
         data_files=str(tmp_path / "tok" / "train.parquet"),
@@ -228,11 +200,11 @@ def test_tokenized_data_is_cached_on_data_tokenizer_and_template(tmp_path, token
     data = write_data(tmp_path / "data", {"train": examples(8), "validation": examples(2)})
     args = (tmp_path / "cache", data, "datahash", tokenizer, "tokhash")
     settings = TokenizeSettings(max_length=256)
-    first, report, reused = tokenize_cached(*args, "chat", settings, progress=False)
+    first, report, reused = tokenize_cached(*args, CHAT, settings, progress=False)
     assert not reused and report.counts["train"] == 8
-    again, report2, reused = tokenize_cached(*args, "chat", settings, progress=False)
+    again, report2, reused = tokenize_cached(*args, CHAT, settings, progress=False)
     assert reused and again == first and report2 == report
-    other, _, reused = tokenize_cached(*args, "alpaca", settings, progress=False)
+    other, _, reused = tokenize_cached(*args, ALPACA_LAYOUT, settings, progress=False)
     assert not reused and other != first
     png = plot_lengths(first / "lengths.npz", 256, tmp_path / "lengths.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -257,7 +229,7 @@ def tokenizer_ids(backend, texts: list[str], specials: bool) -> list[list[int]]:
 @settings(max_examples=400, deadline=None)
 @given(texts=TEXTS, specials=st.booleans())
 def test_pretoken_lookup_gives_the_tokenizers_ids(tokenizer, texts, specials):
-    encoder = Encoder(tokenizer, "alpaca")
+    encoder = Encoder(tokenizer, ALPACA_LAYOUT)
     assert encoder.pretokens is not None  # the tiny tokenizer is byte-level BPE
     assert encoder._ids(texts, specials) == tokenizer_ids(encoder.backend, texts, specials)
 
@@ -269,10 +241,10 @@ def test_pretoken_lookup_keeps_the_post_processors_special_tokens(tokenizer):
     backend.post_processor = processors.TemplateProcessing(
         single="<|im_start|> $A <|im_end|>", special_tokens=list(ids.items())
     )
-    encoder = Encoder(bos_eos, "alpaca")
+    encoder = Encoder(bos_eos, ALPACA_LAYOUT)
     assert (encoder.pretokens.prefix, encoder.pretokens.suffix) == ([ids["<|im_start|>"]],
                                                                    [ids["<|im_end|>"]])  # fmt: skip
-    texts = [render_example(bos_eos, "alpaca", e) for e in examples(20)]
+    texts = [render_example(bos_eos, ALPACA_LAYOUT, e) for e in examples(20)]
     assert encoder._ids(texts, True) == tokenizer_ids(backend, texts, True)
     assert encoder._ids(texts, False) == tokenizer_ids(backend, texts, False)
 
@@ -284,14 +256,14 @@ def test_tokenizers_the_lookup_cannot_copy_are_left_to_the_tokenizer(monkeypatch
     stripping.add_tokens([AddedToken("ZZ", lstrip=True)])
     texts = ["Hello World ZZ there", "  MIXED case\n"]
     for tokenizer in (lower, stripping):
-        encoder = Encoder(tokenizer, "alpaca")
+        encoder = Encoder(tokenizer, ALPACA_LAYOUT)
         assert encoder.pretokens is None
         assert encoder._ids(texts, False) == tokenizer_ids(encoder.backend, texts, False)
 
 
 def test_the_pretoken_table_is_emptied_when_full_and_the_ids_stay_right(tokenizer, monkeypatch):
     monkeypatch.setattr("loraflow.pretokens.MAX_PIECES", 5)
-    encoder = Encoder(tokenizer, "alpaca")
-    texts = [render_example(tokenizer, "alpaca", e) for e in examples(30)]
+    encoder = Encoder(tokenizer, ALPACA_LAYOUT)
+    texts = [render_example(tokenizer, ALPACA_LAYOUT, e) for e in examples(30)]
     assert encoder._ids(texts, False) == tokenizer_ids(encoder.backend, texts, False)
     assert len(encoder.pretokens.pieces) < 5 + 40  # emptied on the way, not grown to all

@@ -18,7 +18,7 @@ def test_training_moves_only_adapter_weights(tmp_path, tiny_model_dir, tokenized
     model = add_lora(load_model(tiny_model_dir), LoraSettings())
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     cfg = TrainConfig(max_steps=3, micro_batch_size=4, learning_rate=1e-2, warmup_steps=0)
-    fit(model, read_examples(tokenized / "train.jsonl"), [], cfg, tmp_path, 3, torch.float32)
+    fit(model, read_examples(tokenized, "train"), [], cfg, tmp_path, 3, torch.float32)
     after = dict(model.named_parameters())
     lora = [n for n in before if "lora_" in n]
     frozen = [n for n in before if "lora_" not in n]
@@ -82,7 +82,7 @@ def test_packed_rows_give_each_example_the_loss_it_has_alone(tiny_model_dir, tok
     from loraflow.train import collate, completion_loss
 
     model = add_lora(load_model(tiny_model_dir), LoraSettings(dropout=0.0)).eval()
-    examples = read_examples(tokenized / "train.jsonl")[:5]
+    examples = read_examples(tokenized, "train")[:5]
     alone = []
     with torch.no_grad():
         for example in examples:
@@ -197,7 +197,7 @@ def test_recomputing_the_logits_in_backward_gives_the_same_loss_and_gradients(
     from loraflow.train import collate, completion_loss
 
     model = add_lora(load_model(tiny_model_dir), LoraSettings(dropout=0.0))
-    batch = collate([[e] for e in read_examples(tokenized / "train.jsonl")[:4]], pad_id=3)
+    batch = collate([[e] for e in read_examples(tokenized, "train")[:4]], pad_id=3)
     results = []
     for recompute in (False, True):
         model.zero_grad()

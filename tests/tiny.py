@@ -42,7 +42,7 @@ def make_adapter(
     out: Path,
     r: int = 4,
     targets: tuple[str, ...] = ("q_proj", "v_proj"),
-    template: str = "alpaca",
+    template: str = "alpaca",  # the kind of a chat or alpaca PromptTemplate
     base_quantization: str = "none",
 ) -> Path:
     """A LoRA adapter with non-zero B (as after training) and its lineage manifest."""
@@ -61,7 +61,7 @@ def make_adapter(
         lora={"r": r, "alpha": 2 * r, "target_modules": list(targets)},
         train={"max_steps": 1},
         data_sha256="0" * 64,
-        template=template,
+        template={"kind": template, "jinja": None},
         chat_template=None,
         base_quantization=base_quantization,
     )
