@@ -87,18 +87,17 @@ def run_loraflow(data: Path, tokenizer_dir: str, work: Path, dedup: str) -> dict
     from transformers import AutoTokenizer
 
     from loraflow.config import DataConfig
-    from loraflow.data import validate_splits
-    from loraflow.prompts import PromptTemplate
-    from loraflow.tokenization import TokenizeSettings, tokenize_splits
+    from loraflow.data.prompts import PromptTemplate
+    from loraflow.data.tokenization import TokenizeSettings, tokenize_splits
+    from loraflow.data.validation import validate_splits
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg = DataConfig(train=[str(data)], min_kept_fraction=0.9, clean={"dedup": dedup})
     report = validate_splits({"train": [str(data)]}, work / "validated", cfg)
     report.check(work / "validated")
     settings = TokenizeSettings(max_length=1024, truncation="truncate")
-    tok = tokenize_splits(
-        work / "validated", tokenizer, PromptTemplate(kind="alpaca"), settings, work / "tokenized", splits=("train",)
-    )
+    tok = tokenize_splits(work / "validated", tokenizer, PromptTemplate(kind="alpaca"), settings,
+                          work / "tokenized", splits=("train",))
     return {
         "examples": tok.counts["train"],
         "quarantined": report.splits["train"].quarantined,
@@ -135,9 +134,8 @@ def child(args: argparse.Namespace) -> None:
     if args.child == "guide":
         import datasets  # noqa: F401
     else:
-        import pyarrow.parquet  # noqa: F401 - imported by loraflow on first write
-
         import loraflow.tokenization  # noqa: F401
+        import pyarrow.parquet  # noqa: F401 - imported by loraflow on first write
     cpu_before, busy_before = _cpu_seconds(), _machine_busy_seconds()
     start = time.perf_counter()
     if args.child == "guide":

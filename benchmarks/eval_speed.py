@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
+from loraflow.base_model import resolve_base_model
 from loraflow.config import EvalConfig, loraflow_home
-from loraflow.evaluate import ModelSource, evaluate, load_sets
-from loraflow.model import resolve_base_model
+from loraflow.data.prompts import PromptTemplate
+from loraflow.evaluation.evaluate import ModelSource, evaluate, load_sets
 
 
 def main() -> None:
@@ -29,7 +30,8 @@ def main() -> None:
     cfg = EvalConfig(limit=args.limit, batch_size=args.batch_size)
     sets = load_sets(cfg, Path("data/orders/test.jsonl"))
     start = time.perf_counter()
-    result = evaluate(ModelSource(path=base.path), sets, PromptTemplate(kind="chat"), cfg, label="base")
+    result = evaluate(ModelSource(path=base.path), sets, PromptTemplate(kind="chat"), cfg,
+                      label="base")
     seconds = time.perf_counter() - start
     n = len(sets[0].examples)
     print(f"\n{'model':<24}{'examples':>9}{'threads':>8}{'seconds':>9}{'s/example':>10}")

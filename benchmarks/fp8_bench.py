@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from loraflow.fp8 import Float8FrozenLinear, fp8_supported
+from loraflow.engine.fp8 import Float8FrozenLinear, fp8_supported
 
 # (N, K) of nn.Linear(K, N) in Llama-2-7B, with how many of each one decoder layer holds.
 SHAPES = {(4096, 4096): 4, (11008, 4096): 2, (4096, 11008): 1}

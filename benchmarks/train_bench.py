@@ -168,11 +168,12 @@ def timed_metrics(out: Path) -> dict[str, Any]:
 
 def run_engine(examples: list[tuple[list[int], int]], steps: int, ranks: Any = None,
                **train: Any) -> dict[str, Any]:
-    """loraflow's own loop (loraflow.train.fit) on the same examples; under torchrun each
+    """loraflow's own loop (loraflow.engine.loop.fit) on the same examples; under torchrun each
     rank trains its share of every step (tokens/s counts every rank's tokens)."""
     from loraflow.config import LoraSettings, TrainConfig
-    from loraflow.distributed import SINGLE
-    from loraflow.train import add_lora, fit, load_base, prepare_for_training, use_fp8
+    from loraflow.engine.distributed import SINGLE
+    from loraflow.engine.loop import fit
+    from loraflow.engine.model import add_lora, load_base, prepare_for_training, use_fp8
 
     cfg = TrainConfig(max_steps=steps + 2, warmup_steps=0, learning_rate=1e-4,
                       watchdog_seconds=0, **train)
@@ -196,7 +197,8 @@ def run_engine(examples: list[tuple[list[int], int]], steps: int, ranks: Any = N
     reset_memory()
     ranks = ranks or SINGLE
     out = Path(tempfile.mkdtemp())
-    fit(model, examples, [], cfg, out, 0, torch.bfloat16, attn, packed, ranks)
+    fit(model, train_set=examples, val_set=[], t=cfg, out=out, pad_id=0, dtype=torch.bfloat16,
+        attn_impl=attn, packed=packed, ranks=ranks)
     if not ranks.main:
         del model
         return {}
@@ -210,21 +212,38 @@ def run_engine(examples: list[tuple[list[int], int]], steps: int, ranks: Any = N
     return result
 
 
+def random_base_sharded(
+    config: Any, cfg: Any, lora: Any, device: str, attn_impl: str, ranks: Any, seed: int = 0
+) -> Any:
+    """Benchmarks of train.parallelism=fsdp on a model too large to build whole (a 70B): the
+    architecture `config` (a transformers config) with LoRA, built on the meta device on every
+    rank, sharded as load_base_sharded's model is, and filled with random weights on each
+    rank's device (distributed.fill_random). Throughput does not depend on the values."""
+    from loraflow.engine import distributed
+    from loraflow.engine.model import add_lora, fsdp_precision, meta_base, prepare_for_training
+
+    model = add_lora(prepare_for_training(meta_base(config, fsdp_precision(cfg, device),
+                                                    attn_impl), cfg), lora)
+    distributed.shard_layers(model, ranks)
+    distributed.fill_random(model, ranks, seed)
+    return model
+
+
 def run_fsdp_random(
     examples: list[tuple[list[int], int]], steps: int, ranks: Any, arch: dict[str, Any],
     micro_batch: int, accum: int = 1, seq_len: int = 2048, device: str = "cuda",
 ) -> dict[str, Any]:
     """The engine's train.parallelism=fsdp on an architecture too large to build whole (the
-    70B): random weights made shard by shard on each rank (loraflow.train.random_base_sharded),
-    then loraflow.train.fit as run_engine runs it; packed rows, checkpointing, no compile.
+    70B): random weights made shard by shard on each rank (random_base_sharded, above),
+    then loraflow.engine.loop.fit as run_engine runs it; packed rows, checkpointing, no compile.
     Rank 0 returns the numbers, with every rank's weights held and peak memory; the others {}.
     On CPU (gloo, fp32) for the tests."""
     from torch import distributed as dist
     from transformers import LlamaConfig
 
     from loraflow.config import LoraSettings, TrainConfig
-    from loraflow.distributed import held_weights
-    from loraflow.train import fit, random_base_sharded
+    from loraflow.engine.distributed import held_weights
+    from loraflow.engine.loop import fit
 
     if not ranks.distributed:
         raise ValueError("the fsdp variant shards the model across GPUs: run it under torchrun "
@@ -249,7 +268,8 @@ def run_fsdp_random(
         print(f"fsdp: built on meta, sharded and filled with random weights in {build_s:.1f} s",
               flush=True)
     out = Path(tempfile.mkdtemp())
-    fit(model, examples, [], cfg, out, 0, dtype, attn, True, ranks)
+    fit(model, train_set=examples, val_set=[], t=cfg, out=out, pad_id=0, dtype=dtype,
+        attn_impl=attn, packed=True, ranks=ranks)
     mine = {"held": held_weights(model),
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
             "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0}
@@ -272,7 +292,9 @@ def run_fsdp_random(
 def isolation_check(examples: list[tuple[list[int], int]]) -> float:
     """Largest relative gap between each example's loss alone and inside a packed row."""
     from loraflow.config import LoraSettings
-    from loraflow.train import add_lora, collate, completion_loss
+    from loraflow.engine.batches import collate
+    from loraflow.engine.loss import completion_loss
+    from loraflow.engine.model import add_lora
 
     model = add_lora(build_model("flex_attention"), LoraSettings(dropout=0.0)).eval()
     worst = 0.0
@@ -374,7 +396,7 @@ def main() -> None:
     if args.gpus:
         return scaling(args)
 
-    from loraflow import distributed
+    from loraflow.engine import distributed
 
     ranks = distributed.init("cuda", 1800)  # one process unless started by torchrun
     examples = make_examples(4000)

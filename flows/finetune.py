@@ -23,7 +23,6 @@ from prefect.runtime import deployment
 
 from loraflow.config import PipelineConfig
 from loraflow.environment import configure
-from loraflow.prompts import PromptTemplate
 from loraflow.summary import render, write_summary
 from tasks.data import tokenize_data, validate_data
 from tasks.deployments import record_trained_data, skip_run, train_on_gpu_pool
@@ -57,36 +56,41 @@ def finetune(
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": [data_uri]})})
     home = configure()  # MLflow, models and caches under LORAFLOW_HOME unless set otherwise
     with pipeline_run(cfg) as run_id:
-        base = step(prepare_base_model, cfg.model.base)
-        data = step(validate_data, cfg.data, base, run_id=run_id)
+        base = step(prepare_base_model, source=cfg.model.base)
+        data = step(validate_data, data=cfg.data, base=base, run_id=run_id)
         earlier = record_trained_data(data, cfg.registry.model_name, run_id=run_id)
         if earlier and skip_trained_data:  # a schedule or trigger on data already trained on
             return skip_run(run_id, cfg.registry.model_name, data, earlier)
-        tokens = step(tokenize_data, data, base, cfg.data, run_id=run_id)
+        tokens = step(tokenize_data, data=data, base=base, cfg=cfg.data, run_id=run_id)
         if deployment.id:  # a deployment run: train on the gpu pool; the adapter comes via MLflow
-            args = (tokens, base, cfg.lora, cfg.train, cfg.model.base)
-            adapter = step(train_on_gpu_pool, *args, run_id=run_id)
+            adapter = step(train_on_gpu_pool, tokens=tokens, base=base, lora=cfg.lora,
+                           train=cfg.train, base_source=cfg.model.base, run_id=run_id)
         else:
-            adapter = step(train_adapter, tokens, base, cfg.lora, cfg.train, run_id=run_id)
-        template = PromptTemplate.model_validate(tokens.meta["template"])
-        name = cfg.registry.model_name
-        base_eval = step(evaluate_base, base, None, data, template, cfg.eval, run_id=run_id)
-        tuned_eval = step(evaluate_tuned, base, adapter, data, template, cfg.eval, run_id=run_id)
-        model = step(merge_adapter, base, adapter, cfg.merge, run_id=run_id)
-        rival = step(evaluate_champion, name, model, data, template, cfg.eval, run_id=run_id)
+            adapter = step(train_adapter, tokens=tokens, base=base, lora=cfg.lora,
+                           train=cfg.train, run_id=run_id)
+        template, name = tokens.template, cfg.registry.model_name
+        base_eval = step(evaluate_base, model=base, adapter=None, data=data, template=template,
+                         cfg=cfg.eval, run_id=run_id)
+        tuned_eval = step(evaluate_tuned, model=base, adapter=adapter, data=data,
+                          template=template, cfg=cfg.eval, run_id=run_id)
+        model = step(merge_adapter, base=base, adapter=adapter, cfg=cfg.merge, run_id=run_id)
+        rival = step(evaluate_champion, model_name=name, candidate=model, data=data,
+                     template=template, cfg=cfg.eval, run_id=run_id)
         evals = [base_eval, tuned_eval, rival]  # rival: None when there is no other champion
-        report = step(report_evaluation, evals, cfg.eval, adapter, run_id=run_id)
-        before, after = base_eval.meta["metrics"], tuned_eval.meta["metrics"]
-        version = step(register_model, model, adapter, after, cfg.registry, run_id=run_id)
+        report = step(report_evaluation, evaluations=evals, cfg=cfg.eval, adapter=adapter,
+                      run_id=run_id)
+        before, after = base_eval.metrics, tuned_eval.metrics
+        version = step(register_model, model=model, adapter=adapter, metrics=after,
+                       cfg=cfg.registry, run_id=run_id)
         try:
-            storage_uri = step(
-                push_model, version, model, adapter, cfg.storage, name, run_id=run_id
-            )
+            storage_uri = step(push_model, version=version, model=model, adapter=adapter,
+                               cfg=cfg.storage, model_name=name, run_id=run_id)
         except Exception:
             if step.steps["register_model"]["state"] != "Cached":
                 discard_version(cfg.registry, version)  # no new version without its files
             raise
-        gate = step(promote_model, version, after, before, cfg.registry, run_id=run_id)
+        gate = step(promote_model, version=version, tuned=after, base=before, cfg=cfg.registry,
+                    run_id=run_id)
 
     summary = {
         "run_id": run_id,
@@ -95,7 +99,7 @@ def finetune(
         "model_version": version,
         "aliases": gate["aliases"],
         "gate": gate["reason"],
-        "metrics": {e.meta["label"]: e.meta["metrics"] for e in evals if e is not None},
+        "metrics": {e.label: e.metrics for e in evals if e is not None},
         "report_uri": report,
         "storage_uri": storage_uri,
         "tasks": step.steps,

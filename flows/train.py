@@ -1,9 +1,9 @@
 """The training step as its own flow, for the `train` deployment on the `gpu` work pool.
 
 The pipeline (flows/finetune.py, running as a deployment) starts it with run_deployment and the
-references it already has: the tokenized data's ArtifactRef, the base model's ref and source,
+references it already has: the tokenized data's reference, the base model's ref and source,
 the LoRA and train settings and its MLflow run id. This flow trains in that MLflow run (metrics
-and the adapter land there) and tags the run with the adapter's ArtifactRef, which is how the
+and the adapter land there) and tags the run with the adapter's reference, which is how the
 pipeline reads it back. Several GPU workers can poll the pool; each takes one run at a time
 (`prefect worker start --pool gpu --limit 1`, infra/worker.sh). Several GPUs of a machine,
 or several machines, train one adapter together through torchrun (loraflow/distributed.py).
@@ -14,10 +14,10 @@ from __future__ import annotations
 from mlflow import MlflowClient
 from prefect import flow
 
-from loraflow.artifacts import ArtifactRef
+from loraflow.artifacts import Adapter, TokenizedData
+from loraflow.base_model import BaseModelRef
 from loraflow.config import LoraSettings, TrainConfig
 from loraflow.environment import configure
-from loraflow.model import BaseModelRef
 from tasks.deployments import ADAPTER_TAG
 from tasks.model import prepare_base_model, train_adapter
 
@@ -28,7 +28,7 @@ class GpuCountError(ValueError):
 
 @flow(name="train")
 def train(
-    tokens: ArtifactRef,
+    tokens: TokenizedData,
     base: BaseModelRef,
     base_source: str,
     lora: LoraSettings,
@@ -36,7 +36,7 @@ def train(
     run_id: str,
     gpus_per_node: int = 1,
     nodes: int = 1,
-) -> ArtifactRef | None:
+) -> Adapter | None:
     """Train a LoRA adapter into MLflow run `run_id`; tag the run with the adapter's ref.
 
     gpus_per_node: engine processes on this machine, one a GPU (0: one process on CPU); more
@@ -55,7 +55,7 @@ def train(
                 "machine); pin the source (a path or revision) both machines see alike"
             )
         base = local
-    adapter = train_adapter(tokens, base, lora, train, run_id=run_id)
+    adapter = train_adapter(tokens=tokens, base=base, lora=lora, train=train, run_id=run_id)
     if adapter is not None:
         MlflowClient().set_tag(run_id, ADAPTER_TAG, adapter.model_dump_json())
     return adapter

@@ -1,14 +1,59 @@
-"""What tasks hand each other: where bytes are (an MLflow artifact URI or a local path) and the
-SHA-256 that identifies them, never the objects themselves."""
+"""What tasks hand each other: where bytes are (an MLflow artifact URI or a local path), the
+SHA-256 that identifies them, and what the next step needs to know about them, typed; never
+the objects themselves. Caches key on `sha256` alone (tasks/caching.py)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import BaseModel
+
+from loraflow.data.prompts import PromptTemplate
+from loraflow.data.tokenization import TokenizeReport
 
 
 class ArtifactRef(BaseModel):
     uri: str
     sha256: str
-    meta: dict[str, Any] = {}
+
+
+class ValidatedData(ArtifactRef):
+    """The cleaned splits with their report and quarantine (MLflow artifact data/)."""
+
+    counts: dict[str, int]  # usable examples per split
+    source_sha256: str  # the raw sources, before cleaning
+
+
+class TokenizedData(ArtifactRef):
+    """Prompt + answer ids as Parquet (artifact tokenized/), and how they were made."""
+
+    template: PromptTemplate  # what every later render uses: evaluation, merge check, serving
+    data_sha256: str  # the ValidatedData they come from
+    tokenizer_sha256: str
+    report: TokenizeReport  # counts, truncation and the settings
+
+
+class Adapter(ArtifactRef):
+    """A trained LoRA adapter with its lineage manifest (artifact adapter/)."""
+
+    result: dict[str, float]  # the engine's result.json: steps, losses, tokens, seconds
+
+
+class Evaluation(ArtifactRef):
+    """One model's scored answers (artifact eval/<label>/)."""
+
+    label: str  # base, tuned, champion
+    metrics: dict[str, float]
+
+
+class MergedModel(ArtifactRef):
+    """The merged model inside its MLflow logged (pyfunc) model: what is registered and pushed."""
+
+    model_id: str  # the MLflow LoggedModel
+    dtype: str
+    device: str
+    note: str  # what was merged onto what, in words
+
+
+class Champion(ArtifactRef):
+    """The champion version's files, when it answers the same test sets as the candidate."""
+
+    version: str

@@ -21,7 +21,7 @@ from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 from pydantic import BaseModel
 
-from loraflow.lineage import code_version, sha256_tree
+from loraflow.hashing import code_version, sha256_tree
 
 IGNORED = frozenset({"run_id"})
 

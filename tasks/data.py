@@ -12,18 +12,14 @@ from prefect import task
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.utilities.hashing import hash_objects
 
-from loraflow.artifacts import ArtifactRef
+from loraflow.artifacts import TokenizedData, ValidatedData
+from loraflow.base_model import BaseModelRef, load_tokenizer
 from loraflow.config import DataConfig, loraflow_home
-from loraflow.data import SPLITS, source_fingerprint, validate_splits
-from loraflow.lineage import sha256_tree
-from loraflow.model import BaseModelRef, load_tokenizer
-from loraflow.prompts import prompt_template
-from loraflow.tokenization import (
-    TokenizeSettings,
-    plot_lengths,
-    tokenize_cached,
-    tokenizer_sha256,
-)
+from loraflow.data.prompts import prompt_template
+from loraflow.data.sources import source_fingerprint
+from loraflow.data.tokenization import TokenizeSettings, plot_lengths, tokenize_cached
+from loraflow.data.validation import SPLITS, validate_splits
+from loraflow.hashing import sha256_tree, tokenizer_sha256
 from tasks.caching import CONTENT
 from tasks.tracking import fetch, log_dir, log_metrics
 
@@ -38,7 +34,7 @@ def source_bytes(context: Any, inputs: dict[str, Any]) -> str:
 
 
 @task(cache_policy=CONTENT + CacheKeyFnPolicy(cache_key_fn=source_bytes))
-def validate_data(data: DataConfig, base: BaseModelRef, run_id: str) -> ArtifactRef:
+def validate_data(data: DataConfig, base: BaseModelRef, run_id: str) -> ValidatedData:
     """Validate and clean every line; log cleaned data, quarantine and report; fail under the
     kept-fraction threshold before anything trains."""
     count_tokens = None
@@ -66,14 +62,14 @@ def validate_data(data: DataConfig, base: BaseModelRef, run_id: str) -> Artifact
         metrics |= {f"data.{split}.rule.{r}": n for r, n in c.rules.items()}
     log_metrics(run_id, metrics)
     report.check(uri)
-    meta = {"counts": report.counts, "source_sha256": report.source_sha256}
-    return ArtifactRef(uri=uri, sha256=report.sha256, meta=meta)
+    return ValidatedData(uri=uri, sha256=report.sha256, counts=report.counts,
+                         source_sha256=report.source_sha256)
 
 
 @task(cache_policy=CONTENT)
 def tokenize_data(
-    data: ArtifactRef, base: BaseModelRef, cfg: DataConfig, run_id: str
-) -> ArtifactRef:
+    data: ValidatedData, base: BaseModelRef, cfg: DataConfig, run_id: str
+) -> TokenizedData:
     """Prompt + answer token ids (one example a row, no padding) as Parquet, cached on the
     content of data, tokenizer and template; logged to the run with a length histogram."""
     tokenizer = load_tokenizer(base.path)
@@ -104,9 +100,6 @@ def tokenize_data(
         for key in ("too_long", "truncated", "completion_truncated_away", "label_tokens", "rows"):
             metrics[f"tokens.{split}_{key}"] = getattr(report, key)[split]
     log_metrics(run_id, metrics)
-    meta = report.model_dump() | {
-        "tokenizer_sha256": tokenizer_sha256(base.path),
-        "template": template.model_dump(),
-        "data_sha256": data.sha256,
-    }
-    return ArtifactRef(uri=uri, sha256=sha256_tree(folder), meta=meta)
+    return TokenizedData(uri=uri, sha256=sha256_tree(folder), template=template,
+                         data_sha256=data.sha256, tokenizer_sha256=tokenizer_sha256(base.path),
+                         report=report)

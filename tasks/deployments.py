@@ -10,15 +10,15 @@ from typing import Any
 from mlflow import MlflowClient
 from prefect import task
 
-from loraflow.artifacts import ArtifactRef
+from loraflow.artifacts import Adapter, TokenizedData, ValidatedData
+from loraflow.base_model import BaseModelRef
 from loraflow.config import LoraSettings, TrainConfig
-from loraflow.model import BaseModelRef
 from tasks.caching import CONTENT
 
 DATA_TAG = "loraflow.data_sha256"  # the validated data a pipeline run trained on
 MODEL_TAG = "loraflow.model_name"  # the registered model it was for
 SKIPPED_TAG = "loraflow.skipped"  # why a run stopped early
-ADAPTER_TAG = "loraflow.adapter"  # the adapter's ArtifactRef (JSON), set by the train flow
+ADAPTER_TAG = "loraflow.adapter"  # the Adapter reference (JSON), set by the train flow
 TRAIN_DEPLOYMENT = "train/train"
 
 
@@ -26,7 +26,7 @@ class RemoteTrainingError(RuntimeError):
     """The train deployment's run did not complete; the message names the flow run."""
 
 
-def record_trained_data(data: ArtifactRef, model_name: str, run_id: str) -> str | None:
+def record_trained_data(data: ValidatedData, model_name: str, run_id: str) -> str | None:
     """Tag this MLflow run with the data's hash; return the id of an earlier finished run that
     trained `model_name` on the same data (None if there is none). Not a task: it must run
     in every pipeline run, and a fully cached re-run reports only cached tasks."""
@@ -46,7 +46,7 @@ def record_trained_data(data: ArtifactRef, model_name: str, run_id: str) -> str 
     return earlier[0].info.run_id if earlier else None
 
 
-def skip_run(run_id: str, name: str, data: ArtifactRef, earlier: str) -> dict[str, Any]:
+def skip_run(run_id: str, name: str, data: ValidatedData, earlier: str) -> dict[str, Any]:
     """End early: tag the MLflow run with the reason, say it, return the (short) summary."""
     reason = f"skipped: data already trained on (sha256 {data.sha256[:12]}, run {earlier})"
     MlflowClient().set_tag(run_id, SKIPPED_TAG, reason)
@@ -56,13 +56,13 @@ def skip_run(run_id: str, name: str, data: ArtifactRef, earlier: str) -> dict[st
 
 @task(cache_policy=CONTENT)
 def train_on_gpu_pool(
-    tokens: ArtifactRef,
+    tokens: TokenizedData,
     base: BaseModelRef,
     lora: LoraSettings,
     train: TrainConfig,
     base_source: str,
     run_id: str,
-) -> ArtifactRef:
+) -> Adapter:
     """Run the `train` deployment (gpu pool) and wait; read its adapter from the MLflow run.
 
     A run_deployment child returns no result the parent can read unless results are persisted
@@ -100,7 +100,7 @@ def train_on_gpu_pool(
             f"flow run {flow_run.id} completed but MLflow run {run_id} has no {ADAPTER_TAG} tag; "
             "the gpu worker must use the same MLFLOW_TRACKING_URI as the pipeline"
         )
-    return ArtifactRef.model_validate_json(tags[ADAPTER_TAG])
+    return Adapter.model_validate_json(tags[ADAPTER_TAG])
 
 
 def wait_until_final(flow_run_id: Any, poll_seconds: float = 2.0) -> Any:

@@ -12,12 +12,12 @@ from mlflow import MlflowClient
 from prefect import task
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 
-from loraflow import evaluate, report
-from loraflow.artifacts import ArtifactRef
+from loraflow.artifacts import Adapter, Champion, Evaluation, MergedModel, ValidatedData
 from loraflow.config import EvalConfig
-from loraflow.inference import registered_model
-from loraflow.prompts import PromptTemplate
-from loraflow.registry import CHAMPION
+from loraflow.data.prompts import PromptTemplate
+from loraflow.evaluation import evaluate, report
+from loraflow.release.inference import registered_model
+from loraflow.release.registry import CHAMPION
 from tasks.caching import CONTENT, ContentInputs
 from tasks.model import evaluate_model
 from tasks.tracking import fetch, log_dir, log_params
@@ -25,15 +25,15 @@ from tasks.tracking import fetch, log_dir, log_params
 RUN_IN_URI = re.compile(r"/([0-9a-f]{32})/artifacts/")  # MLflow's <run id>/artifacts layout
 
 
-def rival(model_name: str, candidate: ArtifactRef) -> ArtifactRef | None:
+def rival(model_name: str, candidate: MergedModel) -> Champion | None:
     """The champion's artifacts, unless there is none or it is the candidate itself."""
     found = registered_model(model_name, alias=CHAMPION)
     if found is None or found.sha256 == candidate.sha256:
         return None
-    return ArtifactRef(
+    return Champion(
         uri=found.source,
         sha256=found.sha256 or f"{model_name}/{found.version}",
-        meta={"version": found.version},
+        version=found.version,
     )
 
 
@@ -51,29 +51,29 @@ def current_champion(context: Any, inputs: dict[str, Any]) -> str:
 )
 def evaluate_champion(
     model_name: str,
-    candidate: ArtifactRef,
-    data: ArtifactRef,
+    candidate: MergedModel,
+    data: ValidatedData,
     template: PromptTemplate,
     cfg: EvalConfig,
     run_id: str,
-) -> ArtifactRef | None:
+) -> Evaluation | None:
     """The current champion answers the same test sets; None when there is no other champion."""
     champion = rival(model_name, candidate) if cfg.compare_champion else None
     if champion is None:
         return None
-    log_params(run_id, {"eval.champion_version": champion.meta["version"]})
+    log_params(run_id, {"eval.champion_version": champion.version})
     return evaluate_model.fn(champion, None, data, template, cfg, run_id, label="champion")
 
 
 @task(cache_policy=CONTENT)
 def report_evaluation(
-    evaluations: list[ArtifactRef | None], cfg: EvalConfig, adapter: ArtifactRef, run_id: str
+    evaluations: list[Evaluation | None], cfg: EvalConfig, adapter: Adapter, run_id: str
 ) -> str:
     """Loss curves, metric bars and the side-by-side table as one HTML page, logged to the run."""
     results = {}
     for ref in evaluations:
         if ref is not None:
-            results[ref.meta["label"]] = evaluate.read_result(fetch(ref.uri))
+            results[ref.label] = evaluate.read_result(fetch(ref.uri))
     curves = training_curves(adapter)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "report"
@@ -83,7 +83,7 @@ def report_evaluation(
     return f"{uri}/report.html"
 
 
-def training_curves(adapter: ArtifactRef) -> dict[str, list[tuple[int, float]]]:
+def training_curves(adapter: Adapter) -> dict[str, list[tuple[int, float]]]:
     """train.loss and train.val_loss per step, from the run that trained the adapter (which is
     an earlier run when training was cached)."""
     match = RUN_IN_URI.search(adapter.uri)

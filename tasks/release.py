@@ -13,11 +13,11 @@ from prefect import task
 from prefect.tasks import exponential_backoff
 from tqdm import tqdm
 
-from loraflow import registry
-from loraflow.artifacts import ArtifactRef
+from loraflow.artifacts import Adapter, MergedModel
 from loraflow.config import RegistryConfig, StorageConfig, loraflow_home
-from loraflow.lineage import LINEAGE_FILE
-from loraflow.storage import open_store, push_tree
+from loraflow.release import registry
+from loraflow.release.lineage import LINEAGE_FILE
+from loraflow.release.storage import open_store, push_tree
 from tasks.caching import CONTENT
 from tasks.tracking import fetch, log_metrics, log_params
 
@@ -44,8 +44,8 @@ NETWORK_RETRIES = {
 
 @task(cache_policy=CONTENT, **NETWORK_RETRIES)
 def register_model(
-    model: ArtifactRef,
-    adapter: ArtifactRef,
+    model: MergedModel,
+    adapter: Adapter,
     metrics: dict[str, float],
     cfg: RegistryConfig,
     run_id: str,
@@ -66,7 +66,7 @@ def register_model(
         }
         | registry.metric_tags(metrics)
     )
-    model_id = model.meta["model_id"]
+    model_id = model.model_id
     version = registry.register_version(
         client, cfg.model_name, f"models:/{model_id}", run_id, tags, model_id=model_id
     )
@@ -83,8 +83,8 @@ def discard_version(cfg: RegistryConfig, version: str) -> None:
 @task(cache_policy=CONTENT, **NETWORK_RETRIES)
 def push_model(
     version: str,
-    model: ArtifactRef,
-    adapter: ArtifactRef,
+    model: MergedModel,
+    adapter: Adapter,
     cfg: StorageConfig,
     model_name: str,
     run_id: str,

@@ -12,9 +12,9 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from loraflow import registry
 from loraflow.config import PipelineConfig, loraflow_home
-from loraflow.lineage import code_version
+from loraflow.hashing import code_version
+from loraflow.release import registry
 
 BATCH = 1000  # MLflow's log_batch limit for metrics
 

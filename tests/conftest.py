@@ -54,11 +54,11 @@ def small_data(tmp_path: Path) -> dict[str, Path]:
 @pytest.fixture
 def tokenized(tmp_path: Path, small_data: dict[str, Path], tiny_model_dir: Path) -> Path:
     """small_data validated and tokenized (chat template, max length 512) for the tiny model."""
+    from loraflow.base_model import load_tokenizer
     from loraflow.config import DataConfig
-    from loraflow.data import validate_splits
-    from loraflow.model import load_tokenizer
-    from loraflow.prompts import PromptTemplate
-    from loraflow.tokenization import tokenize_splits
+    from loraflow.data.prompts import PromptTemplate
+    from loraflow.data.tokenization import tokenize_splits
+    from loraflow.data.validation import validate_splits
 
     sources = {split: [str(path)] for split, path in small_data.items()}
     validate_splits(sources, tmp_path / "valid", DataConfig(), progress=False)

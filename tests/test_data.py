@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from loraflow.config import DataConfig
-from loraflow.data import FOLD, REASONS, DataError, fold, read_jsonl, strip_html, validate_splits
+from loraflow.data.cleaning import FOLD, fold, strip_html
+from loraflow.data.records import DataError, read_jsonl
+from loraflow.data.validation import REASONS, validate_splits
 
 ASSETS = Path(__file__).parent / "assets"
 GOOD = {"instruction": "Extract the order.", "input": "3 x AB-100 for Ann", "output": '{"sku": 1}'}
@@ -159,7 +161,7 @@ def reworded(words: int, seed: int, change: int | None = None) -> bytes:
 def test_minhash_quarantines_a_copy_with_a_word_changed_naming_the_first(
     tmp_path, monkeypatch, chunk
 ):
-    monkeypatch.setattr("loraflow.data.CHUNK", chunk)
+    monkeypatch.setattr("loraflow.data.validation.CHUNK", chunk)
     raw = reworded(80, 1) + reworded(30, 2) + reworded(30, 3) + reworded(80, 1, change=40)
     report, out = validate(tmp_path, raw, config(clean={"dedup": "minhash"}))
     c = report.splits["train"]

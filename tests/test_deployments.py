@@ -175,7 +175,7 @@ def test_new_data_triggers_training_on_the_gpu_pool_and_the_same_bytes_do_not(
         assert {r["parameters"]["nodes"] for r in training} == {2}
         assert {r["state"] for r in training} == {"COMPLETED"}
         # the two machines trained one adapter together: rank 0's relayed two ranks' tokens
-        result = json.loads(tags["loraflow.adapter"])["meta"]
+        result = json.loads(tags["loraflow.adapter"])["result"]
         assert result["world_size"] == 2
 
         # the same bytes under another name: no event, no run

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,17 +17,17 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from loraflow.config import LoraSettings, TrainConfig
-from loraflow.distributed import launch_command
-from loraflow.train import (
-    EngineConfig,
+from loraflow.engine.batches import (
     ExampleStream,
     answer_tokens,
     collate,
     next_micro_batch,
     read_examples,
     row_counts,
-    steps_for_epochs,
 )
+from loraflow.engine.config import EngineConfig
+from loraflow.engine.launch import launch_command
+from loraflow.engine.loop import steps_for_epochs
 
 
 def engine(tmp_path, tiny_model_dir, tokenized, name, processes=1, nodes=1, port=0, **train):
@@ -258,7 +259,10 @@ def test_the_watchdog_names_the_rank_that_stopped(tmp_path, tiny_model_dir, toke
     out, command = engine(tmp_path, tiny_model_dir, tokenized, "hang", processes=2,
                           max_steps=6, watchdog_seconds=3.0)
     start = time.monotonic()
-    done = run(command, LORAFLOW_TEST_STALL_SECONDS="120", LORAFLOW_TEST_STALL_RANK="1")
+    at = command.index("loraflow.engine")  # the engine's entry point with a stalled rank 1
+    command = [*command[:at], "faulty_engine", "--stall-seconds", "120", "--stall-rank", "1",
+               *command[at + 1 :]]
+    done = run(command, PYTHONPATH=str(Path(__file__).parent))
     assert done.returncode != 0
     assert time.monotonic() - start < 100
     failure = json.loads((out / "failure.json").read_text())
@@ -269,7 +273,7 @@ def test_the_watchdog_names_the_rank_that_stopped(tmp_path, tiny_model_dir, toke
 
 def test_the_launch_is_plain_python_for_one_process():
     assert launch_command(["--config", "x.json"], 1, 1, "h:1", "r") == [
-        sys.executable, "-m", "loraflow.train", "--config", "x.json"]
+        sys.executable, "-m", "loraflow.engine", "--config", "x.json"]
 
 
 # One rank of the fsdp benchmark's path (benchmarks/train_bench.py, fsdp70b) on a tiny
@@ -281,13 +285,13 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from loraflow import distributed
 from loraflow.config import LoraSettings, TrainConfig
-from loraflow.train import fit, random_base_sharded
+from loraflow.engine import distributed
+from loraflow.engine.loop import fit
 
 root, out = Path(sys.argv[1]), Path(sys.argv[2])
 sys.path.insert(0, str(root / "benchmarks"))
-from train_bench import run_fsdp_random
+from train_bench import random_base_sharded, run_fsdp_random
 
 arch = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -319,7 +323,8 @@ facts = {"held": distributed.held_weights(model),
          "head_sum": float(head.double().sum()), "q_std": float(q.std()), "rotary": rotary}
 before = lora()
 (out / "fit").mkdir(exist_ok=True)
-fit(model, examples, [], cfg, out / "fit", 0, torch.float32, "sdpa", True, ranks)
+fit(model, train_set=examples, val_set=[], t=cfg, out=out / "fit", pad_id=0, dtype=torch.float32,
+    attn_impl="sdpa", packed=True, ranks=ranks)
 after = lora()
 facts["b_zero_before"] = all(not v.any() for k, v in before.items() if "lora_B" in k)
 facts["lora_changed"] = all(not torch.equal(before[k], after[k]) for k in before

@@ -8,13 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from loraflow.base_model import load_model, load_tokenizer
 from loraflow.config import EvalConfig, EvalSetConfig, LoraSettings
-from loraflow.data import DataError
-from loraflow.evaluate import ModelSource, evaluate_models, load_sets, read_result, write_result
-from loraflow.generation import Decoding, Prompt, answer_losses, generate
-from loraflow.model import load_model, load_tokenizer
-from loraflow.prompts import PromptTemplate, encode_prompt, render_prompt
-from loraflow.train import add_lora
+from loraflow.data.prompts import PromptTemplate, encode_prompt, render_prompt
+from loraflow.data.records import DataError
+from loraflow.engine.model import add_lora
+from loraflow.evaluation.evaluate import (
+    ModelSource,
+    evaluate_models,
+    load_sets,
+    read_result,
+    write_result,
+)
+from loraflow.evaluation.generation import Decoding, Prompt, answer_losses, generate
 
 CHAT, ALPACA = PromptTemplate(kind="chat"), PromptTemplate(kind="alpaca")
 

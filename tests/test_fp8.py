@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from loraflow.fp8 import (
+from loraflow.engine.fp8 import (
     FP8,
     Float8FrozenLinear,
     convert_frozen_linears,

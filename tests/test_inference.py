@@ -10,17 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraflow.data import DataError
-from loraflow.generation import Decoding, Prompt, generate
-from loraflow.inference import (
+from loraflow.base_model import ModelNotFoundError, load_model, load_tokenizer
+from loraflow.data.prompts import PromptTemplate
+from loraflow.data.records import DataError
+from loraflow.evaluation.generation import Decoding, Prompt, generate
+from loraflow.release.inference import (
     InferenceError,
     generate_answers,
     load_for_inference,
     read_prompts,
     resolve_model,
 )
-from loraflow.model import ModelNotFoundError, load_model, load_tokenizer
-from loraflow.prompts import PromptTemplate
 
 PROMPTS = [
     Prompt(instruction="Extract the order", input="3 of AB-1 for Ana"),

@@ -10,12 +10,8 @@ from peft import PeftModel
 from tiny import make_adapter, make_base
 from transformers import AutoTokenizer
 
-from loraflow.lineage import (
-    LINEAGE_FILE,
-    LineageError,
-    check_adapter_matches_base,
-)
-from loraflow.model import load_model
+from loraflow.base_model import load_model
+from loraflow.release.lineage import LINEAGE_FILE, LineageError, check_adapter_matches_base
 
 
 @pytest.fixture(scope="module")

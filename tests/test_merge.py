@@ -12,9 +12,9 @@ from safetensors import safe_open
 from tiny import make_adapter, make_base
 from transformers import AutoModelForCausalLM
 
-from loraflow.lineage import LINEAGE_FILE, LineageError
-from loraflow.merge import MergeError, _compare, _greedy, _with_logits, merge_adapter
-from loraflow.model import load_model, load_tokenizer
+from loraflow.base_model import load_model, load_tokenizer
+from loraflow.release.lineage import LINEAGE_FILE, LineageError
+from loraflow.release.merge import MergeError, _compare, _greedy, _with_logits, merge_adapter
 
 PROMPTS = ["Say hello.", "List three colours.", "Extract the order: 2 mugs to Oslo."]
 
@@ -101,7 +101,8 @@ def test_a_qlora_adapter_merges_onto_the_unquantized_base_on_gpu(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig
 
-    from loraflow.lineage import adapter_manifest, sha256_tree
+    from loraflow.hashing import sha256_tree
+    from loraflow.release.lineage import adapter_manifest
 
     base = make_base(tmp_path / "base", hidden=256)
     quantized = AutoModelForCausalLM.from_pretrained(

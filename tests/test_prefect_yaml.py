@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from loraflow.config import PipelineConfig
-from loraflow.watch import DATA_LANDED
+from loraflow.data.watch import DATA_LANDED
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,15 +105,23 @@ def test_data_trigger_starts_the_pipeline_on_the_landed_file(small_data):
 def test_train_deployment_accepts_what_the_pipeline_sends(tiny_model_dir):
     import inspect
 
-    from loraflow.artifacts import ArtifactRef
+    from loraflow.artifacts import TokenizedData
+    from loraflow.base_model import BaseModelRef
     from loraflow.config import LoraSettings, TrainConfig
-    from loraflow.model import BaseModelRef
+    from loraflow.data.prompts import PromptTemplate
+    from loraflow.data.tokenization import TokenizeReport, TokenizeSettings
     from tasks.deployments import train_on_gpu_pool
 
     deployment = deployments()["train"]
     flow = load_flow(deployment)
     sent = {
-        "tokens": ArtifactRef(uri="file:///x", sha256="0" * 64).model_dump(mode="json"),
+        "tokens": TokenizedData(
+            uri="file:///x", sha256="0" * 64, template=PromptTemplate(), data_sha256="2" * 64,
+            tokenizer_sha256="3" * 64,
+            report=TokenizeReport(**dict.fromkeys(
+                ("counts", "too_long", "truncated", "completion_truncated_away", "tokens",
+                 "label_tokens", "rows"), {}), settings=TokenizeSettings(max_length=512)),
+        ).model_dump(mode="json"),
         "base": BaseModelRef(name="tiny", path=tiny_model_dir, sha256="1" * 64).model_dump(
             mode="json"
         ),

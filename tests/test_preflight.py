@@ -4,7 +4,7 @@ guide's table, and the micro-batch it picks."""
 import pytest
 
 from loraflow.config import LoraSettings, TrainConfig
-from loraflow.preflight import PreflightError, estimate, fit_micro_batch
+from loraflow.engine.preflight import PreflightError, estimate, fit_micro_batch
 
 LLAMA2_7B = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32}

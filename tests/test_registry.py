@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.registry import decide
+from loraflow.release.registry import decide
 
 
 def test_first_model_must_beat_the_base_by_the_margin():
@@ -44,8 +44,8 @@ def packaged(tiny_model_dir, tmp_path_factory):
     """The tiny model merged with an adapter and packaged as a pyfunc model directory."""
     from tiny import make_adapter
 
-    from loraflow.merge import merge_adapter
-    from loraflow.registry import package_model
+    from loraflow.release.merge import merge_adapter
+    from loraflow.release.registry import package_model
 
     tmp = tmp_path_factory.mktemp("packaged")
     adapter = make_adapter(tiny_model_dir, tmp / "adapter", template="chat")
@@ -68,7 +68,7 @@ def mlflow_run(home):
 
 
 def register(client, experiment_id, run_id, packaged, name, metrics, mirroring="none"):
-    from loraflow import registry
+    from loraflow.release import registry
 
     model_id, _ = registry.log_packaged_model(client, experiment_id, run_id, packaged, "model")
     version = registry.register_version(
@@ -102,7 +102,7 @@ def test_a_registered_version_loads_by_alias_and_generates_text(packaged, mlflow
 
 
 def test_a_version_is_not_created_from_an_unfinished_upload(packaged, mlflow_run):
-    from loraflow.registry import RegistryError, register_version
+    from loraflow.release.registry import RegistryError, register_version
 
     client, experiment_id, run_id = mlflow_run
     pending = client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
@@ -114,7 +114,7 @@ def test_a_version_is_not_created_from_an_unfinished_upload(packaged, mlflow_run
 
 
 def test_promote_then_rollback_moves_champion_and_mirrors_stages(packaged, mlflow_run):
-    from loraflow import registry
+    from loraflow.release import registry
 
     client, experiment_id, run_id = mlflow_run
     name = "tiny-promote"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from loraflow.evaluate import EvalResult
-from loraflow.report import build_report
+from loraflow.evaluation.evaluate import EvalResult
+from loraflow.evaluation.report import build_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TUNED_BLUE = (0x1F, 0x77, 0xB4)  # the tuned model's bars

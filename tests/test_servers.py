@@ -17,8 +17,8 @@ from test_pipeline import tiny_config
 from tiny import make_adapter
 
 from loraflow.cli import main as cli
-from loraflow.lineage import sha256_file
-from loraflow.storage import StoragePermanentError, open_store, push_tree
+from loraflow.hashing import sha256_file
+from loraflow.release.storage import StoragePermanentError, open_store, push_tree
 
 pytestmark = pytest.mark.integration
 CREDENTIALS = {
@@ -126,9 +126,9 @@ def release_with_restart(servers, tiny_model_dir: Path, tmp_path: Path, name: st
     """The release tasks of the pipeline, the tracking server restarted between two of them."""
     from prefect import flow
 
-    from loraflow.artifacts import ArtifactRef
+    from loraflow.artifacts import Adapter
     from loraflow.config import PipelineConfig
-    from loraflow.lineage import sha256_tree
+    from loraflow.hashing import sha256_tree
     from tasks.model import merge_adapter, prepare_base_model
     from tasks.release import promote_model, push_model, register_model
     from tasks.tracking import log_dir, pipeline_run
@@ -148,9 +148,8 @@ def release_with_restart(servers, tiny_model_dir: Path, tmp_path: Path, name: st
     def release() -> str:
         with pipeline_run(cfg) as run_id:
             base = prepare_base_model(str(tiny_model_dir))
-            adapter = ArtifactRef(
-                uri=log_dir(run_id, adapter_dir, "adapter"), sha256=sha256_tree(adapter_dir)
-            )
+            adapter = Adapter(uri=log_dir(run_id, adapter_dir, "adapter"),
+                              sha256=sha256_tree(adapter_dir), result={})
             model = merge_adapter(base, adapter, cfg.merge, run_id)
             version = register_model(model, adapter, tuned, cfg.registry, run_id)
             pids.append(servers.tracking.process.pid)

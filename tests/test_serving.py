@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from tiny import make_adapter
 
-from loraflow.merge import merge_adapter
+from loraflow.release.merge import merge_adapter
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from loraflow.lineage import sha256_file
-from loraflow.storage import MANIFEST, StoragePermanentError, open_store, push_tree
+from loraflow.hashing import sha256_file
+from loraflow.release.storage import MANIFEST, StoragePermanentError, open_store, push_tree
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def test_missing_bucket_is_a_permanent_error(model_dirs, s3_env):
 def test_a_large_file_goes_up_in_parts_and_is_verified_by_the_servers_sha256(tmp_path, s3_env):
     import boto3
 
-    from loraflow.storage import pull_tree
+    from loraflow.release.storage import pull_tree
 
     big = tmp_path / "big" / "model.safetensors"
     big.parent.mkdir()
@@ -84,7 +84,7 @@ def test_a_large_file_goes_up_in_parts_and_is_verified_by_the_servers_sha256(tmp
 
 
 def test_an_upload_whose_stored_bytes_differ_is_caught(tmp_path, model_dirs, s3_env):
-    from loraflow.storage import StorageIntegrityError
+    from loraflow.release.storage import StorageIntegrityError
 
     store = open_store("s3://models/v", endpoint_url=s3_env)
     push_tree(store, model_dirs, "m/1", {})
@@ -95,7 +95,7 @@ def test_an_upload_whose_stored_bytes_differ_is_caught(tmp_path, model_dirs, s3_
 
 
 def test_a_pull_stops_at_a_corrupted_file_and_names_it(tmp_path, model_dirs):
-    from loraflow.storage import StorageIntegrityError, pull_tree
+    from loraflow.release.storage import StorageIntegrityError, pull_tree
 
     store = open_store((tmp_path / "store").as_uri())
     push_tree(store, model_dirs, "m/1", {})

@@ -9,8 +9,7 @@ from tokenizers import AddedToken, normalizers, processors
 from transformers import AutoTokenizer
 
 from loraflow.config import ConfigError, load_config
-from loraflow.data import Example
-from loraflow.prompts import (
+from loraflow.data.prompts import (
     ALPACA,
     PromptTemplate,
     encode_prompt,
@@ -18,10 +17,9 @@ from loraflow.prompts import (
     render_example,
     render_prompt,
 )
-from loraflow.tokenization import (
-    IGNORE_INDEX as IGNORE,
-)
-from loraflow.tokenization import (
+from loraflow.data.records import Example
+from loraflow.data.tokenization import IGNORE_INDEX as IGNORE
+from loraflow.data.tokenization import (
     Encoder,
     TokenizeSettings,
     encode_example,
@@ -30,7 +28,7 @@ from loraflow.tokenization import (
     tokenize_cached,
     tokenize_splits,
 )
-from loraflow.train import attention_mask_for, collate, read_examples
+from loraflow.engine.batches import attention_mask_for, collate, read_examples
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -131,7 +129,7 @@ def test_bulk_rendering_and_encoding_equal_the_one_by_one_path(tokenizer):
 
 def test_batches_stream_through_the_encoding_thread_in_line_order(tmp_path, tokenizer, monkeypatch):
     # several batches (the last one short) go through the second thread; none lost or reordered
-    monkeypatch.setattr("loraflow.tokenization.BATCH", 7)
+    monkeypatch.setattr("loraflow.data.tokenization.BATCH", 7)
     rows = examples(30)
     data = write_data(tmp_path / "data", {"train": rows, "validation": []})
     report = tokenize_splits(data, tokenizer, ALPACA_LAYOUT, 4096, tmp_path / "tok", progress=False)
@@ -262,7 +260,7 @@ def test_tokenizers_the_lookup_cannot_copy_are_left_to_the_tokenizer(monkeypatch
 
 
 def test_the_pretoken_table_is_emptied_when_full_and_the_ids_stay_right(tokenizer, monkeypatch):
-    monkeypatch.setattr("loraflow.pretokens.MAX_PIECES", 5)
+    monkeypatch.setattr("loraflow.data.pretokens.MAX_PIECES", 5)
     encoder = Encoder(tokenizer, ALPACA_LAYOUT)
     texts = [render_example(tokenizer, ALPACA_LAYOUT, e) for e in examples(30)]
     assert encoder._ids(texts, False) == tokenizer_ids(encoder.backend, texts, False)

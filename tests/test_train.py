@@ -5,20 +5,25 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from loraflow.base_model import load_model
 from loraflow.config import LoraSettings, TrainConfig
-from loraflow.model import load_model
-from loraflow.train import EngineConfig, add_lora, fit, lr_factor, read_examples
+from loraflow.engine.batches import read_examples
+from loraflow.engine.config import EngineConfig
+from loraflow.engine.loop import fit, lr_factor
+from loraflow.engine.model import add_lora
 
 
 def test_training_moves_only_adapter_weights(tmp_path, tiny_model_dir, tokenized):
     model = add_lora(load_model(tiny_model_dir), LoraSettings())
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     cfg = TrainConfig(max_steps=3, micro_batch_size=4, learning_rate=1e-2, warmup_steps=0)
-    fit(model, read_examples(tokenized, "train"), [], cfg, tmp_path, 3, torch.float32)
+    fit(model, train_set=read_examples(tokenized, "train"), val_set=[], t=cfg, out=tmp_path,
+        pad_id=3, dtype=torch.float32)
     after = dict(model.named_parameters())
     lora = [n for n in before if "lora_" in n]
     frozen = [n for n in before if "lora_" not in n]
@@ -41,7 +46,7 @@ def test_engine_process_writes_metrics_adapter_and_learns(tmp_path, tiny_model_d
     )
     (tmp_path / "engine.json").write_text(cfg.model_dump_json())
     done = subprocess.run(
-        [sys.executable, "-m", "loraflow.train", "--config", str(tmp_path / "engine.json")],
+        [sys.executable, "-m", "loraflow.engine", "--config", str(tmp_path / "engine.json")],
         capture_output=True,
         text=True,
     )
@@ -62,7 +67,7 @@ def test_engine_process_writes_metrics_adapter_and_learns(tmp_path, tiny_model_d
 
 def test_engine_imports_neither_prefect_nor_mlflow():
     code = (
-        "import sys, loraflow.train; "
+        "import sys, loraflow.engine.__main__, loraflow.engine.launch; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'mlflow')))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -79,7 +84,8 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 
 def test_packed_rows_give_each_example_the_loss_it_has_alone(tiny_model_dir, tokenized):
     """Attention stays inside each packed example: per-example losses match unpacked ones."""
-    from loraflow.train import collate, completion_loss
+    from loraflow.engine.batches import collate
+    from loraflow.engine.loss import completion_loss
 
     model = add_lora(load_model(tiny_model_dir), LoraSettings(dropout=0.0)).eval()
     examples = read_examples(tokenized, "train")[:5]
@@ -108,7 +114,18 @@ def engine_run(tmp_path, tiny_model_dir, tokenized, name, **train):
                                          warmup_steps=1, **train))
     config_file = tmp_path / f"{name}.json"
     config_file.write_text(cfg.model_dump_json())
-    return out, [sys.executable, "-m", "loraflow.train", "--config", str(config_file)]
+    return out, [sys.executable, "-m", "loraflow.engine", "--config", str(config_file)]
+
+
+# The engine's own entry point with a fault installed (tests/faulty_engine.py).
+TESTS_ON_PATH = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
+def with_fault(command: list[str], *fault: str) -> list[str]:
+    """`python -m loraflow.engine ARGS` as `python -m faulty_engine FAULT ARGS`."""
+    at = command.index("loraflow.engine")
+    return [*command[:at], "faulty_engine", *fault, *command[at + 1 :]]
 
 
 def losses(out):
@@ -145,8 +162,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 ):
     out, command = engine_run(tmp_path, tiny_model_dir, tokenized, "nan", max_steps=20,
                               checkpoint_every=2, spike_patience=1, spike_factor=1.5)
-    command_env = {**os.environ, "LORAFLOW_TEST_POISON_STEP": "5"}
-    done = subprocess.run(command, capture_output=True, text=True, env=command_env)
+    done = subprocess.run(with_fault(command, "--nan-at-step", "5"), capture_output=True,
+                          text=True, env=TESTS_ON_PATH)
     assert done.returncode == 4, done.stderr[-2000:]
     failure = json.loads((out / "failure.json").read_text())
     assert failure["kind"] == "diverged" and failure["step"] == 5
@@ -158,9 +175,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 def test_the_watchdog_ends_a_run_that_makes_no_progress(tmp_path, tiny_model_dir, tokenized):
     out, command = engine_run(tmp_path, tiny_model_dir, tokenized, "hang", max_steps=5,
                               watchdog_seconds=2.0)
-    command_env = {**os.environ, "LORAFLOW_TEST_STALL_SECONDS": "30"}
     start = time.monotonic()
-    done = subprocess.run(command, capture_output=True, text=True, env=command_env)
+    done = subprocess.run(with_fault(command, "--stall-seconds", "30"), capture_output=True,
+                          text=True, env=TESTS_ON_PATH)
     assert done.returncode == 5, done.stderr[-2000:]
     assert time.monotonic() - start < 25
     assert "no progress for" in done.stderr and "after step 2" in done.stderr
@@ -168,7 +185,7 @@ def test_the_watchdog_ends_a_run_that_makes_no_progress(tmp_path, tiny_model_dir
 
 
 def test_a_spike_that_recovers_is_ignored_and_one_that_stays_stops_the_run():
-    from loraflow.train import Diverged, SpikeGuard
+    from loraflow.engine.guards import Diverged, SpikeGuard
 
     guard = SpikeGuard(TrainConfig(spike_factor=3.0, spike_patience=3))
     for step, loss in enumerate([2.0, 1.9, 1.8, 9.0, 9.0, 1.7, 1.6], start=1):
@@ -181,7 +198,7 @@ def test_a_spike_that_recovers_is_ignored_and_one_that_stays_stops_the_run():
 
 
 def test_after_out_of_memory_the_micro_batch_halves_and_the_effective_batch_stays():
-    from loraflow.train import halve_micro_batch
+    from loraflow.engine.config import halve_micro_batch
 
     cfg = TrainConfig(micro_batch_size=8, grad_accum_steps=2)
     once, twice = halve_micro_batch(cfg, 1), halve_micro_batch(cfg, 2)
@@ -194,7 +211,8 @@ def test_after_out_of_memory_the_micro_batch_halves_and_the_effective_batch_stay
 def test_recomputing_the_logits_in_backward_gives_the_same_loss_and_gradients(
     tiny_model_dir, tokenized
 ):
-    from loraflow.train import collate, completion_loss
+    from loraflow.engine.batches import collate
+    from loraflow.engine.loss import completion_loss
 
     model = add_lora(load_model(tiny_model_dir), LoraSettings(dropout=0.0))
     batch = collate([[e] for e in read_examples(tokenized, "train")[:4]], pad_id=3)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.watch import Watcher, hash_source, state_path
+from loraflow.data.watch import Watcher, hash_source, state_path
 
 
 def collect(watcher: Watcher) -> list[str]:

@@ -7,8 +7,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from loraflow.lineage import LINEAGE_FILE, adapter_manifest, sha256_tree
-from loraflow.model import load_model
+from loraflow.base_model import load_model
+from loraflow.hashing import sha256_tree
+from loraflow.release.lineage import LINEAGE_FILE, adapter_manifest
 
 ASSETS = Path(__file__).parent / "assets"
 

@@ -17,11 +17,11 @@ import torch
 from pydantic import BaseModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from loraflow.base_model import ModelNotFoundError, load_tokenizer
 from loraflow.config import loraflow_home
-from loraflow.data import read_records
-from loraflow.generation import Decoding, Prompt, generate
-from loraflow.model import ModelNotFoundError, load_tokenizer
-from loraflow.prompts import PromptTemplate, TemplateKind
+from loraflow.data.prompts import PromptTemplate, TemplateKind
+from loraflow.data.records import read_records
+from loraflow.evaluation.generation import Decoding, Prompt, generate
 
 Quantization = Literal["none", "8bit", "4bit"]
 LINEAGE_FILE = "loraflow.json"

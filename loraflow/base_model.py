@@ -21,7 +21,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from loraflow.lineage import sha256_file, sha256_tree
+from loraflow.hashing import sha256_file, sha256_tree
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -34,6 +34,7 @@ class BaseModelRef(BaseModel):
     name: str
     path: Path
     sha256: str
+    source: str | None = None  # model.base as configured (hub id, path, package:...)
 
 
 def source_location(source: str) -> Path | str:
@@ -48,6 +49,10 @@ def source_location(source: str) -> Path | str:
 
 def resolve_base_model(source: str, cache_dir: Path) -> BaseModelRef:
     """Turn model.base from the config into a local directory that from_pretrained loads."""
+    return _resolve(source, cache_dir).model_copy(update={"source": source})
+
+
+def _resolve(source: str, cache_dir: Path) -> BaseModelRef:
     if source.startswith("package:"):
         return _from_gguf(_packaged_gguf(source.removeprefix("package:")), cache_dir)
     path = Path(source).expanduser()

@@ -24,8 +24,10 @@ METRIC_TAG = "metric."  # version tags holding evaluation metrics, e.g. metric.e
 PREVIOUS_TAG = "loraflow.previous_champion"  # on a champion: the version it replaced
 StageMirroring = Literal["none", "staging-production"]
 STAGE_OF = {CHALLENGER: "Staging", CHAMPION: "Production"}
-# What the served model needs, pinned to what made it; no torchvision, no loraflow install.
-SERVING_PACKAGES = ("mlflow", "torch", "transformers", "safetensors", "pandas")
+# What the served model needs, pinned to what made it; no torchvision, no loraflow install (its
+# shipped code, loraflow.data.records and .prompts, needs pydantic and jinja2).
+SERVING_PACKAGES = ("mlflow", "torch", "transformers", "safetensors", "pandas", "pydantic",
+                    "jinja2")
 
 
 class RegistryError(RuntimeError):
@@ -50,7 +52,8 @@ def package_model(merged_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    from loraflow import prompts, serving
+    from loraflow.data import prompts, records
+    from loraflow.release import serving
 
     signature = ModelSignature(
         inputs=Schema(
@@ -59,12 +62,15 @@ def package_model(merged_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema([ParamSpec("max_new_tokens", "long", serving.MAX_NEW_TOKENS)]),
     )
-    # Only the prompt module travels as code: it renders prompts exactly as in training.
+    # Only the prompt module and the records it reads travel as code, at their own import
+    # paths (loraflow.data.*): they render prompts exactly as in training, without loraflow.
     with tempfile.TemporaryDirectory() as tmp:
         code = Path(tmp) / "loraflow"
-        code.mkdir()
-        (code / "__init__.py").write_text("")
-        shutil.copy(prompts.__file__, code / "prompts.py")
+        (code / "data").mkdir(parents=True)
+        for package in (code, code / "data"):
+            (package / "__init__.py").write_text("")
+        for module in (records, prompts):
+            shutil.copy(module.__file__, code / "data" / Path(module.__file__).name)
         mlflow.pyfunc.save_model(
             path=str(out_dir),
             python_model=serving.__file__,

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from loraflow.lineage import file_manifest, sha256_file
+from loraflow.data.sources import s3_client
+from loraflow.hashing import file_manifest, sha256_file
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -85,7 +86,6 @@ class S3Store:
         multipart_threshold_mb: int = 64,
         multipart_chunk_mb: int = 64,
     ) -> None:
-        import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
 
@@ -94,9 +94,7 @@ class S3Store:
         self.endpoint = endpoint_url or "AWS"
         # boto3 retries throttling, 5xx and dropped connections itself (3 attempts); the push
         # task adds its own backoff on top. Permanent errors (403, no bucket) are not retried.
-        self.client = boto3.client(
-            "s3", endpoint_url=endpoint_url, config=Config(retries={"max_attempts": 3})
-        )
+        self.client = s3_client(endpoint_url, config=Config(retries={"max_attempts": 3}))
         self.transfer = TransferConfig(
             multipart_threshold=multipart_threshold_mb * MB,
             multipart_chunksize=multipart_chunk_mb * MB,

@@ -29,7 +29,7 @@ class TextGenerator(PythonModel):
         self.tokenizer.padding_side = "left"  # generation continues every row from its end
         self.model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval()
         lineage = json.loads((path / "loraflow.json").read_text(encoding="utf-8"))
-        from loraflow.prompts import PromptTemplate
+        from loraflow.data.prompts import PromptTemplate
 
         self.template = PromptTemplate.recorded(lineage)
 
@@ -37,7 +37,7 @@ class TextGenerator(PythonModel):
     def predict(self, context, model_input, params=None):  # noqa: ANN001
         import torch
 
-        from loraflow.prompts import encode_prompt, render_prompt
+        from loraflow.data.prompts import encode_prompt, render_prompt
 
         rows = model_input.to_dict("records")
         max_new_tokens = int((params or {}).get("max_new_tokens", MAX_NEW_TOKENS))

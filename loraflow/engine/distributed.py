@@ -4,9 +4,9 @@ LoRA gradients (a few MB) are summed in one all-reduce per step; rank 0 alone wr
 With train.parallelism=fsdp the base weights are sharded across the ranks instead of whole on
 each (FSDP2, shard_model); FSDP then sums the gradients itself, in backward.
 
-    torchrun --standalone --nproc-per-node 4 -m loraflow.train --config engine.json
+    torchrun --standalone --nproc-per-node 4 -m loraflow.engine --config engine.json
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \
-        --rdzv-endpoint HOST:29400 --rdzv-id RUN -m loraflow.train --config engine.json
+        --rdzv-endpoint HOST:29400 --rdzv-id RUN -m loraflow.engine --config engine.json
 """
 
 from __future__ import annotations
@@ -44,6 +44,11 @@ class Ranks:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    def print(self, message: str) -> None:
+        """A line for the person watching, once (rank 0), on stderr beside the progress bar."""
+        if self.main:
+            print(f"loraflow.engine: {message}", file=sys.stderr, flush=True)
 
 
 SINGLE = Ranks()  # one process, no process group
@@ -343,19 +348,3 @@ def stalled_ranks(ranks: Ranks) -> str:
         f"rank {r} ({beats[r]['host']} pid {beats[r]['pid']}, finished step {beats[r]['step']}, "
         f"phase '{beats[r]['phase']}')" for r in behind)
     return (f" Stopped: {described}; the other ranks wait for it in the gradient all-reduce.")
-
-
-def launch_command(engine_args: list[str], gpus_per_node: int, nodes: int,
-                   rdzv_endpoint: str, run_id: str) -> list[str]:
-    """The command that starts the engine: plain Python for one process, torchrun for more
-    (on one machine with a free local port; across machines through a c10d rendezvous that
-    every machine's launch names the same way)."""
-    engine = ["-m", "loraflow.train", *engine_args]
-    if gpus_per_node * nodes == 1:
-        return [sys.executable, *engine]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-              str(gpus_per_node), "--max-restarts", "0"]
-    if nodes == 1:
-        return [*launch, "--standalone", *engine]
-    return [*launch, "--nnodes", str(nodes), "--rdzv-backend", "c10d", "--rdzv-endpoint",
-            rdzv_endpoint, "--rdzv-id", run_id, *engine]

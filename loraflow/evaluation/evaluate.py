@@ -19,12 +19,12 @@ import torch
 from peft import PeftModel
 from pydantic import BaseModel
 
+from loraflow.base_model import load_model, load_tokenizer
 from loraflow.config import LOWER_IS_BETTER, EvalConfig, EvalSetConfig
-from loraflow.data import DataError, read_records
-from loraflow.generation import Decoding, Prompt, answer_losses, generate
-from loraflow.metrics import Scorer, summarise
-from loraflow.model import load_model, load_tokenizer
-from loraflow.prompts import PromptTemplate
+from loraflow.data.prompts import PromptTemplate
+from loraflow.data.records import DataError, read_records
+from loraflow.evaluation.generation import Decoding, Prompt, answer_losses, generate
+from loraflow.evaluation.metrics import Scorer, summarise
 
 
 class EvalExample(BaseModel):

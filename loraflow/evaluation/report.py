@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from loraflow.config import LOWER_IS_BETTER  # noqa: E402
-from loraflow.evaluate import EvalResult  # noqa: E402
+from loraflow.evaluation.evaluate import EvalResult  # noqa: E402
 
 COLOURS = {"base": "#7f7f7f", "tuned": "#1f77b4", "champion": "#ff7f0e"}
 OTHER_COLOURS = ["#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]

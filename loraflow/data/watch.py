@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from loraflow.data import open_source
+from loraflow.data.sources import open_source, s3_client, split_s3_uri
 
 STATE_VERSION = 1
 DATA_LANDED = "loraflow.data.landed"  # the Prefect event; prefect.yaml's trigger expects it
@@ -144,17 +144,6 @@ class Watcher:
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.state, indent=1, sort_keys=True))
         tmp.replace(self.state_file)  # a crash never leaves half a state file
-
-
-def split_s3_uri(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    return bucket, key
-
-
-def s3_client():  # noqa: ANN201 - a boto3 S3 client; endpoint from AWS_ENDPOINT_URL if set
-    import boto3  # only when watching S3
-
-    return boto3.client("s3")
 
 
 def hash_source(uri: str) -> str:

@@ -18,9 +18,9 @@ import torch
 from peft import PeftModel
 from pydantic import BaseModel
 
-from loraflow.lineage import LINEAGE_FILE, check_adapter_matches_base
-from loraflow.model import load_model, load_tokenizer
-from loraflow.prompts import PromptTemplate, encode_prompt, render_prompt
+from loraflow.base_model import load_model, load_tokenizer
+from loraflow.data.prompts import PromptTemplate, encode_prompt, render_prompt
+from loraflow.release.lineage import LINEAGE_FILE, check_adapter_matches_base
 
 log = logging.getLogger(__name__)
 

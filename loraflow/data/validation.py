@@ -5,41 +5,30 @@ rules that changed it), or quarantined with a reason. Quarantined lines are writ
 byte to quarantine/<split>.jsonl (fix them and resubmit that file), and the n-th row of
 quarantine/<split>.tsv says where the n-th line came from (file:line) and why. The cleaned
 examples are written as <split>.jsonl, the exact input of tokenization and evaluation, so what
-was checked is what is trained on.
-
-Records may come in three shapes, columns renamed through DataConfig.columns:
-  {"instruction", "input"?, "output"}     the guide's
-  {"messages": [{"role", "content"}...]}  chat; the last message is the assistant's answer
-  {"prompt", "completion"}
+was checked is what is trained on. The shapes a record may take: loraflow.data.records.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
-import html
-import re
-import shutil
-import tempfile
-import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any
 
 import orjson
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from tqdm import tqdm
 
-from loraflow.config import CleaningConfig, DataConfig
-from loraflow.lineage import sha256_file
-from loraflow.minhash import NearDuplicates
+from loraflow.config import DataConfig
+from loraflow.data.cleaning import RULES, clean_example, cleaning_steps, fold, similarity
+from loraflow.data.minhash import NearDuplicates
+from loraflow.data.records import DataError, Example, Rejected, to_example
+from loraflow.data.sources import check_sources, open_source, source_size
 
 SPLITS = ("train", "validation", "test")
 MAX_REPORTED = 20
 CHUNK = 2048  # lines cleaned and token-counted together
-ROLES = ("system", "user", "assistant")
 
 # Quarantine reasons, in the order the checks run.
 REASONS = (
@@ -57,23 +46,8 @@ REASONS = (
     "near_duplicate",
     "leak",
 )
-RULES = ("strip_html", "strip_markdown", "normalize_punctuation", "trim_whitespace")
 
 
-RecordT = TypeVar("RecordT", bound=BaseModel)
-
-
-class DataError(ValueError):
-    """The dataset is unusable; the message lists each problem with file:line."""
-
-
-class Example(BaseModel):
-    """One cleaned example. `messages` holds the turns before the final user turn (chat data)."""
-
-    instruction: str
-    input: str = ""
-    output: str
-    messages: list[dict[str, str]] | None = None
 
 
 class SplitCounts(BaseModel):
@@ -160,284 +134,19 @@ class DataReport(BaseModel):
         )
 
 
-def read_jsonl(path: Path) -> Iterator[Example]:
-    """The cleaned examples validation wrote."""
-    with open(path, "rb") as f:
-        for line in f:
-            yield Example.model_validate_json(line)
 
 
-def read_records(path: Path, model: type[RecordT], what: str, shape: str, fix: str = "") -> list[
-    RecordT
-]:
-    """Every non-blank line of a small JSONL file (a test set, a prompt file) as `model`; all
-    bad lines are reported at once with file:line, then what a line must look like."""
-    if not Path(path).is_file():
-        raise DataError(f"{what} {path} does not exist.{' Fix: ' + fix if fix else ''}")
-    records, problems = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(model.model_validate_json(line))
-            except ValidationError as exc:
-                where = "; ".join(
-                    f"{'.'.join(map(str, e['loc'])) or 'line'}: {e['msg']}" for e in exc.errors()
-                )
-                problems.append(f"  - {path}:{number}: {where}")
-    if problems:
-        raise DataError(
-            f"{len(problems)} bad line(s) in the {what}:\n" + "\n".join(problems[:20])
-            + f"\nEach line must be {shape}."
-        )
-    return records
 
 
-# --- cleaning rules -----------------------------------------------------------------------
-
-PUNCTUATION = str.maketrans(
-    {
-        "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"', "\u2033": '"',
-        "\u00ab": '"', "\u00bb": '"',
-        "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'",
-        "\u2010": "-", "\u2011": "-", "\u2012": "-", "\u2013": "-", "\u2014": "-",
-        "\u2015": "-", "\u2212": "-",
-    }
-)  # fmt: skip
-HTML_TAG = re.compile(r"<(?:[a-zA-Z/!][^<>]*)>")
-MARKDOWN = (
-    (re.compile(r"!\[([^\]]*)\]\([^)]*\)"), r"\1"),  # image -> alt text
-    (re.compile(r"\[([^\]]+)\]\([^)]*\)"), r"\1"),  # link -> text
-    (re.compile(r"^```[^\n]*\n?|\n?```$", re.M), ""),  # code fences
-    (re.compile(r"^#{1,6}[ \t]+", re.M), ""),  # headings
-    (re.compile(r"(\*\*|__)(?=\S)(.+?)(?<=\S)\1"), r"\2"),  # bold
-    (re.compile(r"(?<![\w*])\*(?=\S)([^*\n]+?)(?<=\S)\*(?!\w)"), r"\1"),  # italic
-    (re.compile(r"`([^`\n]+)`"), r"\1"),  # inline code
-)
-FOLD = re.compile(r"[\W_]+")
-# fold() for ASCII text in one bytes.translate: lower-case letters and digits kept, every other
-# byte a space (NFKC and casefold change no ASCII character but case; [\W_] is "not a letter
-# or digit" there). Most text is ASCII and this is ~3x faster than the regex.
-_ASCII_FOLD = bytes(
-    c | 0x20 if chr(c).isalpha() else c if chr(c).isdigit() else 0x20 for c in range(128)
-) + bytes(128)
 
 
-def strip_html(text: str) -> str:
-    return html.unescape(HTML_TAG.sub("", text)) if "<" in text or "&" in text else text
 
 
-def strip_markdown(text: str) -> str:
-    for pattern, repl in MARKDOWN:
-        text = pattern.sub(repl, text)
-    return text
 
 
-def normalize_punctuation(text: str) -> str:
-    # every character PUNCTUATION maps is outside ASCII, and isascii() costs nothing
-    return text if text.isascii() else text.translate(PUNCTUATION)
 
 
-def fold(text: str) -> str:
-    """Text for near-duplicate and similarity checks: no case, spacing, punctuation, markup."""
-    text = strip_html(text)
-    if text.isascii():
-        return b" ".join(text.encode().translate(_ASCII_FOLD).split()).decode()
-    return FOLD.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
 
-
-def cleaning_steps(clean: CleaningConfig) -> list[tuple[str, Callable[[str], str]]]:
-    steps: list[tuple[str, Callable[[str], str]]] = []
-    if clean.strip_markup in ("html", "html+markdown"):
-        steps.append(("strip_html", strip_html))
-    if clean.strip_markup == "html+markdown":
-        steps.append(("strip_markdown", strip_markdown))
-    if clean.normalize_punctuation:
-        steps.append(("normalize_punctuation", normalize_punctuation))
-    if clean.trim_whitespace:
-        steps.append(("trim_whitespace", str.strip))
-    return steps
-
-
-def similarity(a: str, b: str) -> float:
-    """Similarity 0..1 of two folded texts; cheap bounds first, difflib only when close."""
-    if a == b:
-        return 1.0
-    if not a or not b:
-        return 0.0
-    shorter, longer = sorted((len(a), len(b)))
-    if shorter / longer < 0.5:
-        return 2 * shorter / (shorter + longer)  # an upper bound of difflib's ratio
-    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
-
-
-# --- parsing one line -----------------------------------------------------------------------
-
-
-class Rejected(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
-
-
-def _field(record: dict[str, Any], name: str, columns: dict[str, str]) -> Any:
-    return record.get(columns.get(name, name))
-
-
-def _string(record: dict[str, Any], name: str, columns: dict[str, str], required: bool) -> str:
-    key = columns.get(name, name)
-    value = record.get(key)
-    if value is None:
-        if required:
-            raise Rejected("missing_field", f"missing field {key!r}")
-        return ""
-    if not isinstance(value, str):
-        raise Rejected("wrong_type", f"field {key!r} must be a string, found {_kind(value)}")
-    return value
-
-
-def _kind(value: Any) -> str:
-    return {dict: "an object", list: "a list", bool: "a boolean", type(None): "null"}.get(
-        type(value), type(value).__name__
-    )
-
-
-def to_example(record: Any, columns: dict[str, str]) -> Example:
-    """A parsed JSON value -> Example, or raise Rejected saying what is wrong."""
-    if not isinstance(record, dict):
-        raise Rejected("not_object", f"expected a JSON object, found {_kind(record)}")
-    messages = _field(record, "messages", columns)
-    if messages is not None:
-        return _from_messages(messages, columns.get("messages", "messages"))
-    if any(_field(record, name, columns) is not None for name in ("prompt", "completion")):
-        return Example(
-            instruction=_string(record, "prompt", columns, True),
-            output=_string(record, "completion", columns, True),
-        )
-    if any(_field(record, name, columns) is not None for name in ("instruction", "output")):
-        return Example(
-            instruction=_string(record, "instruction", columns, True),
-            input=_string(record, "input", columns, False),
-            output=_string(record, "output", columns, True),
-        )
-    keys = ", ".join(repr(k) for k in list(record)[:8]) or "none"
-    raise Rejected(
-        "unknown_shape",
-        f"no instruction/output, messages or prompt/completion field (keys: {keys}); "
-        "map your column names with data.columns",
-    )
-
-
-def _from_messages(messages: Any, key: str) -> Example:
-    if not isinstance(messages, list) or not messages:
-        raise Rejected("wrong_type", f"field {key!r} must be a non-empty list of messages")
-    for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("content"), str)):
-            raise Rejected("wrong_type", f"{key}[{i}] must be an object with a string 'content'")
-        if m.get("role") not in ROLES:
-            raise Rejected("wrong_type", f"{key}[{i}].role must be one of {ROLES}")
-    if messages[-1]["role"] != "assistant":
-        raise Rejected("missing_field", f"the last of {key!r} must be the assistant's answer")
-    if len(messages) < 2 or messages[-2]["role"] != "user":
-        raise Rejected("missing_field", f"the answer in {key!r} must follow a user message")
-    history = [{"role": m["role"], "content": m["content"]} for m in messages[:-2]]
-    return Example(
-        instruction=messages[-2]["content"],
-        output=messages[-1]["content"],
-        messages=history or None,
-    )
-
-
-def clean_example(
-    example: Example, steps: list[tuple[str, Callable[[str], str]]]
-) -> tuple[Example, list[str]]:
-    """Apply the cleaning steps to every text field; return the example and the rules that
-    changed something."""
-    changed: set[str] = set()
-
-    def run(text: str) -> str:
-        for name, step in steps:
-            new = step(text)
-            if new != text:
-                changed.add(name)
-                text = new
-        return text
-
-    if not steps:
-        return example, []
-    cleaned = Example.model_construct(  # the fields are strings already: no validation again
-        instruction=run(example.instruction),
-        input=run(example.input),
-        output=run(example.output),
-        messages=[{"role": m["role"], "content": run(m["content"])} for m in example.messages]
-        if example.messages
-        else None,
-    )
-    return cleaned, [name for name, _ in steps if name in changed]
-
-
-# --- streaming the sources ------------------------------------------------------------------
-
-
-def source_size(source: str) -> int:
-    if source.startswith("s3://"):
-        bucket, key = _s3_parts(source)
-        return int(_s3().head_object(Bucket=bucket, Key=key)["ContentLength"])
-    return Path(source).stat().st_size
-
-
-def _s3_parts(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    return bucket, key
-
-
-def _s3() -> Any:
-    import boto3  # only when data lives in S3
-
-    return boto3.client("s3")
-
-
-def source_fingerprint(source: str) -> str:
-    """What identifies a source's bytes: the SHA-256 of a local file, the ETag and size of an
-    S3 object (a HEAD request, nothing downloaded)."""
-    if source.startswith("s3://"):
-        bucket, key = _s3_parts(source)
-        head = _s3().head_object(Bucket=bucket, Key=key)
-        return f"s3:{head['ETag']}:{head['ContentLength']}"
-    path = Path(source)
-    return sha256_file(path) if path.is_file() else f"missing:{source}"
-
-
-@contextmanager
-def open_source(source: str) -> Iterator[IO[bytes]]:
-    """A binary stream of a local file or an s3:// object (read in chunks, never whole)."""
-    if source.startswith("s3://"):
-        bucket, key = _s3_parts(source)
-        body = _s3().get_object(Bucket=bucket, Key=key)["Body"]
-        with tempfile.SpooledTemporaryFile(max_size=64 << 20) as spool:
-            shutil.copyfileobj(body, spool, 1 << 20)
-            spool.seek(0)
-            yield spool  # type: ignore[misc]
-    else:
-        with open(source, "rb") as f:
-            yield f
-
-
-def check_sources(sources: dict[str, list[str]]) -> None:
-    missing = [
-        f"  - {split}: {src} does not exist"
-        for split, srcs in sources.items()
-        for src in srcs
-        if not src.startswith("s3://") and not Path(src).is_file()
-    ]
-    if missing:
-        raise DataError(
-            "data files are missing:\n"
-            + "\n".join(missing)
-            + "\nFix: set data.train / data.validation / data.test to existing JSONL files "
-            "(local paths or s3:// URIs)."
-        )
 
 
 class _Quarantine:

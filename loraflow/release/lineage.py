@@ -1,77 +1,14 @@
-"""Content hashes and the metadata that travels with every adapter and model.
-
-Hashes are of bytes, never of paths: they key the pipeline's caches and let a load check that
-an adapter meets the base it was trained on.
-"""
+"""The lineage manifest that travels with every adapter and model, and the check that an
+adapter meets the base it is about to be loaded on (before PEFT loads it)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from functools import cache
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-_CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def sha256_tree(path: Path) -> str:
-    """Hash of a file, or of a directory's relative file names and their bytes."""
-    path = Path(path)
-    if path.is_file():
-        return sha256_file(path)
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        digest.update(sha256_file_cached(file).encode())  # base weights: hashed once a process
-    return digest.hexdigest()
-
-
-def file_manifest(root: Path) -> dict[str, str]:
-    """Relative path -> SHA-256 for every file under root."""
-    root = Path(root)
-    return {
-        p.relative_to(root).as_posix(): sha256_file(p)
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
-def sha256_json(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-
-
-@cache
-def code_version() -> str:
-    """Hash of loraflow's own source: a code change invalidates every cached step."""
-    package = Path(__file__).parent
-    digest = hashlib.sha256()
-    for file in sorted(package.rglob("*.py")):
-        digest.update(file.relative_to(package).as_posix().encode() + b"\0" + file.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def library_versions() -> dict[str, str]:
-    names = ("torch", "transformers", "peft", "accelerate", "safetensors")
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "absent"
-    return versions
-
-
-# --- The lineage manifest: what an adapter (or a model merged from it) was made from. ---------
+from loraflow.hashing import code_version, library_versions, sha256_file_cached
 
 LINEAGE_FILE = "loraflow.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -92,21 +29,11 @@ class LineageError(ValueError):
     """An adapter does not fit the base it is about to be loaded on; the message says why."""
 
 
-_file_hashes: dict[tuple[str, int, int], str] = {}
-
-
-def sha256_file_cached(path: Path) -> str:
-    """sha256_file, remembered per (path, size, mtime): base weights are hashed once a process."""
-    stat = Path(path).stat()
-    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _file_hashes:
-        _file_hashes[key] = sha256_file(path)
-    return _file_hashes[key]
 
 
 def base_fingerprint(base_dir: Path) -> dict[str, Any]:
     """What identifies a base: its weight files' SHA-256, architecture, vocabulary, tokenizer."""
-    from loraflow.tokenization import tokenizer_sha256
+    from loraflow.hashing import tokenizer_sha256
 
     base_dir = Path(base_dir)
     config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
@@ -149,15 +76,20 @@ def adapter_manifest(
     template: dict[str, Any],
     chat_template: str | None,
     base_quantization: str = "none",
+    base_source: str | None = None,
 ) -> dict[str, Any]:
     """The manifest written as adapter/loraflow.json beside every adapter.
 
     base_quantization: how the base was loaded for training ("none", "4bit", "8bit"); a
     quantized-trained adapter is merged onto the unquantized weights of the same base files.
+    base_source: model.base as configured, which adapter_config.json names too; base_path is
+    the local copy trained on, identified by base_sha256.
     """
     return {
         "format": 2,
         "base_model": base_name,
+        "base_source": base_source,
+        "base_path": str(base_dir),
         "base_sha256": base_sha256,
         **base_fingerprint(base_dir),
         "base_quantization": base_quantization,
@@ -238,7 +170,7 @@ def check_adapter_matches_base(
             )
 
     # Vocabulary: size and the tokenizer's bytes.
-    from loraflow.tokenization import tokenizer_sha256
+    from loraflow.hashing import tokenizer_sha256
 
     trained_vocab = trained_on.get("vocab_size")
     if trained_vocab is not None and trained_vocab != base_config.get("vocab_size"):

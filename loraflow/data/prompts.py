@@ -19,7 +19,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, model_validator
 from transformers import PreTrainedTokenizerBase
 
-from loraflow.data import Example
+from loraflow.data.records import Example
 
 TemplateKind = Literal["chat", "alpaca", "jinja"]
 

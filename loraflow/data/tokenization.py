@@ -24,22 +24,16 @@ from pydantic import BaseModel
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from loraflow.data import Example, read_jsonl
-from loraflow.pretokens import PretokenEncoder
-from loraflow.prompts import PromptTemplate, prompt_renderer
+from loraflow.data.pretokens import PretokenEncoder
+from loraflow.data.prompts import PromptTemplate, prompt_renderer
+from loraflow.data.records import Example, read_jsonl
 
 FORMAT_VERSION = "3"  # bump when the files written here change shape
+Encoded = tuple[list[int], int]  # one tokenized example: (input_ids, prompt_len)
 IGNORE_INDEX = -100  # the label of a token no loss is taken on (PyTorch's cross-entropy default)
 BATCH = 1024  # examples rendered and encoded together
 ROW_GROUP = 16384  # rows per Parquet row group
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "tokenizer.model",
-)
 
 
 class TokenizeSettings(BaseModel):
@@ -60,12 +54,6 @@ class TokenizeReport(BaseModel):
     settings: TokenizeSettings
 
 
-def tokenizer_sha256(model_dir: Path) -> str:
-    digest = hashlib.sha256()
-    for name in TOKENIZER_FILES:
-        if (Path(model_dir) / name).is_file():
-            digest.update(name.encode() + b"\0" + (Path(model_dir) / name).read_bytes())
-    return digest.hexdigest()
 
 
 def cache_key(
@@ -143,7 +131,7 @@ class Encoder:
 
 def encode_example(
     tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, example: Example
-) -> tuple[list[int], int]:
+) -> Encoded:
     """(input_ids, prompt_len) of one example, exactly as tokenize_splits stores it."""
     return Encoder(tokenizer, template).encode([example])[0]
 
@@ -227,7 +215,7 @@ class _ParquetOut:
         self.writer.close()
 
 
-def read_tokenized(path: Path) -> list[tuple[list[int], int]]:
+def read_tokenized(path: Path) -> list[Encoded]:
     """The (input_ids, prompt_len) of every example of a <split>.parquet written here."""
     import pyarrow.parquet as pq
 

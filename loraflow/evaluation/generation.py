@@ -10,8 +10,8 @@ from pydantic import BaseModel
 from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from loraflow.prompts import PromptTemplate, encode_prompt, render_prompt
-from loraflow.tokenization import IGNORE_INDEX
+from loraflow.data.prompts import PromptTemplate, encode_prompt, render_prompt
+from loraflow.data.tokenization import IGNORE_INDEX
 
 
 class Prompt(BaseModel):

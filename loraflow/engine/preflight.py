@@ -133,7 +133,7 @@ def check_device(train: TrainConfig) -> float:
         raise PreflightError("train.precision=bf16 but this GPU has no bf16. Fix: "
                              "train.precision=fp16 (or auto)")
     if train.precision == "fp8":
-        from loraflow.fp8 import fp8_supported
+        from loraflow.engine.fp8 import fp8_supported
 
         supported, why = fp8_supported()
         if not supported:

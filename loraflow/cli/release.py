@@ -1,0 +1,159 @@
+"""loraflow models | promote | pull: the registry and object storage, no pipeline run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from loraflow.config import ConfigError, load_config
+from loraflow.environment import configure
+
+
+def _release_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("name", nargs="?", help="registered model (default: from the config)")
+    command.add_argument("--config", type=Path, help="YAML config for registry/storage settings")
+    command.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="section.field=value",
+        help="override one config value, e.g. --set storage.endpoint_url=http://127.0.0.1:9000",
+    )
+
+
+def add_models_command(commands: argparse._SubParsersAction) -> None:
+    models = commands.add_parser("models", help="list registered versions, aliases and metrics")
+    _release_arguments(models)
+    models.set_defaults(handler=run_release_command, release=models_command)
+
+
+def add_promote_command(commands: argparse._SubParsersAction) -> None:
+    promote = commands.add_parser(
+        "promote", help="make a version the champion by hand, or roll back to the previous one"
+    )
+    _release_arguments(promote)
+    which = promote.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", help="version to make the champion")
+    which.add_argument(
+        "--rollback", action="store_true", help="give champion back to the version it replaced"
+    )
+    promote.set_defaults(handler=run_release_command, release=promote_command)
+
+
+def add_pull_command(commands: argparse._SubParsersAction) -> None:
+    pull = commands.add_parser(
+        "pull", help="download a registered version from object storage and verify every file"
+    )
+    _release_arguments(pull)
+    which = pull.add_mutually_exclusive_group()
+    which.add_argument("--alias", default="champion", help="alias to pull (default: champion)")
+    which.add_argument("--version", help="version number to pull instead of an alias")
+    pull.add_argument("--dest", type=Path, required=True, help="directory to download into")
+    pull.set_defaults(handler=run_release_command, release=pull_command)
+
+
+def run_release_command(args: argparse.Namespace) -> int:
+    """models, promote, pull: a config problem exits 2, a registry or storage error exits 1,
+    each with its message and no traceback."""
+    try:
+        return args.release(args)
+    except ConfigError as exc:
+        print(f"loraflow: {exc}", file=sys.stderr)
+        return 2
+    except _release_errors() as exc:
+        print(f"loraflow {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _release_context(args: argparse.Namespace):  # -> (cfg, name, MlflowClient)
+    cfg = load_config(args.config, args.overrides)
+    configure()
+    from mlflow import MlflowClient
+
+    return cfg, args.name or cfg.registry.model_name, MlflowClient()
+
+
+def _release_errors():  # the errors a release command reports as a message, exit code 1
+    from mlflow.exceptions import MlflowException
+
+    from loraflow.release.registry import RegistryError
+    from loraflow.release.storage import StorageIntegrityError, StoragePermanentError
+
+    return (RegistryError, MlflowException, StoragePermanentError, StorageIntegrityError)
+
+
+def models_command(args: argparse.Namespace) -> int:
+    cfg, name, client = _release_context(args)
+    from loraflow.release import registry
+
+    rows = registry.list_versions(client, name)
+    metric_names = sorted({m for r in rows for m in r["metrics"]})
+    print(f"{name}  ({client.tracking_uri})")
+    header = ["version", "aliases", "stage", *metric_names, "storage"]
+    table = [
+        [
+            r["version"],
+            ",".join(r["aliases"]) or "-",
+            r["stage"] or "-",
+            *(f"{r['metrics'][m]:.3f}" if m in r["metrics"] else "-" for m in metric_names),
+            r["storage_uri"] or "-",
+        ]
+        for r in rows
+    ]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *table, strict=True)]
+    for line in [header, *table]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+    return 0
+
+
+def promote_command(args: argparse.Namespace) -> int:
+    cfg, name, client = _release_context(args)
+    from loraflow.release import registry
+
+    mirroring = cfg.registry.stage_mirroring
+    if args.rollback:
+        old, new = registry.rollback(client, name, mirroring)
+        print(f"{name}: champion rolled back from v{old} to v{new}")
+    else:
+        client.get_model_version(name, args.version)  # a clear error if it does not exist
+        previous = registry.promote(
+            client, name, args.version, "promoted by hand (loraflow promote)", mirroring
+        )
+        was = f" (was v{previous})" if previous else ""
+        print(f"{name}: champion is now v{args.version}{was}")
+    return 0
+
+
+def pull_command(args: argparse.Namespace) -> int:
+    cfg, name, client = _release_context(args)
+    from loraflow.release.storage import open_store, pull_tree
+
+    version = (
+        client.get_model_version(name, args.version)
+        if args.version
+        else client.get_model_version_by_alias(name, args.alias)
+    )
+    uri = version.tags.get("loraflow.storage_uri")
+    if not uri:
+        print(
+            f"loraflow pull: {name} v{version.version} was never pushed to object storage "
+            "(no loraflow.storage_uri tag). Fix: run the pipeline's push step for it.",
+            file=sys.stderr,
+        )
+        return 1
+    store = open_store(
+        uri,
+        cfg.storage.endpoint_url,
+        cfg.storage.multipart_threshold_mb,
+        cfg.storage.multipart_chunk_mb,
+    )
+    pulled = pull_tree(store, "", args.dest)
+    files = len(pulled["manifest"]["files"])
+    print(
+        f"{name} v{version.version}: {files} files verified in {args.dest} "
+        f"({pulled['downloaded']} downloaded) from {uri}"
+    )
+    return 0

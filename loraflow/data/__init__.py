@@ -1,0 +1,1 @@
+"""Data: records and their sources, cleaning, validation, prompt templates and tokenization."""

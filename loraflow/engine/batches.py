@@ -1,0 +1,133 @@
+"""Examples to rows to tensors: the seeded example stream, padded or packed rows (the one
+packer), collation with answer-only labels and the per-example attention mask.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loraflow.config import TrainConfig
+from loraflow.data.tokenization import IGNORE_INDEX, Encoded, read_tokenized
+from loraflow.engine.distributed import Ranks
+
+
+def read_examples(data_dir: Path, split: str) -> list[Encoded]:
+    """The examples of one split (<split>.parquet, as loraflow.tokenization writes it); a split
+    without its file has none."""
+    path = Path(data_dir) / f"{split}.parquet"
+    return read_tokenized(path) if path.is_file() else []
+
+
+class ExampleStream:
+    """Examples in a fresh seeded order each epoch; `position` (examples consumed) is all a
+    checkpoint needs to resume the exact same stream."""
+
+    def __init__(self, examples: list[Encoded], seed: int, position: int = 0) -> None:
+        self.examples, self.seed, self.position = examples, seed, position
+        self._epoch, self._order = -1, list(range(len(examples)))
+
+    def peek(self) -> Encoded:
+        epoch, offset = divmod(self.position, len(self.examples))
+        if epoch != self._epoch:
+            self._order = list(range(len(self.examples)))
+            random.Random(self.seed + epoch).shuffle(self._order)
+            self._epoch = epoch
+        return self.examples[self._order[offset]]
+
+    def take(self) -> Encoded:
+        example = self.peek()
+        self.position += 1
+        return example
+
+
+def next_micro_batch(
+    stream: ExampleStream, cfg: TrainConfig, packed: bool, count: int | None = None
+) -> list[list[Encoded]]:
+    """`count` rows (default: one micro-batch) of examples: one example a row (padded), or as
+    many as fit in seq_len (packed)."""
+    count = count or cfg.micro_batch_size
+    if not packed:
+        return [[stream.take()] for _ in range(count)]
+    rows = []
+    for _ in range(count):
+        row = [stream.take()]
+        used = len(row[0][0])
+        while used + len(stream.peek()[0]) <= cfg.seq_len:
+            used += len(stream.peek()[0])
+            row.append(stream.take())
+        rows.append(row)
+    return rows
+
+
+def step_rows(
+    stream: ExampleStream, cfg: TrainConfig, packed: bool, ranks: Ranks
+) -> list[list[list[Encoded]]]:
+    """One optimizer step's rows for every rank, micro-step by micro-step: each micro-step has
+    micro_batch_size x world_size rows, of which rank r trains the r-th micro_batch_size."""
+    return [next_micro_batch(stream, cfg, packed, cfg.micro_batch_size * ranks.world_size)
+            for _ in range(cfg.grad_accum_steps)]
+
+
+def rows_per_step(cfg: TrainConfig, ranks: Ranks) -> int:
+    """The effective batch: rows in one optimizer step over all ranks."""
+    return cfg.micro_batch_size * cfg.grad_accum_steps * ranks.world_size
+
+
+def collate(rows: list[list[Encoded]], pad_id: int, width: int | None = None) -> dict[str, Any]:
+    """Tensors for rows of one or more examples each, padded at the end to `width` (default:
+    the longest row). Labels are IGNORE_INDEX on prompts and padding; position ids restart at 0 for
+    every example; doc_ids number the examples of a row (padding is -1)."""
+    width = width or max(sum(len(ids) for ids, _ in row) for row in rows)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    doc_ids = torch.full(shape, -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for d, (ids, prompt_len) in enumerate(row):
+            end = start + len(ids)
+            input_ids[r, start:end] = torch.tensor(ids)
+            labels[r, start + prompt_len : end] = torch.tensor(ids[prompt_len:])
+            position_ids[r, start:end] = torch.arange(len(ids))
+            doc_ids[r, start:end] = d
+            start = end
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+            "doc_ids": doc_ids}
+
+
+def attention_mask_for(doc_ids: torch.Tensor, attn_impl: str) -> Any:
+    """Causal attention inside each example only (padding attends to padding, so no row is
+    empty). A flex_attention BlockMask on GPU also skips the masked blocks' compute."""
+    if attn_impl == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_example(b: Any, h: Any, q: Any, kv: Any) -> Any:
+            return (doc_ids[b, q] == doc_ids[b, kv]) & (kv <= q)
+
+        rows, width = doc_ids.shape
+        return create_block_mask(same_example, B=rows, H=None, Q_LEN=width, KV_LEN=width,
+                                 device=doc_ids.device)
+    width = doc_ids.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=doc_ids.device).tril()
+    return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
+
+
+def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def row_counts(rows: list[list[Encoded]]) -> tuple[int, int]:
+    """(answer tokens, real tokens) of rows, as collate() would lay them out: the loss
+    predicts every label but a row's first token. Lets each rank know the whole step's
+    counts from the rows alone, with no communication."""
+    answers = real = 0
+    for row in rows:
+        for d, (ids, prompt_len) in enumerate(row):
+            answers += len(ids) - max(prompt_len, 1 if d == 0 else 0)
+            real += len(ids)
+    return answers, real

@@ -1,0 +1,1 @@
+"""Evaluation: generation, scoring and the report."""

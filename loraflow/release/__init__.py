@@ -1,0 +1,1 @@
+"""Release: lineage checks, merge, registry, storage, inference and serving."""
