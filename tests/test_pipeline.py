@@ -300,7 +300,9 @@ def test_the_registered_model_serves_without_loraflow_and_the_adapter_reloads_el
     for where in (trained_in, elsewhere):
         shutil.copytree(tiny_model_dir, where / "models" / "tiny")
     monkeypatch.chdir(trained_in)
-    summary = finetune(config=tiny_config(small_data, Path("models/tiny"), "tiny-portable"))
+    # train settings of its own: an adapter cached from another test names that test's source
+    cfg = tiny_config(small_data, Path("models/tiny"), "tiny-portable", train={"max_steps": 2})
+    summary = finetune(config=cfg)
 
     package = mlflow.artifacts.download_artifacts("models:/tiny-portable@challenger",
                                                   dst_path=str(tmp_path / "package"))
