@@ -40,6 +40,11 @@ class CleaningConfig(Section):
         "fences) from every field; for scraped data. Off by default: it would damage answers "
         "that are themselves markup or code.",
     )
+    strip_control: bool = Field(
+        True,
+        description="Remove control characters (NUL, BEL, ESC, DEL, the C1 range) from every "
+        "field; tab, newline and carriage return stay.",
+    )
     normalize_punctuation: bool = Field(
         True, description="Curly quotes to straight quotes, en/em dashes and minus to '-'."
     )
@@ -91,22 +96,31 @@ class DataConfig(Section):
     train: SourceList = Field(
         ["data/orders/train.jsonl"],
         min_length=1,
-        description="Training split: one or several JSONL files, local paths or s3:// URIs.",
+        description="Training split: one or several files, local paths or s3:// URIs, mixed "
+        "formats allowed: .jsonl, .jsonl.gz, .jsonl.zst, .json (an array of records), "
+        ".parquet, .csv/.tsv (header row), or a folder written by datasets' save_to_disk.",
     )
     validation: SourceList = Field(
         ["data/orders/validation.jsonl"],
         min_length=1,
-        description="Validation split (held-out loss): JSONL files, local or s3://.",
+        description="Validation split (held-out loss): files as for train, local or s3://.",
     )
     test: SourceList = Field(
         ["data/orders/test.jsonl"],
         min_length=1,
-        description="Test split, which base and tuned answer: JSONL files, local or s3://.",
+        description="Test split, which base and tuned answer: files as for train, local or "
+        "s3://.",
     )
     columns: dict[str, str] = Field(
         {},
         description="Your column names for ours, e.g. {instruction: question, output: answer}. "
         f"Ours: {', '.join(COLUMN_NAMES)}.",
+    )
+    train_on: Literal["all_assistant_turns", "last_turn"] = Field(
+        "all_assistant_turns",
+        description="Conversations (messages): the loss covers every assistant turn's content "
+        "and its end-of-turn token (all_assistant_turns), or the final answer only "
+        "(last_turn); system and user turns are never learned. Single-turn data: the same.",
     )
     template: Literal["chat", "alpaca", "jinja"] = Field(
         "chat",
@@ -127,7 +141,10 @@ class DataConfig(Section):
         "(an example whose answer is cut away entirely is reported and left out).",
     )
     max_line_bytes: int = Field(
-        1 << 24, ge=1024, description="Quarantine JSONL lines longer than this many bytes."
+        1 << 24,
+        ge=1024,
+        description="Quarantine JSON lines (.jsonl, .jsonl.gz, .jsonl.zst) longer than this "
+        "many bytes.",
     )
     min_kept_fraction: float = Field(
         0.9,

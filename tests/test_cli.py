@@ -1,6 +1,8 @@
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -66,3 +68,50 @@ def test_validate_counts_answer_tokens_with_the_configured_models_tokenizer(
     assert json.loads(done.stdout)["reasons"] == {"too_short": 1}
     missing = run_cli("validate", str(tmp_path / "nope.jsonl"))
     assert missing.returncode == 2 and "nope.jsonl does not exist" in missing.stderr
+
+
+def test_validate_reads_every_format_and_says_where_each_bad_record_is(tmp_path):
+    from dataformats import FORMATS, write_records
+
+    records = [{"instruction": f"Add {i}.", "input": f"{i} + 1", "output": f"{i + 1}"}
+               for i in range(6)]  # fmt: skip
+    paths = []
+    for n, fmt in enumerate(FORMATS):
+        rows = [{**r, "instruction": f"{fmt}: {r['instruction']}"} for r in records]
+        rows[n % 6] = {"instruction": f"{fmt} empty", "output": " "}
+        paths.append(write_records(tmp_path / "in", f"part-{n}", fmt, rows))
+    out = tmp_path / "out"
+    done = run_cli("validate", *map(str, paths), "--out", str(out), "--json",
+                   "--set", "data.min_kept_fraction=0.8")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    counts = json.loads(done.stdout)
+    assert (counts["read"], counts["kept"], counts["quarantined"]) == (48, 40, 8)
+    assert counts["reasons"] == {"empty": 8}
+    rows = [r.split("\t") for r in (out / "quarantine" / "train.tsv").read_text().splitlines()[1:]]
+    where = {Path(r[1]).name if ".arrow" not in r[1] else "arrow": r[2] for r in rows}
+    assert where == {
+        "part-0.jsonl": "1", "part-1.jsonl.gz": "2", "part-2.jsonl.zst": "3",
+        "part-3.json": str(2 + 5 * 3),  # the line its element starts on (indent=2, 5 lines each)
+        "part-4.parquet": "row 5", "part-5.csv": "row 6", "part-6.tsv": "row 1",
+        "arrow": "row 2",  # the second row of the first Arrow file
+    }  # fmt: skip
+    quarantined = [json.loads(x) for x in (out / "quarantine" / "train.jsonl").read_text()
+                   .splitlines()]  # fmt: skip
+    assert all(q["output"] == " " for q in quarantined)  # JSON lines to fix and resubmit
+
+
+def test_validate_names_each_unreadable_file_with_its_fix_and_exits_2(tmp_path):
+    from test_formats import BROKEN, GOOD
+
+    for name, (raw, _) in BROKEN.items():
+        (tmp_path / name).write_bytes(raw)
+    (tmp_path / "fine.jsonl").write_text(GOOD)
+    names = sorted(BROKEN)
+    done = run_cli("validate", str(tmp_path / "fine.jsonl"), *(str(tmp_path / n) for n in names),
+                   "--out", str(tmp_path / "out"))  # fmt: skip
+    assert done.returncode == 2
+    problems = [x for x in done.stderr.splitlines() if x.startswith("  - train: ")]
+    assert len(problems) == len(names), done.stderr
+    for name, problem in zip(names, problems, strict=True):
+        assert str(tmp_path / name) in problem and re.search(BROKEN[name][1], problem), problem
+    assert not (tmp_path / "out").exists()

@@ -1,5 +1,5 @@
-"""The guide's cleaning rules (markup, punctuation, whitespace) and the folding that finds
-near duplicates; each rule can be switched off in data.clean and is counted.
+"""The guide's cleaning rules (control characters, markup, punctuation, whitespace) and the
+folding that finds near duplicates; each rule can be switched off in data.clean and is counted.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from collections.abc import Callable
 from loraflow.config import CleaningConfig
 from loraflow.data.records import Example
 
-RULES = ("strip_html", "strip_markdown", "normalize_punctuation", "trim_whitespace")
+RULES = (
+    "strip_control", "strip_html", "strip_markdown", "normalize_punctuation", "trim_whitespace"
+)
 
 
 PUNCTUATION = str.maketrans(
@@ -25,6 +27,8 @@ PUNCTUATION = str.maketrans(
         "\u2015": "-", "\u2212": "-",
     }
 )  # fmt: skip
+# C0 controls but tab, newline and carriage return; DEL; C1 controls
+CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 HTML_TAG = re.compile(r"<(?:[a-zA-Z/!][^<>]*)>")
 MARKDOWN = (
     (re.compile(r"!\[([^\]]*)\]\([^)]*\)"), r"\1"),  # image -> alt text
@@ -42,6 +46,10 @@ FOLD = re.compile(r"[\W_]+")
 _ASCII_FOLD = bytes(
     c | 0x20 if chr(c).isalpha() else c if chr(c).isdigit() else 0x20 for c in range(128)
 ) + bytes(128)
+
+
+def strip_control(text: str) -> str:
+    return CONTROL.sub("", text)
 
 
 def strip_html(text: str) -> str:
@@ -69,6 +77,8 @@ def fold(text: str) -> str:
 
 def cleaning_steps(clean: CleaningConfig) -> list[tuple[str, Callable[[str], str]]]:
     steps: list[tuple[str, Callable[[str], str]]] = []
+    if clean.strip_control:
+        steps.append(("strip_control", strip_control))
     if clean.strip_markup in ("html", "html+markdown"):
         steps.append(("strip_html", strip_html))
     if clean.strip_markup == "html+markdown":

@@ -1,9 +1,13 @@
-"""Validating and cleaning JSONL instruction data, streamed line by line.
+"""Validating and cleaning instruction data, streamed record by record.
 
-Every line read is accounted for: blank, kept as is, kept after cleaning (with the names of the
-rules that changed it), or quarantined with a reason. Quarantined lines are written byte for
-byte to quarantine/<split>.jsonl (fix them and resubmit that file), and the n-th row of
-quarantine/<split>.tsv says where the n-th line came from (file:line) and why. The cleaned
+Sources are JSON Lines (plain, .gz, .zst), JSON arrays, Parquet, CSV/TSV or save_to_disk
+folders, local or on S3 (loraflow.data.formats reads them); a file that is not what its name
+says stops validation first, with one message naming it and the fix (sources.check_sources).
+Every record read is accounted for: blank, kept as is, kept after cleaning (with the names of
+the rules that changed it), or quarantined with a reason. Quarantined JSON lines are written
+byte for byte to quarantine/<split>.jsonl, records of the other formats as one JSON line each
+(fix them and resubmit that file), and the n-th row of quarantine/<split>.tsv says where the
+n-th came from (file and line, or "row N" for Parquet, CSV and Arrow) and why. The cleaned
 examples are written as <split>.jsonl, the exact input of tokenization and evaluation, so what
 was checked is what is trained on. The shapes a record may take: loraflow.data.records.
 """
@@ -11,20 +15,22 @@ was checked is what is trained on. The shapes a record may take: loraflow.data.r
 from __future__ import annotations
 
 import hashlib
+import io
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 from pydantic import BaseModel
 from tqdm import tqdm
 
-from loraflow.config import DataConfig
+from loraflow.config import COLUMN_NAMES, DataConfig
+from loraflow.data import formats
 from loraflow.data.cleaning import RULES, clean_example, cleaning_steps, fold, similarity
 from loraflow.data.minhash import NearDuplicates
 from loraflow.data.records import DataError, Example, Rejected, to_example
-from loraflow.data.sources import check_sources, open_source, source_size
+from loraflow.data.sources import check_sources, dataset_files, join, open_source, source_size
 
 SPLITS = ("train", "validation", "test")
 MAX_REPORTED = 20
@@ -150,7 +156,8 @@ class DataReport(BaseModel):
 
 
 class _Quarantine:
-    """quarantine/<split>.jsonl (the lines, byte for byte) and .tsv (where from, and why)."""
+    """quarantine/<split>.jsonl (JSON lines byte for byte, other records as one JSON line
+    each) and .tsv (where from: file and line, or "row N"; and why)."""
 
     def __init__(self, out_dir: Path, split: str) -> None:
         folder = out_dir / "quarantine"
@@ -160,8 +167,13 @@ class _Quarantine:
         self.index.write("quarantine_line\tsource\tline\treason\tdetail\n")
         self.count = 0
 
-    def add(self, raw: bytes, source: str, number: int, reason: str, detail: str) -> None:
+    def add(
+        self, raw: bytes | dict[str, Any], source: str, number: int | str, reason: str,
+        detail: str,
+    ) -> None:
         self.count += 1
+        if isinstance(raw, dict):  # a null of a columnar file is a field left out
+            raw = orjson.dumps({k: v for k, v in raw.items() if v is not None}, default=str)
         self.lines.write(raw if raw.endswith(b"\n") else raw + b"\n")
         detail = detail.replace("\t", " ").replace("\n", " ")
         self.index.write(f"{self.count}\t{source}\t{number}\t{reason}\t{detail}\n")
@@ -232,22 +244,25 @@ def _validate_split(
     out = open(out_dir / f"{split}.jsonl", "wb")  # noqa: SIM115
     split_digest = hashlib.sha256()
 
-    def reject(raw: bytes, source: str, number: int, reason: str, detail: str) -> None:
+    def reject(
+        raw: bytes | dict[str, Any], source: str, number: int | str, reason: str, detail: str
+    ) -> None:
         reasons[reason] += 1
         quarantine.add(raw, source, number, reason, detail)
         if len(problems) < MAX_REPORTED:
             problems.append(f"{source}:{number}: {detail} [{reason}]")
 
     try:
-        for source in split_sources:
+        for split_source in split_sources:
             file_digest = hashlib.sha256()
-            for chunk in _chunks(source, cfg.max_line_bytes, counts, file_digest, progress):
+            for source, unit, chunk in _chunks(split_source, cfg, counts, file_digest, progress):
                 checked = []  # (raw, number, example or why it was rejected, rules, prompt)
-                for number, raw, line in chunk:
+                for number, raw, payload in chunk:
                     try:
-                        checked.append((raw, number, *_check_line(line, cfg, steps)))
+                        checked.append((raw, unit + str(number) if unit else number,
+                                        *_check_item(payload, cfg, steps)))
                     except Rejected as r:
-                        checked.append((raw, number, r, [], ""))
+                        checked.append((raw, unit + str(number) if unit else number, r, [], ""))
                 usable = [c for c in checked if isinstance(c[2], Example)]
                 answers = [c[2].output for c in usable]
                 lengths = iter(count_tokens(answers) if clean.min_output_tokens and answers else [])
@@ -315,7 +330,7 @@ def _validate_split(
                     split_digest.update(line_out)
                 if similar is not None:
                     similar.commit()
-            source_digest.update(f"{split}\0{source}\0".encode() + file_digest.digest())
+            source_digest.update(f"{split}\0{split_source}\0".encode() + file_digest.digest())
     finally:
         out.close()
         quarantine.close()
@@ -330,37 +345,109 @@ def _digest(text: str) -> bytes:
 
 
 def _chunks(
-    source: str, max_line_bytes: int, counts: SplitCounts, digest: Any, progress: bool
-) -> Iterator[list[tuple[int, bytes, bytes | None]]]:
-    """Lines in chunks of CHUNK as (line number, raw bytes, line without BOM/line ending, or
-    None when over max_line_bytes); blank lines are counted here and not yielded."""
-    chunk: list[tuple[int, bytes, bytes | None]] = []
+    source: str, cfg: DataConfig, counts: SplitCounts, digest: Any, progress: bool
+) -> Iterator[tuple[str, str, list[formats.Item]]]:
+    """(file, "" for lines or "row ", items) in chunks of CHUNK: items as loraflow.formats
+    reads them; blank lines are counted here and not yielded. Whole-file problems found while
+    reading (a broken JSON array, a CSV without our columns) raise DataError."""
+    fmt = formats.source_format(source)
+    files = dataset_files(source) if fmt == "arrow" else [source]
+    if fmt == "arrow":  # the folder's listing is part of its identity
+        with open_source(join(source, "state.json")) as f:
+            digest.update(f.read())
+    for file in files:
+        unit = "row " if fmt in formats.ROW_FORMATS else ""
+        chunk: list[formats.Item] = []
+        try:
+            for item in _items(file, fmt, cfg, digest, progress):
+                counts.read += 1
+                if isinstance(item[2], bytes) and not item[2].strip():
+                    counts.blank += 1
+                    continue
+                chunk.append(item)
+                if len(chunk) >= CHUNK:
+                    yield file, unit, chunk
+                    chunk = []
+        except formats.FileProblem as exc:
+            raise DataError(str(exc)) from None
+        if chunk:
+            yield file, unit, chunk
+
+
+def _items(
+    file: str, fmt: str, cfg: DataConfig, digest: Any, progress: bool
+) -> Iterator[formats.Item]:
+    """One file's items; its bytes hashed into `digest` as read (Parquet and Arrow, which are
+    read from their footer/schema first, are hashed in one pass before)."""
+    mapped = {cfg.columns.get(name, name) for name in COLUMN_NAMES}
     with (
-        open_source(source) as f,
+        open_source(file) as f,
         tqdm(
-            total=source_size(source),
-            desc=f"validate {Path(source).name}",
+            total=source_size(file),
+            desc=f"validate {Path(file).name}",
             unit="B",
             unit_scale=True,
             disable=not progress,
             leave=False,
         ) as bar,
     ):
-        for number, raw in enumerate(f, start=1):
-            digest.update(raw)
-            bar.update(len(raw))
-            counts.read += 1
-            line = raw.removeprefix(b"\xef\xbb\xbf") if number == 1 else raw
-            line = line.rstrip(b"\r\n")
-            if not line.strip():
-                counts.blank += 1
-                continue
-            chunk.append((number, raw, line if len(line) <= max_line_bytes else None))
-            if len(chunk) >= CHUNK:
-                yield chunk
-                chunk = []
-    if chunk:
-        yield chunk
+        if fmt in ("parquet", "arrow"):
+            while block := f.read(formats.READ):
+                digest.update(block)
+                bar.update(len(block))
+            f.seek(0)
+            try:
+                reader = formats.parquet_file(f) if fmt == "parquet" else formats.arrow_stream(f)
+            except Exception as exc:  # noqa: BLE001 - pyarrow's errors: the file is broken
+                raise DataError(f"{file} cannot be read as {fmt}: {exc}") from None
+            names = list(reader.schema_arrow.names if fmt == "parquet" else reader.schema.names)
+            columns = formats.wanted_columns(names, mapped)
+            if columns is None:
+                raise DataError(formats.no_columns(file, names, cfg.columns | {
+                    n: n for n in COLUMN_NAMES if n not in cfg.columns}))
+            batches = (reader.iter_batches(batch_size=formats.BATCH, columns=columns)
+                       if fmt == "parquet" else iter(reader))
+            yield from formats.arrow_batches_items(batches, None if fmt == "parquet" else columns)
+            return
+        stream = formats.Hashing(f, digest, bar.update)
+        if fmt == "json":
+            buffered = io.BufferedReader(stream, formats.READ)
+            if buffered.peek(formats.HEAD).lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"{":
+                # one object per line under a .json name, as many exporters write it
+                yield from formats.jsonl_items(buffered, "jsonl", cfg.max_line_bytes, file)
+            else:
+                yield from formats.json_array_items(buffered, file)
+        elif fmt in ("csv", "tsv"):
+            buffered = io.BufferedReader(stream, formats.READ)
+            yield from _csv_items(buffered, file, fmt, cfg, mapped)
+        else:
+            yield from formats.jsonl_items(
+                io.BufferedReader(stream, formats.READ), fmt, cfg.max_line_bytes, file
+            )
+
+
+def _csv_items(
+    stream: IO[bytes], file: str, fmt: str, cfg: DataConfig, mapped: set[str]
+) -> Iterator[formats.Item]:
+    delimiter = "\t" if fmt == "tsv" else ","
+    items = formats.csv_items(stream, file, delimiter, cfg.columns.get("messages", "messages"))
+    first = next(items, None)
+    if first is not None and not mapped & set(first[1]):  # type: ignore[arg-type]
+        raise DataError(formats.no_columns(file, list(first[1]), cfg.columns | {
+            n: n for n in COLUMN_NAMES if n not in cfg.columns}))
+    if first is not None:
+        yield first
+        yield from items
+
+
+def _check_item(
+    payload: bytes | dict[str, Any] | None, cfg: DataConfig,
+    steps: list[tuple[str, Callable[[str], str]]],
+) -> tuple[Example, list[str], str]:
+    """A JSON line (bytes, None when too long) or a decoded record, checked."""
+    if isinstance(payload, dict):
+        return _check_record(payload, cfg, steps)
+    return _check_line(payload, cfg, steps)
 
 
 def _check_line(
@@ -378,6 +465,13 @@ def _check_line(
         record = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         raise Rejected("not_json", f"not JSON ({exc.msg} at column {exc.colno})") from None
+    return _check_record(record, cfg, steps)
+
+
+def _check_record(
+    record: Any, cfg: DataConfig, steps: list[tuple[str, Callable[[str], str]]]
+) -> tuple[Example, list[str], str]:
+    """Shape, clean and check one decoded record on its own (see _check_line)."""
     example, changed = clean_example(to_example(record, cfg.columns), steps)
     for name in ("instruction", "output"):
         if not getattr(example, name).strip():
