@@ -74,7 +74,9 @@ def tokenize_data(
     content of data, tokenizer and template; logged to the run with a length histogram."""
     tokenizer = load_tokenizer(base.path)
     template = prompt_template(cfg.template, cfg.jinja_template)
-    settings = TokenizeSettings(max_length=cfg.max_length, truncation=cfg.truncation)
+    settings = TokenizeSettings(
+        max_length=cfg.max_length, truncation=cfg.truncation, train_on=cfg.train_on
+    )
     folder, report, _ = tokenize_cached(
         loraflow_home() / "tokenized",
         fetch(data.uri),

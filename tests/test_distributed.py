@@ -147,7 +147,7 @@ def test_fsdp_on_two_processes_trains_exactly_as_one_with_double_accumulation(
     shutil.copy(tokenized / "train.parquet", data)
     (data / "validation.jsonl").write_text("".join(
         json.dumps({"input_ids": ids, "prompt_len": n}) + "\n"
-        for ids, n in read_examples(tokenized, "validation")[:5]))
+        for ids, n, _ in read_examples(tokenized, "validation")[:5]))
     one, command = engine(tmp_path, tiny_model_dir, data, "one", grad_accum_steps=2,
                           max_steps=4, eval_every=2, max_grad_norm=0.2)
     assert run(command).returncode == 0

@@ -70,7 +70,7 @@ def write_data(folder: Path, splits: dict[str, list[Example]]) -> Path:
 
 @pytest.mark.parametrize("template", [CHAT, ALPACA_LAYOUT, JINJA])
 def test_labels_cover_the_answer_and_eos_only(tokenizer, template):
-    ids, prompt_len = encode_example(tokenizer, template, EXAMPLE)
+    ids, prompt_len, _ = encode_example(tokenizer, template, EXAMPLE)
     batch = collate([[(ids, prompt_len)]], pad_id=tokenizer.pad_token_id)
     labels_ = batch["labels"][0].tolist()
     assert labels_[:prompt_len] == [IGNORE] * prompt_len
@@ -98,7 +98,7 @@ def test_padding_is_masked_out_of_labels_and_attention_while_eos_is_trained(toke
 
 @pytest.mark.parametrize("template", [CHAT, ALPACA_LAYOUT, JINJA])
 def test_training_prompt_is_exactly_the_inference_prompt(tokenizer, template):
-    ids, prompt_len = encode_example(tokenizer, template, EXAMPLE)
+    ids, prompt_len, _ = encode_example(tokenizer, template, EXAMPLE)
     prompt = render_prompt(tokenizer, template, EXAMPLE.instruction, EXAMPLE.input)
     assert ids[:prompt_len] == encode_prompt(tokenizer, template, prompt)
 
@@ -123,7 +123,7 @@ def test_bulk_rendering_and_encoding_equal_the_one_by_one_path(tokenizer):
         for e in batch:
             prompt = encode_prompt(tokenizer, template, render_example(tokenizer, template, e))
             answer = tokenizer(e.output, add_special_tokens=False)["input_ids"]
-            expected.append((prompt + answer + [tokenizer.eos_token_id], len(prompt)))
+            expected.append((prompt + answer + [tokenizer.eos_token_id], len(prompt), []))
         assert Encoder(tokenizer, template).encode(batch) == expected
 
 
@@ -144,7 +144,7 @@ def test_over_max_length_is_dropped_or_truncated_and_a_lost_answer_is_reported(t
     drop = tokenize_splits(data, tokenizer, CHAT, 128, tmp_path / "drop", progress=False)
     assert drop.counts == {"train": 1, "validation": 1}
     assert drop.too_long == {"train": 1, "validation": 0}
-    assert [len(ids) <= 128 for ids, _ in read_tokenized(tmp_path / "drop" / "train.parquet")] == [
+    assert [len(ids) <= 128 for ids, *_ in read_tokenized(tmp_path / "drop" / "train.parquet")] == [
         True
     ]
 
@@ -157,7 +157,7 @@ def test_over_max_length_is_dropped_or_truncated_and_a_lost_answer_is_reported(t
     assert report.completion_truncated_away["train"] == 1  # the long prompt left no answer
     assert report.truncated["train"] == 1 and report.counts["train"] == 2
     rows = read_tokenized(tmp_path / "cut" / "train.parquet")
-    assert all(len(ids) <= 128 and prompt_len < len(ids) for ids, prompt_len in rows)
+    assert all(len(ids) <= 128 and prompt_len < len(ids) for ids, prompt_len, _ in rows)
 
 
 def test_files_hold_one_example_a_row_unpadded_and_the_engine_reads_them(tmp_path, tokenizer):
@@ -165,8 +165,8 @@ def test_files_hold_one_example_a_row_unpadded_and_the_engine_reads_them(tmp_pat
     report = tokenize_splits(data, tokenizer, CHAT, 256, tmp_path / "tok", progress=False)
     stored = read_tokenized(tmp_path / "tok" / "train.parquet")
     assert report.rows["train"] == report.counts["train"] == len(stored) == 60
-    assert sum(len(ids) for ids, _ in stored) == report.tokens["train"]  # no padding stored
-    assert tokenizer.pad_token_id not in {t for ids, _ in stored for t in ids}
+    assert sum(len(ids) for ids, *_ in stored) == report.tokens["train"]  # no padding stored
+    assert tokenizer.pad_token_id not in {t for ids, *_ in stored for t in ids}
     assert read_examples(tmp_path / "tok", "train") == stored
     assert read_examples(tmp_path / "tok", "test") == []  # a split without its file
 
@@ -191,7 +191,7 @@ def test_the_parquet_files_load_with_datasets(tmp_path, tokenizer):
         split="train",
         cache_dir=str(tmp_path / "hf"),
     )
-    assert ds.column_names == ["input_ids", "prompt_len"] and len(ds) == 10
+    assert ds.column_names == ["input_ids", "label_spans", "prompt_len"] and len(ds) == 10
 
 
 def test_tokenized_data_is_cached_on_data_tokenizer_and_template(tmp_path, tokenizer):

@@ -95,7 +95,7 @@ def test_packed_rows_give_each_example_the_loss_it_has_alone(tiny_model_dir, tok
             batch = collate([[example]], pad_id=3)
             n = int((batch["labels"][:, 1:] != -100).sum())
             alone.append(float(completion_loss(model, batch, n, "sdpa")) * n)
-        width = sum(len(ids) for ids, _ in examples) + 7  # some padding at the end too
+        width = sum(len(e[0]) for e in examples) + 7  # some padding at the end too
         packed = collate([examples], pad_id=3, width=width)
         n_all = int((packed["labels"][:, 1:] != -100).sum())
         together = float(completion_loss(model, packed, n_all, "sdpa")) * n_all

@@ -1,5 +1,7 @@
 """Prompt templates: one function renders a prompt for training, evaluation and inference alike,
-so what the model was trained on is exactly what it is asked at serving time.
+so what the model was trained on is exactly what it is asked at serving time. For a
+conversation, `assistant_spans` finds where each earlier assistant turn lies in that same
+prompt, from the template's own rendering, so that training can learn those turns too.
 
 A template is a typed record: its kind ("chat": the model's own chat template, "alpaca": the
 guide's layout, "jinja": a user template) and, for "jinja", the template's source text. That
@@ -149,3 +151,79 @@ def prompt_renderer(
         return prefix + chat_messages(example)[-1]["content"] + suffix
 
     return fast
+
+
+class TurnTemplateError(ValueError):
+    """The template cannot be used as asked; the message names it and says the fix."""
+
+
+def _marker(i: int) -> str:
+    return f"\x02loraflow-turn-{i}\x03"
+
+
+def special_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The text of the tokenizer's special tokens, longest first."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    names = set(tokenizer.all_special_tokens) | {t.content for t in added.values() if t.special}
+    return sorted((n for n in names if n), key=len, reverse=True)
+
+
+def turn_end(text: str, at: int, specials: list[str]) -> int:
+    """Where an assistant turn whose content ends at `at` ends: after the special token the
+    template writes next (its end-of-turn token, maybe after whitespace), else at `at`."""
+    after = at + len(text[at:]) - len(text[at:].lstrip(" \t\r\n"))
+    token = next((s for s in specials if text.startswith(s, after)), None)
+    return after + len(token) if token is not None else at
+
+
+def assistant_spans(
+    tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, example: Example,
+    prompt: str, specials: list[str] | None = None,
+) -> list[tuple[int, int]]:
+    """[start, end) character spans, in `prompt` (= render_example of the example), of each
+    earlier assistant turn's content and the end-of-turn token that follows it. Found by
+    rendering the example again with each assistant content replaced by a marker: the
+    template's own layout, so any template works that writes the contents unchanged; one that
+    changes them (trims, drops or rewrites earlier turns' content) is a TurnTemplateError. A turn
+    the template does not render at all has no span."""
+    messages = example.messages or []
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
+        return []
+    marked = example.model_copy(update={"messages": [
+        {"role": m["role"], "content": _marker(i)} if i in turns else m
+        for i, m in enumerate(messages)
+    ]})  # fmt: skip
+    text = render_example(tokenizer, template, marked)
+    rebuilt, spans, pos = [], [], 0
+    for i in turns:
+        at = text.find(_marker(i), pos)
+        if at < 0:
+            continue
+        if text.count(_marker(i)) != 1:
+            raise _changed(template, "writes an assistant turn's content more than once")
+        rebuilt.append(text[pos:at])
+        start = sum(map(len, rebuilt))
+        rebuilt.append(messages[i]["content"])
+        spans.append((start, start + len(messages[i]["content"])))
+        pos = at + len(_marker(i))
+    rebuilt.append(text[pos:])
+    if "".join(rebuilt) != prompt:
+        raise _changed(template, "changes the content of earlier assistant turns (it trims, "
+                       "drops or rewrites them)")
+    specials = special_strings(tokenizer) if specials is None else specials
+    return [(start, turn_end(prompt, end, specials)) for start, end in spans]
+
+
+def _changed(template: PromptTemplate, what: str) -> TurnTemplateError:
+    shown = template.kind
+    if template.kind == "chat":
+        shown = "the tokenizer's chat template"
+    elif template.jinja is not None:
+        shown = f"jinja {template.jinja[:400]!r}"
+    return TurnTemplateError(
+        f"the prompt template {what}, so the earlier assistant turns cannot be found in the "
+        f"prompt the model is trained and served with. Template: {shown}. Fix: "
+        "data.train_on=last_turn (learn the final answer only), or a template that writes "
+        "each message's content as it is."
+    )

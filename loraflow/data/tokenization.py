@@ -1,10 +1,14 @@
 """Tokenizing validated examples into prompt + completion ids, stored once as Parquet.
 
-Each example is (input_ids, prompt_len): the prompt's ids, then the answer's ids and EOS. The
-training engine derives labels from them: IGNORE_INDEX on the prompt, so loss is taken on the answer
-and on the EOS token only (that is what teaches the model to stop); padding is added per batch
-and masked there, never stored. One example a row: packing is the engine's (train.batching),
-so it can reshuffle each epoch.
+Each example is (input_ids, prompt_len, label_spans): the prompt's ids, then the answer's ids
+and EOS; label_spans lists flat [start, end, ...] token ranges inside the prompt that are
+learned too: the earlier assistant turns of a conversation (their content and end-of-turn
+token) under data.train_on=all_assistant_turns, empty otherwise. The training engine derives
+labels from them: IGNORE_INDEX on the prompt but those spans, so loss is taken on the answers
+and on their end-of-turn/EOS tokens only (that is what teaches the model to stop); padding is
+added per batch and masked there, never stored. The prompt ids are those the model is given
+at serving (the same rendering, tokenized as one text), checked by a preflight. One example a
+row: packing is the engine's (train.batching), so it can reshuffle each epoch.
 
 The result lives under a folder named by the content hash of the cleaned data, the tokenizer,
 the template and these settings: a later run with the same inputs reuses it.
@@ -25,11 +29,21 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from loraflow.data.pretokens import PretokenEncoder
-from loraflow.data.prompts import PromptTemplate, prompt_renderer
+from loraflow.data.prompts import (
+    PromptTemplate,
+    TurnTemplateError,
+    assistant_spans,
+    encode_prompt,
+    prompt_renderer,
+    render_example,
+    special_strings,
+    turn_end,
+)
 from loraflow.data.records import Example, read_jsonl
 
-FORMAT_VERSION = "3"  # bump when the files written here change shape
-Encoded = tuple[list[int], int]  # one tokenized example: (input_ids, prompt_len)
+FORMAT_VERSION = "4"  # bump when the files written here change shape
+# one tokenized example: (input_ids, prompt_len, label_spans), label_spans flat [start, end, ...]
+Encoded = tuple[list[int], int, list[int]]
 IGNORE_INDEX = -100  # the label of a token no loss is taken on (PyTorch's cross-entropy default)
 BATCH = 1024  # examples rendered and encoded together
 ROW_GROUP = 16384  # rows per Parquet row group
@@ -41,6 +55,7 @@ class TokenizeSettings(BaseModel):
 
     max_length: int
     truncation: str = "drop"
+    train_on: str = "all_assistant_turns"
 
 
 class TokenizeReport(BaseModel):
@@ -54,14 +69,16 @@ class TokenizeReport(BaseModel):
     settings: TokenizeSettings
 
 
-
-
 def cache_key(
     data_sha256: str, tokenizer_sha: str, template: PromptTemplate, settings: TokenizeSettings
 ) -> str:
     payload = [FORMAT_VERSION, data_sha256, tokenizer_sha, template.model_dump(),
                settings.model_dump()]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+Texts = tuple[list[str], list[str], list[list[tuple[int, int]]]]
+Ids = tuple[list[list[int]], list[list[int]], list[list[int]]]
 
 
 class Encoder:
@@ -71,12 +88,20 @@ class Encoder:
 
     encode() = texts() (render) -> run() (the ids) -> assemble() (prompt + answer + EOS);
     tokenize_splits runs run() in a second thread, so that the Rust tokenizer, which releases
-    the GIL, overlaps the Python steps of the batches around it."""
+    the GIL, overlaps the Python steps of the batches around it. A conversation's earlier
+    assistant turns (train_on=all_assistant_turns) are found as character spans of the
+    prompt (loraflow.prompts.assistant_spans) and mapped to tokens by the tokenizer's offsets.
+    The preflight (on construction) checks on probe examples that the prompt ids are those
+    served and that every answer's end-of-turn/EOS token is labelled."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, template: PromptTemplate) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, template: PromptTemplate,
+        train_on: str = "all_assistant_turns",
+    ) -> None:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; the model could not learn to stop")
         self.render = prompt_renderer(tokenizer, template)
+        self.template, self.train_on = template, train_on
         self.prompt_specials = template.kind == "alpaca"
         self.eos = tokenizer.eos_token_id
         self.backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -85,21 +110,60 @@ class Encoder:
             self.backend.no_padding()
         self.tokenizer = tokenizer
         self.pretokens = PretokenEncoder.of(self.backend)
+        self.specials = special_strings(tokenizer)
+        self.turn_end_token = self._turn_end_token()
+        self.preflight()
 
-    def texts(self, examples: list[Example]) -> tuple[list[str], list[str]]:
-        """(prompts, answers): the prompt and the answer are encoded apart, so the prompt's ids
-        are exactly those the model is given at inference."""
-        return [self.render(e) for e in examples], [e.output for e in examples]
+    def texts(self, examples: list[Example]) -> Texts:
+        """(prompts, answers, spans): the prompt and the answer are encoded apart, so the
+        prompt's ids are exactly those the model is given at inference; spans: the earlier
+        assistant turns' character spans in the prompt."""
+        prompts = [self.render(e) for e in examples]
+        spans = [
+            self._spans(e, prompt) if e.messages else []
+            for e, prompt in zip(examples, prompts, strict=True)
+        ]
+        return prompts, [e.output for e in examples], spans
 
-    def run(self, texts: tuple[list[str], list[str]]) -> tuple[list[list[int]], list[list[int]]]:
-        """The tokenizer's work: (prompt ids, answer ids) per example."""
-        (prompts, answers), specials = texts, self.prompt_specials
+    def _spans(self, example: Example, prompt: str) -> list[tuple[int, int]]:
+        if self.train_on != "all_assistant_turns" or not any(
+            m["role"] == "assistant" for m in example.messages or []
+        ):
+            return []
+        if self.turn_end_token is not None and self.turn_end_token != self.tokenizer.eos_token:
+            raise TurnTemplateError(
+                f"the chat template ends an assistant turn with {self.turn_end_token!r} but the "
+                f"tokenizer's EOS is {self.tokenizer.eos_token!r}: the earlier turns would "
+                "teach the model to stop with one token and the final answers with the other, "
+                "while generation stops on EOS only. Fix: set eos_token to "
+                f"{self.turn_end_token!r} in the base model's tokenizer_config.json, or "
+                "data.train_on=last_turn."
+            )
+        return assistant_spans(self.tokenizer, self.template, example, prompt, self.specials)
+
+    def run(self, texts: Texts) -> Ids:
+        """The tokenizer's work: (prompt ids, answer ids, label spans) per example."""
+        (prompts, answers, spans), specials = texts, self.prompt_specials
         if self.backend is None:
+            if any(spans):
+                raise ValueError("data.train_on=all_assistant_turns needs a fast (Rust) "
+                                 "tokenizer for its offsets. Fix: data.train_on=last_turn")
             return (
                 self.tokenizer(prompts, add_special_tokens=specials)["input_ids"],
                 self.tokenizer(answers, add_special_tokens=False)["input_ids"],
+                [[] for _ in prompts],
             )
-        return self._ids(prompts, specials), self._ids(answers, False)
+        plain = [i for i, char_spans in enumerate(spans) if not char_spans]
+        prompt_ids: list[list[int]] = [[] for _ in prompts]
+        token_spans: list[list[int]] = [[] for _ in prompts]
+        for i, ids in zip(plain, self._ids([prompts[i] for i in plain], specials), strict=True):
+            prompt_ids[i] = ids
+        for i, char_spans in enumerate(spans):
+            if char_spans:  # one text, as served; the offsets place the turns
+                encoding = self.backend.encode(prompts[i], add_special_tokens=specials)
+                prompt_ids[i] = encoding.ids
+                token_spans[i] = _token_spans(encoding.offsets, char_spans)
+        return prompt_ids, self._ids(answers, False), token_spans
 
     def _ids(self, texts: list[str], specials: bool) -> list[list[int]]:
         """Ids by pre-token lookup where it applies (ASCII text, byte-level BPE), the Rust
@@ -115,25 +179,98 @@ class Encoder:
                 ids[i] = encoding.ids
         return ids  # type: ignore[return-value]
 
-    def assemble(
-        self, encoded: tuple[list[list[int]], list[list[int]]]
-    ) -> list[tuple[list[int], int]]:
-        """(input_ids, prompt_len) per example: prompt ids, answer ids, EOS."""
+    def assemble(self, encoded: Ids) -> list[Encoded]:
+        """(input_ids, prompt_len, label_spans) per example: prompt ids, answer ids, EOS."""
         return [
-            (prompt + answer + [self.eos], len(prompt))
-            for prompt, answer in zip(*encoded, strict=True)
+            (prompt + answer + [self.eos], len(prompt), spans)
+            for prompt, answer, spans in zip(*encoded, strict=True)
         ]
 
-    def encode(self, examples: list[Example]) -> list[tuple[list[int], int]]:
-        """(input_ids, prompt_len) per example: prompt ids, answer ids, EOS."""
+    def encode(self, examples: list[Example]) -> list[Encoded]:
+        """(input_ids, prompt_len, label_spans) per example: prompt ids, answer ids, EOS."""
         return self.assemble(self.run(self.texts(examples)))
+
+    def _turn_end_token(self) -> str | None:
+        """The special token the chat template writes after an assistant's answer, if any."""
+        if self.template.kind != "chat":
+            return None  # our layouts and Jinja prompts end at the prompt: EOS is appended
+        answer = "Probe answer."
+        messages = [{"role": "user", "content": "Probe question."},
+                    {"role": "assistant", "content": answer}]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+        at = text.rfind(answer)
+        if at < 0:
+            return None
+        end = turn_end(text, at + len(answer), self.specials)
+        return text[at + len(answer) : end].strip() or None
+
+    def preflight(self) -> None:
+        """On probe examples, single-turn and a conversation: the prompt ids stored for
+        training are the ids served (render_example + encode_prompt), and every answer's last
+        token, its end-of-turn or EOS, carries a label; else stop naming the template."""
+        probes = [
+            Example(instruction="Probe question one.", input="with input", output="Answer."),
+            Example(
+                instruction="And the second?", output="Second answer.",
+                messages=[{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": "First question."},
+                          {"role": "assistant", "content": "First answer."}],
+            ),
+        ]  # fmt: skip
+        if self.turn_end_token not in (None, self.tokenizer.eos_token):
+            probes = probes[:1]  # conversations are refused when met (see _spans)
+        shown = _shown(self.template)
+        for probe in probes:
+            ids, prompt_len, spans = self.encode([probe])[0]
+            served = encode_prompt(
+                self.tokenizer, self.template, render_example(self.tokenizer, self.template, probe)
+            )
+            if ids[:prompt_len] != served:
+                raise TurnTemplateError(
+                    f"the prompt tokenized for training differs from the prompt tokenized at "
+                    f"serving (template {shown!r}): the model would be trained on other ids "
+                    "than it is asked with. Fix: a template that writes its special tokens "
+                    "itself (chat, jinja) or alpaca, whose BOS the tokenizer adds."
+                )
+            if ids[-1] != self.eos:
+                raise TurnTemplateError(f"an answer does not end with EOS (template {shown!r})")
+            if self.turn_end_token is None or self.turn_end_token != self.tokenizer.eos_token:
+                continue  # no end-of-turn token of the template's own to check in the spans
+            for end in spans[1::2]:
+                if ids[end - 1] != self.eos:
+                    raise TurnTemplateError(
+                        f"the end-of-turn token {self.tokenizer.eos_token!r} after an earlier "
+                        f"assistant turn is not labelled (template {shown!r}): its tokens do "
+                        "not fall on the turn's boundaries. Fix: data.train_on=last_turn."
+                    )
+
+
+def _shown(template: PromptTemplate) -> str:
+    """A template as an error message shows it: its kind, and a Jinja template's text."""
+    if template.jinja is None:
+        return template.kind
+    text = template.jinja if len(template.jinja) < 300 else template.jinja[:300] + " ..."
+    return f"jinja {text!r}"
+
+
+def _token_spans(offsets: list[tuple[int, int]], char_spans: list[tuple[int, int]]) -> list[int]:
+    """Flat [start, end, ...] token ranges covering the character spans: a token is in a span
+    when its characters overlap it (so a leading-space piece of the first word is in)."""
+    out: list[int] = []
+    for begin, finish in char_spans:
+        inside = [t for t, (a, b) in enumerate(offsets) if b > a and a < finish and b > begin]
+        if inside:
+            out += [inside[0], inside[-1] + 1]
+    return out
 
 
 def encode_example(
-    tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, example: Example
+    tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, example: Example,
+    train_on: str = "all_assistant_turns",
 ) -> Encoded:
-    """(input_ids, prompt_len) of one example, exactly as tokenize_splits stores it."""
-    return Encoder(tokenizer, template).encode([example])[0]
+    """(input_ids, prompt_len, label_spans) of one example, exactly as tokenize_splits stores
+    it."""
+    return Encoder(tokenizer, template, train_on).encode([example])[0]
 
 
 def _batches(path: Path) -> Iterator[list[Example]]:
@@ -172,7 +309,7 @@ class _ParquetOut:
         import pyarrow.parquet as pq
 
         ids = pa.list_(pa.int32())
-        lists, scalars = ("input_ids",), ("prompt_len",)
+        lists, scalars = ("input_ids", "label_spans"), ("prompt_len",)
         self.pa, self.lists, self.scalars = pa, lists, scalars
         self.schema = pa.schema([(n, ids) for n in lists] + [(n, pa.int32()) for n in scalars])
         self.writer = pq.ParquetWriter(path, self.schema, compression="zstd")
@@ -216,11 +353,14 @@ class _ParquetOut:
 
 
 def read_tokenized(path: Path) -> list[Encoded]:
-    """The (input_ids, prompt_len) of every example of a <split>.parquet written here."""
+    """The (input_ids, prompt_len, label_spans) of every example of a <split>.parquet written
+    here (label_spans empty in files written before they existed)."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path, columns=["input_ids", "prompt_len"])
-    return list(zip(table["input_ids"].to_pylist(), table["prompt_len"].to_pylist(), strict=True))
+    table = pq.read_table(path)
+    columns = [table[c].to_pylist() for c in ("input_ids", "prompt_len")]
+    spans = table["label_spans"].to_pylist() if "label_spans" in table.column_names else None
+    return list(zip(*columns, spans or [[] for _ in range(table.num_rows)], strict=True))
 
 
 def tokenize_splits(
@@ -239,7 +379,7 @@ def tokenize_splits(
     if isinstance(settings, int):
         settings = TokenizeSettings(max_length=settings)
     max_length = settings.max_length
-    encoder = Encoder(tokenizer, template)
+    encoder = Encoder(tokenizer, template, settings.train_on)
     out_dir.mkdir(parents=True, exist_ok=True)
     fields = ("counts", "too_long", "truncated", "completion_truncated_away", "tokens")
     numbers: dict[str, dict[str, int]] = {f: {} for f in (*fields, "label_tokens", "rows")}
@@ -251,7 +391,7 @@ def tokenize_splits(
         bar = tqdm(desc=f"tokenize {split}", unit="ex", disable=not progress, leave=False)
         try:
             for batch in _encoded(encoder, Path(data_dir) / f"{split}.jsonl"):
-                for ids, prompt_len in batch:
+                for ids, prompt_len, spans in batch:
                     split_lengths.append(len(ids))
                     if len(ids) > max_length:
                         if settings.truncation == "drop":
@@ -264,8 +404,10 @@ def tokenize_splits(
                         ids = ids[:max_length]
                     n["counts"] += 1
                     n["tokens"] += len(ids)
-                    n["label_tokens"] += len(ids) - prompt_len
-                    out.add(ids, prompt_len)
+                    n["label_tokens"] += len(ids) - prompt_len + sum(spans[1::2]) - sum(
+                        spans[::2]
+                    )
+                    out.add(ids, spans, prompt_len)
                 bar.update(len(batch))
         finally:
             out.close()

@@ -1,5 +1,6 @@
 """Examples to rows to tensors: the seeded example stream, padded or packed rows (the one
-packer), collation with answer-only labels and the per-example attention mask.
+packer), collation with answer-only labels (every assistant turn of a conversation: the
+example's label spans) and the per-example attention mask.
 """
 
 from __future__ import annotations
@@ -77,11 +78,21 @@ def rows_per_step(cfg: TrainConfig, ranks: Ranks) -> int:
     return cfg.micro_batch_size * cfg.grad_accum_steps * ranks.world_size
 
 
+def label_ranges(example: Encoded | tuple[list[int], int]) -> list[tuple[int, int]]:
+    """[start, end) token ranges of an example that carry labels: its label spans (a
+    conversation's earlier assistant turns), then its answer and EOS after prompt_len. An
+    (input_ids, prompt_len) pair has the answer's alone."""
+    ids, prompt_len, *rest = example
+    spans = rest[0] if rest else ()
+    return [*zip(spans[::2], spans[1::2], strict=True), (prompt_len, len(ids))]
+
+
 def collate(rows: list[list[Encoded]], pad_id: int, width: int | None = None) -> dict[str, Any]:
     """Tensors for rows of one or more examples each, padded at the end to `width` (default:
-    the longest row). Labels are IGNORE_INDEX on prompts and padding; position ids restart at 0 for
-    every example; doc_ids number the examples of a row (padding is -1)."""
-    width = width or max(sum(len(ids) for ids, _ in row) for row in rows)
+    the longest row). Labels are IGNORE_INDEX on padding and on prompts but their label spans;
+    position ids restart at 0 for every example; doc_ids number the examples of a row
+    (padding is -1)."""
+    width = width or max(sum(len(example[0]) for example in row) for row in rows)
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
     labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
@@ -89,10 +100,12 @@ def collate(rows: list[list[Encoded]], pad_id: int, width: int | None = None) ->
     doc_ids = torch.full(shape, -1, dtype=torch.long)
     for r, row in enumerate(rows):
         start = 0
-        for d, (ids, prompt_len) in enumerate(row):
+        for d, example in enumerate(row):
+            ids = example[0]
             end = start + len(ids)
             input_ids[r, start:end] = torch.tensor(ids)
-            labels[r, start + prompt_len : end] = torch.tensor(ids[prompt_len:])
+            for first, last in label_ranges(example):
+                labels[r, start + first : start + last] = torch.tensor(ids[first:last])
             position_ids[r, start:end] = torch.arange(len(ids))
             doc_ids[r, start:end] = d
             start = end
@@ -127,7 +140,8 @@ def row_counts(rows: list[list[Encoded]]) -> tuple[int, int]:
     counts from the rows alone, with no communication."""
     answers = real = 0
     for row in rows:
-        for d, (ids, prompt_len) in enumerate(row):
-            answers += len(ids) - max(prompt_len, 1 if d == 0 else 0)
-            real += len(ids)
+        for d, example in enumerate(row):
+            for first, last in label_ranges(example):
+                answers += max(0, last - max(first, 1 if d == 0 else 0))
+            real += len(example[0])
     return answers, real

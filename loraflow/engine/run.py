@@ -53,7 +53,7 @@ def train_ranks(
     val_set = read_examples(cfg.data_dir, "validation")
     if not train_set:
         raise ValueError(f"{cfg.data_dir} holds no training examples (train.parquet)")
-    too_long = max(len(ids) for ids, _ in train_set)
+    too_long = max(len(example[0]) for example in train_set)
     if packed and too_long > t.seq_len:
         raise ValueError(f"an example has {too_long} tokens, more than train.seq_len="
                          f"{t.seq_len}. Fix: raise train.seq_len or lower data.max_length.")
