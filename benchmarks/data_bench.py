@@ -7,6 +7,11 @@
 - loraflow: `validate_splits` (every line checked, cleaned, deduplicated, quarantine written)
   then `tokenize_splits` (alpaca layout, max_length 1024, no padding stored, zstd Parquet);
   loraflow-minhash: the same with data.clean.dedup=minhash.
+- loraflow-jsonl-gz, loraflow-parquet: loraflow on the same examples stored as .jsonl.gz (the
+  JSONL file's bytes, gzip level 6) and as Parquet (zstd, row groups of 16,384; the bad lines
+  cannot be stored in Parquet and are left out). "validate us/record" compares the formats:
+  validation's wall time and CPU time (this process) per record read; tokenization does not
+  see the source format.
 Each contender runs in its own child process; the table shows wall time, the CPU seconds it
 used (all threads: more than the wall time means it used more than one core), how many cores
 other processes on the machine kept busy meanwhile, on average, the child's peak
@@ -52,6 +57,38 @@ def generate(path: Path, n: int, seed: int = 0) -> None:
                 f.write('{"instruction": "broken", "output": \n')  # 0.1% bad lines
 
 
+def convert(data: Path, fmt: str) -> Path:
+    """The JSONL file's examples as .jsonl.gz (its bytes) or Parquet (its good lines), once."""
+    out = data.with_suffix(".jsonl.gz" if fmt == "jsonl-gz" else ".parquet")
+    if out.is_file():
+        return out
+    partial = out.with_name(out.name + ".partial")
+    if fmt == "jsonl-gz":
+        import gzip
+        import shutil
+
+        with open(data, "rb") as src, gzip.open(partial, "wb", compresslevel=6) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = pa.schema([(n, pa.string()) for n in ("instruction", "input", "output")])
+        with pq.ParquetWriter(partial, schema, compression="zstd") as writer, open(data) as f:
+            rows: list[dict] = []
+            for line in f:
+                if line.startswith('{"instruction": "broken"'):
+                    continue
+                rows.append(json.loads(line))
+                if len(rows) == 16384:
+                    writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+                    rows = []
+            if rows:
+                writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+    partial.rename(out)
+    return out
+
+
 def run_guide(data: Path, tokenizer_dir: str, work: Path) -> dict:
     from datasets import load_dataset
     from transformers import AutoTokenizer
@@ -93,7 +130,9 @@ def run_loraflow(data: Path, tokenizer_dir: str, work: Path, dedup: str) -> dict
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg = DataConfig(train=[str(data)], min_kept_fraction=0.9, clean={"dedup": dedup})
+    start, cpu = time.perf_counter(), time.process_time()
     report = validate_splits({"train": [str(data)]}, work / "validated", cfg)
+    validate_seconds, validate_cpu = time.perf_counter() - start, time.process_time() - cpu
     report.check(work / "validated")
     settings = TokenizeSettings(max_length=1024, truncation="truncate")
     tok = tokenize_splits(work / "validated", tokenizer, PromptTemplate(kind="alpaca"), settings,
@@ -101,6 +140,9 @@ def run_loraflow(data: Path, tokenizer_dir: str, work: Path, dedup: str) -> dict
     return {
         "examples": tok.counts["train"],
         "quarantined": report.splits["train"].quarantined,
+        "records_read": report.splits["train"].read,
+        "validate_seconds": validate_seconds,
+        "validate_cpu_seconds": validate_cpu,
         "dataset_bytes": (work / "tokenized" / "train.parquet").stat().st_size,
         "written_bytes": _tree_bytes(work),
     }
@@ -171,8 +213,12 @@ def main() -> None:
     print(f"input: {data} ({data.stat().st_size / 2**20:.0f} MiB)", file=sys.stderr)
     rows = {}
     for name in args.contenders.split(","):
+        source = data
+        if name in ("loraflow-jsonl-gz", "loraflow-parquet"):
+            source = convert(data, name.removeprefix("loraflow-"))
+            print(f"{name}: {source} ({source.stat().st_size / 2**20:.0f} MiB)", file=sys.stderr)
         done = subprocess.run(
-            [sys.executable, __file__, "--child", name, "--data", str(data),
+            [sys.executable, __file__, "--child", name, "--data", str(source),
              "--tokenizer", args.tokenizer, "--workdir", str(args.workdir)],
             stdout=subprocess.PIPE, text=True, check=True, cwd=ROOT,
         )  # fmt: skip
@@ -183,9 +229,10 @@ def main() -> None:
     print(f"\n{args.n} examples, {size_mib:.0f} MiB JSONL, tokenizer {args.tokenizer}")
     print(
         "| contender | examples | wall s | CPU s | other jobs' cores | peak RSS MiB "
-        "| tokenized dataset MiB | all written MiB | speed vs guide | smaller vs guide |"
+        "| tokenized dataset MiB | all written MiB | speed vs guide | smaller vs guide "
+        "| validate us/record (wall, CPU) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         speed = f"{guide['seconds'] / r['seconds']:.1f}x" if guide else "-"
         size = f"{guide['dataset_bytes'] / r['dataset_bytes']:.1f}x" if guide else "-"
@@ -193,8 +240,16 @@ def main() -> None:
             f"| {name} | {r['examples']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
             f"{r['other_cores']:.2f} | {r['peak_rss_mib']:.0f} | "
             f"{r['dataset_bytes'] / 2**20:.1f} | {r['written_bytes'] / 2**20:.1f} | "
-            f"{speed} | {size} |"
+            f"{speed} | {size} | {per_record(r)} |"
         )
+
+
+def per_record(result: dict) -> str:
+    if "validate_seconds" not in result:
+        return "-"
+    n = result["records_read"]
+    return (f"{1e6 * result['validate_seconds'] / n:.0f}, "
+            f"{1e6 * result['validate_cpu_seconds'] / n:.0f}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 def tiny_config(splits: dict[str, Path], model_dir: Path, name: str, **sections) -> PipelineConfig:
     raw = {
-        "data": {k: str(v) for k, v in splits.items()},
+        "data": {k: v if isinstance(v, list) else str(v) for k, v in splits.items()},
         "model": {"base": str(model_dir)},
         "train": {"max_steps": 3, "micro_batch_size": 8, "learning_rate": 1e-2},
         "eval": {"max_new_tokens": 8, "batch_size": 4},
@@ -325,3 +325,49 @@ def test_the_registered_model_serves_without_loraflow_and_the_adapter_reloads_el
     assert reloaded.returncode == 0, reloaded.stderr[-3000:]
     assert json.loads(reloaded.stdout.strip().splitlines()[-1]) == {"base": "models/tiny",
                                                                     "lora": 4}
+
+
+def test_a_run_on_data_in_every_format_trains_and_a_misnamed_file_stops_it_first(
+    prefect_server, small_data, tiny_model_dir, tmp_path
+):
+    """Each split mixes formats, so one flow run reads all eight; then a run given files that
+    are not what their names say (UTF-16, gzip named .jsonl, empty, ...) stops at validation,
+    naming each with its fix, before anything trains."""
+    from dataformats import write_records
+    from test_formats import BROKEN
+
+    from flows.finetune import finetune
+
+    records = {
+        split: [json.loads(x) for x in path.read_text().splitlines()]
+        for split, path in small_data.items()
+    }
+    layout = {  # split -> formats, the split's records shared among them in order
+        "train": ["jsonl.gz", "jsonl.zst", "parquet", "csv"],
+        "validation": ["datasets", "tsv"],
+        "test": ["json", "jsonl"],
+    }
+    data = {}
+    for split, fmts in layout.items():
+        share = len(records[split]) // len(fmts)
+        data[split] = [
+            str(write_records(tmp_path / split, f"part{i}", fmt,
+                              records[split][i * share : (i + 1) * share]))
+            for i, fmt in enumerate(fmts)
+        ]  # fmt: skip
+    summary = finetune(config=tiny_config(data, tiny_model_dir, "tiny-formats"))
+    ran = {k: v for k, v in states(summary).items() if k != "prepare_base_model"}
+    assert set(ran.values()) == {"Completed"} and "train_adapter" in ran, ran
+    assert summary["model_version"] == "1"
+    metrics = MlflowClient().get_run(summary["run_id"]).data.metrics
+    for split, n in (("train", 24), ("validation", 8), ("test", 4)):
+        assert metrics[f"data.{split}.read"] == n and metrics[f"data.{split}.kept"] == n
+
+    for name, (raw, _) in BROKEN.items():
+        (tmp_path / name).write_bytes(raw)
+    broken = dict(small_data, train=[str(tmp_path / name) for name in sorted(BROKEN)])
+    with pytest.raises(DataError) as caught:
+        finetune(config=tiny_config(broken, tiny_model_dir, "tiny-broken-files"))
+    problems = [x for x in str(caught.value).splitlines() if x.startswith("  - train: ")]
+    assert len(problems) == len(BROKEN) and all(" Fix: " in p for p in problems)
+    assert MlflowClient().search_model_versions("name='tiny-broken-files'") == []
