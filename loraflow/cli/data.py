@@ -95,7 +95,7 @@ def render_report(report, out: Path) -> str:  # noqa: ANN001 - a loraflow.data.D
     lines.append(f"  cleaned by rule:       {_pairs(totals['rules'])}")
     lines.append(f"  cleaned data           {out}/<split>.jsonl")
     lines.append(
-        f"  quarantine             {out}/quarantine/<split>.jsonl (+ .tsv: file:line, why)"
+        f"  quarantine             {out}/quarantine/<split>.jsonl (+ .tsv: file:line or row, why)"
     )
     lines += [f"    {p}" for p in report.problems]
     verdict = "passed" if totals["passed"] else "FAILED: " + "; ".join(report.failures())

@@ -80,7 +80,7 @@ class DataReport(BaseModel):
     sha256: str
     source_sha256: str
     splits: dict[str, SplitCounts]
-    problems: list[str]  # the first quarantined lines, "file:line: detail [reason]"
+    problems: list[str]  # the first quarantined records, "file:line: detail [reason]"
     min_kept_fraction: float
 
     @property
@@ -131,11 +131,12 @@ class DataReport(BaseModel):
             + "\n".join(f"  {f}" for f in failures)
             + f"\nquarantined lines by reason: {totals['reasons']}\n"
             + (shown + (f"\n  ... and {more} more" if more > 0 else "") + "\n" if shown else "")
-            + f"Every quarantined line is in {out_dir}/quarantine/<split>.jsonl, with file:line "
-            "and reason in quarantine/<split>.tsv. Each line must be a JSON object like "
+            + f"Every quarantined record is in {out_dir}/quarantine/<split>.jsonl (one JSON line "
+            "each), with file:line (or file and row N) and reason in quarantine/<split>.tsv. "
+            "Each record must be an object like "
             '{"instruction": "...", "input": "...", "output": "..."} (input may be empty), '
-            '{"messages": [...]} or {"prompt": "...", "completion": "..."}. Fix the lines and '
-            "run again, map other column names with data.columns, or lower "
+            '{"messages": [...]} or {"prompt": "...", "completion": "..."}. Fix the records '
+            "and run again, map other column names with data.columns, or lower "
             "data.min_kept_fraction."
         )
 
