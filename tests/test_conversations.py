@@ -176,3 +176,14 @@ def test_our_alpaca_layout_learns_the_earlier_answers_it_writes_into_the_prompt(
     # the layout writes earlier turns as "role: content" lines: no end-of-turn token of its own
     runs = labelled_runs(tiny, CONVERSATION, template=PromptTemplate(kind="alpaca"))
     assert [r.strip() for r in runs] == [ANSWERS[0], ANSWERS[1], ANSWERS[2] + tiny.eos_token]
+
+
+def test_a_template_without_an_end_of_turn_labels_no_following_token(tiny):
+    # answers followed by the next turn's BOS, never by an end-of-turn: the BOS is not learned
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS / "tiny-tokenizer")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ bos_token + m['role'] + ': ' + m['content'] + '\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ bos_token + 'assistant: ' }}{% endif %}"
+    )
+    runs = labelled_runs(tokenizer, CONVERSATION)
+    assert [r.strip() for r in runs] == [ANSWERS[0], ANSWERS[1], ANSWERS[2] + tokenizer.eos_token]

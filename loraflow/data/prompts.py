@@ -178,10 +178,11 @@ def turn_end(text: str, at: int, specials: list[str]) -> int:
 
 def assistant_spans(
     tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, example: Example,
-    prompt: str, specials: list[str] | None = None,
+    prompt: str, turn_ends: list[str] | None = None,
 ) -> list[tuple[int, int]]:
     """[start, end) character spans, in `prompt` (= render_example of the example), of each
-    earlier assistant turn's content and the end-of-turn token that follows it. Found by
+    earlier assistant turn's content and the end-of-turn token that follows it (one of
+    `turn_ends`, default: any special token). Found by
     rendering the example again with each assistant content replaced by a marker: the
     template's own layout, so any template works that writes the contents unchanged; one that
     changes them (trims, drops or rewrites earlier turns' content) is a TurnTemplateError. A turn
@@ -211,8 +212,8 @@ def assistant_spans(
     if "".join(rebuilt) != prompt:
         raise _changed(template, "changes the content of earlier assistant turns (it trims, "
                        "drops or rewrites them)")
-    specials = special_strings(tokenizer) if specials is None else specials
-    return [(start, turn_end(prompt, end, specials)) for start, end in spans]
+    ends = special_strings(tokenizer) if turn_ends is None else turn_ends
+    return [(start, turn_end(prompt, end, ends)) for start, end in spans]
 
 
 def _changed(template: PromptTemplate, what: str) -> TurnTemplateError:

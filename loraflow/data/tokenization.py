@@ -112,6 +112,10 @@ class Encoder:
         self.pretokens = PretokenEncoder.of(self.backend)
         self.specials = special_strings(tokenizer)
         self.turn_end_token = self._turn_end_token()
+        # what may end an earlier turn: the token the template ends an answer with, else EOS;
+        # never another special token (a BOS or the next turn's start, written after answers
+        # by templates with no end-of-turn of their own)
+        self.turn_ends = [self.turn_end_token or tokenizer.eos_token]
         self.preflight()
 
     def texts(self, examples: list[Example]) -> Texts:
@@ -139,7 +143,7 @@ class Encoder:
                 f"{self.turn_end_token!r} in the base model's tokenizer_config.json, or "
                 "data.train_on=last_turn."
             )
-        return assistant_spans(self.tokenizer, self.template, example, prompt, self.specials)
+        return assistant_spans(self.tokenizer, self.template, example, prompt, self.turn_ends)
 
     def run(self, texts: Texts) -> Ids:
         """The tokenizer's work: (prompt ids, answer ids, label spans) per example."""
