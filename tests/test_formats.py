@@ -210,3 +210,10 @@ def test_a_compressed_file_cut_short_is_named_as_damaged(tmp_path, fmt):
     path.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(DataError, match=rf"{path}:? cannot be decompressed.*damaged or cut short"):
         validate(tmp_path, [str(path)])
+
+
+def test_a_stray_nul_byte_is_one_bad_line_not_a_binary_file(tmp_path):
+    (tmp_path / "train.jsonl").write_bytes(GOOD.encode() + b'{"instruction": "a\x00", "output":')
+    report, out = validate(tmp_path, [str(tmp_path / "train.jsonl")])
+    assert report.splits["train"].reasons == {"not_json": 1}
+    assert report.splits["train"].kept == 5

@@ -163,7 +163,8 @@ def _text_kind(head: bytes) -> str | None:
             return "UTF-16 (little-endian, no byte-order mark)"
         if even > 0.6 and odd < 0.1:
             return "UTF-16 (big-endian, no byte-order mark)"
-        return "binary"
+        if sample.count(0) > max(8, n // 100):  # a stray NUL or two: left to the line checks
+            return "binary"
     control = sum(sample.count(bytes([c])) for c in range(32) if c not in (9, 10, 12, 13))
     if control > 0.1 * len(sample):
         return "binary"
