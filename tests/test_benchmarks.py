@@ -25,3 +25,18 @@ def test_pipeline_bench_times_every_stage_both_ways(tmp_path):
         results["loraflow"]["train"]["real_tokens"] > 0
     assert results["loraflow"]["merge"]["identical"] == "4/4"
     assert "| **whole loop** |" in done.stdout
+
+
+def test_quality_bench_trains_and_scores_each_mode(tmp_path):
+    out = tmp_path / "quality.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "quality_bench.py"), "--small",
+         "--workdir", str(tmp_path / "work"), "--out", str(out)],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    modes = json.loads(out.read_text())["modes"]
+    assert set(modes) == {"base", "fp32"}
+    assert modes["fp32"]["steps"] >= 1 and 0.0 <= modes["fp32"]["exact_match"] <= 1.0
+    assert "json_valid" in modes["base"]
+    assert "| fp32 |" in done.stdout
