@@ -62,17 +62,18 @@ def overrides(model: str, steps: int) -> list[str]:
 
 def plain_pipeline(config_args: list[str]) -> dict[str, float]:
     """The pipeline's library steps with no Prefect and no MLflow; seconds per step."""
+    from loraflow.base_model import load_tokenizer, resolve_base_model
     from loraflow.config import TrainConfig, load_config, loraflow_home
-    from loraflow.data import SPLITS, validate_splits
-    from loraflow.evaluate import ModelSource, evaluate, load_sets, write_result
-    from loraflow.lineage import LINEAGE_FILE, adapter_manifest, sha256_tree
-    from loraflow.merge import merge_adapter
-    from loraflow.model import load_tokenizer, resolve_base_model
-    from loraflow.prompts import prompt_template
-    from loraflow.report import build_report
-    from loraflow.storage import open_store, push_tree
-    from loraflow.tokenization import TokenizeSettings, tokenize_cached, tokenizer_sha256
-    from loraflow.train import EngineConfig
+    from loraflow.data.prompts import prompt_template
+    from loraflow.data.tokenization import TokenizeSettings, tokenize_cached
+    from loraflow.data.validation import SPLITS, validate_splits
+    from loraflow.engine.config import EngineConfig
+    from loraflow.evaluation.evaluate import ModelSource, evaluate, load_sets, write_result
+    from loraflow.evaluation.report import build_report
+    from loraflow.hashing import sha256_tree, tokenizer_sha256
+    from loraflow.release.lineage import LINEAGE_FILE, adapter_manifest
+    from loraflow.release.merge import merge_adapter
+    from loraflow.release.storage import open_store, push_tree
 
     cfg = load_config(None, config_args)
     home = loraflow_home()
@@ -99,8 +100,7 @@ def plain_pipeline(config_args: list[str]) -> dict[str, float]:
     lap("validate_data")
     tokenizer = load_tokenizer(base.path)
     template = prompt_template(cfg.data.template, cfg.data.jinja_template)
-    settings = TokenizeSettings(max_length=cfg.data.max_length, truncation=cfg.data.truncation,
-                                packing=cfg.data.packing, pack_length=cfg.data.pack_length)
+    settings = TokenizeSettings(max_length=cfg.data.max_length, truncation=cfg.data.truncation)
     tokens, _, _ = tokenize_cached(home / "tokenized", work / "data", data.sha256, tokenizer,
                                    tokenizer_sha256(base.path), template, settings)
     lap("tokenize_data")
@@ -110,12 +110,13 @@ def plain_pipeline(config_args: list[str]) -> dict[str, float]:
     engine = EngineConfig(base_path=base.path, data_dir=tokens, output_dir=run, lora=cfg.lora,
                           train=train)
     (run / "engine.json").write_text(engine.model_dump_json())
-    subprocess.run([sys.executable, "-m", "loraflow.train", "--config", str(run / "engine.json")],
+    subprocess.run([sys.executable, "-m", "loraflow.engine", "--config", str(run / "engine.json")],
                    check=True, stdout=subprocess.DEVNULL)
     manifest = adapter_manifest(base.path, base.name, base_sha, lora=cfg.lora.model_dump(),
                                 train=train.model_dump(), data_sha256=data.sha256,
-                                template=cfg.data.template,
-                                chat_template=tokenizer.chat_template)
+                                template=template.model_dump(),
+                                chat_template=tokenizer.chat_template,
+                                base_source=cfg.model.base)
     (run / "adapter" / LINEAGE_FILE).write_text(json.dumps(manifest))
     sha256_tree(run / "adapter")
     lap("train_adapter")

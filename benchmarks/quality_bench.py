@@ -10,7 +10,7 @@ Settings, the same for every mode (the issue's): 3 epochs, packed rows of 1024 x
 LoRA r=8 alpha=32 dropout 0.05 on q_proj/v_proj; data and evaluation as configs/default.yaml
 ships them (chat template, max_length 512; greedy, 96 new tokens, normalize strip + json).
 Library functions only (no Prefect, no MLflow): resolve_base_model, validate_splits,
-tokenize_splits, the engine (`python -m loraflow.train`, as the pipeline starts it) and
+tokenize_splits, the engine (`python -m loraflow.engine`, as the pipeline starts it) and
 evaluate. Every adapter is scored on the unquantized base, as the pipeline's evaluate_tuned
 scores it (and as the merged model ships). --small: a tiny random Llama on CPU, fp32, one epoch,
 four test examples: the same code, so that it cannot rot.
@@ -45,7 +45,7 @@ def settings(small: bool) -> list[str]:
 
 
 def train(base: Path, tokens: Path, out: Path, cfg: Any, precision: str) -> dict[str, Any]:
-    from loraflow.train import EngineConfig
+    from loraflow.engine.config import EngineConfig
 
     train_cfg = cfg.train.model_copy(update={"precision": precision})
     out.mkdir(parents=True, exist_ok=True)
@@ -53,7 +53,7 @@ def train(base: Path, tokens: Path, out: Path, cfg: Any, precision: str) -> dict
                           train=train_cfg)
     (out / "engine.json").write_text(engine.model_dump_json())
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "loraflow.train", "--config", str(out / "engine.json")],
+    subprocess.run([sys.executable, "-m", "loraflow.engine", "--config", str(out / "engine.json")],
                    check=True)
     seconds = time.perf_counter() - start
     result = json.loads((out / "result.json").read_text())
@@ -74,11 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="tiny random Llama on CPU, fp32")
     args = parser.parse_args(argv)
 
+    from loraflow.base_model import load_tokenizer, resolve_base_model
     from loraflow.config import load_config
-    from loraflow.data import SPLITS, validate_splits
-    from loraflow.evaluate import ModelSource, evaluate, load_sets
-    from loraflow.model import load_tokenizer, resolve_base_model
-    from loraflow.tokenization import TokenizeSettings, tokenize_splits
+    from loraflow.data.prompts import prompt_template
+    from loraflow.data.tokenization import TokenizeSettings, tokenize_splits
+    from loraflow.data.validation import SPLITS, validate_splits
+    from loraflow.evaluation.evaluate import ModelSource, evaluate, load_sets
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -103,13 +104,14 @@ def main(argv: list[str] | None = None) -> int:
                                "torch": torch.__version__, "modes": {}}
     report = validate_splits(data, work / "valid", cfg.data, progress=False)
     report.check(work / "valid")
-    tokenize_splits(work / "valid", load_tokenizer(base.path), cfg.data.template,
+    template = prompt_template(cfg.data.template, cfg.data.jinja_template)
+    tokenize_splits(work / "valid", load_tokenizer(base.path), template,
                     TokenizeSettings(max_length=cfg.data.max_length), work / "tokens",
                     progress=False)
     sets = load_sets(cfg.eval, work / "valid" / "test.jsonl")
 
     def score(label: str, adapter: Path | None) -> dict[str, float]:
-        result = evaluate(ModelSource(path=base.path, adapter=adapter), sets, cfg.data.template,
+        result = evaluate(ModelSource(path=base.path, adapter=adapter), sets, template,
                           cfg.eval, label=label)
         return {m: result.metrics[m] for m in METRICS if m in result.metrics} | {
             "eval_s": result.seconds}
