@@ -377,6 +377,11 @@ def table(results: dict[str, Any]) -> list[str]:
     ratio = f"{guide_total / lf_total:.1f}x" if lf_total and guide_total else "-"
     lines.append(f"| **whole loop** | **{lf_total:.1f}** | **{guide_total:.1f}** | **{ratio}** | "
                  "100% |")
+    if lf_total and guide_total:
+        heavy = [s for s in LOOP if s != "train" and s in lf and lf[s]["seconds"] > 0.3 * lf_total]
+        lines.append(f"\ngoals: whole loop >= 10x the guide: {guide_total / lf_total:.1f}x "
+                     f"({'met' if guide_total >= 10 * lf_total else 'NOT met'}); no stage but "
+                     f"train above 30%: {'met' if not heavy else 'NOT met: ' + ', '.join(heavy)}")
     return lines
 
 
