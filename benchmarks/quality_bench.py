@@ -12,7 +12,7 @@ ships them (chat template, max_length 512; greedy, 96 new tokens, normalize stri
 Library functions only (no Prefect, no MLflow): resolve_base_model, validate_splits,
 tokenize_splits, the engine (`python -m loraflow.engine`, as the pipeline starts it) and
 evaluate. Every adapter is scored on the unquantized base, as the pipeline's evaluate_tuned
-scores it (and as the merged model ships). --small: a tiny random Llama on CPU, fp32, one epoch,
+scores it (and as the merged model ships). --small: a tiny random Llama on CPU, fp32, 3 steps,
 four test examples: the same code, so that it cannot rot.
 """
 
@@ -39,7 +39,7 @@ def settings(small: bool) -> list[str]:
               "lora.r=8", "lora.alpha=32", "lora.target_modules=[q_proj,v_proj]",
               "train.eval_every=0", "train.checkpoint_every=0"]
     if small:
-        return [*common, "train.epochs=1", "train.seq_len=256", "eval.limit=4",
+        return [*common, "train.max_steps=3", "train.seq_len=256", "eval.limit=4",
                 "eval.max_new_tokens=16", "train.threads=2"]
     return [*common, "train.epochs=3", "train.seq_len=1024"]
 
