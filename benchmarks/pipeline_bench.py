@@ -21,11 +21,12 @@ then the adapter's lineage manifest, which hashes the base) -> evaluate base and
 The guide, same run, same files: no validation; tokenize = its tokenize() on every example
 (json per line, padding="max_length", max_length=1024; `datasets` is not on the GPU machine,
 so there is no Arrow cache); train = its Trainer recipe (benchmarks/train_bench.run_guide) on
-the same tokenized examples, timed over --guide-steps steps and scaled to the real tokens
-loraflow trained on, plus loading the base; evaluate = its pipeline() loop answering
---guide-prompts prompts one by one with base and with tuned (loraflow's adapter), scaled to all
-test prompts, plus the loads; merge = merge_and_unload + save_pretrained. Scaled figures are
-marked * in the table.
+the same tokenized examples, timed over the workload's guide_steps steps (4) and scaled to the
+real tokens loraflow trained on, plus loading the base; evaluate = its pipeline() loop
+answering guide_prompts prompts (8) one by one with base and with tuned (loraflow's adapter),
+scaled to all test prompts, plus the loads; merge = merge_and_unload + save_pretrained. Every
+guide load is its from_pretrained(device_map="auto"), in bf16 (its recipe's 8-bit loading
+left out, as in train_bench). Scaled figures are marked * in the table.
 
 Each stage's seconds accumulate in WORKDIR/results.json, so the stages can be run in several
 calls on one machine (--stages); the table covers every stage measured so far.
@@ -213,13 +214,15 @@ def lf_train(w: Workload, work: Path, fraction: float) -> dict[str, Any]:
                                 template=ALPACA_TEMPLATE.model_dump(), chat_template=None)
     (run / "adapter" / LINEAGE_FILE).write_text(json.dumps(manifest))
     seconds = time.perf_counter() - start
+    lineage_s = seconds - engine_s  # the manifest hashes the base's weights
     result = json.loads((run / "result.json").read_text())
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     timed = records[2:] or records
     steady = (sum(r["tokens"] for r in timed)
               / max(timed[-1]["elapsed_s"] - (records[1]["elapsed_s"] if len(records) > 2
                                               else 0.0), 1e-9))
-    return {"train": {"seconds": seconds, "engine_s": engine_s, "steps": steps,
+    return {"train": {"seconds": seconds, "engine_s": engine_s, "lineage_s": lineage_s,
+                      "steps": steps,
                       "one_pass_steps": one_pass, "fraction": fraction,
                       "real_tokens": result["tokens"], "first_step_s": records[0]["elapsed_s"],
                       "steady_real_tokens_per_s": steady, "compiled": result.get("compiled"),
@@ -267,12 +270,12 @@ def guide_load(path: Path) -> tuple[Any, float]:
     from transformers import AutoModelForCausalLM
 
     start = time.perf_counter()
-    cuda = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cuda
-                                                 else torch.float32)
-    model = model.to("cuda" if cuda else "cpu")
-    if cuda:
+    if torch.cuda.is_available():  # the guide's device_map="auto"; bf16 as in its recipe here
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
+                                                     device_map="auto")
         torch.cuda.synchronize()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model, time.perf_counter() - start
 
 
