@@ -105,12 +105,16 @@ def reset_memory() -> None:
     torch.cuda.reset_peak_memory_stats()
 
 
-def run_guide(examples: list[tuple[list[int], int]], steps: int) -> dict[str, Any]:
-    """HF Trainer + PEFT, r=8 q/v, pad to 1024, batch 4 x accum 4, checkpointing, bf16."""
+def run_guide(examples: list[tuple[list[int], int]], steps: int,
+              model: torch.nn.Module | None = None, pad_to: int = 1024) -> dict[str, Any]:
+    """HF Trainer + PEFT, r=8 q/v, pad to 1024, batch 4 x accum 4, checkpointing, bf16 (fp32
+    on CPU). `model`: the base to train (default: a random Llama-2-7B built on the GPU);
+    `pad_to` other than 1024 only for the CPU tests' tiny models."""
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    model = build_model("sdpa")
+    model = model if model is not None else build_model("sdpa")
+    cuda = next(model.parameters()).is_cuda
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05,
                                              target_modules=["q_proj", "v_proj"],
                                              task_type="CAUSAL_LM"))
@@ -122,7 +126,7 @@ def run_guide(examples: list[tuple[list[int], int]], steps: int) -> dict[str, An
 
         def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
             ids, _ = examples[i]
-            pad = 1024 - len(ids)
+            pad = pad_to - len(ids)
             input_ids = torch.tensor(ids + [0] * pad)
             mask = torch.tensor([1] * len(ids) + [0] * pad)
             labels = torch.where(mask.bool(), input_ids, -100)
@@ -132,24 +136,27 @@ def run_guide(examples: list[tuple[list[int], int]], steps: int) -> dict[str, An
 
     class Clock(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
             times.append(time.perf_counter())
 
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4,
         gradient_accumulation_steps=4, learning_rate=2e-5, max_steps=steps + 1,
-        lr_scheduler_type="cosine", warmup_steps=0, bf16=True, gradient_checkpointing=True,
+        lr_scheduler_type="cosine", warmup_steps=0, bf16=cuda, gradient_checkpointing=True,
         logging_steps=1000, save_strategy="no", report_to=[], dataloader_drop_last=True,
-        seed=0,
+        seed=0, use_cpu=not cuda,
     )
-    reset_memory()
+    if cuda:
+        reset_memory()
     trainer = Trainer(model=model, args=args, train_dataset=Padded(), callbacks=[Clock()])
     trainer.train()
     per_step = 16
     real = sum(len(examples[i][0]) for i in range(per_step, per_step * (steps + 1)))
     seconds = times[-1] - times[0]  # the first step is warm-up
-    result = {"real_tokens_per_s": real / seconds, "peak_gib": torch.cuda.max_memory_allocated()
-              / 2**30, "padding_share": 1 - real / (per_step * steps * 1024)}
+    result = {"real_tokens_per_s": real / seconds, "seconds_per_step": seconds / steps,
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+              "padding_share": 1 - real / (per_step * steps * pad_to)}
     del trainer, model
     return result
 

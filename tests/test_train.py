@@ -253,3 +253,68 @@ def test_the_engine_learns_on_a_gpu_in_each_mode(tmp_path, tiny_model_dir, token
     assert all(map(math.isfinite, curve)) and min(curve[-3:]) < curve[0]
     assert "preflight: about" in done.stderr
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def count_compilations(monkeypatch):
+    """Swap the engine's compile backend for one that counts the graphs it is given."""
+    import torch._dynamo
+
+    import loraflow.engine.loop as engine
+
+    graphs = []
+
+    def counting(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    monkeypatch.setattr(engine, "COMPILE_BACKEND", counting)
+    torch._dynamo.reset()
+    return graphs
+
+
+@pytest.mark.parametrize("mode", [{"batching": "packed"},
+                                  {"batching": "padded", "gradient_checkpointing": True}],
+                         ids=["whole-decoder-packed", "per-layer-padded"])
+def test_compiling_costs_only_the_first_step_not_validation(
+    tmp_path, tiny_model_dir, tokenized, monkeypatch, mode
+):
+    """train.compile=true: a run of several steps, each validated, compiles the graphs one
+    step without validation does (on an H200 validation used to recompile for 227 s)."""
+    train_set = read_examples(tokenized, "train")
+    val_set = read_examples(tokenized, "validation")
+    counts = []
+    for steps in (1, 3):
+        graphs = count_compilations(monkeypatch)
+        model = add_lora(load_model(tiny_model_dir), LoraSettings())
+        cfg = TrainConfig(max_steps=steps, micro_batch_size=3, seq_len=512, warmup_steps=0,
+                          eval_every=1, compile=True, **mode)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        (tmp_path / f"{steps}").mkdir()
+        result = fit(model, train_set=train_set, val_set=val_set if steps > 1 else [], t=cfg,
+                     out=tmp_path / f"{steps}", pad_id=3, dtype=torch.float32,
+                     packed=mode["batching"] == "packed")
+        assert result["compiled"] is True
+        counts.append(len(graphs))
+    assert counts[0] >= 1
+    assert counts[1] == counts[0], f"steps 2-3 and validation compiled more: {counts}"
+
+
+def test_compile_auto_never_compiles_on_cpu_and_pays_only_on_long_runs(
+    tmp_path, tiny_model_dir, tokenized, monkeypatch
+):
+    from loraflow.engine.loop import compile_pays
+
+    graphs = count_compilations(monkeypatch)
+    model = add_lora(load_model(tiny_model_dir), LoraSettings())
+    cfg = TrainConfig(max_steps=4, micro_batch_size=4, warmup_steps=0)
+    assert cfg.compile == "auto"
+    result = fit(model, train_set=read_examples(tokenized, "train"), val_set=[], t=cfg,
+                 out=tmp_path, pad_id=3, dtype=torch.float32)
+    assert result["compiled"] is False and not graphs
+    # SmolLM2 on an H200: 57 steps left at 0.53 s stay eager; a 7B epoch of 20k examples
+    # (~1,300 steps at ~0.5 s) compiles; fp8 gains twice as much, so compiles sooner.
+    assert not compile_pays(0.53, 57, "bf16")
+    assert compile_pays(0.5, 1300, "bf16")
+    assert not compile_pays(1.0, 300, "bf16") and compile_pays(1.0, 300, "fp8")

@@ -8,6 +8,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,20 @@ from loraflow.engine.distributed import SINGLE, Ranks
 from loraflow.engine.guards import FAULTS, Diverged, SpikeGuard, Watchdog, write_failure
 from loraflow.engine.loss import completion_loss
 
+# torch.compile's backend; the engine's tests count compilations with a backend of their own.
+COMPILE_BACKEND: Any = "inductor"
+# train.compile=auto. Measured on one H200: SmolLM2-135M's first compiled step took 86 s against
+# 16 s eager (~70 s of compiling; the Llama-2-7B decoder has about as many layers, 32 vs 30, and
+# compiles about as long); compiled steps ran 20-28% faster in bf16 (7B packed: 13.9k -> 19.3k
+# tokens/s; SmolLM2 ~0.53 -> ~0.42 s a step), 35% with nf4 and 56% with fp8 (11.4k -> 26.1k).
+# So: the first AUTO_DECIDE_STEPS steps run eagerly and are timed; the run compiles when the
+# remaining steps at that pace x the gain exceed the cost, i.e. >= 6 minutes of eager training
+# left (3 with fp8). SmolLM2's 60 steps (~31 s left after 3) stay eager; a 7B epoch over 20k
+# examples (~6 minutes) is on the line.
+COMPILE_COST_S = 90.0
+COMPILE_GAIN = {"fp8": 0.5}  # share of an eager step's time compiling saves; other modes: 0.25
+AUTO_DECIDE_STEPS = 3
+
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Multiplier of the peak LR at `step` (0-based): linear warmup, then the chosen decay."""
@@ -50,28 +66,68 @@ def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Te
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def validation_batches(
+    examples: list[Encoded], cfg: TrainConfig, packed: bool, pad_id: int
+) -> list[dict[str, Any]]:
+    """The validation examples in the training shapes: micro_batch_size rows a batch (the
+    last filled with empty rows), packed in order into seq_len-wide rows when training packs
+    (attention stays inside each example, so each keeps the loss it has alone). One shape
+    means one compiled flex_attention kernel, not one per batch width."""
+    rows: list[list[Encoded]] = []
+    for example in examples:
+        if packed and rows and (sum(len(ids) for ids, _ in rows[-1]) + len(example[0])
+                                <= cfg.seq_len):
+            rows[-1].append(example)
+        else:
+            rows.append([example])
+    size, batches = cfg.micro_batch_size, []
+    for start in range(0, len(rows), size):
+        chunk = rows[start : start + size]
+        longest = max(sum(len(ids) for ids, _ in row) for row in chunk)
+        batches.append(collate(chunk + [[]] * (size - len(chunk)), pad_id,
+                               max(cfg.seq_len, longest) if packed else longest))
+    return batches
+
+
+@contextmanager
+def uncompiled(decoder: Any) -> Iterator[None]:
+    """Layers compiled one by one (nn.Module.compile, under checkpointing) run eagerly inside
+    this block. Validation runs eagerly: a compiled graph guards on grad mode and on dropout's
+    training flag, so no_grad + eval() would compile a second one (on an H200, SmolLM2's first
+    validation pass took 227 s of recompiling against a training step's 0.5 s)."""
+    saved = [(layer, layer._compiled_call_impl) for layer in decoder.layers]
+    for layer, _ in saved:
+        layer._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for layer, compiled in saved:
+            layer._compiled_call_impl = compiled
+
+
 @torch.no_grad()
 def validation_loss(
     model: PeftModel, examples: list[Encoded], cfg: TrainConfig, pad_id: int, attn_impl: str,
-    dtype: torch.dtype, decoder: Any = None, ranks: Ranks = SINGLE,
+    dtype: torch.dtype, packed: bool = False, ranks: Ranks = SINGLE,
 ) -> float:
-    """Mean loss per answer token over the validation examples (each alone in its row; with
-    several ranks each takes every world_size-th example)."""
+    """Mean loss per answer token over the validation examples, through the uncompiled model
+    (see `uncompiled`); with several ranks each takes every world_size-th batch."""
     model.eval()
     device = next(model.parameters()).device.type
     total, count = torch.zeros((), device=device), 0
-    spare = examples[:1]
+    batches = validation_batches(examples, cfg, packed, pad_id)
     # Under FSDP every forward gathers weights from all ranks: each runs as many as rank 0,
-    # which has the most examples; a rank short of one runs a spare example it does not count.
-    passes = len(examples[:: ranks.world_size])
-    examples = examples[ranks.rank :: ranks.world_size]
-    for start in range(0, passes, cfg.micro_batch_size):
-        rows = [[e] for e in examples[start : start + cfg.micro_batch_size]]
-        batch = to_device(collate(rows or [spare], pad_id), device)
-        n = answer_tokens(batch) if rows else 0
-        with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
-            total += completion_loss(model, batch, n, attn_impl, decoder) * n
-        count += n
+    # which has the most batches; a rank short of one runs a spare batch it does not count.
+    passes = len(batches[:: ranks.world_size])
+    mine = batches[ranks.rank :: ranks.world_size]
+    decoder = model.get_base_model().model
+    with uncompiled(decoder):
+        for index in range(passes):
+            batch = to_device(mine[index] if index < len(mine) else batches[0], device)
+            n = answer_tokens(batch) if index < len(mine) else 0
+            with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
+                total += completion_loss(model, batch, n, attn_impl, decoder) * n
+            count += n
     model.train()
     total_sum, count_sum = distributed.sum_values([float(total), count], ranks)
     return total_sum / max(count_sum, 1)
@@ -89,18 +145,25 @@ def setup_optimizer(
     return optimizer, torch.amp.GradScaler(device, enabled=dtype == torch.float16)
 
 
-def compiled_decoder(model: PeftModel, t: TrainConfig) -> Any:
-    """The decoder the loss calls: compiled as train.compile asks, else as it is."""
+def compiled_decoder(model: PeftModel, t: TrainConfig, packed: bool) -> Any:
+    """The decoder to train with, compiled. Packed rows all have one shape (static kernels);
+    padded micro-batches vary in width, so theirs is compiled once for any width instead of
+    once per width."""
     decoder = model.get_base_model().model
-    if t.compile and t.gradient_checkpointing:
+    dynamic = not packed
+    if t.gradient_checkpointing:
         # Compiling the whole decoder traces through activation checkpointing and keeps what
         # it would recompute (nf4 7B: 16.6 GiB instead of 7.6); compiling each layer inside
-        # its checkpointed call keeps the savings.
+        # its checkpointed call keeps the savings. The layers share one compiled graph.
         for layer in decoder.layers:
-            layer.compile(dynamic=False)
-    elif t.compile:
-        decoder = torch.compile(decoder, dynamic=False)
-    return decoder
+            layer.compile(backend=COMPILE_BACKEND, dynamic=dynamic)
+        return decoder
+    return torch.compile(decoder, backend=COMPILE_BACKEND, dynamic=dynamic)
+
+
+def compile_pays(step_seconds: float, steps_left: int, precision: str) -> bool:
+    """train.compile=auto: would compiling now save more than it costs?"""
+    return step_seconds * steps_left * COMPILE_GAIN.get(precision, 0.25) > COMPILE_COST_S
 
 
 def resume(
@@ -158,7 +221,10 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     distributed.broadcast_parameters(params, ranks)
     optimizer, scaler = setup_optimizer(params, t, device, dtype)
-    decoder = compiled_decoder(model, t)
+    compiled = t.compile is True
+    decoder = compiled_decoder(model, t, packed) if compiled else model.get_base_model().model
+    decide = t.compile == "auto" and device == "cuda"  # never compiles on CPU
+    step_seconds: list[float] = []
     first_step, position, guard_state, t = resume(out, model, optimizer, scaler, t, ranks)
     if ranks.distributed:  # dropout differs between ranks, reproducibly for a given step
         torch.manual_seed(t.seed + 1_000_003 * (ranks.rank + 1) + first_step)
@@ -231,21 +297,35 @@ def fit(
             watchdog.progress(step + 1)
 
             tokens_seen += step_tokens
+            seconds = time.perf_counter() - step_start
             record = {
                 "step": step + 1,
                 "loss": loss,
                 "lr": optimizer.param_groups[0]["lr"],
                 "grad_norm": float(grad_norm),
                 "tokens": step_tokens,
-                "tokens_per_s": step_tokens / (time.perf_counter() - step_start),
+                "tokens_per_s": step_tokens / seconds,
                 "elapsed_s": time.perf_counter() - start,
             }
+            step_seconds.append(seconds)
+            if decide and len(step_seconds) == AUTO_DECIDE_STEPS:
+                decide = False
+                pace = sum(step_seconds[1:]) / (AUTO_DECIDE_STEPS - 1)  # the first warms up
+                left = t.max_steps - step - 1
+                compiled = compile_pays(pace, left, t.precision)
+                if compiled:
+                    decoder = compiled_decoder(model, t, packed)
+                record["compiled"] = compiled
+                ranks.print(f"compile=auto: {left} steps left at {pace:.2f} s (~{pace * left:.0f}"
+                            f" s eager): {'compiling' if compiled else 'not compiling'} (pays "
+                            f"off above ~{COMPILE_COST_S / COMPILE_GAIN.get(t.precision, 0.25):.0f}"
+                            " s)")
             if device == "cuda":
                 record["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             last_step = step + 1 == t.max_steps
             if val_set and ((t.eval_every and (step + 1) % t.eval_every == 0) or last_step):
                 record["val_loss"] = validation_loss(model, val_set, t, pad_id, attn_impl,
-                                                     dtype, decoder, ranks)
+                                                     dtype, packed, ranks)
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             if t.checkpoint_every and ((step + 1) % t.checkpoint_every == 0 or last_step):
@@ -266,6 +346,7 @@ def fit(
         "tokens": tokens_seen,
         "trainable_params": sum(p.numel() for p in params),
         "world_size": ranks.world_size,
+        "compiled": compiled,
     }
 
 

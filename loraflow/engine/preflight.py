@@ -84,9 +84,10 @@ def estimate(config: dict[str, Any], train: TrainConfig, lora: LoraSettings,
     # LoRA weights, gradients and two AdamW moments, all fp32.
     lora_bytes = lora_parameters(config, lora) * 16
     if train.gradient_checkpointing:
-        mode = "checkpointed-compiled" if train.compile else "checkpointed"
+        mode = "checkpointed-compiled" if train.compile is True else "checkpointed"
     else:
-        mode = "compiled" if train.compile else "plain"
+        # compile=auto trains its first steps eagerly: the eager (larger) estimate holds
+        mode = "compiled" if train.compile is True else "plain"
     activations = (tokens_per_micro_batch * config["num_hidden_layers"] * config["hidden_size"]
                    * ACTIVATION_BYTES_PER_HIDDEN[mode])
     return Estimate(weights / GIB, lora_bytes / GIB, activations / GIB, OVERHEAD_GIB)
