@@ -13,10 +13,13 @@ from loraflow.evaluation.generation import (
     CPU_BATCH,
     Decoding,
     Prompt,
+    answer_losses,
     auto_batch_size,
+    common_prefix,
     encode_prompts,
     generate,
     generate_ids,
+    generate_with_losses,
     length_batches,
 )
 
@@ -82,6 +85,21 @@ def test_greedy_answers_equal_plain_generate_on_each_prompt_alone(chatty, compil
         assert got == reference, batch_size
 
 
+def test_one_prompt_forward_gives_the_answers_and_the_losses_of_the_separate_passes(chatty):
+    model, tokenizer = chatty
+    assert common_prefix(encode_prompts(tokenizer, CHAT, PROMPTS)) > 0  # the shared-prefix path
+    expected = ["blue", "a longer expected answer of several words", "x", "1 2 3", ""]
+    decoding = Decoding(max_new_tokens=6)
+    answers, losses = generate_with_losses(
+        model, tokenizer, CHAT, PROMPTS, expected, decoding, 3, compiled=False
+    )
+    assert answers == generate(model, tokenizer, CHAT, PROMPTS, decoding, 1)
+    alone = [answer_losses(model, tokenizer, CHAT, [pair], 1)[0]
+             for pair in zip(PROMPTS, expected, strict=True)]  # fmt: skip
+    assert [n for _, n in losses] == [n for _, n in alone]
+    assert [nll for nll, _ in losses] == pytest.approx([nll for nll, _ in alone], rel=1e-5)
+
+
 def test_min_new_tokens_holds_eos_back_as_generate_does(chatty):
     model, tokenizer = chatty
     encoded = encode_prompts(tokenizer, CHAT, PROMPTS[:3])
@@ -120,3 +138,35 @@ def test_auto_batch_size_on_cpu_is_the_fixed_default_in_even_batches(chatty):
     assert auto_batch_size(model, 100, Decoding(), 64) == CPU_BATCH
     # 20 prompts: two batches of 10, not 16 + 4
     assert auto_batch_size(model, 100, Decoding(), CPU_BATCH + 4) == (CPU_BATCH + 4) // 2
+
+
+def test_the_vllm_backend_without_vllm_names_the_fix(tiny_model_dir, small_data, monkeypatch):
+    from loraflow.config import EvalConfig
+    from loraflow.evaluation import vllm_backend
+    from loraflow.evaluation.evaluate import ModelSource, evaluate, load_sets
+
+    monkeypatch.setattr(vllm_backend, "available", lambda: False)
+    cfg = EvalConfig(backend="vllm", max_new_tokens=2)
+    sets = load_sets(cfg, small_data["test"])
+    with pytest.raises(vllm_backend.BackendError, match="pip install vllm"):
+        evaluate(ModelSource(path=tiny_model_dir), sets, CHAT, cfg)
+
+
+@pytest.mark.gpu
+def test_the_vllm_backend_gives_the_greedy_answers_of_transformers(tiny_model_dir, small_data):
+    pytest.importorskip("vllm")
+    if not torch.cuda.is_available():
+        pytest.skip("vLLM needs a CUDA GPU")
+    from loraflow.config import EvalConfig
+    from loraflow.evaluation.evaluate import ModelSource, evaluate, load_sets
+
+    cfg = EvalConfig(max_new_tokens=8, sets=[{"name": "test", "metrics": ["exact_match"]}])
+    sets = load_sets(cfg, small_data["test"])
+    by_transformers = evaluate(ModelSource(path=tiny_model_dir), sets, CHAT, cfg)
+    by_vllm = evaluate(
+        ModelSource(path=tiny_model_dir), sets, CHAT, cfg.model_copy(update={"backend": "vllm"})
+    )
+    answers = [[r["answer"] for r in res.examples["test"]] for res in (by_transformers, by_vllm)]
+    assert len(answers[1]) == len(sets[0].examples)
+    # the tiny random model in float32 vs vLLM's kernels: most answers agree, near-ties may flip
+    assert sum(a == b for a, b in zip(*answers, strict=True)) >= len(answers[0]) // 2

@@ -30,6 +30,7 @@ from loraflow.evaluation.generation import (
     auto_batch_size,
     encode_prompts,
     generate,
+    generate_with_losses,
 )
 from loraflow.evaluation.metrics import Scorer, summarise
 
@@ -157,8 +158,21 @@ def evaluate(
         name, examples = test_set.cfg.name, test_set.examples
         prompts = [Prompt(instruction=e.instruction, input=e.input) for e in examples]
         batch_size = batch_size_of(cfg, loaded, tokenizer, template, prompts)
+        wants_loss = "loss" in test_set.cfg.metrics
+        losses: list[tuple[float, int]] = []
         if answers_by_set is not None:
             answers = answers_by_set[name]
+        elif wants_loss:  # on CPU one prompt forward serves the answers and the loss
+            answers, losses = generate_with_losses(
+                loaded,
+                tokenizer,
+                template,
+                prompts,
+                [e.output for e in examples],
+                decoding_of(cfg),
+                batch_size,
+                desc=f"{label} answers + loss {name}",
+            )
         else:
             answers = generate(
                 loaded,
@@ -174,8 +188,8 @@ def evaluate(
             for a, e in zip(answers, examples, strict=True)
         ]
         summary = summarise(scores)
-        if "loss" in test_set.cfg.metrics:
-            losses = answer_losses(
+        if wants_loss:
+            losses = losses or answer_losses(
                 loaded,
                 tokenizer,
                 template,

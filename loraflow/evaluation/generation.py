@@ -162,8 +162,24 @@ def generate_ids(
 ) -> list[list[int]]:
     """The new token ids of each prompt (EOS included when it ended the answer), in the order of
     `encoded`. `compiled`: a static, compiled KV cache for greedy decoding (None: on CUDA)."""
+    return _generate(model, tokenizer, encoded, decoding, batch_size, compiled, progress)[0]
+
+
+@torch.no_grad()
+def _generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    encoded: list[list[int]],
+    decoding: Decoding,
+    batch_size: BatchSize = "auto",
+    compiled: bool | None = None,
+    progress: Callable[[int], None] | None = None,
+    targets: list[list[int]] | None = None,
+) -> tuple[list[list[int]], list[tuple[float, int]] | None]:
+    """generate_ids, and with `targets` on the CPU greedy path also (summed NLL, tokens) of each
+    target given its prompt, from the same prompt forward; None where that path does not run."""
     if not encoded:
-        return []
+        return [], [] if targets is not None else None
     model.eval()
     device = next(model.parameters()).device
     size = (
@@ -174,20 +190,28 @@ def generate_ids(
     compiled = device.type == "cuda" if compiled is None else compiled
     cache_len = max(len(e) for e in encoded) + decoding.max_new_tokens  # one for every batch
     out: dict[int, list[int]] = {}
+    fused = targets is not None and decoding.decoding == "greedy" and not compiled
+    losses: dict[int, tuple[float, int]] = {}
     for rows in length_batches(encoded, size):
         batch = [encoded[i] for i in rows]
-        if decoding.decoding == "beam":
+        if fused:
+            new, found = _greedy_dropping_finished(
+                model, tokenizer, batch, decoding, device, [targets[i] for i in rows]
+            )
+            losses |= dict(zip(rows, found, strict=True))
+        elif decoding.decoding == "beam":
             new = _hf_generate(model, tokenizer, batch, decoding, device)
         elif compiled:
             filler = [batch[-1]] * (size - len(batch))  # one shape for every batch: one compile
             new = _hf_generate(model, tokenizer, batch + filler, decoding, device, cache_len)
             new = new[: len(batch)]
         else:
-            new = _greedy_dropping_finished(model, tokenizer, batch, decoding, device)
+            new, _ = _greedy_dropping_finished(model, tokenizer, batch, decoding, device)
         out |= dict(zip(rows, new, strict=True))
         if progress is not None:
             progress(len(rows))
-    return [out[i] for i in range(len(encoded))]
+    ids = [out[i] for i in range(len(encoded))]
+    return ids, [losses[i] for i in range(len(encoded))] if fused else None
 
 
 def _hf_generate(
@@ -263,10 +287,13 @@ def _greedy_dropping_finished(
     batch: list[list[int]],
     decoding: Decoding,
     device: torch.device,
-) -> list[list[int]]:
+    targets: list[list[int]] | None = None,
+) -> tuple[list[list[int]], list[tuple[float, int]]]:
     """Greedy decoding as `model.generate` does it (positions from the mask, a KV cache),
     except that the prompts' common prefix is computed once and a finished row leaves the batch
-    with its KV cache. The cache then holds [prefix | pads | own prompt tokens | answer]."""
+    with its KV cache. The cache then holds [prefix | pads | own prompt tokens | answer].
+    With `targets`, each target's (summed NLL, tokens) given the prompt is taken from the same
+    prompt forward: the target is fed after the prompt, then cut from the cache again."""
     eos = tokenizer.eos_token_id
     cache, shared = _prefilled_cache(model, batch, device)
     step_ids, mask = left_padded([ids[shared:] for ids in batch], tokenizer.pad_token_id, device)
@@ -282,6 +309,8 @@ def _greedy_dropping_finished(
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1].float()
+        if step == 0 and targets is not None:
+            losses = _target_losses(model, logits, cache, attention_mask, targets, tokenizer)
         if step < decoding.min_new_tokens and eos is not None:
             logits[:, eos] = -float("inf")
         tokens = logits.argmax(-1)
@@ -301,7 +330,48 @@ def _greedy_dropping_finished(
             active = [active[row] for row in keep]
         step_ids = tokens[:, None]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], 1)
-    return new
+    return new, losses if targets is not None else []
+
+
+def _target_losses(
+    model: PreTrainedModel,
+    last_logits: torch.Tensor,
+    cache: object,
+    attention_mask: torch.Tensor,
+    targets: list[list[int]],
+    tokenizer: PreTrainedTokenizerBase,
+) -> list[tuple[float, int]]:
+    """(summed NLL, tokens) of each target after its prompt, whose KV cache and last logits the
+    prefill left: the first target token is scored on those logits, the rest by feeding the
+    target (right-padded) after the prompt; the cache is cut back to the prompt afterwards."""
+    device = last_logits.device
+    first = torch.tensor([t[0] for t in targets], device=device)
+    nll = torch.nn.functional.cross_entropy(last_logits, first, reduction="none").tolist()
+    width = max(len(t) for t in targets) - 1
+    if width > 0:
+        feed = torch.full((len(targets), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(targets), width), dtype=torch.long)
+        for row, target in enumerate(targets):
+            feed[row, : len(target) - 1] = torch.tensor(target[:-1], dtype=torch.long)
+            mask[row, : len(target) - 1] = 1
+        full_mask = torch.cat([attention_mask, mask.to(device)], 1)
+        logits = model(
+            input_ids=feed.to(device),
+            attention_mask=full_mask,
+            position_ids=_positions(full_mask, width),
+            past_key_values=cache,
+            use_cache=True,
+        ).logits
+        for row, target in enumerate(targets):  # row by row: one vocabulary-wide float copy
+            rest = torch.tensor(target[1:], dtype=torch.long, device=device)
+            nll[row] += float(
+                torch.nn.functional.cross_entropy(
+                    logits[row, : len(rest)].float(), rest, reduction="sum"
+                )
+            )
+        del logits
+        cache.crop(-width)  # the answers are generated from the prompt alone
+    return [(value, len(t)) for value, t in zip(nll, targets, strict=True)]
 
 
 def _has_stop(tokenizer: PreTrainedTokenizerBase, ids: list[int], stop: list[str]) -> bool:
@@ -332,6 +402,39 @@ def generate(
     with _progress(len(prompts), desc) as update:
         new = generate_ids(model, tokenizer, encoded, decoding, batch_size, compiled, update)
     return answers_of(tokenizer, new, decoding)
+
+
+def generate_with_losses(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    template: PromptTemplate,
+    prompts: list[Prompt],
+    expected: list[str],
+    decoding: Decoding,
+    batch_size: BatchSize = "auto",
+    desc: str = "generate",
+    compiled: bool | None = None,
+) -> tuple[list[str], list[tuple[float, int]]]:
+    """The answers to `prompts` and answer_losses of the `expected` answers. On CPU with greedy
+    decoding one prompt forward serves both (the prompt forwards are most of an evaluation's
+    compute there); elsewhere generate, then answer_losses."""
+    encoded = encode_prompts(tokenizer, template, prompts)
+    targets = [
+        tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        for answer in expected
+    ]
+    with _progress(len(prompts), desc) as update:
+        new, losses = _generate(
+            model, tokenizer, encoded, decoding, batch_size, compiled, update, targets
+        )
+    if losses is None:
+        size = batch_size if batch_size != "auto" else auto_batch_size(
+            model, max(len(e) for e in encoded), decoding, len(encoded)
+        )
+        losses = answer_losses(
+            model, tokenizer, template, list(zip(prompts, expected, strict=True)), size
+        )
+    return answers_of(tokenizer, new, decoding), losses
 
 
 class _progress:
