@@ -190,6 +190,12 @@ def test_mlflow_models_serve_answers_over_http_on_loopback(packaged, mlflow_run,
         with urllib.request.urlopen(request, timeout=60) as response:
             predictions = json.loads(response.read())["predictions"]
         assert len(predictions) == 1 and isinstance(predictions[0], str) and predictions[0]
+        # a list of instruction strings, as MLflow users send it by habit: the same answer
+        body = json.dumps({"inputs": ["Say hi."], "params": {"max_new_tokens": 5}}).encode()
+        request = urllib.request.Request(f"{base}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert json.loads(response.read())["predictions"] == predictions
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

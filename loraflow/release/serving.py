@@ -43,6 +43,7 @@ def prompts_of(model_input: Any) -> list[dict[str, str]]:
         model_input = [model_input]
     rows = []
     for number, item in enumerate(model_input):
+        item = _plain(item)
         if isinstance(item, list) and len(item) == 1:
             item = item[0]
         if isinstance(item, str):
@@ -53,6 +54,14 @@ def prompts_of(model_input: Any) -> list[dict[str, str]]:
         else:
             raise ValueError(f"input row {number}: {item!r} holds no instruction; {INPUT_HELP}")
     return rows
+
+
+def _plain(value: Any) -> Any:
+    """numpy values as Python ones: MLflow's scoring server, with no input schema, hands a
+    JSON record's strings over as 0-d numpy arrays."""
+    if isinstance(value, dict):
+        return {key: _plain(v) for key, v in value.items()}
+    return value.tolist() if hasattr(value, "tolist") else value
 
 
 class TextGenerator(PythonModel):
