@@ -361,6 +361,14 @@ class EvalConfig(Section):
         "holds (KV cache of the longest prompt + max_new_tokens, up to 256); on CPU 64. "
         "Prompts are batched with neighbours in length either way.",
     )
+    @field_validator("batch_size", mode="wrap")
+    @classmethod
+    def _one_batch_size_error(cls, value: Any, handler: Any) -> int | str:
+        try:  # one message for the field, not one per member of the union
+            return handler(value)
+        except ValidationError:
+            raise ValueError("must be a whole number >= 1 or 'auto'") from None
+
     backend: Literal["transformers", "vllm"] = Field(
         "transformers",
         description="What generates the answers: transformers (static compiled KV cache on a "
