@@ -379,7 +379,26 @@ class EvalSetConfig(Section):
 
 class EvalConfig(Section):
     max_new_tokens: int = Field(96, ge=1, le=4096, description="Tokens generated per answer.")
-    batch_size: int = Field(16, ge=1, description="Prompts generated together.")
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description="Prompts generated together. auto: on a GPU as many as its free memory "
+        "holds (KV cache of the longest prompt + max_new_tokens, up to 256); on CPU 64. "
+        "Prompts are batched with neighbours in length either way.",
+    )
+    @field_validator("batch_size", mode="wrap")
+    @classmethod
+    def _one_batch_size_error(cls, value: Any, handler: Any) -> int | str:
+        try:  # one message for the field, not one per member of the union
+            return handler(value)
+        except ValidationError:
+            raise ValueError("must be a whole number >= 1 or 'auto'") from None
+
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="What generates the answers: transformers (static compiled KV cache on a "
+        "GPU; on CPU finished rows leave the batch), or vllm where the vllm package is installed "
+        "(a GPU; greedy or beam, stop strings). The held-out loss is computed by transformers.",
+    )
     limit: int | None = Field(
         None, ge=1, description="Evaluate only the first N examples of each test set."
     )

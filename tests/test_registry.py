@@ -85,13 +85,20 @@ def test_a_registered_version_loads_by_alias_and_generates_text(packaged, mlflow
     client, experiment_id, run_id = mlflow_run
     version = register(client, experiment_id, run_id, packaged, "tiny-pyfunc", {"exact_match": 1})
     loaded = mlflow.pyfunc.load_model("models:/tiny-pyfunc@challenger")
-    assert loaded.metadata.signature.inputs.input_names() == ["instruction", "input"]
     answers = loaded.predict(
         pd.DataFrame({"instruction": ["Say hi.", "Count."], "input": ["", "1 2"]}),
         params={"max_new_tokens": 5},
     )
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     assert any(answers), "greedy generation produced text"
+    # what MLflow users pass by habit gives the same answers: a list of instructions, records,
+    # a one-column DataFrame of instructions
+    five = {"max_new_tokens": 5}
+    assert loaded.predict(["Say hi."], params=five) == answers[:1]
+    assert loaded.predict([{"instruction": "Count.", "input": "1 2"}], params=five) == answers[1:]
+    assert loaded.predict(pd.DataFrame({"prompt": ["Say hi."]}), params=five) == answers[:1]
+    with pytest.raises(Exception, match="holds no instruction"):
+        loaded.predict([{"question": "Say hi."}], params=five)
     # the adapter travels beside the merged model, and the requirements are explicit
     mv = client.get_model_version("tiny-pyfunc", version)
     local = Path(mlflow.artifacts.download_artifacts(f"models:/tiny-pyfunc/{version}"))
@@ -183,6 +190,12 @@ def test_mlflow_models_serve_answers_over_http_on_loopback(packaged, mlflow_run,
         with urllib.request.urlopen(request, timeout=60) as response:
             predictions = json.loads(response.read())["predictions"]
         assert len(predictions) == 1 and isinstance(predictions[0], str) and predictions[0]
+        # a list of instruction strings, as MLflow users send it by habit: the same answer
+        body = json.dumps({"inputs": ["Say hi."], "params": {"max_new_tokens": 5}}).encode()
+        request = urllib.request.Request(f"{base}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert json.loads(response.read())["predictions"] == predictions
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

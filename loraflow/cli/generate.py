@@ -44,7 +44,12 @@ def add_generate_command(commands: argparse._SubParsersAction) -> None:
         choices=["chat", "alpaca"],
         help="override the template recorded with the model",
     )
-    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument(
+        "--batch-size",
+        type=lambda v: v if v == "auto" else int(v),
+        default="auto",
+        help="prompts generated together; auto: by free GPU memory, 64 on CPU",
+    )
     gen.set_defaults(handler=generate_command)
 
 

@@ -23,7 +23,15 @@ from loraflow.base_model import load_model, load_tokenizer
 from loraflow.config import LOWER_IS_BETTER, EvalConfig, EvalSetConfig
 from loraflow.data.prompts import PromptTemplate
 from loraflow.data.records import DataError, read_records
-from loraflow.evaluation.generation import Decoding, Prompt, answer_losses, generate
+from loraflow.evaluation.generation import (
+    Decoding,
+    Prompt,
+    answer_losses,
+    auto_batch_size,
+    encode_prompts,
+    generate,
+    generate_with_losses,
+)
 from loraflow.evaluation.metrics import Scorer, summarise
 
 
@@ -89,6 +97,44 @@ def decoding_of(cfg: EvalConfig) -> Decoding:
     )
 
 
+def evaluation_device() -> tuple[torch.dtype, str]:
+    """bfloat16 on a GPU that has it (what training computes in; half the bytes a decode step
+    reads), else float32."""
+    if torch.cuda.is_available():
+        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), "cuda"
+    return torch.float32, "cpu"
+
+
+def batch_size_of(
+    cfg: EvalConfig, model: Any, tokenizer: Any, template: PromptTemplate, prompts: list[Prompt]
+) -> int:
+    """eval.batch_size, or for auto the size the generation path picks for these prompts."""
+    if cfg.batch_size != "auto":
+        return cfg.batch_size
+    longest = max(len(ids) for ids in encode_prompts(tokenizer, template, prompts))
+    return auto_batch_size(model, longest, decoding_of(cfg), len(prompts))
+
+
+def vllm_answers(
+    model: ModelSource,
+    sets: list[EvalSet],
+    template: PromptTemplate,
+    cfg: EvalConfig,
+    tokenizer: Any,
+) -> dict[str, list[str]]:
+    """Every set's answers from vLLM (eval.backend=vllm), before transformers loads the model
+    for the loss, so the two never hold GPU memory at once."""
+    from loraflow.evaluation import vllm_backend
+
+    prompts = {
+        s.cfg.name: [Prompt(instruction=e.instruction, input=e.input) for e in s.examples]
+        for s in sets
+    }
+    return vllm_backend.generate_sets(
+        model.path, model.adapter, tokenizer, template, prompts, decoding_of(cfg)
+    )
+
+
 def evaluate(
     model: ModelSource,
     sets: list[EvalSet],
@@ -100,7 +146,10 @@ def evaluate(
     start = time.perf_counter()
     scorers = {s.cfg.name: Scorer(s.cfg) for s in sets}  # a broken metric fails before loading
     tokenizer = load_tokenizer(model.path)
-    loaded = load_model(model.path, device="cuda" if torch.cuda.is_available() else "cpu")
+    answers_by_set = (
+        vllm_answers(model, sets, template, cfg, tokenizer) if cfg.backend == "vllm" else None
+    )
+    loaded = load_model(model.path, *evaluation_device())
     if model.adapter is not None:
         loaded = PeftModel.from_pretrained(loaded, model.adapter)
     per_set: dict[str, dict[str, float]] = {}
@@ -108,27 +157,44 @@ def evaluate(
     for test_set in sets:
         name, examples = test_set.cfg.name, test_set.examples
         prompts = [Prompt(instruction=e.instruction, input=e.input) for e in examples]
-        answers = generate(
-            loaded,
-            tokenizer,
-            template,
-            prompts,
-            decoding_of(cfg),
-            cfg.batch_size,
-            desc=f"{label} answers {name}",
-        )
+        batch_size = batch_size_of(cfg, loaded, tokenizer, template, prompts)
+        wants_loss = "loss" in test_set.cfg.metrics
+        losses: list[tuple[float, int]] = []
+        if answers_by_set is not None:
+            answers = answers_by_set[name]
+        elif wants_loss:  # on CPU one prompt forward serves the answers and the loss
+            answers, losses = generate_with_losses(
+                loaded,
+                tokenizer,
+                template,
+                prompts,
+                [e.output for e in examples],
+                decoding_of(cfg),
+                batch_size,
+                desc=f"{label} answers + loss {name}",
+            )
+        else:
+            answers = generate(
+                loaded,
+                tokenizer,
+                template,
+                prompts,
+                decoding_of(cfg),
+                batch_size,
+                desc=f"{label} answers {name}",
+            )
         scores = [
             scorers[name].score(a, e.output, tuple(e.keywords), e.regex)
             for a, e in zip(answers, examples, strict=True)
         ]
         summary = summarise(scores)
-        if "loss" in test_set.cfg.metrics:
-            losses = answer_losses(
+        if wants_loss:
+            losses = losses or answer_losses(
                 loaded,
                 tokenizer,
                 template,
                 [(p, e.output) for p, e in zip(prompts, examples, strict=True)],
-                cfg.batch_size,
+                batch_size,
                 desc=f"{label} loss {name}",
             )
             for row, (nll, n) in zip(scores, losses, strict=True):

@@ -1,17 +1,47 @@
-"""Batched generation, shared by evaluation and inference: one prompt template and one decoding
-configuration, whatever model answers, so base, tuned and champion are asked the same way."""
+"""Batched generation, shared by evaluation, the merge check, `loraflow generate` and the served
+pyfunc model: one prompt template and one decoding configuration, whatever model answers, so
+base, tuned and champion are asked the same way.
+
+How a batch is decoded (greedy answers are the same as plain `model.generate` on each prompt
+alone; tests/test_generation.py checks it):
+- prompts are sorted by length and neighbours batched, so a short prompt is not padded to a long
+  one; answers come back in the order of the prompts;
+- on a CUDA GPU, greedy decoding runs `model.generate` with a static KV cache, which transformers
+  compiles (torch.compile, CUDA graphs): a decode step is then bound by memory bandwidth, not by
+  Python and kernel launches. Every batch has the same shape (the last is padded with copies),
+  so it compiles once;
+- on CPU, greedy decoding drops a row from the batch as soon as it is finished (EOS, a stop
+  string): compute there grows with the rows, and `model.generate` keeps computing finished rows
+  until the longest answer of the batch ends;
+- beam search runs `model.generate` as is.
+
+This module imports only torch, transformers and pydantic (loraflow.data.prompts where prompts
+are rendered): the pyfunc model ships it as its code (loraflow.release.registry.package_model), and
+benchmarks/eval_bench.py runs it on a GPU machine that has no more.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import BaseModel
-from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from loraflow.data.prompts import PromptTemplate, encode_prompt, render_prompt
-from loraflow.data.tokenization import IGNORE_INDEX
+if TYPE_CHECKING:
+    from loraflow.data.prompts import PromptTemplate
+
+BatchSize = int | Literal["auto"]
+# eval.batch_size=auto on CPU: rows leave the batch when finished, so a large batch costs no
+# padded work; measured on SmolLM2-135M, 2 cores: see docs/benchmarks.md.
+CPU_BATCH = 64
+# The most prompts one GPU batch takes when sized from free memory: past ~256 rows a 7B decode
+# step is bound by reading the KV cache, not the weights, and gains little.
+GPU_MAX_BATCH = 256
+# Share of free GPU memory the KV cache and activations of a batch may take (the rest: the
+# compiler's workspace, CUDA graphs, fragmentation).
+GPU_MEMORY_SHARE = 0.6
 
 
 class Prompt(BaseModel):
@@ -26,6 +56,9 @@ class Decoding(BaseModel):
     decoding: Literal["greedy", "beam"] = "greedy"
     num_beams: int = 4
     stop: list[str] = []
+    # Tokens generated before EOS may end an answer (benchmarks on random weights force the
+    # full length with min_new_tokens=max_new_tokens); 0: EOS may come first.
+    min_new_tokens: int = 0
 
 
 def generation_config(decoding: Decoding, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
@@ -33,6 +66,7 @@ def generation_config(decoding: Decoding, tokenizer: PreTrainedTokenizerBase) ->
     never changes how it is evaluated."""
     return GenerationConfig(
         max_new_tokens=decoding.max_new_tokens,
+        min_new_tokens=decoding.min_new_tokens or None,
         do_sample=False,
         num_beams=decoding.num_beams if decoding.decoding == "beam" else 1,
         eos_token_id=tokenizer.eos_token_id,
@@ -47,51 +81,385 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
     return text[: min(cuts)] if cuts else text
 
 
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, prompts: list[Prompt]
+) -> list[list[int]]:
+    """Token ids of each prompt rendered with `template`, exactly as in training."""
+    from loraflow.data.prompts import encode_prompt, render_prompt  # only where prompts are
+
+    return [
+        encode_prompt(
+            tokenizer, template, render_prompt(tokenizer, template, p.instruction, p.input)
+        )
+        for p in prompts
+    ]
+
+
+def kv_bytes_per_token(model: PreTrainedModel) -> int:
+    """Bytes of KV cache one token of context takes (all layers, keys and values)."""
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    itemsize = torch.tensor([], dtype=model.dtype).element_size()
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize
+
+
+def auto_batch_size(
+    model: PreTrainedModel, longest_prompt: int, decoding: Decoding, prompts: int
+) -> int:
+    """Prompts per batch for eval.batch_size=auto: on a GPU as many sequences as the free
+    memory holds (KV cache of the longest context + prefill activations), up to GPU_MAX_BATCH;
+    on CPU, CPU_BATCH. Never more than there are prompts, and batches of even size."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        limit = CPU_BATCH
+    else:
+        free, _ = torch.cuda.mem_get_info(device)
+        config = model.config.get_text_config()
+        itemsize = torch.tensor([], dtype=model.dtype).element_size()
+        rows = decoding.num_beams if decoding.decoding == "beam" else 1
+        context = longest_prompt + decoding.max_new_tokens
+        cache = kv_bytes_per_token(model) * context
+        # prefill: a few hidden-size and MLP-size activations per prompt token, and fp32 logits
+        # of the last position
+        intermediate = getattr(config, "intermediate_size", 4 * config.hidden_size)
+        prefill = longest_prompt * (4 * config.hidden_size + 3 * intermediate) * itemsize
+        per_sequence = rows * (cache + prefill) + 2 * 4 * config.vocab_size
+        limit = max(1, min(GPU_MAX_BATCH, int(free * GPU_MEMORY_SHARE // per_sequence)))
+    batches = -(-prompts // limit)  # ceil
+    return max(1, -(-prompts // batches))
+
+
+def length_batches(encoded: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Indices of the prompts, longest first, in batches of neighbours in length."""
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def left_padded(
+    rows: list[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask, left-padded so every prompt ends where generation starts."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, ids in enumerate(rows):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
 @torch.no_grad()
+def generate_ids(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    encoded: list[list[int]],
+    decoding: Decoding,
+    batch_size: BatchSize = "auto",
+    compiled: bool | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[list[int]]:
+    """The new token ids of each prompt (EOS included when it ended the answer), in the order of
+    `encoded`. `compiled`: a static, compiled KV cache for greedy decoding (None: on CUDA)."""
+    return _generate(model, tokenizer, encoded, decoding, batch_size, compiled, progress)[0]
+
+
+@torch.no_grad()
+def _generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    encoded: list[list[int]],
+    decoding: Decoding,
+    batch_size: BatchSize = "auto",
+    compiled: bool | None = None,
+    progress: Callable[[int], None] | None = None,
+    targets: list[list[int]] | None = None,
+) -> tuple[list[list[int]], list[tuple[float, int]] | None]:
+    """generate_ids, and with `targets` on the CPU greedy path also (summed NLL, tokens) of each
+    target given its prompt, from the same prompt forward; None where that path does not run."""
+    if not encoded:
+        return [], [] if targets is not None else None
+    model.eval()
+    device = next(model.parameters()).device
+    size = (
+        auto_batch_size(model, max(len(e) for e in encoded), decoding, len(encoded))
+        if batch_size == "auto"
+        else batch_size
+    )
+    compiled = device.type == "cuda" if compiled is None else compiled
+    cache_len = max(len(e) for e in encoded) + decoding.max_new_tokens  # one for every batch
+    out: dict[int, list[int]] = {}
+    fused = targets is not None and decoding.decoding == "greedy" and not compiled
+    losses: dict[int, tuple[float, int]] = {}
+    for rows in length_batches(encoded, size):
+        batch = [encoded[i] for i in rows]
+        if fused:
+            new, found = _greedy_dropping_finished(
+                model, tokenizer, batch, decoding, device, [targets[i] for i in rows]
+            )
+            losses |= dict(zip(rows, found, strict=True))
+        elif decoding.decoding == "beam":
+            new = _hf_generate(model, tokenizer, batch, decoding, device)
+        elif compiled:
+            filler = [batch[-1]] * (size - len(batch))  # one shape for every batch: one compile
+            new = _hf_generate(model, tokenizer, batch + filler, decoding, device, cache_len)
+            new = new[: len(batch)]
+        else:
+            new, _ = _greedy_dropping_finished(model, tokenizer, batch, decoding, device)
+        out |= dict(zip(rows, new, strict=True))
+        if progress is not None:
+            progress(len(rows))
+    ids = [out[i] for i in range(len(encoded))]
+    return ids, [losses[i] for i in range(len(encoded))] if fused else None
+
+
+def _hf_generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: list[list[int]],
+    decoding: Decoding,
+    device: torch.device,
+    static_cache_len: int | None = None,
+) -> list[list[int]]:
+    """`model.generate` on one batch; with static_cache_len, on a static KV cache of that
+    length, which transformers compiles on a GPU."""
+    config = generation_config(decoding, tokenizer)
+    if static_cache_len is not None:
+        config.cache_implementation = "static"
+        if hasattr(config, "max_cache_len"):  # transformers >= 5.13: the cache is not re-made
+            config.max_cache_len = static_cache_len
+    input_ids, attention_mask = left_padded(batch, tokenizer.pad_token_id, device)
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        generation_config=config,
+        tokenizer=tokenizer,  # needed by stop strings
+    )
+    return [_until_eos(row, tokenizer.eos_token_id) for row in output[:, input_ids.shape[1] :]]
+
+
+def _until_eos(row: torch.Tensor, eos: int | None) -> list[int]:
+    ids = row.tolist()
+    return ids[: ids.index(eos) + 1] if eos is not None and eos in ids else ids
+
+
+def common_prefix(rows: list[list[int]]) -> int:
+    """Length of the token prefix every row shares (the system prompt and a repeated
+    instruction, typically), leaving each row at least one token of its own."""
+    first, limit = rows[0], min(len(r) for r in rows) - 1
+    n = 0
+    while n < limit and all(r[n] == first[n] for r in rows):
+        n += 1
+    return n
+
+
+def _prefilled_cache(model: PreTrainedModel, rows: list[list[int]], device: torch.device) -> (
+    tuple[object, int]
+):
+    """A DynamicCache holding the rows' common prefix, computed once and repeated per row; and
+    the prefix length. On CPU the prompt forward passes are most of an evaluation's compute,
+    and a test set's prompts share most of their tokens (the template, the instruction)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    shared = common_prefix(rows) if len(rows) > 1 else 0
+    if shared:
+        model(
+            input_ids=torch.tensor([rows[0][:shared]], device=device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache.batch_repeat_interleave(len(rows))
+    return cache, shared
+
+
+def _positions(attention_mask: torch.Tensor, last: int) -> torch.Tensor:
+    """Position ids as `model.generate` derives them from the mask: pads do not count."""
+    positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    return positions[:, -last:]
+
+
+def _greedy_dropping_finished(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: list[list[int]],
+    decoding: Decoding,
+    device: torch.device,
+    targets: list[list[int]] | None = None,
+) -> tuple[list[list[int]], list[tuple[float, int]]]:
+    """Greedy decoding as `model.generate` does it (positions from the mask, a KV cache),
+    except that the prompts' common prefix is computed once and a finished row leaves the batch
+    with its KV cache. The cache then holds [prefix | pads | own prompt tokens | answer].
+    With `targets`, each target's (summed NLL, tokens) given the prompt is taken from the same
+    prompt forward: the target is fed after the prompt, then cut from the cache again."""
+    eos = tokenizer.eos_token_id
+    cache, shared = _prefilled_cache(model, batch, device)
+    step_ids, mask = left_padded([ids[shared:] for ids in batch], tokenizer.pad_token_id, device)
+    attention_mask = torch.cat([mask.new_ones((len(batch), shared)), mask], 1)
+    new: list[list[int]] = [[] for _ in batch]
+    active = list(range(len(batch)))  # row of `batch` for each row still in the tensors
+    for step in range(decoding.max_new_tokens):
+        logits = model(
+            input_ids=step_ids,
+            attention_mask=attention_mask,
+            position_ids=_positions(attention_mask, step_ids.shape[1]),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1].float()
+        if step == 0 and targets is not None:
+            losses = _target_losses(model, logits, cache, attention_mask, targets, tokenizer)
+        if step < decoding.min_new_tokens and eos is not None:
+            logits[:, eos] = -float("inf")
+        tokens = logits.argmax(-1)
+        keep = []
+        for row, token in enumerate(tokens.tolist()):
+            answer = new[active[row]]
+            answer.append(token)
+            stopped = bool(decoding.stop) and _has_stop(tokenizer, answer, decoding.stop)
+            if token != eos and not stopped:
+                keep.append(row)
+        if not keep or step + 1 == decoding.max_new_tokens:
+            break
+        if len(keep) < len(active):
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            tokens, attention_mask = tokens[index], attention_mask[index]
+            active = [active[row] for row in keep]
+        step_ids = tokens[:, None]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], 1)
+    return new, losses if targets is not None else []
+
+
+def _target_losses(
+    model: PreTrainedModel,
+    last_logits: torch.Tensor,
+    cache: object,
+    attention_mask: torch.Tensor,
+    targets: list[list[int]],
+    tokenizer: PreTrainedTokenizerBase,
+) -> list[tuple[float, int]]:
+    """(summed NLL, tokens) of each target after its prompt, whose KV cache and last logits the
+    prefill left: the first target token is scored on those logits, the rest by feeding the
+    target (right-padded) after the prompt; the cache is cut back to the prompt afterwards."""
+    device = last_logits.device
+    first = torch.tensor([t[0] for t in targets], device=device)
+    nll = torch.nn.functional.cross_entropy(last_logits, first, reduction="none").tolist()
+    width = max(len(t) for t in targets) - 1
+    if width > 0:
+        feed = torch.full((len(targets), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(targets), width), dtype=torch.long)
+        for row, target in enumerate(targets):
+            feed[row, : len(target) - 1] = torch.tensor(target[:-1], dtype=torch.long)
+            mask[row, : len(target) - 1] = 1
+        full_mask = torch.cat([attention_mask, mask.to(device)], 1)
+        logits = model(
+            input_ids=feed.to(device),
+            attention_mask=full_mask,
+            position_ids=_positions(full_mask, width),
+            past_key_values=cache,
+            use_cache=True,
+        ).logits
+        for row, target in enumerate(targets):  # row by row: one vocabulary-wide float copy
+            rest = torch.tensor(target[1:], dtype=torch.long, device=device)
+            nll[row] += float(
+                torch.nn.functional.cross_entropy(
+                    logits[row, : len(rest)].float(), rest, reduction="sum"
+                )
+            )
+        del logits
+        cache.crop(-width)  # the answers are generated from the prompt alone
+    return [(value, len(t)) for value, t in zip(nll, targets, strict=True)]
+
+
+def _has_stop(tokenizer: PreTrainedTokenizerBase, ids: list[int], stop: list[str]) -> bool:
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return any(s in text for s in stop)
+
+
+def answers_of(
+    tokenizer: PreTrainedTokenizerBase, new_ids: list[list[int]], decoding: Decoding
+) -> list[str]:
+    """The text of each answer: special tokens dropped, cut before the first stop string."""
+    texts = tokenizer.batch_decode(new_ids, skip_special_tokens=True)
+    return [cut_at_stop(text, decoding.stop).strip() for text in texts]
+
+
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     template: PromptTemplate,
     prompts: list[Prompt],
     decoding: Decoding,
-    batch_size: int,
+    batch_size: BatchSize = "auto",
     desc: str = "generate",
+    compiled: bool | None = None,
 ) -> list[str]:
-    """Answers in the order of `prompts`.
+    """Answers in the order of `prompts`."""
+    encoded = encode_prompts(tokenizer, template, prompts)
+    with _progress(len(prompts), desc) as update:
+        new = generate_ids(model, tokenizer, encoded, decoding, batch_size, compiled, update)
+    return answers_of(tokenizer, new, decoding)
 
-    Prompts are batched longest first (less padding), left-padded so that every prompt ends
-    where generation starts."""
-    model.eval()
-    device = next(model.parameters()).device
-    config = generation_config(decoding, tokenizer)
-    encoded = [
-        encode_prompt(
-            tokenizer, template, render_prompt(tokenizer, template, p.instruction, p.input)
-        )
-        for p in prompts
+
+def generate_with_losses(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    template: PromptTemplate,
+    prompts: list[Prompt],
+    expected: list[str],
+    decoding: Decoding,
+    batch_size: BatchSize = "auto",
+    desc: str = "generate",
+    compiled: bool | None = None,
+) -> tuple[list[str], list[tuple[float, int]]]:
+    """The answers to `prompts` and answer_losses of the `expected` answers. On CPU with greedy
+    decoding one prompt forward serves both (the prompt forwards are most of an evaluation's
+    compute there); elsewhere generate, then answer_losses."""
+    encoded = encode_prompts(tokenizer, template, prompts)
+    targets = [
+        tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        for answer in expected
     ]
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    answers: dict[int, str] = {}
-    with tqdm(total=len(prompts), desc=desc, unit="prompt") as bar:
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in rows)
-            input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for row, i in enumerate(rows):
-                input_ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                attention_mask[row, width - len(encoded[i]) :] = 1
-            output = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                generation_config=config,
-                tokenizer=tokenizer,  # needed by stop strings
-            )
-            texts = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
-            for i, text in zip(rows, texts, strict=True):
-                answers[i] = cut_at_stop(text, decoding.stop).strip()
-            bar.update(len(rows))
-    return [answers[i] for i in range(len(prompts))]
+    with _progress(len(prompts), desc) as update:
+        new, losses = _generate(
+            model, tokenizer, encoded, decoding, batch_size, compiled, update, targets
+        )
+    if losses is None:
+        size = batch_size if batch_size != "auto" else auto_batch_size(
+            model, max(len(e) for e in encoded), decoding, len(encoded)
+        )
+        losses = answer_losses(
+            model, tokenizer, template, list(zip(prompts, expected, strict=True)), size
+        )
+    return answers_of(tokenizer, new, decoding), losses
+
+
+class _progress:
+    """A tqdm bar where tqdm is installed (the served model may run without it)."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        self.total, self.desc, self.bar = total, desc, None
+
+    def __enter__(self) -> Callable[[int], None]:
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc=self.desc, unit="prompt")
+            return self.bar.update
+        except ImportError:
+            return lambda n: None
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 @torch.no_grad()
@@ -104,36 +472,34 @@ def answer_losses(
     desc: str = "loss",
 ) -> list[tuple[float, int]]:
     """(summed negative log-likelihood, tokens) of each expected answer + EOS given its prompt,
-    the same tokens training takes its loss on."""
+    the same tokens training takes its loss on. Like generation, the prompts' common prefix is
+    computed once per batch, and logits are taken only at the last positions (the answers)."""
     model.eval()
     device = next(model.parameters()).device
-    examples = []
-    for prompt, answer in pairs:
-        ids = encode_prompt(
-            tokenizer,
-            template,
-            render_prompt(tokenizer, template, prompt.instruction, prompt.input),
-        )
-        target = tokenizer(answer, add_special_tokens=False)["input_ids"] + [
-            tokenizer.eos_token_id
-        ]
-        examples.append((ids + target, len(ids)))
+    prompts = encode_prompts(tokenizer, template, [p for p, _ in pairs])
+    targets = [
+        tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        for _, answer in pairs
+    ]
     out: list[tuple[float, int]] = []
-    for start in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch", leave=False):
-        batch = examples[start : start + batch_size]
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (ids, prompt_len) in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])
-            mask[row, : len(ids)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-        shifted = labels[:, 1:].to(device)
-        for row in range(len(batch)):  # row by row: one more vocabulary-wide tensor, not B
-            nll = torch.nn.functional.cross_entropy(
-                logits[row, :-1].float(), shifted[row], ignore_index=IGNORE_INDEX, reduction="sum"
-            )
-            out.append((float(nll), int((shifted[row] != IGNORE_INDEX).sum())))
+    for rows in _batches(list(range(len(pairs))), batch_size):
+        cache, shared = _prefilled_cache(model, [prompts[i] for i in rows], device)
+        input_ids, mask = left_padded(
+            [prompts[i][shared:] + targets[i] for i in rows], tokenizer.pad_token_id, device
+        )
+        attention_mask = torch.cat([mask.new_ones((len(rows), shared)), mask], 1)
+        keep = max(len(targets[i]) for i in rows) + 1  # every row's answer ends at the right
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=_positions(attention_mask, input_ids.shape[1]),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=keep,
+        ).logits
+        for row, i in enumerate(rows):  # row by row: one more vocabulary-wide tensor, not B
+            target = torch.tensor(targets[i], device=device)
+            predicting = logits[row, keep - 1 - len(target) : keep - 1].float()
+            nll = torch.nn.functional.cross_entropy(predicting, target, reduction="sum")
+            out.append((float(nll), len(target)))
     return out

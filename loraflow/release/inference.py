@@ -21,7 +21,7 @@ from loraflow.base_model import ModelNotFoundError, load_tokenizer
 from loraflow.config import loraflow_home
 from loraflow.data.prompts import PromptTemplate, TemplateKind
 from loraflow.data.records import read_records
-from loraflow.evaluation.generation import Decoding, Prompt, generate
+from loraflow.evaluation.generation import BatchSize, Decoding, Prompt, generate
 
 Quantization = Literal["none", "8bit", "4bit"]
 LINEAGE_FILE = "loraflow.json"
@@ -184,7 +184,7 @@ def generate_answers(
     decoding: Decoding | None = None,
     quantization: Quantization = "none",
     template: TemplateKind | None = None,
-    batch_size: int = 8,
+    batch_size: BatchSize = "auto",
 ) -> list[str]:
     """Answers to `prompts` from a registered model (models:/...) or a local directory."""
     path = resolve_model(str(model))

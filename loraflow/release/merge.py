@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from loraflow.base_model import load_model, load_tokenizer
 from loraflow.data.prompts import PromptTemplate, encode_prompt, render_prompt
+from loraflow.evaluation.generation import Decoding, generate_ids
 from loraflow.release.lineage import LINEAGE_FILE, check_adapter_matches_base
 
 log = logging.getLogger(__name__)
@@ -131,18 +132,13 @@ def merge_adapter(
     return report
 
 
-@torch.no_grad()
 def _greedy(model: Any, tokenizer: Any, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Prompt + greedy continuation ids, one prompt at a time (no padding to disagree on)."""
-    out = model.generate(
-        input_ids=prompt[None].to(model.device),
-        attention_mask=torch.ones_like(prompt[None]).to(model.device),
-        max_new_tokens=new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+    """Prompt + greedy continuation ids by the generation path evaluation uses, one prompt at a
+    time (no padding to disagree on) and eager (a few short prompts do not pay for a compile)."""
+    [new] = generate_ids(
+        model, tokenizer, [prompt.tolist()], Decoding(max_new_tokens=new_tokens), 1, False
     )
-    return out[0]
+    return torch.tensor(prompt.tolist() + new, device=model.device)
 
 
 @torch.no_grad()

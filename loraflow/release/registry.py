@@ -53,24 +53,26 @@ def package_model(merged_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     from loraflow.data import prompts, records
+    from loraflow.evaluation import generation
     from loraflow.release import serving
 
+    # No input schema: MLflow would then refuse a list of instruction strings before predict
+    # sees it; serving.prompts_of checks every accepted shape and names the fix.
     signature = ModelSignature(
-        inputs=Schema(
-            [ColSpec("string", "instruction"), ColSpec("string", "input", required=False)]
-        ),
+        inputs=None,
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema([ParamSpec("max_new_tokens", "long", serving.MAX_NEW_TOKENS)]),
     )
-    # Only the prompt module and the records it reads travel as code, at their own import
-    # paths (loraflow.data.*): they render prompts exactly as in training, without loraflow.
+    # Only the prompt module, the records it reads and the generation path travel as code, at
+    # their own import paths (loraflow.data.*, loraflow.evaluation.generation): they render
+    # prompts exactly as in training and answer exactly as evaluation does, without loraflow.
     with tempfile.TemporaryDirectory() as tmp:
         code = Path(tmp) / "loraflow"
-        (code / "data").mkdir(parents=True)
-        for package in (code, code / "data"):
+        for package in (code, code / "data", code / "evaluation"):
+            package.mkdir(parents=True, exist_ok=True)
             (package / "__init__.py").write_text("")
-        for module in (records, prompts):
-            shutil.copy(module.__file__, code / "data" / Path(module.__file__).name)
+        for module, folder in ((records, "data"), (prompts, "data"), (generation, "evaluation")):
+            shutil.copy(module.__file__, code / folder / Path(module.__file__).name)
         mlflow.pyfunc.save_model(
             path=str(out_dir),
             python_model=serving.__file__,
