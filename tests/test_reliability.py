@@ -137,7 +137,7 @@ def test_an_adapter_corrupted_in_the_artifact_store_is_refused_before_any_load(
 ):
     s3 = boto3.client("s3", endpoint_url=servers.s3.url)
     loads = []
-    monkeypatch.setattr("loraflow.merge.merge_adapter", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr("loraflow.release.merge.merge_adapter", lambda *a, **k: loads.append(a))
 
     def corrupt(run_id: str, adapter: Adapter | None) -> None:
         if adapter is None:
