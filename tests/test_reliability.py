@@ -161,7 +161,7 @@ def test_an_adapter_corrupted_in_the_artifact_store_is_refused_before_any_load(
 def test_the_tracking_server_restarted_during_register_registers_the_version_once(
     prefect_server, servers, tiny_model_dir, tmp_path  # noqa: F811
 ):
-    from loraflow import registry
+    from loraflow.release import registry
 
     timings = {}
 
