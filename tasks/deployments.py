@@ -83,9 +83,9 @@ def train_on_gpu_pool(
     for attempt in range(1, CRASH_ATTEMPTS + 1):
         # One run a machine; they meet at train.rdzv_endpoint, so all must start before any
         # can finish: start them all (timeout=0), then wait for each.
-        runs = [wait_until_final(run_deployment(TRAIN_DEPLOYMENT, parameters=parameters,
-                                                as_subflow=True, timeout=0).id)
-                for _ in range(train.nodes)]
+        started = [run_deployment(TRAIN_DEPLOYMENT, parameters=parameters, as_subflow=True,
+                                  timeout=0) for _ in range(train.nodes)]
+        runs = [wait_until_final(flow_run.id) for flow_run in started]
         crashed = [r for r in runs if r.state is not None and r.state.is_crashed()]
         if not crashed or attempt == CRASH_ATTEMPTS:
             break
