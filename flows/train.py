@@ -55,7 +55,8 @@ def train(
                 "machine); pin the source (a path or revision) both machines see alike"
             )
         base = local
-    adapter = train_adapter(tokens=tokens, base=base, lora=lora, train=train, run_id=run_id)
+    adapter = train_adapter(tokens=tokens, base=base, lora=lora, train=train, run_id=run_id,
+                            share_checkpoints=True)
     if adapter is not None:
         MlflowClient().set_tag(run_id, ADAPTER_TAG, adapter.model_dump_json())
     return adapter

@@ -14,3 +14,6 @@ if [ -n "${GPU_SLOTS:-}" ]; then
   prefect --no-prompt work-pool set-concurrency-limit gpu "$GPU_SLOTS"
 fi
 prefect --no-prompt deploy --all --prefect-file "${PREFECT_FILE:-prefect.yaml}"
+# Runs whose machine died are marked Crashed (and training is started again): see the file.
+COLUMNS=250 prefect --no-prompt automation ls | grep -q crash-zombie-flow-runs \
+  || prefect --no-prompt automation create --from-file infra/automations.yaml

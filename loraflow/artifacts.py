@@ -10,6 +10,11 @@ from loraflow.data.prompts import PromptTemplate
 from loraflow.data.tokenization import TokenizeReport
 
 
+class ArtifactIntegrityError(RuntimeError):
+    """Stored bytes no longer hash to the SHA-256 their reference recorded (corrupted or
+    replaced in the artifact store): refused before anything loads them."""
+
+
 class ArtifactRef(BaseModel):
     uri: str
     sha256: str

@@ -238,7 +238,13 @@ class TrainConfig(Section):
     )
     eval_every: int = Field(0, ge=0, description="Validation loss every N steps (0: at the end).")
     checkpoint_every: int = Field(
-        0, ge=0, description="Save a resumable checkpoint every N steps (0: never)."
+        0, ge=0, description="Save a resumable checkpoint every N steps, and at the last "
+        "(0: by time only)."
+    )
+    checkpoint_minutes: float = Field(
+        15.0, ge=0.0, description="Also save one when this many minutes have passed since the "
+        "last checkpoint (or the start): a killed run loses at most this much training. A run "
+        "shorter than that writes none (0: by steps only)."
     )
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept; older ones are removed.")
     spike_factor: float = Field(

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from loraflow.config import loraflow_home
 
+EPHEMERAL_STARTUP_SECONDS = 180
+
 
 def configure(home: Path | None = None) -> Path:
     home = Path(home) if home else loraflow_home()
@@ -22,6 +24,13 @@ def configure(home: Path | None = None) -> Path:
         "PREFECT_HOME": str(home / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        # The temporary server `loraflow run` starts when no PREFECT_API_URL is set: Prefect
+        # waits 20 s for it, which a loaded 2-core machine missed (cli.run.start_prefect says
+        # what to do when even this is not enough).
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": str(EPHEMERAL_STARTUP_SECONDS),
+        # A Prefect server restarted mid-run: its API calls wait up to ~4 min (2 + 4 + ... +
+        # 128 s) for it to come back instead of ~1 min (Prefect's 5 tries).
+        "PREFECT_CLIENT_MAX_RETRIES": "7",
         "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "true",

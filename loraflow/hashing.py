@@ -22,15 +22,17 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def sha256_tree(path: Path) -> str:
-    """Hash of a file, or of a directory's relative file names and their bytes."""
+def sha256_tree(path: Path, cached: bool = True) -> str:
+    """Hash of a file, or of a directory's relative file names and their bytes. cached=False
+    reads every byte again (an integrity check must not trust an unchanged mtime)."""
     path = Path(path)
     if path.is_file():
         return sha256_file(path)
     digest = hashlib.sha256()
+    hash_file = sha256_file_cached if cached else sha256_file  # base weights: once a process
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        digest.update(sha256_file_cached(file).encode())  # base weights: hashed once a process
+        digest.update(hash_file(file).encode())
     return digest.hexdigest()
 
 

@@ -20,6 +20,7 @@ MODEL_TAG = "loraflow.model_name"  # the registered model it was for
 SKIPPED_TAG = "loraflow.skipped"  # why a run stopped early
 ADAPTER_TAG = "loraflow.adapter"  # the Adapter reference (JSON), set by the train flow
 TRAIN_DEPLOYMENT = "train/train"
+CRASH_ATTEMPTS = 3  # training runs started when the previous one crashed (a worker died)
 
 
 class RemoteTrainingError(RuntimeError):
@@ -79,14 +80,22 @@ def train_on_gpu_pool(
         "gpus_per_node": train.gpus_per_node,
         "nodes": train.nodes,
     }
-    # One run a machine; they meet at train.rdzv_endpoint, so all must start before any can
-    # finish: start them all (timeout=0), then wait for each.
-    runs = [run_deployment(TRAIN_DEPLOYMENT, parameters=parameters, as_subflow=True,
-                           timeout=0 if train.nodes > 1 else None)
-            for _ in range(train.nodes)]
+    for attempt in range(1, CRASH_ATTEMPTS + 1):
+        # One run a machine; they meet at train.rdzv_endpoint, so all must start before any
+        # can finish: start them all (timeout=0), then wait for each.
+        started = [run_deployment(TRAIN_DEPLOYMENT, parameters=parameters, as_subflow=True,
+                                  timeout=0) for _ in range(train.nodes)]
+        runs = [wait_until_final(flow_run.id) for flow_run in started]
+        crashed = [r for r in runs if r.state is not None and r.state.is_crashed()]
+        if not crashed or attempt == CRASH_ATTEMPTS:
+            break
+        # A machine died (its runs stopped sending heartbeats; infra/automations.yaml marks
+        # them Crashed): start again; a worker that takes it resumes from the checkpoint the
+        # dead one shared through the MLflow run (tasks.model.share_checkpoint).
+        print(f"loraflow: training flow run {crashed[0].name} crashed ({crashed[0].state.message}"
+              f"); attempt {attempt + 1} of {CRASH_ATTEMPTS} resumes from its last shared "
+              "checkpoint", flush=True)
     for flow_run in runs:
-        if train.nodes > 1:
-            flow_run = wait_until_final(flow_run.id)
         if flow_run.state is None or not flow_run.state.is_completed():
             state = flow_run.state.name if flow_run.state else "unknown"
             raise RemoteTrainingError(

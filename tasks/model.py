@@ -4,10 +4,12 @@ loraflow.engine.launch), evaluate, merge."""
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from mlflow import MlflowClient
 from prefect import task
 from prefect.utilities.hashing import hash_objects
 
@@ -29,6 +31,7 @@ from loraflow.config import (
     loraflow_home,
 )
 from loraflow.data.prompts import PromptTemplate
+from loraflow.engine.checkpoints import latest_checkpoint
 from loraflow.engine.config import EngineConfig
 from loraflow.engine.launch import TrainingCrashed, TrainingOOM, after_oom, launch
 from loraflow.evaluation import evaluate
@@ -38,6 +41,7 @@ from loraflow.release.lineage import LINEAGE_FILE, adapter_manifest
 from tasks.caching import CONTENT, fingerprint
 from tasks.tracking import (
     fetch,
+    fetch_verified,
     log_dir,
     log_metric_records,
     log_metrics,
@@ -70,10 +74,19 @@ def prepare_base_model(source: str) -> BaseModelRef:
 
 @task(cache_policy=CONTENT, retries=2, retry_condition_fn=retry_training)
 def train_adapter(
-    tokens: TokenizedData, base: BaseModelRef, lora: LoraSettings, train: TrainConfig, run_id: str
+    tokens: TokenizedData,
+    base: BaseModelRef,
+    lora: LoraSettings,
+    train: TrainConfig,
+    run_id: str,
+    share_checkpoints: bool = False,
 ) -> Adapter | None:
     """Run the training engine as its own process (torchrun for several GPUs or machines);
-    relay its metrics; log the adapter. None on a machine that trained without rank 0."""
+    relay its metrics; log the adapter. None on a machine that trained without rank 0.
+
+    share_checkpoints: also upload each new checkpoint to the MLflow run, and start from the
+    one found there when this machine has none: a run retried on another worker after its
+    machine died resumes instead of starting over (the train deployment sets it)."""
     # The run's identity leaves out where it runs: a retry or rerun on another GPU count
     # resumes the same run directory's checkpoints.
     key = sha256_json([tokens.sha256, base.sha256, lora.model_dump(),
@@ -81,10 +94,14 @@ def train_adapter(
     run_dir = loraflow_home() / "runs" / key[:16]
     run_dir.mkdir(parents=True, exist_ok=True)
     train = after_oom(train, run_dir)
-    engine = EngineConfig(base_path=base.path, base_source=base.source, data_dir=fetch(tokens.uri),
-                          output_dir=run_dir, lora=lora, train=train)
+    engine = EngineConfig(base_path=base.path, base_source=base.source,
+                          data_dir=fetch_verified(tokens, "tokenized data"), output_dir=run_dir,
+                          lora=lora, train=train)
+    if share_checkpoints:
+        restore_shared_checkpoint(run_dir, run_id)
     result = launch(engine, key[:16], run_id,
-                    lambda records: log_metric_records(run_id, records, prefix="train."))
+                    lambda records: log_metric_records(run_id, records, prefix="train."),
+                    (lambda: share_checkpoint(run_dir, run_id)) if share_checkpoints else None)
     if result is None:  # a machine without rank 0: the adapter is on rank 0's machine
         return None
     log_params(run_id, {"train.run_dir": run_dir})  # rank 0's machine (a failure names it)
@@ -109,6 +126,49 @@ def train_adapter(
     return Adapter(uri=uri, sha256=sha256_tree(adapter_dir), result=result)
 
 
+SHARED_CHECKPOINTS = "train/checkpoints"  # in the MLflow run: step-N/ and latest.json
+
+
+def share_checkpoint(run_dir: Path, run_id: str) -> None:
+    """Upload the engine's newest checkpoint to the MLflow run once, then latest.json naming
+    it: a checkpoint is only ever named after all its files are stored."""
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    mark = run_dir / "shared.json"
+    shared = json.loads(mark.read_text()) if mark.is_file() else {}
+    if latest is None or shared == {"run_id": run_id, "name": latest.name}:
+        return
+    try:
+        log_dir(run_id, latest, f"{SHARED_CHECKPOINTS}/{latest.name}")
+    except FileNotFoundError:  # the engine's retention removed it mid-upload: a newer one exists
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        pointer = Path(tmp) / "latest.json"
+        pointer.write_text(json.dumps({"name": latest.name}))
+        MlflowClient().log_artifact(run_id, str(pointer), SHARED_CHECKPOINTS)
+    mark.write_text(json.dumps({"run_id": run_id, "name": latest.name}))
+
+
+def restore_shared_checkpoint(run_dir: Path, run_id: str) -> Path | None:
+    """With no checkpoint of its own, put the MLflow run's shared one (if any) where the engine
+    resumes from it; its path, or None."""
+    if latest_checkpoint(run_dir / "checkpoints") is not None:
+        return None  # this machine's own is at least as new
+    client = MlflowClient()
+    if not any(a.path.endswith("latest.json") for a in client.list_artifacts(run_id,
+                                                                            SHARED_CHECKPOINTS)):
+        return None
+    pointer = fetch(f"{client.get_run(run_id).info.artifact_uri}/{SHARED_CHECKPOINTS}/latest.json")
+    name = json.loads(pointer.read_text())["name"]
+    source = fetch(f"{client.get_run(run_id).info.artifact_uri}/{SHARED_CHECKPOINTS}/{name}")
+    target = run_dir / "checkpoints" / name
+    staging = target.with_name(f".{name}.partial")  # not step-*: never taken for a checkpoint
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    staging.rename(target)
+    print(f"loraflow: resuming from checkpoint {name}, shared by an earlier attempt", flush=True)
+    return target
+
+
 @task(cache_policy=CONTENT)
 def evaluate_model(
     model: BaseModelRef | Champion,
@@ -124,7 +184,8 @@ def evaluate_model(
     `model` is the base model, or a registered model's artifacts (the champion)."""
     label = label or ("base" if adapter is None else "tuned")
     path = model.path if isinstance(model, BaseModelRef) else fetch(model.uri)
-    source = evaluate.ModelSource(path=path, adapter=fetch(adapter.uri) if adapter else None)
+    adapter_dir = fetch_verified(adapter, "adapter") if adapter else None
+    source = evaluate.ModelSource(path=path, adapter=adapter_dir)
     sets = evaluate.load_sets(cfg, fetch(data.uri) / "test.jsonl")
     result = evaluate.evaluate(source, sets, template, cfg, label=label)
     log_metrics(run_id, {f"{label}.{k}": v for k, v in result.metrics.items()})
@@ -145,7 +206,7 @@ def merge_adapter(
 ) -> MergedModel:
     """Check lineage, fold the adapter into the base, check greedy answers; log the merged
     model once, as an MLflow pyfunc model (READY only when every file is stored)."""
-    adapter_dir = fetch(adapter.uri)
+    adapter_dir = fetch_verified(adapter, "adapter")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "model"
         report = merge.merge_adapter(

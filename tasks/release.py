@@ -19,7 +19,7 @@ from loraflow.release import registry
 from loraflow.release.lineage import LINEAGE_FILE
 from loraflow.release.storage import open_store, push_tree
 from tasks.caching import CONTENT
-from tasks.tracking import fetch, log_metrics, log_params
+from tasks.tracking import fetch, fetch_verified, log_metrics, log_params
 
 TRANSIENT = (OSError, ConnectionError, BotoCoreError, ClientError, MlflowException)
 
@@ -96,7 +96,7 @@ def push_model(
         cfg.multipart_threshold_mb,
         cfg.multipart_chunk_mb,
     )
-    dirs = {"model": fetch(model.uri), "adapter": fetch(adapter.uri)}
+    dirs = {"model": fetch(model.uri), "adapter": fetch_verified(adapter, "adapter")}
     total = sum(p.stat().st_size for d in dirs.values() for p in Path(d).rglob("*") if p.is_file())
     with tqdm(total=total, desc="push", unit="B", unit_scale=True) as bar:
         pushed = push_tree(

@@ -12,8 +12,9 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
+from loraflow.artifacts import ArtifactIntegrityError, ArtifactRef
 from loraflow.config import PipelineConfig, loraflow_home
-from loraflow.hashing import code_version
+from loraflow.hashing import code_version, sha256_tree
 from loraflow.release import registry
 
 BATCH = 1000  # MLflow's log_batch limit for metrics
@@ -91,6 +92,20 @@ def fetch(uri: str) -> Path:
     if uri.startswith("file://"):
         return Path(uri.removeprefix("file://"))
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp()))
+
+
+def fetch_verified(ref: ArtifactRef, what: str) -> Path:
+    """fetch(ref.uri), refused unless its files hash to ref.sha256 (a tree hash): a file
+    corrupted or swapped in the artifact store is caught before anything loads it."""
+    path = fetch(ref.uri)
+    actual = sha256_tree(path, cached=False)
+    if actual != ref.sha256:
+        raise ArtifactIntegrityError(
+            f"the {what} at {ref.uri} hashes to {actual[:12]}, not the {ref.sha256[:12]} "
+            "recorded when it was made: it was changed in the artifact store, and nothing "
+            "loaded it. Fix: re-run the step that made it (or restore the artifact store)."
+        )
+    return path
 
 
 def log_model_package(run_id: str, package_dir: Path) -> tuple[str, str]:

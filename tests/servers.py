@@ -26,7 +26,7 @@ class Server:
         self.url = f"http://127.0.0.1:{port}"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, ready_path: str = "/", timeout: float = 60.0) -> Server:
+    def start(self, ready_path: str = "/", timeout: float = 180.0) -> Server:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 self.args,

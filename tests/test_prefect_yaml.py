@@ -52,6 +52,23 @@ def test_pipeline_and_train_deployments_sit_on_their_pools():
     for deployment in found.values():  # the shared env reaches every job
         env = deployment["work_pool"]["job_variables"]["env"]
         assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+        # heartbeats for the automation that marks a dead machine's runs Crashed; retries
+        # that ride out a Prefect server restart (docs/reliability.md)
+        assert env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
+        assert int(env["PREFECT_CLIENT_MAX_RETRIES"]) >= 7
+
+
+def test_the_automation_that_crashes_silent_runs_is_valid_and_outlasts_three_heartbeats():
+    import yaml
+    from prefect.events.schemas.automations import AutomationCore
+
+    spec = yaml.safe_load((ROOT / "infra" / "automations.yaml").read_text())
+    (automation,) = [AutomationCore.model_validate(a) for a in spec["automations"]]
+    assert automation.name == "crash-zombie-flow-runs"
+    assert automation.trigger.posture == "Proactive"
+    assert automation.trigger.within.total_seconds() >= 3 * 30  # three missed heartbeats
+    assert automation.actions[0].type == "change-flow-run-state"
+    assert "crash-zombie-flow-runs" in (ROOT / "infra" / "deploy.sh").read_text()
 
 
 @pytest.mark.parametrize("name", ["finetune", "train"])

@@ -157,6 +157,54 @@ def test_a_killed_run_resumes_from_its_checkpoint_on_the_same_loss_curve(
     assert len(list((cut / "checkpoints").glob("step-*"))) == 2  # retention
 
 
+def test_checkpoints_are_on_by_default_and_a_run_killed_by_process_group_resumes_by_time(
+    tmp_path, tiny_model_dir, tokenized
+):
+    """The default config checkpoints by time (no checkpoint_every needed). With a short
+    interval, killing the engine's whole process group mid-run and starting it again resumes
+    from the last time checkpoint and ends on the same losses as a run never killed."""
+    assert TrainConfig().checkpoint_minutes == 15.0 and TrainConfig().checkpoint_every == 0
+    settings = {"max_steps": 16, "batching": "packed", "seq_len": 512, "checkpoint_every": 0}
+    whole, command = engine_run(tmp_path, tiny_model_dir, tokenized, "whole",
+                                checkpoint_minutes=0, **settings)
+    from loraflow.engine.run import train
+
+    train(EngineConfig.model_validate_json(Path(command[-1]).read_text()))  # in this process
+    assert not (whole / "checkpoints").exists()  # neither rule on: none taken
+
+    # 0.001 min = 60 ms: longer than a few of the tiny model's steps, so not at every step
+    cut, command = engine_run(tmp_path, tiny_model_dir, tokenized, "cut",
+                              checkpoint_minutes=0.001, **settings)
+    process = subprocess.Popen(command, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list((cut / "checkpoints").glob("step-*")) or len(losses(cut)) < 6:
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # the whole group, as a crashed worker would lose it
+    process.wait()
+    assert not (cut / "adapter").exists()
+    taken = sorted(int(p.name.split("-")[1]) for p in (cut / "checkpoints").glob("step-*"))
+    assert taken and taken[-1] < 16
+
+    resumed = subprocess.run(command, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stderr
+    assert json.loads((cut / "result.json").read_text())["resumed_from"] >= taken[-1]
+    assert losses(cut) == pytest.approx(losses(whole), rel=1e-4)
+
+
+def test_the_time_rule_waits_for_the_interval_and_skips_the_last_step():
+    from loraflow.engine.checkpoints import checkpoint_due
+
+    by_time = TrainConfig(checkpoint_minutes=15)
+    assert not checkpoint_due(by_time, 7, False, 14.9 * 60)
+    assert checkpoint_due(by_time, 8, False, 15 * 60)
+    assert not checkpoint_due(by_time, 40, True, 60 * 60)  # the adapter is saved anyway
+    by_steps = TrainConfig(checkpoint_every=10, checkpoint_minutes=0)
+    assert [s for s in range(1, 26) if checkpoint_due(by_steps, s, s == 25, 1e9)] == [10, 20, 25]
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     tmp_path, tiny_model_dir, tokenized
 ):

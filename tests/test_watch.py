@@ -32,6 +32,9 @@ def test_a_file_lands_once_when_its_size_is_stable(tmp_path: Path):
     (inbox / "notes.txt").write_text("ignored: not *.jsonl")
     (inbox / ".hidden.jsonl").write_text("ignored: hidden (an upload in progress)")
     assert collect(again) == [] and collect(again) == []
+    copies = []
+    assert again.poll(lambda landed: None, lambda landed, first: copies.append(first)) == []
+    assert copies == [] and again.state["copies"] == {str(inbox / "copy.jsonl"): str(data)}
     # changed bytes are new data
     data.write_text('{"instruction": "new", "output": "data"}\n')
     assert collect(again) == []

@@ -7,12 +7,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from loraflow.artifacts import ArtifactIntegrityError
 from loraflow.base_model import ModelNotFoundError
 from loraflow.config import ConfigError, load_config
 from loraflow.data.records import DataError
 from loraflow.environment import configure
+from loraflow.staging import DiskFullError
 
-USER_ERRORS = (ConfigError, DataError, ModelNotFoundError)  # a message and exit 1, no traceback
+# a message and exit 1, no traceback
+USER_ERRORS = (ConfigError, DataError, ModelNotFoundError, DiskFullError, ArtifactIntegrityError)
 
 
 def add_run_command(commands: argparse._SubParsersAction) -> None:
@@ -34,6 +37,10 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"loraflow: {exc}", file=sys.stderr)
         return 2
     configure()
+    problem = start_prefect()
+    if problem:
+        print(f"loraflow: {problem}", file=sys.stderr)
+        return 1
     from flows.finetune import finetune  # imports prefect/mlflow after the env is set
 
     try:
@@ -42,3 +49,36 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"\nloraflow: the run stopped, nothing was registered:\n{exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def start_prefect() -> str | None:
+    """With no PREFECT_API_URL, start Prefect's temporary server now, before the flow, so that
+    a start that times out (a loaded machine) is one message saying what to do instead of
+    Prefect's traceback from inside the flow. None when it answers (or a server is set)."""
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    )
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return None  # a real server, or Prefect's own error that one is needed
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the one the flow's client takes (Prefect keeps one)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        if "ephemeral Prefect API server" not in str(exc):
+            raise
+        server.stop()  # a failed start leaves its process behind
+        waited = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        return (
+            f"Prefect's temporary server did not answer within {waited} s "
+            "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS), usually because the machine "
+            "is busy; nothing ran. Fix: start a Prefect server that stays up (`make "
+            "ui-prefect`, or `prefect server start`), then `export "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api` and run again; or raise "
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS."
+        )
+    return None

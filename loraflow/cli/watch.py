@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import uuid
 
 from loraflow.environment import configure
+
+EVENT_NAMESPACE = uuid.UUID("6f1c8a52-3b8e-4c57-9a51-0c6f2f4d7e10")  # loraflow.data.landed ids
 
 
 def add_watch_command(commands: argparse._SubParsersAction) -> None:
@@ -27,8 +30,12 @@ def add_watch_command(commands: argparse._SubParsersAction) -> None:
 
 
 def watch_command(args: argparse.Namespace) -> int:
+    """Poll until stopped. SIGTERM or SIGINT stop it between polls, with the state saved. Each
+    event's id derives from the file's SHA-256: an event sent again (a watcher killed after
+    sending, before saving) is the same event, which Prefect's triggers act on once."""
     import os
-    import time
+    import signal
+    import threading
 
     from loraflow.data.watch import DATA_LANDED, Watcher, as_payload, state_path
 
@@ -51,10 +58,18 @@ def watch_command(args: argparse.Namespace) -> int:
                 "loraflow.data.uri": landed.uri,
             },
             payload=as_payload(landed),
+            id=uuid.uuid5(EVENT_NAMESPACE, landed.sha256),
         )
         if event is None:
             raise RuntimeError(f"Prefect did not take the event for {landed.uri}")
+        # Sent before poll() marks the file seen: a watcher killed from here on does not
+        # lose the event (killed before it, it sends the same event again on restart).
+        EventsWorker.drain_all(timeout=30)
         print(f"landed {landed.uri} sha256 {landed.sha256[:12]} -> event {event.id}", flush=True)
+
+    def copied(landed, first: str) -> None:  # noqa: ANN001 - a loraflow.data.watch.Landed
+        print(f"skipped {landed.uri}: the same bytes as {first} (sha256 {landed.sha256[:12]}), "
+              f"which event {uuid.uuid5(EVENT_NAMESPACE, landed.sha256)} trains on", flush=True)
 
     try:
         watcher = Watcher(args.location, state_path(home, args.location), args.pattern, args.marker)
@@ -62,11 +77,16 @@ def watch_command(args: argparse.Namespace) -> int:
         print(f"loraflow watch: {exc}", file=sys.stderr)
         return 2
     print(f"watching {args.location} every {args.interval:g} s (state {watcher.state_file})")
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
     polls = 0
     while True:
-        watcher.poll(emit)
+        watcher.poll(emit, copied)
         EventsWorker.drain_all(timeout=30)  # delivered before the next poll or exit
         polls += 1
         if args.once and polls >= (1 if args.marker else 2):
             return 0
-        time.sleep(args.interval)
+        if stop.wait(args.interval):
+            print(f"stopped; state saved in {watcher.state_file}", flush=True)
+            return 0

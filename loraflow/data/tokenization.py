@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from array import array
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +39,7 @@ from loraflow.data.prompts import (
     turn_end,
 )
 from loraflow.data.records import Example, read_jsonl
+from loraflow.staging import staged_dir
 
 FORMAT_VERSION = "4"  # bump when the files written here change shape
 # one tokenized example: (input_ids, prompt_len, label_spans), label_spans flat [start, end, ...]
@@ -441,11 +441,10 @@ def tokenize_cached(
     if (folder / "report.json").is_file():
         report = TokenizeReport.model_validate_json((folder / "report.json").read_text())
         return folder, report, True
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    report = tokenize_splits(data_dir, tokenizer, template, settings, staging, progress=progress)
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)  # a folder with report.json is complete
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with staged_dir(folder, "tokenizing") as staging:  # a folder with report.json is complete
+        report = tokenize_splits(data_dir, tokenizer, template, settings, staging,
+                                 progress=progress)
     return folder, report, False
 
 

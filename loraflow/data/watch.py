@@ -58,14 +58,20 @@ class Watcher:
         self.state_file = Path(state_file)
         self.state = self._load()
 
-    def poll(self, on_landed: Callable[[Landed], object]) -> list[Landed]:
+    def poll(
+        self,
+        on_landed: Callable[[Landed], object],
+        on_copy: Callable[[Landed, str], object] | None = None,
+    ) -> list[Landed]:
         """One look at the location; call on_landed for each new complete file, then remember
-        its hash. If on_landed raises, that file is not remembered and comes again next poll."""
+        its hash. If on_landed raises, that file is not remembered and comes again next poll.
+        A complete file whose bytes were seen before under another name is a copy: recorded
+        in the state's "copies" (uri -> the first uri) and passed to on_copy with that uri."""
         listing = self._list()
         names = {item.uri for item in listing}
         landed: list[Landed] = []
         try:
-            self._scan(listing, names, on_landed, landed)
+            self._scan(listing, names, on_landed, on_copy, landed)
         finally:  # what was emitted before a failure stays remembered
             self._save()
         return landed
@@ -75,6 +81,7 @@ class Watcher:
         listing: list[Listed],
         names: set[str],
         on_landed: Callable[[Landed], object],
+        on_copy: Callable[[Landed, str], object] | None,
         landed: list[Landed],
     ) -> None:
         pending = self.state["pending"]
@@ -89,11 +96,16 @@ class Watcher:
             if known and known[:2] == [item.size, item.version]:
                 continue  # hashed before, unchanged
             sha256 = hash_source(item.uri)
-            if sha256 not in self.state["seen"]:
-                event = Landed(uri=item.uri, sha256=sha256, size=item.size)
+            event = Landed(uri=item.uri, sha256=sha256, size=item.size)
+            first = self.state["seen"].get(sha256)
+            if first is None:
                 on_landed(event)  # raises -> nothing recorded, the file comes again
                 self.state["seen"][sha256] = item.uri
                 landed.append(event)
+            elif first != item.uri and item.uri not in self.state.setdefault("copies", {}):
+                self.state["copies"][item.uri] = first
+                if on_copy is not None:
+                    on_copy(event, first)
             self.state["files"][item.uri] = [item.size, item.version, sha256]
         for uri in set(pending) - names:
             del pending[uri]
@@ -130,7 +142,8 @@ class Watcher:
 
     def _load(self) -> dict:
         if not self.state_file.is_file():
-            return {"version": STATE_VERSION, "seen": {}, "files": {}, "pending": {}}
+            return {"version": STATE_VERSION, "seen": {}, "files": {}, "pending": {},
+                    "copies": {}}
         state = json.loads(self.state_file.read_text())
         if state.get("version") != STATE_VERSION:
             raise ValueError(

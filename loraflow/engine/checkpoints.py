@@ -17,8 +17,23 @@ from peft import (
 )
 from safetensors.torch import load_file, save_file
 
+from loraflow.config import TrainConfig
 from loraflow.engine import distributed
 from loraflow.engine.distributed import SINGLE, Ranks
+
+
+def checkpoint_due(t: TrainConfig, step: int, last_step: bool, since_last_s: float,
+                   ranks: Ranks = SINGLE) -> bool:
+    """Whether to checkpoint after `step`: every checkpoint_every steps (and at the last), or
+    once checkpoint_minutes have passed since the last checkpoint. The time rule skips the last
+    step, whose adapter is saved anyway; with several ranks it fires when every rank's clock
+    says so (a collective: under FSDP all ranks must save together)."""
+    if t.checkpoint_every and (step % t.checkpoint_every == 0 or last_step):
+        return True
+    if not t.checkpoint_minutes or last_step:
+        return False
+    due = since_last_s >= 60.0 * t.checkpoint_minutes
+    return bool(distributed.min_value(int(due), ranks))
 
 
 def save_checkpoint(

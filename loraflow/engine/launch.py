@@ -68,9 +68,8 @@ def after_oom(train: TrainConfig, run_dir: Path) -> TrainConfig:
     return halve_micro_batch(train, json.loads(adapt.read_text())["halvings"])
 
 
-def launch(engine: EngineConfig, run_key: str, relay_to: str, relay: MetricRelay) -> (
-    dict[str, Any] | None
-):
+def launch(engine: EngineConfig, run_key: str, relay_to: str, relay: MetricRelay,
+           while_running: Callable[[], object] | None = None) -> dict[str, Any] | None:
     """Write engine.json into the run directory, start the engine on this machine's share of
     the processes (train.gpus_per_node, train.nodes) and supervise it (run_engine). The result
     of rank 0's machine; None on another machine."""
@@ -80,20 +79,24 @@ def launch(engine: EngineConfig, run_key: str, relay_to: str, relay: MetricRelay
     processes = max(train.gpus_per_node, 1)  # 0 GPUs: one process on CPU
     command = launch_command(["--config", str(config_file)], processes, train.nodes,
                              train.rdzv_endpoint, run_key)
-    return run_engine(command, run_dir, relay_to, relay)
+    return run_engine(command, run_dir, relay_to, relay, while_running)
 
 
 def run_engine(
-    command: list[str], run_dir: Path, relay_to: str, relay: MetricRelay
+    command: list[str], run_dir: Path, relay_to: str, relay: MetricRelay,
+    while_running: Callable[[], object] | None = None,
 ) -> dict[str, Any] | None:
     """Start the engine (launch_command), hand metrics.jsonl's new steps to `relay` every few
-    seconds; turn how it ended into an error that says whether a retry can help. `relay_to`
-    names where the metrics go (an MLflow run id), so a rerun relays to a new one."""
+    seconds (and call `while_running`, e.g. to share new checkpoints); turn how it ended into
+    an error that says whether a retry can help. `relay_to` names where the metrics go (an
+    MLflow run id), so a rerun relays to a new one."""
     (run_dir / "result.json").unlink(missing_ok=True)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     while True:
         finished = process.poll() is not None
         relay_metrics(run_dir, relay_to, relay)
+        if while_running is not None and not finished:
+            while_running()
         if finished:
             break
         time.sleep(2.0)

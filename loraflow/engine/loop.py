@@ -28,7 +28,12 @@ from loraflow.engine.batches import (
     rows_per_step,
     step_rows,
 )
-from loraflow.engine.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from loraflow.engine.checkpoints import (
+    checkpoint_due,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from loraflow.engine.distributed import SINGLE, Ranks
 from loraflow.engine.guards import FAULTS, Diverged, SpikeGuard, Watchdog, write_failure
 from loraflow.engine.loss import completion_loss
@@ -237,6 +242,7 @@ def fit(
     guard = SpikeGuard(t, **guard_state)
     watchdog = Watchdog(t.watchdog_seconds, out, ranks)
     start, tokens_seen, loss, record = time.perf_counter(), 0, float("nan"), {}
+    saved_at = time.monotonic()  # the time rule counts from the last checkpoint or the start
     mine = slice(ranks.rank * t.micro_batch_size, (ranks.rank + 1) * t.micro_batch_size)
 
     def next_step() -> tuple[list[dict[str, Any]], int, int, int]:
@@ -328,12 +334,13 @@ def fit(
                                                      dtype, packed, ranks)
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
-            if t.checkpoint_every and ((step + 1) % t.checkpoint_every == 0 or last_step):
+            if checkpoint_due(t, step + 1, last_step, time.monotonic() - saved_at, ranks):
                 save_checkpoint(out / "checkpoints", model, optimizer, scaler, step + 1,
                                 {"position": position, "rows_per_step": rows_per_step(t, ranks),
                                  "world_size": ranks.world_size,
                                  "guard": {"mean": guard.mean, "streak": guard.streak}},
                                 t.keep_checkpoints, ranks)
+                saved_at = time.monotonic()
             bar.set_postfix(loss=f"{loss:.4f}")
     bar.close()
     watchdog.stopped = True  # saving the adapter below is not a step

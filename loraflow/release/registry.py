@@ -120,6 +120,11 @@ def register_version(
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="LoRA fine-tunes made by loraflow")
+    # A retry after a lost response (the tracking server restarted mid-request) finds the
+    # version its first attempt made instead of registering the same model twice.
+    for existing in client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
+        if existing.source == source or (model_id and existing.model_id == model_id):
+            return str(existing.version)
     version = client.create_model_version(
         name, source=source, run_id=run_id, tags=tags, model_id=model_id
     )
