@@ -203,3 +203,23 @@ def test_a_merge_that_lost_the_adapter_is_refused_with_the_differing_answers(
         merge_and_evaluate(chatty_model_dir, chatty_adapter, tmp_path / "m", sets, ALPACA, cfg,
                            "float32")
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_both_answer_in_bfloat16_from_one_load(
+    chatty_model_dir, chatty_adapter, small_data, tmp_path
+):
+    if not torch.cuda.is_available() or not torch.cuda.is_bf16_supported():
+        pytest.skip("needs a CUDA GPU with bf16")
+    from loraflow.evaluation.evaluate import ModelSource, evaluate
+    from loraflow.release.merge import merge_and_evaluate
+
+    sets, cfg = heldout(small_data)
+    report, tuned, reference = merge_and_evaluate(
+        chatty_model_dir, chatty_adapter, tmp_path / "m", sets, ALPACA, cfg, "bfloat16",
+        max_differing=1.0,
+    )
+    assert report.device == "cuda" and tuned.device == reference.device == "cuda"
+    assert reference.dtype == tuned.dtype == "bfloat16"
+    base = evaluate(ModelSource(path=chatty_model_dir), sets, ALPACA, cfg, label="base")
+    assert (base.device, base.dtype) == ("cuda", "bfloat16")
