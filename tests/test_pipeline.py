@@ -263,8 +263,8 @@ def test_a_jinja_template_is_what_the_merge_check_generate_and_the_served_model_
     from flows.finetune import finetune
     from loraflow.base_model import load_model, load_tokenizer
     from loraflow.data.prompts import PromptTemplate
+    from loraflow.evaluation import generation
     from loraflow.evaluation.generation import Decoding, Prompt, generate
-    from loraflow.release import merge
     from loraflow.release.inference import generate_answers, recorded_template, resolve_model
 
     jinja_file = tmp_path / "prompt.jinja"
@@ -276,13 +276,15 @@ def test_a_jinja_template_is_what_the_merge_check_generate_and_the_served_model_
         rendered.append(render(*args, **kwargs))
         return rendered[-1]
 
-    render = merge.render_prompt
-    monkeypatch.setattr(merge, "render_prompt", spy)
+    render = generation.render_prompt
+    monkeypatch.setattr(generation, "render_prompt", spy)
     cfg = tiny_config(small_data, tiny_model_dir, "tiny-jinja",
-                      data={"template": "jinja", "jinja_template": str(jinja_file)},
-                      merge={"dtype": "float32", "check_prompts": ["Say hi."]})
+                      data={"template": "jinja", "jinja_template": str(jinja_file)})
     finetune(config=cfg)
-    assert rendered and all("JINJA-MARK Say hi." in text for text in rendered)  # merge check
+    # base, base + adapter and the merged model (the merge's check) answered the test split
+    instruction = json.loads(small_data["test"].read_text().splitlines()[0])["instruction"]
+    assert len(rendered) >= 3 * 4 and all("JINJA-MARK " in text for text in rendered)
+    assert sum(f"JINJA-MARK {instruction}" in text for text in rendered) >= 3
 
     model_dir = resolve_model("models:/tiny-jinja@challenger")
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
