@@ -122,7 +122,7 @@ def test_new_data_triggers_training_on_the_gpu_pool_and_the_same_bytes_do_not(
                 "test": small_data["test"]}  # fmt: skip
         prefect_file = tiny_prefect_yaml(tmp_path / "prefect.yaml", tiny_model_dir, data,
                                          f"127.0.0.1:{free_port()}")
-        run(["infra/deploy.sh"], env | {"PREFECT_FILE": str(prefect_file)}, timeout=180)
+        run(["infra/deploy.sh"], env | {"PREFECT_FILE": str(prefect_file)}, timeout=600)
         # one cpu worker; two gpu workers with homes of their own, like two GPU machines
         for name, pool in (("cpu", "cpu"), ("gpu-a", "gpu"), ("gpu-b", "gpu")):
             worker = Server(f"{name} worker", ["infra/worker.sh", pool], 0, {}, logs / name)
