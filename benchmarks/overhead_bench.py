@@ -72,7 +72,7 @@ def plain_pipeline(config_args: list[str]) -> dict[str, float]:
     from loraflow.evaluation.report import build_report
     from loraflow.hashing import sha256_tree, tokenizer_sha256
     from loraflow.release.lineage import LINEAGE_FILE, adapter_manifest
-    from loraflow.release.merge import merge_adapter
+    from loraflow.release.merge import merge_and_evaluate
     from loraflow.release.storage import open_store, push_tree
 
     cfg = load_config(None, config_args)
@@ -121,15 +121,17 @@ def plain_pipeline(config_args: list[str]) -> dict[str, float]:
     sha256_tree(run / "adapter")
     lap("train_adapter")
     sets = load_sets(cfg.eval, work / "data" / "test.jsonl")
-    results = {}
-    for label, adapter in (("base", None), ("tuned", run / "adapter")):
-        results[label] = evaluate(ModelSource(path=base.path, adapter=adapter), sets, template,
-                                  cfg.eval, label=label)
-        sha256_tree(write_result(results[label], work / "eval" / label))
-        lap(f"evaluate_{label}")
+    results = {"base": evaluate(ModelSource(path=base.path), sets, template, cfg.eval,
+                                label="base")}
+    sha256_tree(write_result(results["base"], work / "eval" / "base"))
+    lap("evaluate_base")
+    # as the merge_adapter task: base + adapter answer, merge, the merged model answers (tuned)
     merged = work / "merged"
-    merge_adapter(base.path, run / "adapter", merged, cfg.merge.dtype, cfg.merge.check_prompts,
-                  cfg.merge.check_new_tokens)
+    _, results["tuned"], reference = merge_and_evaluate(
+        base.path, run / "adapter", merged, sets, template, cfg.eval, cfg.merge.dtype,
+        cfg.merge.max_differing)
+    for result in (results["tuned"], reference):
+        sha256_tree(write_result(result, work / "eval" / result.label))
     sha256_tree(merged)
     lap("merge_adapter")
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

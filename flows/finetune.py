@@ -1,15 +1,18 @@
 """The loraflow pipeline, one Prefect flow:
 
-    validate_data -> tokenize -> train (LoRA) -> evaluate base and tuned -> merge ->
+    validate_data -> tokenize -> train (LoRA) -> evaluate base -> merge (base + adapter and
+    the merged model answer the test sets: the merged model's score is the tuned one) ->
     evaluate the current champion -> report (figures + HTML) -> register (alias challenger) ->
     push to object storage -> promote (alias champion, if the gate passes)
 
-As a deployment (prefect.yaml) training runs on the gpu pool through the `train` deployment,
-and with skip_trained_data a run on data already trained on stops after validation.
+As a deployment (prefect.yaml) this flow runs on the cpu pool and every step that loads the
+full model (train, evaluate base, merge, evaluate champion) runs on the gpu pool through a
+deployment of its own (tasks/deployments.py). With skip_trained_data a run on data already
+trained on stops after validation, in a Completed state named Skipped.
 
 Every step logs to one MLflow run and hands the next a reference (artifact URI + SHA-256);
-every step is cached on the content it depends on, so a re-run with nothing changed re-executes
-nothing.
+every step is cached on the content it reads, so a re-run with nothing changed re-executes
+nothing; register and promote read the registry as it is now, every time.
 """
 
 from __future__ import annotations
@@ -18,22 +21,17 @@ import time
 from typing import Any
 
 import mlflow
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.runtime import deployment
+from prefect.states import State
 
 from loraflow.config import PipelineConfig
 from loraflow.environment import configure
 from loraflow.summary import render, write_summary
-from tasks.data import tokenize_data, validate_data
-from tasks.deployments import record_trained_data, skip_run, train_on_gpu_pool
-from tasks.evaluation import evaluate_champion, report_evaluation
-from tasks.model import (
-    evaluate_base,
-    evaluate_tuned,
-    merge_adapter,
-    prepare_base_model,
-    train_adapter,
-)
+from tasks.data import heldout_split, tokenize_data, validate_data
+from tasks.deployments import IN_PROCESS, ON_GPU_POOL, record_trained_data, skip_run
+from tasks.evaluation import report_evaluation
+from tasks.model import prepare_base_model
 from tasks.release import discard_version, promote_model, push_model, register_model
 from tasks.steps import StepLog
 from tasks.tracking import pipeline_run
@@ -41,12 +39,12 @@ from tasks.tracking import pipeline_run
 DEFAULT_CONFIG = PipelineConfig()
 
 
-@flow(name="finetune")
+@flow(name="finetune", log_prints=True)
 def finetune(
     config: PipelineConfig = DEFAULT_CONFIG,
     data_uri: str | None = None,
     skip_trained_data: bool = False,
-) -> dict[str, Any]:
+) -> dict[str, Any] | State:
     """Fine-tune, evaluate, register, push and (maybe) promote; return the run summary.
 
     data_uri: training data to use instead of config.data.train (what a data-landing trigger
@@ -55,6 +53,8 @@ def finetune(
     if data_uri:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": [data_uri]})})
     home = configure()  # MLflow, models and caches under LORAFLOW_HOME unless set otherwise
+    # A deployment run: the steps that load the model go to the gpu pool, results via MLflow.
+    gpu = ON_GPU_POOL if deployment.id else IN_PROCESS
     with pipeline_run(cfg) as run_id:
         base = step(prepare_base_model, source=cfg.model.base)
         data = step(validate_data, data=cfg.data, base=base, run_id=run_id)
@@ -62,31 +62,28 @@ def finetune(
         if earlier and skip_trained_data:  # a schedule or trigger on data already trained on
             return skip_run(run_id, cfg.registry.model_name, data, earlier)
         tokens = step(tokenize_data, data=data, base=base, cfg=cfg.data, run_id=run_id)
-        if deployment.id:  # a deployment run: train on the gpu pool; the adapter comes via MLflow
-            adapter = step(train_on_gpu_pool, tokens=tokens, base=base, lora=cfg.lora,
-                           train=cfg.train, base_source=cfg.model.base, run_id=run_id)
-        else:
-            adapter = step(train_adapter, tokens=tokens, base=base, lora=cfg.lora,
-                           train=cfg.train, run_id=run_id)
-        template, name = tokens.template, cfg.registry.model_name
-        base_eval = step(evaluate_base, model=base, adapter=None, data=data, template=template,
-                         cfg=cfg.eval, run_id=run_id)
-        tuned_eval = step(evaluate_tuned, model=base, adapter=adapter, data=data,
-                          template=template, cfg=cfg.eval, run_id=run_id)
-        model = step(merge_adapter, base=base, adapter=adapter, cfg=cfg.merge, run_id=run_id)
-        rival = step(evaluate_champion, model_name=name, candidate=model, data=data,
+        adapter = step(gpu.train, tokens=tokens, base=base, lora=cfg.lora, train=cfg.train,
+                       run_id=run_id)
+        test, template, name = heldout_split(data), tokens.template, cfg.registry.model_name
+        base_eval = step(gpu.evaluate_base, model=base, adapter=None, test=test,
+                         template=template, cfg=cfg.eval, run_id=run_id)
+        model, tuned_eval = step(gpu.merge, base=base, adapter=adapter, test=test,
+                                 template=template, eval_cfg=cfg.eval, cfg=cfg.merge,
+                                 run_id=run_id)
+        rival = step(gpu.evaluate_champion, model_name=name, candidate=model, test=test,
                      template=template, cfg=cfg.eval, run_id=run_id)
         evals = [base_eval, tuned_eval, rival]  # rival: None when there is no other champion
         report = step(report_evaluation, evaluations=evals, cfg=cfg.eval, adapter=adapter,
                       run_id=run_id)
         before, after = base_eval.metrics, tuned_eval.metrics
-        version = step(register_model, model=model, adapter=adapter, metrics=after,
-                       cfg=cfg.registry, run_id=run_id)
+        registered = step(register_model, model=model, adapter=adapter, metrics=after,
+                          cfg=cfg.registry, run_id=run_id)
+        version = registered.version
         try:
             storage_uri = step(push_model, version=version, model=model, adapter=adapter,
                                cfg=cfg.storage, model_name=name, run_id=run_id)
         except Exception:
-            if step.steps["register_model"]["state"] != "Cached":
+            if registered.created:
                 discard_version(cfg.registry, version)  # no new version without its files
             raise
         gate = step(promote_model, version=version, tuned=after, base=before, cfg=cfg.registry,
@@ -97,7 +94,7 @@ def finetune(
         "tracking_uri": mlflow.get_tracking_uri(),
         "model_name": cfg.registry.model_name,
         "model_version": version,
-        "aliases": gate["aliases"],
+        "aliases": gate["aliases"],  # read from the registry after the gate, never cached
         "gate": gate["reason"],
         "metrics": {e.label: e.metrics for e in evals if e is not None},
         "report_uri": report,
@@ -106,5 +103,5 @@ def finetune(
         "seconds": round(time.perf_counter() - start, 3),
     }
     write_summary(summary, home)
-    print(render(summary))
+    get_run_logger().info("%s", render(summary))
     return summary

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Start one process worker: `infra/worker.sh cpu` (pipelines) or `infra/worker.sh gpu`
-# (training, one run at a time per worker: start one per GPU machine, or one per GPU with
+# (every step that loads the model: training, evaluation, merge; one run at a time per
+# worker: start one per GPU machine, or one per GPU with
 # CUDA_VISIBLE_DEVICES=i). Run from the repo root with the env of infra/env.sh, so its flow
 # runs reach the same Prefect server, MLflow tracking server and object storage.
 set -euo pipefail
@@ -9,7 +10,7 @@ pool="${1:?usage: infra/worker.sh cpu|gpu}"
 : "${PREFECT_API_URL:?set PREFECT_API_URL (. infra/env.sh) to a running Prefect server}"
 case "$pool" in
   cpu) limit="${CPU_WORKER_LIMIT:-2}" ;;
-  gpu) limit=1 ;;  # one training run per GPU worker
+  gpu) limit=1 ;;  # one run (training, evaluation or merge) per GPU worker
   *) echo "infra/worker.sh: pool must be cpu or gpu, not '$pool'" >&2; exit 2 ;;
 esac
 exec prefect --no-prompt worker start --pool "$pool" --type process --limit "$limit" \

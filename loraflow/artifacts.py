@@ -25,6 +25,12 @@ class ValidatedData(ArtifactRef):
 
     counts: dict[str, int]  # usable examples per split
     source_sha256: str  # the raw sources, before cleaning
+    split_sha256: dict[str, str]  # each cleaned split's own bytes (<split>.jsonl)
+
+
+class HeldoutSplit(ArtifactRef):
+    """The cleaned test split alone (test.jsonl under a ValidatedData's URI), identified by its
+    own bytes: what evaluation reads and is keyed on, not the training data beside it."""
 
 
 class TokenizedData(ArtifactRef):

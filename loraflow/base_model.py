@@ -134,6 +134,22 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def inference_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def inference_dtype(device: str) -> torch.dtype:
+    """The dtype a device answers in: bf16 on a GPU that has it, fp16 on older GPUs, fp32 on
+    CPU (CPU matmuls in bf16 are emulated on most machines, and slower than fp32)."""
+    if device == "cpu":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def load_model(
     path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ) -> PreTrainedModel:

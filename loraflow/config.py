@@ -261,10 +261,12 @@ class TrainConfig(Section):
     # Where and how the engine runs: these decide the launch (torchrun) and each GPU's memory,
     # not what is learned, so they are left out of the training run's identity and a run
     # resumes on another GPU count or parallelism.
-    gpus_per_node: int = Field(
-        1, ge=0, description="GPUs per machine, one engine process each (data-parallel under "
+    gpus_per_node: int | None = Field(
+        None, ge=0, description="GPUs per machine, one engine process each (data-parallel under "
         "torchrun; micro_batch_size and grad_accum_steps are per GPU); 0: one process on CPU. "
-        "A worker refuses a run that asks for more GPUs than it sees."
+        "null: the train deployment's gpus_per_node parameter when the pipeline runs as a "
+        "deployment (set one of the two, or both alike), else 1 on a machine with a GPU and 0 "
+        "without. A worker refuses a run that asks for more GPUs than it sees."
     )
     nodes: int = Field(1, ge=1, description="Machines training together (multi-host).")
     rdzv_endpoint: str = Field(
@@ -459,20 +461,20 @@ class EvalConfig(Section):
 class MergeConfig(Section):
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16",
-        description="Precision the base is loaded, merged and saved in. An adapter trained on a "
-        "4/8-bit base is merged onto the unquantized weights of the same base in this dtype.",
+        description="Precision the merged model is saved, served and evaluated in (the gate "
+        "scores it in this dtype). The base is loaded in it when the device answers in it "
+        "(bfloat16 on a GPU), else in float32 and rounded once after merging. An adapter "
+        "trained on a 4/8-bit base is merged onto the unquantized weights of the same base.",
     )
-    check_prompts: list[str] = Field(
-        [
-            "Extract the order as JSON: two green mugs to Oslo, express.",
-            "Say hello in one word.",
-            "List three colours.",
-        ],
-        description="Instructions both base + adapter and the merged model answer greedily; the "
-        "merge is saved only if the answers agree (up to near-ties). Empty: no check.",
-    )
-    check_new_tokens: int = Field(
-        16, ge=1, le=1024, description="Tokens generated per check prompt."
+    max_differing: float = Field(
+        0.2,
+        ge=0.0,
+        le=1.0,
+        description="The merge's check: base + adapter and the merged model (in merge.dtype) "
+        "answer every test set, and the merge is saved only if at most this fraction of the "
+        "answers differ (merged weights are rounded once more, so a near-tie may flip; a merge "
+        "that lost the adapter changes most answers). The differing answers are counted in "
+        "merge.answers_differing and listed in the report.",
     )
 
 

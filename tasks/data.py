@@ -12,14 +12,14 @@ from prefect import task
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.utilities.hashing import hash_objects
 
-from loraflow.artifacts import TokenizedData, ValidatedData
+from loraflow.artifacts import HeldoutSplit, TokenizedData, ValidatedData
 from loraflow.base_model import BaseModelRef, load_tokenizer
 from loraflow.config import DataConfig, loraflow_home
 from loraflow.data.prompts import prompt_template
 from loraflow.data.sources import source_fingerprint
 from loraflow.data.tokenization import TokenizeSettings, plot_lengths, tokenize_cached
 from loraflow.data.validation import SPLITS, validate_splits
-from loraflow.hashing import sha256_tree, tokenizer_sha256
+from loraflow.hashing import sha256_file, sha256_tree, tokenizer_sha256
 from tasks.caching import CONTENT
 from tasks.tracking import fetch, log_dir, log_metrics
 
@@ -50,6 +50,7 @@ def validate_data(data: DataConfig, base: BaseModelRef, run_id: str) -> Validate
             json.dumps(report.model_dump() | {"totals": report.totals()}, indent=2)
         )
         uri = log_dir(run_id, Path(tmp), "data")
+        split_sha256 = {split: sha256_file(Path(tmp) / f"{split}.jsonl") for split in SPLITS}
     metrics: dict[str, float] = {}
     for split, c in report.splits.items():
         metrics |= {
@@ -63,7 +64,13 @@ def validate_data(data: DataConfig, base: BaseModelRef, run_id: str) -> Validate
     log_metrics(run_id, metrics)
     report.check(uri)
     return ValidatedData(uri=uri, sha256=report.sha256, counts=report.counts,
-                         source_sha256=report.source_sha256)
+                         source_sha256=report.source_sha256, split_sha256=split_sha256)
+
+
+def heldout_split(data: ValidatedData) -> HeldoutSplit:
+    """The validated data's test split alone (test.jsonl under the same URI), hashed by its own
+    bytes: what evaluation reads, so new training data leaves the base's evaluation cached."""
+    return HeldoutSplit(uri=data.uri, sha256=data.split_sha256["test"])
 
 
 @task(cache_policy=CONTENT)

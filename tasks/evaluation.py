@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from prefect import task
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 
-from loraflow.artifacts import Adapter, Champion, Evaluation, MergedModel, ValidatedData
+from loraflow.artifacts import Adapter, Champion, Evaluation, HeldoutSplit, MergedModel
 from loraflow.config import EvalConfig
 from loraflow.data.prompts import PromptTemplate
 from loraflow.evaluation import evaluate, report
@@ -44,25 +44,38 @@ def current_champion(context: Any, inputs: dict[str, Any]) -> str:
     return found.sha256 if found else "no other champion"
 
 
-@task(
-    cache_policy=TASK_SOURCE
+CHAMPION_CACHE = (
+    TASK_SOURCE
     + ContentInputs(exclude=("candidate",))
     + CacheKeyFnPolicy(cache_key_fn=current_champion)
 )
+
+
+@task(cache_policy=CHAMPION_CACHE)
 def evaluate_champion(
     model_name: str,
     candidate: MergedModel,
-    data: ValidatedData,
+    test: HeldoutSplit,
     template: PromptTemplate,
     cfg: EvalConfig,
     run_id: str,
 ) -> Evaluation | None:
     """The current champion answers the same test sets; None when there is no other champion."""
-    champion = rival(model_name, candidate) if cfg.compare_champion else None
+    champion = champion_to_compare(model_name, candidate, cfg, run_id)
     if champion is None:
         return None
-    log_params(run_id, {"eval.champion_version": champion.version})
-    return evaluate_model.fn(champion, None, data, template, cfg, run_id, label="champion")
+    return evaluate_model.fn(model=champion, adapter=None, test=test, template=template,
+                             cfg=cfg, run_id=run_id, label="champion")
+
+
+def champion_to_compare(
+    model_name: str, candidate: MergedModel, cfg: EvalConfig, run_id: str
+) -> Champion | None:
+    """The champion's files when it is to be compared (its version logged as a param)."""
+    champion = rival(model_name, candidate) if cfg.compare_champion else None
+    if champion is not None:
+        log_params(run_id, {"eval.champion_version": champion.version})
+    return champion
 
 
 @task(cache_policy=CONTENT)
@@ -70,14 +83,18 @@ def report_evaluation(
     evaluations: list[Evaluation | None], cfg: EvalConfig, adapter: Adapter, run_id: str
 ) -> str:
     """Loss curves, metric bars and the side-by-side table as one HTML page, logged to the run."""
-    results = {}
+    results, parity = {}, None
     for ref in evaluations:
         if ref is not None:
-            results[ref.label] = evaluate.read_result(fetch(ref.uri))
+            folder = fetch(ref.uri)
+            results[ref.label] = evaluate.read_result(folder)
+            checked = folder / "parity.json"  # the merge's check, beside the tuned answers
+            if checked.is_file():
+                parity = evaluate.AnswerParity.model_validate_json(checked.read_text())
     curves = training_curves(adapter)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "report"
-        report.build_report(results, curves, out, side_by_side=cfg.side_by_side)
+        report.build_report(results, curves, out, side_by_side=cfg.side_by_side, parity=parity)
         uri = log_dir(run_id, out, "report")
         MlflowClient().log_table(run_id, side_by_side_table(results), "eval/side_by_side.json")
     return f"{uri}/report.html"

@@ -17,9 +17,9 @@ from loraflow.artifacts import (
     Adapter,
     Champion,
     Evaluation,
+    HeldoutSplit,
     MergedModel,
     TokenizedData,
-    ValidatedData,
 )
 from loraflow.base_model import BaseModelRef, load_tokenizer, resolve_base_model, source_location
 from loraflow.config import (
@@ -173,7 +173,7 @@ def restore_shared_checkpoint(run_dir: Path, run_id: str) -> Path | None:
 def evaluate_model(
     model: BaseModelRef | Champion,
     adapter: Adapter | None,
-    data: ValidatedData,
+    test: HeldoutSplit,
     template: PromptTemplate,
     cfg: EvalConfig,
     run_id: str,
@@ -181,41 +181,65 @@ def evaluate_model(
 ) -> Evaluation:
     """Answer every test set; log metrics and every scored answer under eval/<label>/.
 
-    `model` is the base model, or a registered model's artifacts (the champion)."""
+    `model` is the base model, or a registered model's artifacts (the champion); `test` the
+    held-out split alone: the cache key holds what is read, not the training data."""
     label = label or ("base" if adapter is None else "tuned")
     path = model.path if isinstance(model, BaseModelRef) else fetch(model.uri)
     adapter_dir = fetch_verified(adapter, "adapter") if adapter else None
     source = evaluate.ModelSource(path=path, adapter=adapter_dir)
-    sets = evaluate.load_sets(cfg, fetch(data.uri) / "test.jsonl")
+    sets = evaluate.load_sets(cfg, fetch(test.uri) / "test.jsonl")
     result = evaluate.evaluate(source, sets, template, cfg, label=label)
+    return log_evaluation(result, run_id)
+
+
+def log_evaluation(
+    result: evaluate.EvalResult, run_id: str, extra: dict[str, str] | None = None
+) -> Evaluation:
+    """Metrics as <label>.<metric>, the dtype and device it answered in as params, every answer
+    (and `extra` files) under eval/<label>/."""
+    label = result.label
+    log_params(run_id, {f"{label}.dtype": result.dtype, f"{label}.device": result.device})
     log_metrics(run_id, {f"{label}.{k}": v for k, v in result.metrics.items()})
     with tempfile.TemporaryDirectory() as tmp:
         out = evaluate.write_result(result, Path(tmp) / label)
+        for name, text in (extra or {}).items():
+            (out / name).write_text(text)
         sha256 = sha256_tree(out)
         uri = log_dir(run_id, out, f"eval/{label}")
     return Evaluation(uri=uri, sha256=sha256, label=label, metrics=result.metrics)
 
 
 evaluate_base = evaluate_model.with_options(name="evaluate_base")
-evaluate_tuned = evaluate_model.with_options(name="evaluate_tuned")
 
 
 @task(cache_policy=CONTENT)
 def merge_adapter(
-    base: BaseModelRef, adapter: Adapter, cfg: MergeConfig, run_id: str
-) -> MergedModel:
-    """Check lineage, fold the adapter into the base, check greedy answers; log the merged
-    model once, as an MLflow pyfunc model (READY only when every file is stored)."""
+    base: BaseModelRef,
+    adapter: Adapter,
+    test: HeldoutSplit,
+    template: PromptTemplate,
+    eval_cfg: EvalConfig,
+    cfg: MergeConfig,
+    run_id: str,
+) -> tuple[MergedModel, Evaluation]:
+    """Check lineage; base + adapter answer the test sets; fold the adapter in; the merged
+    model answers them in its serving dtype (the tuned score the gate reads); log the merged
+    model once, as an MLflow pyfunc model (READY only when every file is stored).
+
+    Returns the merged model and its evaluation (label tuned, parity.json beside it)."""
     adapter_dir = fetch_verified(adapter, "adapter")
+    sets = evaluate.load_sets(eval_cfg, fetch(test.uri) / "test.jsonl")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "model"
-        report = merge.merge_adapter(
+        report, tuned, reference = merge.merge_and_evaluate(
             base.path,
             adapter_dir,
             out,
+            sets,
+            template,
+            eval_cfg,
             cfg.dtype,
-            cfg.check_prompts,
-            cfg.check_new_tokens,
+            cfg.max_differing,
             lineage_extra={"adapter_sha256": adapter.sha256, "merged_dtype": cfg.dtype},
         )
         sha256 = sha256_tree(out)
@@ -223,15 +247,14 @@ def merge_adapter(
         model_id, location = log_model_package(run_id, package)
         # The merged model's own files inside the pyfunc model: what push uploads.
         uri = f"{location}/{package_path(package, 'model')}"
-    check = report.check
-    log_params(run_id, {"merge.note": report.note, "merge.device": report.device})
-    log_metrics(
-        run_id,
-        {
-            "merge.check_prompts": check.prompts,
-            "merge.check_identical": check.identical_outputs,
-            "merge.check_max_logit_diff": check.max_logit_diff,
-        },
-    )
-    return MergedModel(uri=uri, sha256=sha256, model_id=model_id, dtype=cfg.dtype,
-                       device=report.device, note=report.note)
+    parity = report.parity
+    assert parity is not None  # merge_and_evaluate always sets it
+    log_params(run_id, {"merge.note": report.note, "merge.device": report.device,
+                        "merge.reference_dtype": parity.reference_dtype})
+    log_metrics(run_id, {"merge.answers": parity.answers,
+                         "merge.answers_differing": parity.differing})
+    log_evaluation(reference, run_id)  # eval/adapter: base + adapter, the parity reference
+    tuned_eval = log_evaluation(tuned, run_id, {"parity.json": parity.model_dump_json(indent=2)})
+    model = MergedModel(uri=uri, sha256=sha256, model_id=model_id, dtype=cfg.dtype,
+                        device=report.device, note=report.note)
+    return model, tuned_eval

@@ -10,7 +10,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
+from pydantic import BaseModel
 from tqdm import tqdm
 
 from loraflow.artifacts import Adapter, MergedModel
@@ -42,17 +44,30 @@ NETWORK_RETRIES = {
 }
 
 
-@task(cache_policy=CONTENT, **NETWORK_RETRIES)
+class Registered(BaseModel):
+    version: str
+    created: bool  # False: a version of these very files was registered already
+
+
+# register and promote are never cached: they read the registry as it is now (a cached result
+# would report a version, aliases and a gate decision the registry may have moved on from);
+# both are a few registry calls that change nothing when nothing changed.
+@task(cache_policy=NO_CACHE, **NETWORK_RETRIES)
 def register_model(
     model: MergedModel,
     adapter: Adapter,
     metrics: dict[str, float],
     cfg: RegistryConfig,
     run_id: str,
-) -> str:
+) -> Registered:
     """Create a registry version from the complete (READY) logged model; alias `challenger`.
-    Lineage and evaluation metrics become version tags."""
+    Lineage and evaluation metrics become version tags. A version of the same merged files
+    (loraflow.model_sha256) is returned as it is: no second copy, no alias moved."""
     client = MlflowClient()
+    existing = registry.version_of(client, cfg.model_name, model.sha256)
+    if existing is not None:
+        log_params(run_id, {"registry.version": existing})
+        return Registered(version=existing, created=False)
     lineage = json.loads((fetch(model.uri) / LINEAGE_FILE).read_text())
     tags = (
         registry.lineage_tags(lineage)
@@ -72,7 +87,7 @@ def register_model(
     )
     registry.set_alias(client, cfg.model_name, registry.CHALLENGER, version, cfg.stage_mirroring)
     log_params(run_id, {"registry.version": version})
-    return version
+    return Registered(version=version, created=True)
 
 
 def discard_version(cfg: RegistryConfig, version: str) -> None:
@@ -120,7 +135,7 @@ def push_model(
     return pushed["uri"]
 
 
-@task(cache_policy=CONTENT, **NETWORK_RETRIES)
+@task(cache_policy=NO_CACHE, **NETWORK_RETRIES)
 def promote_model(
     version: str,
     tuned: dict[str, float],

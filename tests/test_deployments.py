@@ -1,9 +1,11 @@
 """The deployments for real, on loopback: `prefect server start`, the pools and deployments of
-the repo's prefect.yaml (infra/deploy.sh), one worker per pool (infra/worker.sh), the watcher
-(`loraflow watch`). A data file lands -> an event -> the trigger starts `finetune` on the cpu
-worker -> it trains through the `train` deployment on the gpu worker -> a version is registered
-and the aliases move. The same bytes again start nothing; a run on data already trained on ends
-early as skipped. Every process the test starts is stopped, whatever happens."""
+the repo's prefect.yaml (infra/deploy.sh), a cpu worker and two gpu workers (infra/worker.sh),
+the watcher (`loraflow watch`). A data file lands -> an event -> the trigger starts `finetune`
+on the cpu worker -> training, the base evaluation and the merge (with the tuned evaluation)
+run in flow runs of the gpu workers -> a version is registered and the aliases move. A re-run
+on the same data starts nothing on the gpu pool; the same bytes again start nothing; a run on
+data already trained on ends Skipped; new data with a champion evaluates the champion on the
+gpu pool and keeps the base's evaluation. Every process the test starts is stopped."""
 
 from __future__ import annotations
 
@@ -35,15 +37,17 @@ def tiny_prefect_yaml(out: Path, model_dir: Path, data: dict[str, Path], rdzv: s
     config = {
         "data": {k: [str(v)] for k, v in data.items()},
         "model": {"base": str(model_dir)},
-        # gpus_per_node 0: this machine has no CUDA device; nodes 2: two gpu workers train
-        # together, as two machines would, meeting at the rendezvous endpoint
+        # nodes 2: two gpu workers train together, as two machines would, meeting at the
+        # rendezvous endpoint; no train.gpus_per_node: the train deployment's own counts
         "train": {"max_steps": 3, "micro_batch_size": 4, "learning_rate": 1e-2,
-                  "gpus_per_node": 0, "nodes": 2, "rdzv_endpoint": rdzv},
+                  "nodes": 2, "rdzv_endpoint": rdzv},
         "eval": {"max_new_tokens": 8, "batch_size": 4},
         "merge": {"dtype": "float32"},
         "registry": {"model_name": MODEL},
     }
     for deployment in spec["deployments"]:
+        if deployment["name"] == "train":  # the CPU profile infra/README.md documents
+            deployment["parameters"]["gpus_per_node"] = 0
         if deployment["name"] == "finetune":
             deployment["parameters"]["config"] = config
             for schedule in deployment["schedules"]:
@@ -118,8 +122,8 @@ def test_new_data_triggers_training_on_the_gpu_pool_and_the_same_bytes_do_not(
                 "test": small_data["test"]}  # fmt: skip
         prefect_file = tiny_prefect_yaml(tmp_path / "prefect.yaml", tiny_model_dir, data,
                                          f"127.0.0.1:{free_port()}")
-        # seven prefect CLI calls (pools, deploy, the automation), ~30 s each on a loaded machine
-        run(["infra/deploy.sh"], env | {"PREFECT_FILE": str(prefect_file)}, timeout=400)
+        # seven prefect CLI calls (pools, deploys, the automation), ~30 s each on a loaded machine
+        run(["infra/deploy.sh"], env | {"PREFECT_FILE": str(prefect_file)}, timeout=600)
         # one cpu worker; two gpu workers with homes of their own, like two GPU machines
         for name, pool in (("cpu", "cpu"), ("gpu-a", "gpu"), ("gpu-b", "gpu")):
             worker = Server(f"{name} worker", ["infra/worker.sh", pool], 0, {}, logs / name)
@@ -146,7 +150,8 @@ def test_new_data_triggers_training_on_the_gpu_pool_and_the_same_bytes_do_not(
         def registered():
             return client.search_model_versions(f"name='{MODEL}'")
 
-        (version,) = wait_for("a registered version", registered, 240, all_logs)
+        # five flow runs on the gpu pool (two train, evaluate, merge) and their process starts
+        (version,) = wait_for("a registered version", registered, 900, all_logs)
         latency = time.monotonic() - t_landed
         print(f"\nfile landed -> version {version.version} registered: {latency:.1f} s")
 
@@ -156,7 +161,7 @@ def test_new_data_triggers_training_on_the_gpu_pool_and_the_same_bytes_do_not(
             done = [r for r in flow_runs(api) if r["deployment"] == "finetune"]
             return done if done and done[0]["state"] in ("COMPLETED", "FAILED", "CRASHED") else None
 
-        (pipeline,) = wait_for("the pipeline run's end", pipeline_finished, 120, all_logs)
+        (pipeline,) = wait_for("the pipeline run's end", pipeline_finished, 300, all_logs)
         assert pipeline["state"] == "COMPLETED"
         assert pipeline["parameters"]["data_uri"] == str(landed)
         aliases = {k: str(v) for k, v in client.get_registered_model(MODEL).aliases.items()}
@@ -173,30 +178,84 @@ def test_new_data_triggers_training_on_the_gpu_pool_and_the_same_bytes_do_not(
         training = [r for r in runs if r["deployment"] == "train"]  # one run a machine
         assert len(training) == 2 and {r["work_pool_name"] for r in training} == {"gpu"}
         assert {r["parameters"]["run_id"] for r in training} == {version.run_id}
-        assert {r["parameters"]["nodes"] for r in training} == {2}
+        assert {r["parameters"]["train"]["nodes"] for r in training} == {2}
         assert {r["state"] for r in training} == {"COMPLETED"}
         # the two machines trained one adapter together: rank 0's relayed two ranks' tokens
         result = json.loads(tags["loraflow.adapter"])["result"]
         assert result["world_size"] == 2
+        # every step that loads the model ran in a flow run of a gpu worker; the cpu side
+        # only waited for it (the task of the same name, whose child that flow run is)
+        placed = placement(api)
+        for step in ("train_adapter", "evaluate_base", "merge_adapter"):
+            assert "gpu" in placed[step], (step, placed)
+        assert placed["evaluate_base"]["gpu"] == ["evaluate"]
+        assert placed["merge_adapter"]["gpu"] == ["merge"]
+        for step in ("validate_data", "tokenize_data", "report_evaluation", "register_model",
+                     "push_model", "promote_model"):
+            assert set(placed[step]) == {"cpu"}, (step, placed)
+        assert "gpu" not in placed.get("evaluate_champion", {})  # no champion: nothing started
+        # the summary reached the flow run's log (the Prefect UI), not only the worker's stdout
+        assert "loraflow run summary" in flow_run_log(api, pipeline["id"])
+
+        # started again on the same data, training allowed: cached on the cpu side, nothing
+        # runs on the gpu pool, and the summary reads the registry as it is now
+        gpu_runs = len([r for r in flow_runs(api) if r["work_pool_name"] == "gpu"])
+        again = run_deployment_now(api, env, {"data_uri": str(landed),
+                                              "skip_trained_data": False})
+        assert again["state_name"] == "Completed", again
+        assert len([r for r in flow_runs(api) if r["work_pool_name"] == "gpu"]) == gpu_runs
+        rerun = json.loads((home / "last-run.json").read_text())
+        assert rerun["run_id"] != summary["run_id"] and rerun["model_version"] == "1"
+        assert {n: t["state"] for n, t in rerun["tasks"].items()
+                if n not in ("register_model", "promote_model")} == dict.fromkeys(
+            [n for n in rerun["tasks"] if n not in ("register_model", "promote_model")],
+            "Cached")
+        assert len(client.search_model_versions(f"name='{MODEL}'")) == 1
 
         # the same bytes under another name: no event, no run
         shutil.copy(landed, inbox / "orders-copy.jsonl")
         out = run(watch, env)
         assert "landed" not in out
         time.sleep(3)
-        assert len([r for r in flow_runs(api) if r["deployment"] == "finetune"]) == 1
+        assert len([r for r in flow_runs(api) if r["deployment"] == "finetune"]) == 2
 
-        # started by hand (or by the schedule) on data already trained on: skipped, and says so
+        # started by hand (or by the schedule) on data already trained on: skipped, and says
+        # so in its final state and its log
         skipped = run_deployment_now(api, env, {"data_uri": str(landed)})
-        assert skipped == "COMPLETED"
+        assert skipped["state_name"] == "Skipped", skipped
+        assert "skipped: data already trained on" in flow_run_log(api, skipped["id"])
         assert len(client.search_model_versions(f"name='{MODEL}'")) == 1
         last = json.loads((home / "last-run.json").read_text())  # unchanged: written on success
-        assert last["run_id"] == version.run_id
+        assert last["run_id"] == rerun["run_id"]
         skipped_runs = client.search_runs(
             [client.get_run(version.run_id).info.experiment_id],
             filter_string="tags.`loraflow.skipped` LIKE 'skipped: data already trained on%'",
         )
         assert len(skipped_runs) == 1
+
+        # new data while v1 is champion: the champion answers on the gpu pool, and the base's
+        # evaluation is kept (same base, same test split)
+        client.set_registered_model_alias(MODEL, "champion", "1")
+        newer = inbox / "orders-2026-12.jsonl"
+        newer.write_text("".join(reversed(landed.read_text().splitlines(keepends=True))))
+        out = run(watch, env)
+        assert f"landed {newer}" in out
+
+        def second_version():
+            found = client.search_model_versions(f"name='{MODEL}'")
+            return found if len(found) == 2 else None
+
+        wait_for("a second version", second_version, 900, all_logs)
+        (latest,) = wait_for("the second pipeline's end", lambda: [
+            r for r in flow_runs(api) if r["deployment"] == "finetune"
+            and r["parameters"].get("data_uri") == str(newer)
+            and r["state"] in ("COMPLETED", "FAILED", "CRASHED")], 300, all_logs)
+        assert latest["state"] == "COMPLETED"
+        newest = json.loads((home / "last-run.json").read_text())
+        assert newest["tasks"]["evaluate_base"]["state"] == "Cached", newest["tasks"]
+        assert newest["tasks"]["evaluate_champion"]["state"] == "Completed"
+        assert set(newest["metrics"]) == {"base", "tuned", "champion"}
+        assert placement(api)["evaluate_champion"]["gpu"] == ["evaluate"]
     finally:
         stop_flow_run_processes(api)  # workers start runs in sessions of their own
         for worker in workers:
@@ -230,21 +289,48 @@ def flow_runs(api: str) -> list[dict]:
     names = {d["id"]: d["name"] for d in post(api, "/deployments/filter", {})}
     return [
         {
+            "id": r["id"],
             "deployment": names.get(r["deployment_id"]),
             "parameters": r["parameters"],
             "work_pool_name": r["work_pool_name"],
             "state": r["state_type"],
+            "state_name": r["state_name"],
         }
         for r in post(api, "/flow_runs/filter", {})
         if r["state_type"] != "SCHEDULED"
     ]
 
 
-def run_deployment_now(api: str, env: dict[str, str], parameters: dict) -> str:
-    """`prefect deployment run finetune/finetune` and wait for its end; its final state."""
-    out = run(
+def placement(api: str) -> dict[str, dict[str, list[str]]]:
+    """Task name -> work pool -> the deployments of the flow runs it ran in (Completed runs
+    only; a Cached one executed nothing)."""
+    runs = {r["id"]: r for r in flow_runs(api)}
+    placed: dict[str, dict[str, list[str]]] = {}
+    for task_run in post(api, "/task_runs/filter", {}):
+        flow_run = runs.get(task_run["flow_run_id"])
+        if flow_run is None or task_run["state_name"] != "Completed":
+            continue
+        name = task_run["name"].rsplit("-", 1)[0]
+        pool = placed.setdefault(name, {}).setdefault(flow_run["work_pool_name"], [])
+        if flow_run["deployment"] not in pool:
+            pool.append(flow_run["deployment"])
+    return placed
+
+
+def flow_run_log(api: str, flow_run_id: str) -> str:
+    logs = post(api, "/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}},
+                                      "limit": 200})
+    return "\n".join(entry["message"] for entry in logs)
+
+
+def run_deployment_now(api: str, env: dict[str, str], parameters: dict) -> dict:
+    """`prefect deployment run finetune/finetune` and wait for its end; that flow run."""
+    before = {r["id"] for r in flow_runs(api)}
+    run(
         ["prefect", "--no-prompt", "deployment", "run", "finetune/finetune",
-         "--params", json.dumps(parameters), "--watch", "--watch-timeout", "180"],
-        env, timeout=200,
+         "--params", json.dumps(parameters), "--watch", "--watch-timeout", "600"],
+        env, timeout=620,
     )  # fmt: skip
-    return "COMPLETED" if "Completed" in out else out
+    (started,) = [r for r in flow_runs(api)
+                  if r["id"] not in before and r["deployment"] == "finetune"]
+    return started

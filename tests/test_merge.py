@@ -13,9 +13,11 @@ from tiny import make_adapter, make_base
 from transformers import AutoModelForCausalLM
 
 from loraflow.base_model import load_model, load_tokenizer
+from loraflow.data.prompts import PromptTemplate
 from loraflow.release.lineage import LINEAGE_FILE, LineageError
 from loraflow.release.merge import MergeError, _compare, _greedy, _with_logits, merge_adapter
 
+ALPACA = PromptTemplate(kind="alpaca")  # what make_adapter records
 PROMPTS = ["Say hello.", "List three colours.", "Extract the order: 2 mugs to Oslo."]
 
 
@@ -132,3 +134,94 @@ def test_a_qlora_adapter_merges_onto_the_unquantized_base_on_gpu(tmp_path):
     assert report.base_quantization == "4bit" and "unquantized bfloat16" in report.note
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert "quantization_config" not in config
+
+
+@pytest.fixture(scope="module")
+def chatty_adapter(chatty_model_dir, tmp_path_factory) -> Path:
+    return make_adapter(chatty_model_dir, tmp_path_factory.mktemp("chatty") / "adapter")
+
+
+def heldout(small_data):
+    from loraflow.config import EvalConfig
+    from loraflow.evaluation.evaluate import load_sets
+
+    cfg = EvalConfig(max_new_tokens=8, batch_size=4)
+    return load_sets(cfg, small_data["test"]), cfg
+
+
+def test_the_merged_model_is_evaluated_and_checked_against_base_plus_adapter_answers(
+    chatty_model_dir, chatty_adapter, small_data, tmp_path
+):
+    from loraflow.release.merge import merge_and_evaluate
+
+    sets, cfg = heldout(small_data)
+    out = tmp_path / "merged"
+    report, tuned, reference = merge_and_evaluate(
+        chatty_model_dir, chatty_adapter, out, sets, ALPACA, cfg, "float32"
+    )
+    assert (tuned.label, reference.label) == ("tuned", "adapter")
+    assert report.parity.answers == 4 and report.parity.differing == 0 and report.parity.passed
+    assert tuned.dtype == reference.dtype == report.parity.reference_dtype == "float32"
+    assert [r["answer"] for r in tuned.examples["test"]] == [
+        r["answer"] for r in reference.examples["test"]
+    ]
+    # what was scored is what was saved: the saved files give the same answers
+    from loraflow.evaluation.evaluate import ModelSource, evaluate
+
+    again = evaluate(ModelSource(path=out), sets, ALPACA, cfg, label="tuned")
+    assert [r["answer"] for r in again.examples["test"]] == [
+        r["answer"] for r in tuned.examples["test"]
+    ]
+    lineage = json.loads((out / LINEAGE_FILE).read_text())
+    assert lineage["merge"]["parity"]["differing"] == 0
+    assert "examples" not in lineage["merge"]["parity"]
+
+
+def test_on_cpu_base_plus_adapter_answer_in_float32_and_the_merged_model_in_its_dtype(
+    chatty_model_dir, chatty_adapter, small_data, tmp_path
+):
+    from loraflow.release.merge import merge_and_evaluate
+
+    sets, cfg = heldout(small_data)
+    report, tuned, reference = merge_and_evaluate(
+        chatty_model_dir, chatty_adapter, tmp_path / "m", sets, ALPACA, cfg, "bfloat16",
+        max_differing=1.0,
+    )
+    assert reference.dtype == "float32" and tuned.dtype == "bfloat16"  # no CUDA here
+    assert report.parity.reference_dtype == "float32"
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118
+
+
+def test_a_merge_that_lost_the_adapter_is_refused_with_the_differing_answers(
+    chatty_model_dir, chatty_adapter, small_data, tmp_path, monkeypatch
+):
+    from loraflow.release.merge import merge_and_evaluate
+
+    # a merge that lost the delta: the LoRA layers removed, nothing folded in
+    monkeypatch.setattr(PeftModel, "merge_and_unload", lambda self: self.unload(), raising=False)
+    sets, cfg = heldout(small_data)
+    with pytest.raises(MergeError, match=r"[34] of 4 test answers differ.*Nothing was saved"):
+        merge_and_evaluate(chatty_model_dir, chatty_adapter, tmp_path / "m", sets, ALPACA, cfg,
+                           "float32")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_both_answer_in_bfloat16_from_one_load(
+    chatty_model_dir, chatty_adapter, small_data, tmp_path
+):
+    if not torch.cuda.is_available() or not torch.cuda.is_bf16_supported():
+        pytest.skip("needs a CUDA GPU with bf16")
+    from loraflow.evaluation.evaluate import ModelSource, evaluate
+    from loraflow.release.merge import merge_and_evaluate
+
+    sets, cfg = heldout(small_data)
+    report, tuned, reference = merge_and_evaluate(
+        chatty_model_dir, chatty_adapter, tmp_path / "m", sets, ALPACA, cfg, "bfloat16",
+        max_differing=1.0,
+    )
+    assert report.device == "cuda" and tuned.device == reference.device == "cuda"
+    assert reference.dtype == tuned.dtype == "bfloat16"
+    base = evaluate(ModelSource(path=chatty_model_dir), sets, ALPACA, cfg, label="base")
+    assert (base.device, base.dtype) == ("cuda", "bfloat16")

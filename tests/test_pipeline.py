@@ -101,11 +101,48 @@ def test_pipeline_registers_pushes_and_reruns_fully_cached(
         assert 0 <= written["metrics"][side]["json_valid"] <= 1
         assert 0 <= written["metrics"][side]["exact_match"] <= 1
 
+    # the merged model was scored in its serving dtype, checked against base + adapter
+    params = run.data.params
+    assert params["tuned.dtype"] == "float32" and params["base.dtype"] == "float32"
+    assert run.data.metrics["merge.answers"] == 4
+    assert run.data.metrics["merge.answers_differing"] == 0
+    report = client.download_artifacts(first["run_id"], "report/report.html")
+    assert "0 of 4 test answers differ between base + adapter" in Path(report).read_text()
+
     second = finetune(config=cfg)
-    assert set(states(second).values()) == {"Cached"}, states(second)
-    assert second["model_version"] == "1"
+    # register and promote read the registry every time (they create nothing new here)
+    registry_steps = {"register_model", "promote_model"}
+    assert {k: v for k, v in states(second).items() if k in registry_steps} == dict.fromkeys(
+        registry_steps, "Completed"
+    )
+    rest = {k: v for k, v in states(second).items() if k not in registry_steps}
+    assert set(rest.values()) == {"Cached"}, states(second)
+    assert second["model_version"] == "1" and second["aliases"] == first["aliases"]
     assert second["run_id"] != first["run_id"]
     assert len(client.search_model_versions("name='tiny-e2e'")) == 1
+
+
+def test_a_cached_rerun_reports_the_registry_as_it_is_now(
+    prefect_server, home, small_data, tiny_model_dir
+):
+    from flows.finetune import finetune
+
+    name = "tiny-moved-on"
+    first = finetune(config=tiny_config(small_data, tiny_model_dir, name))
+    assert first["model_version"] == "1" and "challenger" in first["aliases"]
+    # another model registered since: challenger (and maybe champion) moved to v2
+    other = finetune(config=tiny_config(small_data, tiny_model_dir, name,
+                                        train={"learning_rate": 2e-2}))
+    assert other["model_version"] == "2"
+
+    again = finetune(config=tiny_config(small_data, tiny_model_dir, name))
+    assert again["model_version"] == "1"
+    aliases = {k: str(v) for k, v in MlflowClient().get_registered_model(name).aliases.items()}
+    now = sorted(alias for alias, version in aliases.items() if version == "1")
+    assert "challenger" not in again["aliases"] and again["aliases"] == now, (again, aliases)
+    written = json.loads((home / "last-run.json").read_text())
+    assert written["aliases"] == now and written["run_id"] == again["run_id"]
+    assert len(MlflowClient().search_model_versions(f"name='{name}'")) == 2
 
 
 def test_one_changed_line_reruns_downstream_and_an_eval_change_keeps_training(
@@ -121,11 +158,12 @@ def test_one_changed_line_reruns_downstream_and_an_eval_change_keeps_training(
     small_data["train"].write_text("\n".join(lines) + "\n")
     after_data = states(finetune(config=cfg))
     assert after_data["prepare_base_model"] == "Cached"
+    # the base model and the test split did not change: the base's evaluation is kept
+    assert after_data["evaluate_base"] == "Cached", after_data
     for name in (
         "validate_data",
         "tokenize_data",
         "train_adapter",
-        "evaluate_tuned",
         "merge_adapter",
         "register_model",
         "push_model",
@@ -140,9 +178,10 @@ def test_one_changed_line_reruns_downstream_and_an_eval_change_keeps_training(
             )
         )
     )
-    for name in ("validate_data", "tokenize_data", "train_adapter", "merge_adapter"):
+    for name in ("validate_data", "tokenize_data", "train_adapter"):
         assert after_eval[name] == "Cached", (name, after_eval)
-    assert after_eval["evaluate_base"] == after_eval["evaluate_tuned"] == "Completed"
+    # the tuned score is the merged model's: the merge evaluates, so it re-runs
+    assert after_eval["evaluate_base"] == after_eval["merge_adapter"] == "Completed"
 
 
 def test_a_line_that_is_not_json_stops_the_run_before_anything_is_registered(
@@ -224,8 +263,8 @@ def test_a_jinja_template_is_what_the_merge_check_generate_and_the_served_model_
     from flows.finetune import finetune
     from loraflow.base_model import load_model, load_tokenizer
     from loraflow.data.prompts import PromptTemplate
+    from loraflow.evaluation import generation
     from loraflow.evaluation.generation import Decoding, Prompt, generate
-    from loraflow.release import merge
     from loraflow.release.inference import generate_answers, recorded_template, resolve_model
 
     jinja_file = tmp_path / "prompt.jinja"
@@ -237,13 +276,15 @@ def test_a_jinja_template_is_what_the_merge_check_generate_and_the_served_model_
         rendered.append(render(*args, **kwargs))
         return rendered[-1]
 
-    render = merge.render_prompt
-    monkeypatch.setattr(merge, "render_prompt", spy)
+    render = generation.render_prompt
+    monkeypatch.setattr(generation, "render_prompt", spy)
     cfg = tiny_config(small_data, tiny_model_dir, "tiny-jinja",
-                      data={"template": "jinja", "jinja_template": str(jinja_file)},
-                      merge={"dtype": "float32", "check_prompts": ["Say hi."]})
+                      data={"template": "jinja", "jinja_template": str(jinja_file)})
     finetune(config=cfg)
-    assert rendered and all("JINJA-MARK Say hi." in text for text in rendered)  # merge check
+    # base, base + adapter and the merged model (the merge's check) answered the test split
+    instruction = json.loads(small_data["test"].read_text().splitlines()[0])["instruction"]
+    assert len(rendered) >= 3 * 4 and all("JINJA-MARK " in text for text in rendered)
+    assert sum(f"JINJA-MARK {instruction}" in text for text in rendered) >= 3
 
     model_dir = resolve_model("models:/tiny-jinja@challenger")
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)

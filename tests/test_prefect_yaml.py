@@ -44,11 +44,12 @@ def check_pipeline_params(params: dict) -> PipelineConfig:
     return cfg
 
 
-def test_pipeline_and_train_deployments_sit_on_their_pools():
+def test_the_pipeline_sits_on_the_cpu_pool_and_every_step_that_loads_the_model_on_gpu():
     found = deployments()
-    assert set(found) == {"finetune", "train"}
+    assert set(found) == {"finetune", "train", "evaluate", "merge"}
     assert found["finetune"]["work_pool"]["name"] == "cpu"
-    assert found["train"]["work_pool"]["name"] == "gpu"
+    for name in ("train", "evaluate", "merge"):
+        assert found[name]["work_pool"]["name"] == "gpu", name
     for deployment in found.values():  # the shared env reaches every job
         env = deployment["work_pool"]["job_variables"]["env"]
         assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
@@ -71,7 +72,7 @@ def test_the_automation_that_crashes_silent_runs_is_valid_and_outlasts_three_hea
     assert "crash-zombie-flow-runs" in (ROOT / "infra" / "deploy.sh").read_text()
 
 
-@pytest.mark.parametrize("name", ["finetune", "train"])
+@pytest.mark.parametrize("name", ["finetune", "train", "evaluate", "merge"])
 def test_deployment_loads_and_its_default_parameters_validate(name):
     deployment = deployments()[name]
     flow = load_flow(deployment)
@@ -81,8 +82,10 @@ def test_deployment_loads_and_its_default_parameters_validate(name):
     if name == "finetune":
         check_pipeline_params(flow.validate_parameters(params))
         assert params["skip_trained_data"] is True
-    else:  # the pipeline supplies the references; the deployment the machines it runs on
-        assert params == {"gpus_per_node": 1, "nodes": 1}
+    elif name == "train":  # the pipeline supplies the references; the deployment the GPUs
+        assert params == {"gpus_per_node": None}  # null: 1 if the worker sees a GPU, else 0
+    else:  # everything comes from the pipeline
+        assert params == {}
 
 
 def test_schedule_is_a_valid_cron_with_parameters_that_validate():
@@ -119,39 +122,91 @@ def test_data_trigger_starts_the_pipeline_on_the_landed_file(small_data):
     assert params["data_uri"] == str(small_data["train"]) and params["skip_trained_data"]
 
 
-def test_train_deployment_accepts_what_the_pipeline_sends(tiny_model_dir):
-    import inspect
-
-    from loraflow.artifacts import TokenizedData
+def pipeline_refs(tiny_model_dir) -> dict:
+    """The references the pipeline hands its gpu-pool deployments, as they would come."""
+    from loraflow.artifacts import Adapter, Champion, HeldoutSplit, TokenizedData
     from loraflow.base_model import BaseModelRef
-    from loraflow.config import LoraSettings, TrainConfig
     from loraflow.data.prompts import PromptTemplate
     from loraflow.data.tokenization import TokenizeReport, TokenizeSettings
-    from tasks.deployments import train_on_gpu_pool
 
-    deployment = deployments()["train"]
-    flow = load_flow(deployment)
-    sent = {
+    return {
         "tokens": TokenizedData(
             uri="file:///x", sha256="0" * 64, template=PromptTemplate(), data_sha256="2" * 64,
             tokenizer_sha256="3" * 64,
             report=TokenizeReport(**dict.fromkeys(
                 ("counts", "too_long", "truncated", "completion_truncated_away", "tokens",
                  "label_tokens", "rows"), {}), settings=TokenizeSettings(max_length=512)),
-        ).model_dump(mode="json"),
-        "base": BaseModelRef(name="tiny", path=tiny_model_dir, sha256="1" * 64).model_dump(
-            mode="json"
         ),
-        "base_source": str(tiny_model_dir),
-        "lora": LoraSettings().model_dump(mode="json"),
-        "train": TrainConfig().model_dump(mode="json"),
-        "run_id": "r",
+        "base": BaseModelRef(name="tiny", path=tiny_model_dir, sha256="1" * 64,
+                             source=str(tiny_model_dir)),
+        "adapter": Adapter(uri="file:///a", sha256="4" * 64, result={}),
+        "test": HeldoutSplit(uri="file:///d", sha256="5" * 64),
+        "champion": Champion(uri="file:///c", sha256="6" * 64, version="1"),
+        "template": PromptTemplate(),
     }
-    # the pipeline's task sends exactly these names (run_id included)
+
+
+def test_train_deployment_accepts_what_the_pipeline_sends_and_keeps_its_own_gpu_count(
+    tiny_model_dir,
+):
+    import inspect
+
+    from loraflow.config import LoraSettings, TrainConfig
+    from tasks.deployments import dumped, train_on_gpu_pool
+
+    deployment = deployments()["train"]
+    flow = load_flow(deployment)
+    refs = pipeline_refs(tiny_model_dir)
+    sent = dumped(tokens=refs["tokens"], base=refs["base"], lora=LoraSettings(),
+                  train=TrainConfig(), run_id="r")
+    # the pipeline's task sends exactly its own parameters (run_id included)...
     assert set(inspect.signature(train_on_gpu_pool.fn).parameters) == set(sent)
+    # ...and not gpus_per_node: the deployment's own value is not overwritten
+    assert "gpus_per_node" not in sent and sent["train"]["gpus_per_node"] is None
     server_accepts(flow, deployment["parameters"] | sent)
     params = flow.validate_parameters(deployment["parameters"] | sent)
-    assert isinstance(params["train"], TrainConfig) and params["gpus_per_node"] == 1
+    assert isinstance(params["train"], TrainConfig) and params["gpus_per_node"] is None
+
+
+def test_evaluate_and_merge_deployments_accept_what_the_pipeline_sends(tiny_model_dir):
+    import inspect
+
+    from loraflow.config import EvalConfig, MergeConfig
+    from tasks.deployments import dumped, merge_on_gpu_pool
+
+    refs = pipeline_refs(tiny_model_dir)
+    common = {"test": refs["test"], "template": refs["template"], "cfg": EvalConfig(),
+              "run_id": "r"}
+    evaluate = load_flow(deployments()["evaluate"])
+    for sent in (dumped(label="base", base=refs["base"], **common),
+                 dumped(label="champion", champion=refs["champion"], **common)):
+        server_accepts(evaluate, sent)
+        evaluate.validate_parameters(sent)
+    sent = dumped(base=refs["base"], adapter=refs["adapter"], test=refs["test"],
+                  template=refs["template"], eval_cfg=EvalConfig(), cfg=MergeConfig(),
+                  run_id="r")
+    merge = load_flow(deployments()["merge"])
+    assert set(inspect.signature(merge_on_gpu_pool.fn).parameters) == set(sent)
+    assert set(inspect.signature(merge.fn).parameters) == set(sent)
+    server_accepts(merge, sent)
+    assert isinstance(merge.validate_parameters(sent)["cfg"], MergeConfig)
+
+
+def test_the_gpu_count_is_one_setting_honoured_wherever_it_is_set(monkeypatch):
+    import flows.train as train_flow
+    from flows.train import GpuCountError, resolve_gpus
+
+    monkeypatch.setattr(train_flow, "visible_gpus", lambda: 0)
+    assert resolve_gpus(None, None) == 0  # a CPU worker with nothing set trains on CPU
+    assert resolve_gpus(None, 0) == 0  # the deployment's knob (the docs' CPU profile)
+    assert resolve_gpus(0, None) == 0  # the pipeline's config
+    with pytest.raises(GpuCountError, match="sees 0 CUDA device"):
+        resolve_gpus(None, 1)  # asked for a GPU this worker does not have: refused, not ignored
+    with pytest.raises(GpuCountError, match=r"train.gpus_per_node=2 .* gpus_per_node=0"):
+        resolve_gpus(2, 0)
+    monkeypatch.setattr(train_flow, "visible_gpus", lambda: 4)
+    assert resolve_gpus(None, None) == 1
+    assert resolve_gpus(None, 4) == resolve_gpus(4, 4) == 4
 
 
 def test_train_flow_refuses_gpu_counts_it_cannot_honour():
@@ -165,3 +220,23 @@ def test_train_flow_refuses_gpu_counts_it_cannot_honour():
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     with pytest.raises(GpuCountError, match=f"sees {visible} CUDA device.*gpus_per_node=0"):
         check_gpus(visible + 1)
+
+
+def test_a_failed_child_run_is_quoted_and_a_worker_is_suggested_only_when_none_took_it():
+    from types import SimpleNamespace
+
+    from prefect.states import Completed, Failed, Scheduled
+
+    from tasks.deployments import RemoteStepError, check_completed
+
+    def run(state):
+        return SimpleNamespace(name="brave-fox", id="1234", state=state)
+
+    check_completed(run(Completed()), "train/train")
+    error = "Flow run encountered an exception: GpuCountError: gpus_per_node=1 but this worker"
+    with pytest.raises(RemoteStepError) as failed:
+        check_completed(run(Failed(message=error)), "train/train")
+    assert error in str(failed.value) and "brave-fox" in str(failed.value)
+    assert "worker" not in str(failed.value).replace("this worker", "")
+    with pytest.raises(RemoteStepError, match="no worker took it.*infra/worker.sh gpu"):
+        check_completed(run(Scheduled()), "merge/merge")

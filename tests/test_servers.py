@@ -126,17 +126,23 @@ def release_with_restart(servers, tiny_model_dir: Path, tmp_path: Path, name: st
     """The release tasks of the pipeline, the tracking server restarted between two of them."""
     from prefect import flow
 
-    from loraflow.artifacts import Adapter
+    from loraflow.artifacts import Adapter, HeldoutSplit
     from loraflow.config import PipelineConfig
+    from loraflow.data.prompts import PromptTemplate
     from loraflow.hashing import sha256_tree
     from tasks.model import merge_adapter, prepare_base_model
     from tasks.release import promote_model, push_model, register_model
     from tasks.tracking import log_dir, pipeline_run
 
-    adapter_dir = make_adapter(tiny_model_dir, tmp_path / "adapter")
+    adapter_dir = make_adapter(tiny_model_dir, tmp_path / "adapter", template="chat")
+    heldout = tmp_path / "heldout"
+    heldout.mkdir()
+    lines = (Path(__file__).parents[1] / "data/orders/test.jsonl").read_text().splitlines()
+    (heldout / "test.jsonl").write_text("\n".join(lines[:2]) + "\n")
     cfg = PipelineConfig.model_validate(
         {
-            "merge": {"dtype": "float32", "check_prompts": ["Say hi."], "check_new_tokens": 4},
+            "eval": {"max_new_tokens": 4, "batch_size": 2},
+            "merge": {"dtype": "float32"},
             "registry": {"model_name": name},
             "storage": {"root": "s3://models/loraflow", "endpoint_url": servers.s3.url},
         }
@@ -150,8 +156,11 @@ def release_with_restart(servers, tiny_model_dir: Path, tmp_path: Path, name: st
             base = prepare_base_model(str(tiny_model_dir))
             adapter = Adapter(uri=log_dir(run_id, adapter_dir, "adapter"),
                               sha256=sha256_tree(adapter_dir), result={})
-            model = merge_adapter(base, adapter, cfg.merge, run_id)
-            version = register_model(model, adapter, tuned, cfg.registry, run_id)
+            test = HeldoutSplit(uri=log_dir(run_id, heldout, "data"),
+                                sha256=sha256_tree(heldout))
+            model, _ = merge_adapter(base, adapter, test, PromptTemplate(), cfg.eval, cfg.merge,
+                                     run_id)
+            version = register_model(model, adapter, tuned, cfg.registry, run_id).version
             pids.append(servers.tracking.process.pid)
             servers.tracking.stop()  # the tracking server goes away between two tasks ...
             servers.tracking.start("/health")  # ... and comes back (same database, same S3)

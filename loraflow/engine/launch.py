@@ -76,7 +76,7 @@ def launch(engine: EngineConfig, run_key: str, relay_to: str, relay: MetricRelay
     run_dir, train = Path(engine.output_dir), engine.train
     config_file = run_dir / "engine.json"
     config_file.write_text(engine.model_dump_json(indent=2))
-    processes = max(train.gpus_per_node, 1)  # 0 GPUs: one process on CPU
+    processes = max(train.gpus_per_node or 0, 1)  # 0 GPUs or unset: one process
     command = launch_command(["--config", str(config_file)], processes, train.nodes,
                              train.rdzv_endpoint, run_key)
     return run_engine(command, run_dir, relay_to, relay, while_running)

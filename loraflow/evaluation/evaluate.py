@@ -15,11 +15,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from peft import PeftModel
 from pydantic import BaseModel
 
-from loraflow.base_model import load_model, load_tokenizer
+from loraflow.base_model import (
+    dtype_name,
+    inference_device,
+    inference_dtype,
+    load_model,
+    load_tokenizer,
+)
 from loraflow.config import LOWER_IS_BETTER, EvalConfig, EvalSetConfig
 from loraflow.data.prompts import PromptTemplate
 from loraflow.data.records import DataError, read_records
@@ -63,6 +68,8 @@ class EvalResult(BaseModel):
     examples: dict[str, list[dict[str, Any]]]
     failed_thresholds: list[str] = []
     seconds: float = 0.0
+    dtype: str = ""  # the weights' dtype as answered (bfloat16 on a GPU, float32 on CPU)
+    device: str = ""
 
 
 def read_test_set(path: Path) -> list[EvalExample]:
@@ -97,12 +104,11 @@ def decoding_of(cfg: EvalConfig) -> Decoding:
     )
 
 
-def evaluation_device() -> tuple[torch.dtype, str]:
+def evaluation_device() -> tuple[Any, str]:
     """bfloat16 on a GPU that has it (what training computes in; half the bytes a decode step
-    reads), else float32."""
-    if torch.cuda.is_available():
-        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), "cuda"
-    return torch.float32, "cpu"
+    reads), else float32: (dtype, device), the choice of base_model.inference_dtype."""
+    device = inference_device()
+    return inference_dtype(device), device
 
 
 def batch_size_of(
@@ -152,6 +158,25 @@ def evaluate(
     loaded = load_model(model.path, *evaluation_device())
     if model.adapter is not None:
         loaded = PeftModel.from_pretrained(loaded, model.adapter)
+    result = evaluate_loaded(loaded, tokenizer, sets, template, cfg, label, scorers,
+                             answers_by_set)
+    return result.model_copy(update={"seconds": time.perf_counter() - start})
+
+
+def evaluate_loaded(
+    loaded: Any,
+    tokenizer: Any,
+    sets: list[EvalSet],
+    template: PromptTemplate,
+    cfg: EvalConfig,
+    label: str = "model",
+    scorers: dict[str, Scorer] | None = None,
+    answers_by_set: dict[str, list[str]] | None = None,
+) -> EvalResult:
+    """Answer and score every test set with a model already loaded (merge evaluates the model
+    it just merged, without loading it again); answers_by_set: vLLM's, already generated."""
+    start = time.perf_counter()
+    scorers = scorers or {s.cfg.name: Scorer(s.cfg) for s in sets}
     per_set: dict[str, dict[str, float]] = {}
     rows_per_set: dict[str, list[dict[str, Any]]] = {}
     for test_set in sets:
@@ -224,6 +249,8 @@ def evaluate(
         examples=rows_per_set,
         failed_thresholds=failed,
         seconds=time.perf_counter() - start,
+        dtype=dtype_name(next(loaded.parameters()).dtype),
+        device=str(next(loaded.parameters()).device.type),
     )
 
 
@@ -251,6 +278,43 @@ def check_thresholds(metrics: dict[str, float], thresholds: dict[str, float]) ->
             relation = "at most" if lower else "at least"
             failed.append(f"{key} = {value} (must be {relation} {bound})")
     return failed
+
+
+class AnswerParity(BaseModel):
+    """One model's test-set answers against another's, prompt by prompt: the merged model
+    against base + adapter (loraflow.merge)."""
+
+    answers: int
+    differing: int
+    max_differing: float  # the fraction of answers allowed to differ (merge.max_differing)
+    passed: bool
+    reference_dtype: str  # the reference answered in this dtype
+    examples: list[dict[str, str]]  # the differing answers (the first PARITY_EXAMPLES)
+
+
+PARITY_EXAMPLES = 50
+
+
+def compare_answers(
+    reference: EvalResult, merged: EvalResult, max_differing: float
+) -> AnswerParity:
+    """Count the prompts whose answers differ between two results of the same test sets."""
+    answers, differing = 0, []
+    for set_name, rows in reference.examples.items():
+        for index, (ref, new) in enumerate(zip(rows, merged.examples[set_name], strict=True)):
+            answers += 1
+            if ref["answer"] != new["answer"]:
+                differing.append({"set": set_name, "index": str(index),
+                                  "prompt": ref["input"] or ref["instruction"],
+                                  "adapter": ref["answer"], "merged": new["answer"]})
+    return AnswerParity(
+        answers=answers,
+        differing=len(differing),
+        max_differing=max_differing,
+        passed=len(differing) <= max_differing * answers,
+        reference_dtype=reference.dtype,
+        examples=differing[:PARITY_EXAMPLES],
+    )
 
 
 def write_result(result: EvalResult, out_dir: Path) -> Path:

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from loraflow.config import LOWER_IS_BETTER  # noqa: E402
-from loraflow.evaluation.evaluate import EvalResult  # noqa: E402
+from loraflow.evaluation.evaluate import AnswerParity, EvalResult  # noqa: E402
 
 COLOURS = {"base": "#7f7f7f", "tuned": "#1f77b4", "champion": "#ff7f0e"}
 OTHER_COLOURS = ["#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
@@ -125,6 +125,7 @@ def render_html(
     side_by_side: int,
     title: str = "loraflow evaluation",
     notes: tuple[str, ...] = (),
+    parity: AnswerParity | None = None,
 ) -> str:
     """One page with everything inlined (figures as data: URIs), so it opens anywhere."""
     labels = list(results)
@@ -155,7 +156,10 @@ def render_html(
                 for label in labels
             )
             parts.append(f"<tr><td>{esc(set_name)}</td><td>{esc(metric)}</td>{cells}</tr>")
-    parts.append("</table><h2>Figures</h2>")
+    parts.append("</table>")
+    if parity is not None:
+        parts += parity_section(parity)
+    parts.append("<h2>Figures</h2>")
     for figure in figures:
         data = base64.b64encode(figure.read_bytes()).decode()
         parts.append(
@@ -191,6 +195,29 @@ def render_html(
     return "\n".join(parts)
 
 
+def parity_section(parity: AnswerParity) -> list[str]:
+    """How many test answers the merged model (what ships) gives differently from base +
+    adapter, and which."""
+    esc = html.escape
+    parts = [
+        "<h2>Merge check</h2><p id='parity'>"
+        f"{parity.differing} of {parity.answers} test answers differ between base + adapter "
+        f"({esc(parity.reference_dtype)}) and the merged model that is registered (tuned); "
+        f"allowed: {parity.max_differing:.0%}.</p>"
+    ]
+    if parity.examples:
+        parts.append("<table id='differing'><tr><th>set</th><th>#</th><th>prompt</th>"
+                     "<th>base + adapter</th><th>merged</th></tr>")
+        parts += [
+            f"<tr><td>{esc(e['set'])}</td><td>{int(e['index']) + 1}</td>"
+            f"<td><pre>{esc(e['prompt'])}</pre></td><td><pre>{esc(e['adapter'])}</pre></td>"
+            f"<td><pre>{esc(e['merged'])}</pre></td></tr>"
+            for e in parity.examples
+        ]
+        parts.append("</table>")
+    return parts
+
+
 CSS = """
 body { font-family: sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; margin-bottom: 2em; }
@@ -208,6 +235,7 @@ def build_report(
     out_dir: Path,
     side_by_side: int = 10,
     title: str = "loraflow evaluation",
+    parity: AnswerParity | None = None,
 ) -> Path:
     """Write the PNGs and report.html into out_dir; return the HTML's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -222,7 +250,7 @@ def build_report(
         plot_fuzzy_distribution(results, primary, out_dir / "fuzzy_distribution.png"),
     ]
     page = render_html(
-        results, [f for f in figures if f is not None], side_by_side, title, tuple(notes)
+        results, [f for f in figures if f is not None], side_by_side, title, tuple(notes), parity
     )
     path = out_dir / "report.html"
     path.write_text(page, encoding="utf-8")

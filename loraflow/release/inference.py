@@ -17,7 +17,12 @@ import torch
 from pydantic import BaseModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from loraflow.base_model import ModelNotFoundError, load_tokenizer
+from loraflow.base_model import (
+    ModelNotFoundError,
+    inference_device,
+    inference_dtype,
+    load_tokenizer,
+)
 from loraflow.config import loraflow_home
 from loraflow.data.prompts import PromptTemplate, TemplateKind
 from loraflow.data.records import read_records
@@ -127,12 +132,9 @@ def load_for_inference(
     """Model and tokenizer; 8/4-bit loading needs a CUDA GPU and the bitsandbytes package."""
     from transformers import AutoModelForCausalLM
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or inference_device()
     tokenizer = load_tokenizer(path)
-    if device == "cpu":
-        dtype = torch.float32
-    else:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = inference_dtype(device)
     kwargs: dict = {"dtype": dtype, "use_safetensors": True}
     if quantization != "none":
         kwargs |= quantized_loading(quantization, device, dtype)

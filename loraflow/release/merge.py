@@ -2,8 +2,11 @@
 (safetensors, tokenizer, generation config) that transformers and vLLM load as is.
 
 Before merging, the adapter's lineage manifest is checked against the base; after merging, the
-merged model must give the same greedy answers as base + adapter on a few prompts (within
-numerical tolerance), or nothing is saved.
+merged model must answer like base + adapter, or nothing is saved. The pipeline's check
+(merge_and_evaluate) is the evaluation itself: base + adapter answer the test sets, the adapter
+is folded in, the merged model in its serving dtype answers them again (the score the promotion
+gate reads), and the answers that differ are counted. merge_adapter checks a few greedy answers
+and their logits instead, for a merge outside the pipeline.
 """
 
 from __future__ import annotations
@@ -18,8 +21,16 @@ import torch
 from peft import PeftModel
 from pydantic import BaseModel
 
-from loraflow.base_model import load_model, load_tokenizer
+from loraflow.base_model import inference_device, inference_dtype, load_model, load_tokenizer
+from loraflow.config import EvalConfig
 from loraflow.data.prompts import PromptTemplate, encode_prompt, render_prompt
+from loraflow.evaluation.evaluate import (
+    AnswerParity,
+    EvalResult,
+    EvalSet,
+    compare_answers,
+    evaluate_loaded,
+)
 from loraflow.evaluation.generation import Decoding, generate_ids
 from loraflow.release.lineage import LINEAGE_FILE, check_adapter_matches_base
 
@@ -54,7 +65,8 @@ class MergeReport(BaseModel):
     device: str
     base_quantization: str  # how the adapter's base was loaded for training
     note: str  # what was merged onto what, in words
-    check: MergeCheck
+    check: MergeCheck | None = None  # merge_adapter's greedy check on a few prompts
+    parity: AnswerParity | None = None  # merge_and_evaluate's check on the test sets
 
 
 def merge_adapter(
@@ -71,25 +83,8 @@ def merge_adapter(
     Loads one copy of the base in the requested precision (on the GPU when there is one): the
     reference answers are taken from base + adapter before merging, in place, then compared.
     """
-    manifest = check_adapter_matches_base(adapter_path, base_path)
-    base_config = json.loads((Path(base_path) / "config.json").read_text(encoding="utf-8"))
-    if "quantization_config" in base_config:
-        method = base_config["quantization_config"].get("quant_method", "unknown")
-        raise MergeError(
-            f"base {base_path} stores quantized weights ({method}); LoRA deltas are merged onto "
-            "unquantized weights only. Fix: point model.base at the original fp16/bf16/fp32 "
-            "checkpoint the quantized one was made from (QLoRA quantizes it at load time)."
-        )
-    quantization = manifest.get("base_quantization", "none")
-    note = (
-        f"adapter trained on a {quantization}-quantized base; merged onto the unquantized "
-        f"{dtype} weights of the same base files"
-        if quantization != "none"
-        else f"merged onto the base in {dtype}"
-    )
-    log.info("merge: %s", note)
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    manifest, quantization, note = checked_manifest(base_path, adapter_path, dtype)
+    device = inference_device()
     tokenizer = load_tokenizer(base_path)
     model = PeftModel.from_pretrained(load_model(base_path, DTYPES[dtype], device), adapter_path)
     model.eval()
@@ -117,19 +112,93 @@ def merge_adapter(
             f"(near-tie tolerance {check.tie_tolerance}); {'; '.join(check.detail)}. Nothing was "
             "saved. Fix: merge in a wider dtype (merge.dtype=float32)."
         )
-
     report = MergeReport(
         dtype=dtype, device=device, base_quantization=quantization, note=note, check=check
     )
+    save_merged(merged, tokenizer, out_dir, manifest | {"merge": report.model_dump()}
+                | (lineage_extra or {}))
+    return report
+
+
+def merge_and_evaluate(
+    base_path: Path,
+    adapter_path: Path,
+    out_dir: Path,
+    sets: list[EvalSet],
+    template: PromptTemplate,
+    eval_cfg: EvalConfig,
+    dtype: Dtype = "bfloat16",
+    max_differing: float = 0.2,
+    lineage_extra: dict[str, Any] | None = None,
+) -> tuple[MergeReport, EvalResult, EvalResult]:
+    """Base + adapter answer the test sets; the adapter is folded in; the merged model, in
+    `dtype` (what is saved and served), answers them again; the merge is saved to out_dir
+    unless more than `max_differing` of the answers differ. One load of the base for both.
+
+    Returns (report, the merged model's result labelled "tuned", base + adapter's result).
+    base + adapter answer in the device's dtype when that is `dtype` (bf16 on a GPU), else in
+    float32, which the merged weights are then rounded from once (fp32 on CPU)."""
+    manifest, quantization, note = checked_manifest(base_path, adapter_path, dtype)
+    device = inference_device()
+    load_dtype = DTYPES[dtype] if inference_dtype(device) == DTYPES[dtype] else torch.float32
+    tokenizer = load_tokenizer(base_path)
+    model = PeftModel.from_pretrained(load_model(base_path, load_dtype, device), adapter_path)
+    model.eval()
+    reference = evaluate_loaded(model, tokenizer, sets, template, eval_cfg, label="adapter")
+    merged = model.merge_and_unload().to(DTYPES[dtype])
+    result = evaluate_loaded(merged, tokenizer, sets, template, eval_cfg, label="tuned")
+    parity = compare_answers(reference, result, max_differing)
+    log.info("merge parity: %d of %d test answers differ from base + adapter's",
+             parity.differing, parity.answers)
+    if not parity.passed:
+        shown = "; ".join(f"{e['set']} #{e['index']}: {e['adapter']!r} -> {e['merged']!r}"
+                          for e in parity.examples[:3])
+        raise MergeError(
+            f"the merged model does not answer like base + adapter: {parity.differing} of "
+            f"{parity.answers} test answers differ (merge.max_differing={max_differing}), e.g. "
+            f"{shown}. Nothing was saved. Fix: merge in a wider dtype (merge.dtype=float32), or "
+            "raise merge.max_differing if near-ties in a narrow dtype explain it."
+        )
+    report = MergeReport(dtype=dtype, device=device, base_quantization=quantization, note=note,
+                         parity=parity)
+    lineage = manifest | {"merge": report.model_dump(exclude={"parity": {"examples"}})}
+    save_merged(merged, tokenizer, out_dir, lineage | (lineage_extra or {}))
+    return report, result, reference
+
+
+def checked_manifest(base_path: Path, adapter_path: Path, dtype: Dtype
+                     ) -> tuple[dict[str, Any], str, str]:
+    """The adapter's lineage manifest once it matches the base; (manifest, how its base was
+    quantized for training, what is merged onto what in words)."""
+    manifest = check_adapter_matches_base(adapter_path, base_path)
+    base_config = json.loads((Path(base_path) / "config.json").read_text(encoding="utf-8"))
+    if "quantization_config" in base_config:
+        method = base_config["quantization_config"].get("quant_method", "unknown")
+        raise MergeError(
+            f"base {base_path} stores quantized weights ({method}); LoRA deltas are merged onto "
+            "unquantized weights only. Fix: point model.base at the original fp16/bf16/fp32 "
+            "checkpoint the quantized one was made from (QLoRA quantizes it at load time)."
+        )
+    quantization = manifest.get("base_quantization", "none")
+    note = (
+        f"adapter trained on a {quantization}-quantized base; merged onto the unquantized "
+        f"{dtype} weights of the same base files"
+        if quantization != "none"
+        else f"merged onto the base in {dtype}"
+    )
+    log.info("merge: %s", note)
+    return manifest, quantization, note
+
+
+def save_merged(merged: Any, tokenizer: Any, out_dir: Path, lineage: dict[str, Any]) -> None:
+    """Weights, tokenizer, generation config and lineage into out_dir, atomically."""
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     merged.save_pretrained(staging, safe_serialization=True)  # also generation_config.json
     tokenizer.save_pretrained(staging)
-    lineage = manifest | {"merge": report.model_dump()} | (lineage_extra or {})
     (staging / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True))
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
-    return report
 
 
 def _greedy(model: Any, tokenizer: Any, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:

@@ -131,6 +131,20 @@ def register_version(
     return str(version.version)
 
 
+def version_of(client: MlflowClient, name: str, model_sha256: str) -> str | None:
+    """The registered version of `name` whose merged model has these bytes (the oldest if
+    several do), or None: what a re-run registers instead of a second copy."""
+    try:
+        found = client.search_model_versions(
+            f"name='{name}' and tags.`loraflow.model_sha256` = '{model_sha256}'"
+        )
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return str(min(int(v.version) for v in found)) if found else None
+
+
 def lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
     """The lineage manifest as version tags (long values as JSON, hashes as they are)."""
     keys = (
