@@ -14,6 +14,7 @@ import base64
 import hashlib
 import json
 import logging
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -38,6 +39,43 @@ class StorageIntegrityError(OSError):
     """Stored bytes do not hash to what the manifest says (an OSError: a re-upload may fix it)."""
 
 
+class UnsafeKeyError(StoragePermanentError):
+    """A key that would reach outside its root: absolute, with `..`, or through a symlink."""
+
+
+def check_key(key: str, where: str) -> str:
+    """key, if it is a plain relative path of named parts ("model/config.json"); else
+    UnsafeKeyError naming where it came from. Every key a store reads or writes passes here:
+    a manifest from the store is as trustworthy as the store, no more."""
+    parts = key.split("/") if isinstance(key, str) else [""]
+    if (
+        not isinstance(key, str)
+        or key.startswith("/")
+        or "\\" in key
+        or "\0" in key
+        or any(part in ("", ".", "..") for part in parts)
+        or re.match(r"[A-Za-z]:", key)
+    ):
+        raise UnsafeKeyError(
+            f"{where}: refused key {key!r}: keys must be relative paths without '..', '.', "
+            "empty parts, backslashes or a leading '/'. The manifest (or the name it was built "
+            "from) was tampered with or is broken; nothing was written outside its directory. "
+            "Fix: push the version again from a trusted copy."
+        )
+    return key
+
+
+def inside(base: Path, key: str, where: str) -> Path:
+    """base / key after check_key, refused if it resolves (symlinks followed) outside base."""
+    target = Path(base) / check_key(key, where)
+    if not target.resolve().is_relative_to(Path(base).resolve()):
+        raise UnsafeKeyError(
+            f"{where}: refused key {key!r}: {target} resolves to {target.resolve()}, outside "
+            f"{Path(base).resolve()} (a symbolic link on the way). Fix: remove the link."
+        )
+    return target
+
+
 class ObjectStore(Protocol):
     root: str
 
@@ -55,7 +93,7 @@ class LocalStore:
         self.root = self.base.as_uri()
 
     def put(self, local: Path, key: str, sha256: str, progress: Progress | None = None) -> bool:
-        target = self.base / key
+        target = inside(self.base, key, self.root)
         if progress:
             progress(Path(local).stat().st_size)
         if target.is_file() and sha256_file(target) == sha256:
@@ -70,11 +108,12 @@ class LocalStore:
         return True
 
     def get(self, key: str, local: Path) -> None:
+        source = inside(self.base, key, self.root)
         local.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.base / key, local)
+        shutil.copyfile(source, local)
 
     def read_json(self, key: str) -> Any:
-        return json.loads((self.base / key).read_text(encoding="utf-8"))
+        return json.loads(inside(self.base, key, self.root).read_text(encoding="utf-8"))
 
 
 class S3Store:
@@ -101,6 +140,7 @@ class S3Store:
         )
 
     def _key(self, key: str) -> str:
+        check_key(key, self.root)
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def put(self, local: Path, key: str, sha256: str, progress: Progress | None = None) -> bool:
@@ -267,11 +307,13 @@ def push_tree(
     """Upload each directory under prefix/<name>/, then prefix/manifest.json; return it.
 
     progress is called with bytes done (skipped files count as done)."""
+    if prefix:
+        check_key(prefix, f"push to {store.root}")
     files: dict[str, str] = {}
     uploaded = 0
     for name, local_dir in dirs.items():
         for rel, digest in file_manifest(local_dir).items():
-            key = f"{name}/{rel}"
+            key = check_key(f"{name}/{rel}", f"push of {local_dir}")
             files[key] = digest
             uploaded += store.put(Path(local_dir) / rel, _join(prefix, key), digest, progress)
     manifest = {**extra, "files": files}
@@ -285,11 +327,19 @@ def push_tree(
 def pull_tree(store: ObjectStore, prefix: str, dest: Path) -> dict[str, Any]:
     """Download a pushed version into dest and verify every file against its manifest's SHA-256.
     Files already in dest with the right hash are kept; a mismatch stops with the file named."""
+    if prefix:
+        check_key(prefix, f"pull from {store.root}")
     manifest = store.read_json(_join(prefix, MANIFEST))
     dest = Path(dest)
+    where = f"{store.root}/{_join(prefix, MANIFEST)}"
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise StorageIntegrityError(f"{where}: no 'files' mapping; push the version again")
+    for key in files:  # every key checked before any byte is written
+        inside(dest, key, where)
     downloaded = 0
-    for key, digest in sorted(manifest["files"].items()):
-        target = dest / key
+    for key, digest in sorted(files.items()):
+        target = inside(dest, key, where)  # again: a link made by an earlier file counts
         if target.is_file() and sha256_file(target) == digest:
             continue
         partial = target.with_name(target.name + ".partial")
