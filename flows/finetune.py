@@ -24,6 +24,7 @@ from prefect.runtime import deployment
 from loraflow.config import PipelineConfig
 from loraflow.environment import configure
 from loraflow.summary import render, write_summary
+from loraflow.data.watch import check_data_uri
 from tasks.data import tokenize_data, validate_data
 from tasks.deployments import record_trained_data, skip_run, train_on_gpu_pool
 from tasks.evaluation import evaluate_champion, report_evaluation
@@ -46,13 +47,18 @@ def finetune(
     config: PipelineConfig = DEFAULT_CONFIG,
     data_uri: str | None = None,
     skip_trained_data: bool = False,
+    allowed_data_prefixes: list[str] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune, evaluate, register, push and (maybe) promote; return the run summary.
 
     data_uri: training data to use instead of config.data.train (what a data-landing trigger
-    passes); skip_trained_data: stop early if this model was already trained on the same data."""
+    passes); skip_trained_data: stop early if this model was already trained on the same data;
+    allowed_data_prefixes: the only directories / s3:// prefixes a data_uri may lie under (a
+    deployment run with a data_uri and none allowed is refused; in-process, None allows any)."""
     cfg, step, start = config, StepLog(), time.perf_counter()
     if data_uri:
+        if allowed_data_prefixes is not None or deployment.id:
+            check_data_uri(data_uri, allowed_data_prefixes or [])  # before any work is done
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": [data_uri]})})
     home = configure()  # MLflow, models and caches under LORAFLOW_HOME unless set otherwise
     with pipeline_run(cfg) as run_id:

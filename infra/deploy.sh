@@ -6,6 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${PREFECT_API_URL:?set PREFECT_API_URL (. infra/env.sh) to a running Prefect server}"
+# The finetune deployment accepts data_uri only under the watched location (prefect.yaml's
+# allowed_data_prefixes: "{{ $WATCH_LOCATION }}", filled in now).
+WATCH_LOCATION="${WATCH_LOCATION:-${LORAFLOW_HOME:-$PWD/.loraflow}/incoming}"
+case "$WATCH_LOCATION" in s3://* | /*) ;; *) WATCH_LOCATION="$PWD/$WATCH_LOCATION" ;; esac
+export WATCH_LOCATION
+echo "deploy: data_uri allowed under $WATCH_LOCATION"
 for pool in cpu gpu; do
   prefect --no-prompt work-pool inspect "$pool" >/dev/null 2>&1 \
     || prefect --no-prompt work-pool create "$pool" --type process
