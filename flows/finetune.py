@@ -22,9 +22,10 @@ from prefect import flow
 from prefect.runtime import deployment
 
 from loraflow.config import PipelineConfig
+from loraflow.credentials import check_mlflow
+from loraflow.data.watch import check_data_uri
 from loraflow.environment import configure
 from loraflow.summary import render, write_summary
-from loraflow.data.watch import check_data_uri
 from tasks.data import tokenize_data, validate_data
 from tasks.deployments import record_trained_data, skip_run, train_on_gpu_pool
 from tasks.evaluation import evaluate_champion, report_evaluation
@@ -35,7 +36,13 @@ from tasks.model import (
     prepare_base_model,
     train_adapter,
 )
-from tasks.release import discard_version, promote_model, push_model, register_model
+from tasks.release import (
+    discard_version,
+    open_configured_store,
+    promote_model,
+    push_model,
+    register_model,
+)
 from tasks.steps import StepLog
 from tasks.tracking import pipeline_run
 
@@ -61,6 +68,8 @@ def finetune(
             check_data_uri(data_uri, allowed_data_prefixes or [])  # before any work is done
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": [data_uri]})})
     home = configure()  # MLflow, models and caches under LORAFLOW_HOME unless set otherwise
+    check_mlflow()  # missing or refused credentials fail here, not after training
+    open_configured_store(cfg.storage).check()  # the bucket answers these S3 keys
     with pipeline_run(cfg) as run_id:
         base = step(prepare_base_model, source=cfg.model.base)
         data = step(validate_data, data=cfg.data, base=base, run_id=run_id)

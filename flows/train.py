@@ -17,6 +17,7 @@ from prefect import flow
 from loraflow.artifacts import Adapter, TokenizedData
 from loraflow.base_model import BaseModelRef
 from loraflow.config import LoraSettings, TrainConfig
+from loraflow.credentials import check_mlflow
 from loraflow.environment import configure
 from tasks.deployments import ADAPTER_TAG
 from tasks.model import prepare_base_model, train_adapter
@@ -44,6 +45,7 @@ def train(
     pipeline starts one run of this flow per machine and each joins torchrun's rendezvous
     at train.rdzv_endpoint. Only the machine that holds rank 0 returns and tags the adapter."""
     configure()
+    check_mlflow()  # this worker's MLflow credentials, before the model is loaded
     check_gpus(gpus_per_node)
     train = train.model_copy(update={"gpus_per_node": gpus_per_node, "nodes": nodes})
     if not base.path.is_dir():  # another machine: resolve the same source here, same bytes

@@ -112,7 +112,7 @@ def _tamper(store, prefix: str, key: str, body: bytes) -> None:
     with write access to the store would (so the hash check alone would pass)."""
     import hashlib
 
-    from loraflow.storage import _join
+    from loraflow.release.storage import _join
 
     manifest = store.read_json(_join(prefix, MANIFEST))
     manifest["files"][key] = hashlib.sha256(body).hexdigest()
@@ -135,7 +135,7 @@ def _tamper(store, prefix: str, key: str, body: bytes) -> None:
 def test_a_tampered_manifest_writes_nothing_outside_the_destination(
     tmp_path, model_dirs, key, kind, request
 ):
-    from loraflow.storage import UnsafeKeyError, pull_tree
+    from loraflow.release.storage import UnsafeKeyError, pull_tree
 
     if kind == "s3":
         store = open_store("s3://models/t", endpoint_url=request.getfixturevalue("s3_env"))
@@ -155,7 +155,7 @@ def test_a_tampered_manifest_writes_nothing_outside_the_destination(
 
 
 def test_a_symlink_in_the_destination_cannot_carry_a_pull_outside(tmp_path, model_dirs):
-    from loraflow.storage import UnsafeKeyError, pull_tree
+    from loraflow.release.storage import UnsafeKeyError, pull_tree
 
     store = open_store((tmp_path / "store").as_uri())
     push_tree(store, model_dirs, "m/1", {})
@@ -170,7 +170,7 @@ def test_a_symlink_in_the_destination_cannot_carry_a_pull_outside(tmp_path, mode
 
 @pytest.mark.parametrize("kind", ["file", "s3"])
 def test_push_refuses_keys_that_would_leave_the_store_root(tmp_path, model_dirs, kind, request):
-    from loraflow.storage import UnsafeKeyError
+    from loraflow.release.storage import UnsafeKeyError
 
     if kind == "s3":
         store = open_store("s3://models/t", endpoint_url=request.getfixturevalue("s3_env"))
@@ -187,7 +187,7 @@ def test_push_refuses_keys_that_would_leave_the_store_root(tmp_path, model_dirs,
 
 
 def test_check_key_takes_plain_relative_paths_only():
-    from loraflow.storage import UnsafeKeyError, check_key
+    from loraflow.release.storage import UnsafeKeyError, check_key
 
     assert check_key("model/sub/config.json", "t") == "model/sub/config.json"
     for bad in ["", "/a", "a/../b", "..", "./a", "a//b", "a/", "a\\..\\b", "C:/x", "a\0b"]:

@@ -39,6 +39,10 @@ class StorageIntegrityError(OSError):
     """Stored bytes do not hash to what the manifest says (an OSError: a re-upload may fix it)."""
 
 
+class StorageUnreachableError(OSError):
+    """The S3 endpoint does not answer (an OSError: transient, the push task retries it)."""
+
+
 class UnsafeKeyError(StoragePermanentError):
     """A key that would reach outside its root: absolute, with `..`, or through a symlink."""
 
@@ -79,6 +83,9 @@ def inside(base: Path, key: str, where: str) -> Path:
 class ObjectStore(Protocol):
     root: str
 
+    def check(self) -> None:
+        """Reachable, with credentials that work (raises the storage errors above)."""
+
     def put(self, local: Path, key: str, sha256: str, progress: Progress | None = None) -> bool:
         """Upload unless an object with this SHA-256 is there; True when bytes were sent."""
 
@@ -107,6 +114,9 @@ class LocalStore:
         Path(tmp.name).replace(target)  # atomic within one filesystem
         return True
 
+    def check(self) -> None:
+        """Nothing to reach: a local directory (created by the first put)."""
+
     def get(self, key: str, local: Path) -> None:
         source = inside(self.base, key, self.root)
         local.parent.mkdir(parents=True, exist_ok=True)
@@ -130,10 +140,11 @@ class S3Store:
 
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.root = f"s3://{bucket}/{self.prefix}".rstrip("/")
-        self.endpoint = endpoint_url or "AWS"
         # boto3 retries throttling, 5xx and dropped connections itself (3 attempts); the push
         # task adds its own backoff on top. Permanent errors (403, no bucket) are not retried.
         self.client = s3_client(endpoint_url, config=Config(retries={"max_attempts": 3}))
+        # the endpoint in use: given, else $AWS_ENDPOINT_URL, else AWS's (recorded on push)
+        self.endpoint = self.client.meta.endpoint_url
         self.transfer = TransferConfig(
             multipart_threshold=multipart_threshold_mb * MB,
             multipart_chunksize=multipart_chunk_mb * MB,
@@ -168,9 +179,36 @@ class S3Store:
         except S3UploadFailedError as exc:  # wraps the ClientError that says why
             raise _classify(exc.__cause__ or exc.__context__ or exc, self.bucket) from exc
         except (ClientError, BotoCoreError) as exc:
-            _raise_permanent(exc, self.bucket)
+            self._raise_clear(exc)
             raise
         return True
+
+    def check(self) -> None:
+        """The bucket answers with these credentials: a clear error now, not after training."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchBucket"):
+                raise StoragePermanentError(
+                    f"bucket {self.bucket!r} does not exist at {self.endpoint} ({self.root}). "
+                    "Fix: create it, or set storage.root to an existing bucket."
+                ) from exc
+            self._raise_clear(exc)
+            raise
+
+    def _raise_clear(self, exc: BaseException) -> None:
+        """A refused or unreachable request as an error that says what to fix; else return."""
+        from botocore.exceptions import ConnectionClosedError, EndpointConnectionError
+
+        if isinstance(exc, EndpointConnectionError | ConnectionClosedError):
+            raise StorageUnreachableError(
+                f"object storage at {self.endpoint} cannot be reached ({self.root}). Fix: start "
+                "the S3 server, or point storage.endpoint_url (or AWS_ENDPOINT_URL) at it."
+            ) from exc
+        _raise_permanent(exc, self.bucket)
 
     def _head(self, key: str) -> dict[str, Any] | None:
         from botocore.exceptions import ClientError
@@ -228,7 +266,7 @@ class S3Store:
         try:
             self.client.download_file(self.bucket, self._key(key), str(local))
         except (ClientError, BotoCoreError) as exc:
-            _raise_permanent(exc, self.bucket)
+            self._raise_clear(exc)
             raise
 
     def read_json(self, key: str) -> Any:
@@ -237,7 +275,7 @@ class S3Store:
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
         except (ClientError, BotoCoreError) as exc:
-            _raise_permanent(exc, self.bucket)
+            self._raise_clear(exc)
             raise
         return json.loads(body)
 
@@ -259,13 +297,15 @@ def _classify(exc: BaseException, bucket: str) -> BaseException:
     if isinstance(exc, NoCredentialsError):
         return StoragePermanentError(
             "no AWS credentials found for object storage. Fix: set AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run where an instance role applies."
+            "AWS_SECRET_ACCESS_KEY (in the environment or the file $LORAFLOW_CREDENTIALS_FILE "
+            "names), AWS_PROFILE, or run where an instance role applies."
         )
     code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
     if code in PERMANENT_CODES:
         return StoragePermanentError(
             f"object storage refused the request ({code}) for bucket {bucket!r}. Fix: check that "
-            "the bucket exists and the AWS credentials in the environment may write to it."
+            "the bucket exists and that AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (from the "
+            "environment or $LORAFLOW_CREDENTIALS_FILE) are the S3 server's keys for it."
         )
     return exc
 
