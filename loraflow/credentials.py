@@ -120,21 +120,25 @@ def safe_url(url: str) -> str:
     return url
 
 
-def _get(url: str, headers: dict[str, str], what: str, verify: bool | str = True):  # noqa: ANN202
+def _get(  # noqa: ANN202 - a requests.Response
+    base: str, path: str, headers: dict[str, str], what: str, variable: str,
+    verify: bool | str = True,
+):  # fmt: skip
     import requests  # MLflow's and Prefect's dependency; imported only for a check
 
     try:
-        return requests.get(url, headers=headers, timeout=TIMEOUT, verify=verify)
+        return requests.get(base.rstrip("/") + path, headers=headers, timeout=TIMEOUT,
+                            verify=verify)  # fmt: skip
     except requests.exceptions.SSLError as exc:
         raise CredentialsError(
-            f"{what} at {safe_url(url)}: the TLS certificate was not accepted "
+            f"{what} at {safe_url(base)}: the TLS certificate was not accepted "
             f"({type(exc).__name__}). Fix: use the proxy's trusted certificate (for MLflow "
             "MLFLOW_TRACKING_SERVER_CERT_PATH, for Prefect SSL_CERT_FILE)."
         ) from None
     except requests.exceptions.RequestException as exc:
         raise CredentialsError(
-            f"{what} at {safe_url(url)} cannot be reached ({type(exc).__name__}). Fix: start "
-            "the server (infra/README.md) or correct the URL variable."
+            f"{what} at {variable}={safe_url(base)} cannot be reached ({type(exc).__name__}). "
+            f"Fix: start the server (infra/README.md) or correct {variable}."
         ) from None
 
 
@@ -162,8 +166,10 @@ def check_mlflow(uri: str | None = None, env: MutableMapping[str, str] | None = 
     verify: bool | str = env.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or (
         env.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() != "true"
     )
-    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
-    response = _get(url, mlflow_headers(env), "the MLflow tracking server", verify)
+    response = _get(
+        uri, "/api/2.0/mlflow/experiments/search?max_results=1", mlflow_headers(env),
+        "the MLflow tracking server", "MLFLOW_TRACKING_URI", verify,
+    )  # fmt: skip
     if response.status_code == 401:
         given = "MLFLOW_TRACKING_TOKEN" if env.get("MLFLOW_TRACKING_TOKEN") else (
             f"MLFLOW_TRACKING_USERNAME={user!r} / MLFLOW_TRACKING_PASSWORD" if user else None
@@ -204,7 +210,7 @@ def check_prefect(api_url: str | None = None, env: MutableMapping[str, str] | No
         headers = {"Authorization": f"Basic {token}"}
     elif env.get("PREFECT_API_KEY"):
         headers = {"Authorization": f"Bearer {env['PREFECT_API_KEY']}"}
-    response = _get(api_url.rstrip("/") + "/admin/version", headers, "the Prefect server")
+    response = _get(api_url, "/admin/version", headers, "the Prefect server", "PREFECT_API_URL")
     if response.status_code in (401, 403):
         why = (
             f"refused PREFECT_API_AUTH_STRING ({response.status_code}: wrong or rotated)"
