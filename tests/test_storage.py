@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -193,3 +194,25 @@ def test_check_key_takes_plain_relative_paths_only():
     for bad in ["", "/a", "a/../b", "..", "./a", "a//b", "a/", "a\\..\\b", "C:/x", "a\0b"]:
         with pytest.raises(UnsafeKeyError):
             check_key(bad, "t")
+
+
+def test_an_unreachable_endpoint_is_named_not_a_raw_botocore_error(unused_port, monkeypatch):
+    from loraflow.storage import StorageUnreachableError, pull_tree
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    dead = f"http://127.0.0.1:{unused_port}"
+    store = open_store("s3://models/x", endpoint_url=dead)
+    for action in (store.check, lambda: pull_tree(store, "m/1", Path("/nonexistent"))):
+        with pytest.raises(StorageUnreachableError, match=f"object storage at {dead} cannot be"):
+            action()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)  # the endpoint in use, whichever way it came
+    assert open_store("s3://models/x").endpoint == dead
+
+
+def test_check_names_a_missing_bucket(s3_env):
+    store = open_store("s3://no-such-bucket/x", endpoint_url=s3_env)
+    with pytest.raises(StoragePermanentError, match="bucket 'no-such-bucket' does not exist"):
+        store.check()
+    open_store("s3://models/x", endpoint_url=s3_env).check()
