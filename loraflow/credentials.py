@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import os
+import signal
 import stat
 import sys
 from collections.abc import MutableMapping
@@ -254,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     if command:
         sys.stdout.flush()
+        # A job started with `&` from a script inherits SIGINT ignored, and a Python program
+        # started so installs no KeyboardInterrupt handler: the Prefect worker turns SIGTERM
+        # into SIGINT to itself, so it then ignored both. Default dispositions for the command.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.execvp(command[0], command)  # same pid: signals reach the command itself
     return 0
 

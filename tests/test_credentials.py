@@ -134,3 +134,39 @@ def test_the_check_command_exits_3_with_the_message(stub, monkeypatch, capsys):
     assert "PREFECT_API_AUTH_STRING is not set" in capsys.readouterr().err
     monkeypatch.setenv("PREFECT_API_AUTH_STRING", "pipeline:right-password-123")
     assert main(["--no-mlflow"]) == 0
+
+
+def test_the_command_it_becomes_gets_sigint_back_from_a_background_shell(tmp_path, monkeypatch):
+    """A script's `worker.sh &` starts the worker with SIGINT ignored; a Python program then has
+    no KeyboardInterrupt, and the Prefect worker (SIGTERM -> SIGINT to itself) ignored both."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import os, signal, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: os.kill(os.getpid(), signal.SIGINT))\n"
+        "print('ready', flush=True)\n"
+        "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    raise SystemExit(7)\n"
+    )
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    root = Path(__file__).resolve().parents[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "loraflow.credentials", "--no-mlflow", "--no-prefect", "--",
+         sys.executable, str(child)],
+        cwd=root, env=os.environ | {"PYTHONPATH": str(root)}, stdout=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # noqa: PLW1509
+    )  # fmt: skip
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)  # the same pid: exec'd, not a child
+        assert process.wait(timeout=20) == 7 and time.monotonic() - sent < 10
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()
