@@ -272,7 +272,7 @@ def test_pipeline_promote_rollback_and_pull_work_with_the_right_credentials(
 
     pipeline = MlflowClient(stack.mlflow.url)
     v2 = pipeline.create_model_version(MODEL, v1.source, v1.run_id, tags=v1.tags,
-                                       model_id=v1.model_id)  # fmt: skip
+                                       model_id=v1.source.removeprefix("models:/"))  # fmt: skip
     assert cli(stack, ["promote", MODEL, "--version", "1"]).returncode == 0
     done = cli(stack, ["promote", MODEL, "--version", v2.version])
     assert done.returncode == 0 and f"champion is now v{v2.version} (was v1)" in done.stdout
