@@ -82,7 +82,7 @@ def discard_version(cfg: RegistryConfig, version: str) -> None:
     MlflowClient().delete_model_version(cfg.model_name, version)
 
 
-def open_configured_store(cfg: StorageConfig):  # noqa: ANN201 - a loraflow.storage.ObjectStore
+def open_configured_store(cfg: StorageConfig):  # noqa: ANN201 - an ObjectStore
     """The store of storage.root (default: <LORAFLOW_HOME>/storage)."""
     return open_store(
         cfg.root or (loraflow_home() / "storage").as_uri(),

@@ -197,7 +197,7 @@ def test_check_key_takes_plain_relative_paths_only():
 
 
 def test_an_unreachable_endpoint_is_named_not_a_raw_botocore_error(unused_port, monkeypatch):
-    from loraflow.storage import StorageUnreachableError, pull_tree
+    from loraflow.release.storage import StorageUnreachableError, pull_tree
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
