@@ -50,7 +50,7 @@ def servers(tmp_path_factory):
                 client.create_bucket(Bucket=bucket)
             tracking = mlflow_server(tmp, tmp / "mlflow.db", "s3://mlflow/artifacts", s3.url)
             started.append(tracking)
-            tracking.start("/health")
+            tracking.start("/health", timeout=180)  # a busy machine: MLflow takes ~50 s
             env.setenv("MLFLOW_TRACKING_URI", tracking.url)
             yield SimpleNamespace(s3=s3, tracking=tracking, tmp=tmp)
         finally:
@@ -159,7 +159,7 @@ def release_with_restart(servers, tiny_model_dir: Path, tmp_path: Path, name: st
             version = register_model(model, adapter, tuned, cfg.registry, run_id)
             pids.append(servers.tracking.process.pid)
             servers.tracking.stop()  # the tracking server goes away between two tasks ...
-            servers.tracking.start("/health")  # ... and comes back (same database, same S3)
+            servers.tracking.start("/health", timeout=180)  # ... and comes back (same db, S3)
             pids.append(servers.tracking.process.pid)
             push_model(version, model, adapter, cfg.storage, name, run_id)
             promote_model(version, tuned, base_metrics, cfg.registry, run_id)
