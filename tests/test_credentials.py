@@ -150,8 +150,8 @@ def test_the_command_it_becomes_gets_sigint_back_from_a_background_shell(tmp_pat
     child.write_text(
         "import os, signal, time\n"
         "signal.signal(signal.SIGTERM, lambda *a: os.kill(os.getpid(), signal.SIGINT))\n"
-        "print('ready', flush=True)\n"
-        "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    raise SystemExit(7)\n"
+        "try:\n    print('ready', flush=True)\n    time.sleep(60)\n"
+        "except KeyboardInterrupt:\n    raise SystemExit(7)\n"
     )
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     root = Path(__file__).resolve().parents[1]
