@@ -26,13 +26,21 @@ from prefect.runtime import deployment
 from prefect.states import State
 
 from loraflow.config import PipelineConfig
+from loraflow.credentials import check_mlflow
+from loraflow.data.watch import check_data_uri
 from loraflow.environment import configure
 from loraflow.summary import render, write_summary
 from tasks.data import heldout_split, tokenize_data, validate_data
 from tasks.deployments import IN_PROCESS, ON_GPU_POOL, record_trained_data, skip_run
 from tasks.evaluation import report_evaluation
 from tasks.model import prepare_base_model
-from tasks.release import discard_version, promote_model, push_model, register_model
+from tasks.release import (
+    discard_version,
+    open_configured_store,
+    promote_model,
+    push_model,
+    register_model,
+)
 from tasks.steps import StepLog
 from tasks.tracking import pipeline_run
 
@@ -44,15 +52,22 @@ def finetune(
     config: PipelineConfig = DEFAULT_CONFIG,
     data_uri: str | None = None,
     skip_trained_data: bool = False,
+    allowed_data_prefixes: list[str] | None = None,
 ) -> dict[str, Any] | State:
     """Fine-tune, evaluate, register, push and (maybe) promote; return the run summary.
 
     data_uri: training data to use instead of config.data.train (what a data-landing trigger
-    passes); skip_trained_data: stop early if this model was already trained on the same data."""
+    passes); skip_trained_data: stop early if this model was already trained on the same data;
+    allowed_data_prefixes: the only directories / s3:// prefixes a data_uri may lie under (a
+    deployment run with a data_uri and none allowed is refused; in-process, None allows any)."""
     cfg, step, start = config, StepLog(), time.perf_counter()
     if data_uri:
+        if allowed_data_prefixes is not None or deployment.id:
+            check_data_uri(data_uri, allowed_data_prefixes or [])  # before any work is done
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": [data_uri]})})
     home = configure()  # MLflow, models and caches under LORAFLOW_HOME unless set otherwise
+    check_mlflow()  # missing or refused credentials fail here, not after training
+    open_configured_store(cfg.storage).check()  # the bucket answers these S3 keys
     # A deployment run: the steps that load the model go to the gpu pool, results via MLflow.
     gpu = ON_GPU_POOL if deployment.id else IN_PROCESS
     with pipeline_run(cfg) as run_id:

@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger
 from loraflow.artifacts import Adapter, TokenizedData
 from loraflow.base_model import BaseModelRef
 from loraflow.config import LoraSettings, TrainConfig
+from loraflow.credentials import check_mlflow
 from loraflow.environment import configure
 from tasks.deployments import ADAPTER_TAG, base_on_this_machine
 from tasks.model import train_adapter
@@ -45,6 +46,7 @@ def train(
     and each joins torchrun's rendezvous at train.rdzv_endpoint; only the machine that holds
     rank 0 returns and tags the adapter."""
     configure()
+    check_mlflow()  # this worker's MLflow credentials, before the model is loaded
     gpus = resolve_gpus(train.gpus_per_node, gpus_per_node)
     get_run_logger().info("training on %s GPU(s) a machine, %d machine(s)", gpus, train.nodes)
     train = train.model_copy(update={"gpus_per_node": gpus})

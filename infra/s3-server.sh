@@ -5,8 +5,10 @@
 set -euo pipefail
 host="${S3_HOST:-127.0.0.1}"
 port="${S3_PORT:-9000}"
-export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-local}"
-export AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-local-secret}"
+# moto accepts any key pair; the stack's own (server.env's S3_ACCESS_KEY/S3_SECRET_KEY, set by
+# infra/local-stack.sh) are required anyway, as MinIO or AWS would check them.
+: "${AWS_ACCESS_KEY_ID:?set AWS_ACCESS_KEY_ID (the S3 keys: infra/new-credentials.sh)}"
+: "${AWS_SECRET_ACCESS_KEY:?set AWS_SECRET_ACCESS_KEY (the S3 keys: infra/new-credentials.sh)}"
 export AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-us-east-1}"
 python -c "from moto.server import main; main()" -H "$host" -p "$port" &
 server=$!

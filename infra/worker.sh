@@ -4,6 +4,10 @@
 # worker: start one per GPU machine, or one per GPU with
 # CUDA_VISIBLE_DEVICES=i). Run from the repo root with the env of infra/env.sh, so its flow
 # runs reach the same Prefect server, MLflow tracking server and object storage.
+# Credentials (PREFECT_API_AUTH_STRING, MLFLOW_TRACKING_USERNAME/PASSWORD, AWS_ACCESS_KEY_ID/
+# AWS_SECRET_ACCESS_KEY) come from the environment or the file $LORAFLOW_CREDENTIALS_FILE
+# names; they are checked against the servers first, and the worker does not start if one is
+# missing or refused. The worker replaces this shell (same process): SIGTERM/SIGINT reach it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pool="${1:?usage: infra/worker.sh cpu|gpu}"
@@ -13,5 +17,10 @@ case "$pool" in
   gpu) limit=1 ;;  # one run (training, evaluation or merge) per GPU worker
   *) echo "infra/worker.sh: pool must be cpu or gpu, not '$pool'" >&2; exit 2 ;;
 esac
-exec prefect --no-prompt worker start --pool "$pool" --type process --limit "$limit" \
+export LORAFLOW_HOME="${LORAFLOW_HOME:-$PWD/.loraflow}"
+# the worker's and its flow runs' Prefect home (task results, settings): under the loraflow
+# home, so `make clean` removes them too
+export PREFECT_HOME="${PREFECT_HOME:-$LORAFLOW_HOME/prefect}"
+exec python -m loraflow.credentials -- \
+  prefect --no-prompt worker start --pool "$pool" --type process --limit "$limit" \
   --name "${WORKER_NAME:-$pool-$(hostname)${CUDA_VISIBLE_DEVICES:+-gpu$CUDA_VISIBLE_DEVICES}}"

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from loraflow.config import loraflow_home
+from loraflow.credentials import load_credentials
 
 EPHEMERAL_STARTUP_SECONDS = 180
 
@@ -39,4 +40,5 @@ def configure(home: Path | None = None) -> Path:
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+    load_credentials()  # $LORAFLOW_CREDENTIALS_FILE, if set, before prefect/mlflow read them
     return home

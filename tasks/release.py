@@ -17,12 +17,14 @@ from tqdm import tqdm
 
 from loraflow.artifacts import Adapter, MergedModel
 from loraflow.config import RegistryConfig, StorageConfig, loraflow_home
+from loraflow.credentials import safe_url
 from loraflow.release import registry
 from loraflow.release.lineage import LINEAGE_FILE
 from loraflow.release.storage import open_store, push_tree
 from tasks.caching import CONTENT
 from tasks.tracking import fetch, fetch_verified, log_metrics, log_params
 
+ENDPOINT_TAG = "loraflow.storage_endpoint"
 TRANSIENT = (OSError, ConnectionError, BotoCoreError, ClientError, MlflowException)
 
 
@@ -95,6 +97,16 @@ def discard_version(cfg: RegistryConfig, version: str) -> None:
     MlflowClient().delete_model_version(cfg.model_name, version)
 
 
+def open_configured_store(cfg: StorageConfig):  # noqa: ANN201 - an ObjectStore
+    """The store of storage.root (default: <LORAFLOW_HOME>/storage)."""
+    return open_store(
+        cfg.root or (loraflow_home() / "storage").as_uri(),
+        cfg.endpoint_url,
+        cfg.multipart_threshold_mb,
+        cfg.multipart_chunk_mb,
+    )
+
+
 @task(cache_policy=CONTENT, **NETWORK_RETRIES)
 def push_model(
     version: str,
@@ -105,12 +117,7 @@ def push_model(
     run_id: str,
 ) -> str:
     """Upload merged model + adapter + SHA-256 manifest to <root>/<model-name>/<version>/."""
-    store = open_store(
-        cfg.root or (loraflow_home() / "storage").as_uri(),
-        cfg.endpoint_url,
-        cfg.multipart_threshold_mb,
-        cfg.multipart_chunk_mb,
-    )
+    store = open_configured_store(cfg)
     dirs = {"model": fetch(model.uri), "adapter": fetch_verified(adapter, "adapter")}
     total = sum(p.stat().st_size for d in dirs.values() for p in Path(d).rglob("*") if p.is_file())
     with tqdm(total=total, desc="push", unit="B", unit_scale=True) as bar:
@@ -126,7 +133,10 @@ def push_model(
             },
             progress=bar.update,
         )
-    MlflowClient().set_model_version_tag(model_name, version, "loraflow.storage_uri", pushed["uri"])
+    client = MlflowClient()
+    client.set_model_version_tag(model_name, version, "loraflow.storage_uri", pushed["uri"])
+    if endpoint := getattr(store, "endpoint", None):  # S3: where `loraflow pull` finds it
+        client.set_model_version_tag(model_name, version, ENDPOINT_TAG, safe_url(endpoint))
     log_params(run_id, {"storage.uri": pushed["uri"]})
     log_metrics(
         run_id,

@@ -102,6 +102,7 @@ def test_new_data_triggers_training_on_the_gpu_pool_and_the_same_bytes_do_not(
         "PREFECT_WORKER_PREFETCH_SECONDS": "0",
         "MLFLOW_TRACKING_URI": tracking,
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        "WATCH_LOCATION": str(inbox),  # deploy.sh: the only place a data_uri may come from
     }
     server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"} | {
         "PREFECT_HOME": str(tmp_path / "prefect-server"),

@@ -240,3 +240,29 @@ def test_a_failed_child_run_is_quoted_and_a_worker_is_suggested_only_when_none_t
     assert "worker" not in str(failed.value).replace("this worker", "")
     with pytest.raises(RemoteStepError, match="no worker took it.*infra/worker.sh gpu"):
         check_completed(run(Scheduled()), "merge/merge")
+
+
+def test_the_deployed_trigger_accepts_the_watched_location_only(tmp_path, monkeypatch):
+    """prefect.yaml's allowed_data_prefixes as `prefect deploy` fills it in from
+    $WATCH_LOCATION; the pipeline refuses an event's file elsewhere before any work."""
+    from prefect.utilities.templating import apply_values
+
+    from flows.finetune import finetune
+    from loraflow.data.watch import DataLocationError
+
+    inbox = tmp_path / "incoming"
+    monkeypatch.setenv("WATCH_LOCATION", str(inbox))
+    params = apply_values(deployments()["finetune"]["parameters"], {}, remove_notset=False)
+    assert params["allowed_data_prefixes"] == [str(inbox)]
+    flow = load_flow(deployments()["finetune"])
+    server_accepts(flow, params)
+    outside = tmp_path / "elsewhere.jsonl"
+    outside.write_text("{}\n")
+    with pytest.raises(DataLocationError, match=f"not under any location .*\\({inbox}\\)"):
+        finetune.fn(
+            config=PipelineConfig(),
+            data_uri=str(outside),
+            allowed_data_prefixes=params["allowed_data_prefixes"],
+        )
+    with pytest.raises(DataLocationError, match=f"not under any location .*\\({inbox}\\)"):
+        finetune.fn(data_uri=f"{inbox}/../elsewhere.jsonl", allowed_data_prefixes=[str(inbox)])

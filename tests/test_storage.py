@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +106,113 @@ def test_a_pull_stops_at_a_corrupted_file_and_names_it(tmp_path, model_dirs):
     ):
         pull_tree(store, "m/1", tmp_path / "pulled")
     assert not (tmp_path / "pulled" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def _tamper(store, prefix: str, key: str, body: bytes) -> None:
+    """Add key -> sha256(body) to a pushed manifest and store body under it, as an attacker
+    with write access to the store would (so the hash check alone would pass)."""
+    import hashlib
+
+    from loraflow.release.storage import _join
+
+    manifest = store.read_json(_join(prefix, MANIFEST))
+    manifest["files"][key] = hashlib.sha256(body).hexdigest()
+    if hasattr(store, "client"):  # S3: the raw client, below the store's own key checks
+        store.client.put_object(Bucket=store.bucket, Key=store._key(f"{prefix}/{MANIFEST}"),
+                                Body=json.dumps(manifest).encode())  # fmt: skip
+        store.client.put_object(Bucket=store.bucket, Key=f"{store.prefix}/{prefix}/{key}",
+                                Body=body)  # fmt: skip
+    else:
+        (store.base / prefix / MANIFEST).write_text(json.dumps(manifest))
+        if key.startswith("/"):
+            return  # base / "/abs" is "/abs" itself: nothing to store for it
+        target = store.base / prefix / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(body)
+
+
+@pytest.mark.parametrize("key", ["../escaped.txt", "model/../../escaped.txt", "/tmp/abs.txt"])
+@pytest.mark.parametrize("kind", ["file", "s3"])
+def test_a_tampered_manifest_writes_nothing_outside_the_destination(
+    tmp_path, model_dirs, key, kind, request
+):
+    from loraflow.release.storage import UnsafeKeyError, pull_tree
+
+    if kind == "s3":
+        store = open_store("s3://models/t", endpoint_url=request.getfixturevalue("s3_env"))
+    else:
+        store = open_store((tmp_path / "store").as_uri())
+    push_tree(store, model_dirs, "m/1", {})
+    if key.startswith("/"):
+        key = str(tmp_path / "abs.txt")
+    _tamper(store, "m/1", key, b"owned")
+    dest = tmp_path / "deep" / "pulled"
+    with pytest.raises(UnsafeKeyError, match="refused key") as err:
+        pull_tree(store, "m/1", dest)
+    assert "manifest.json" in str(err.value)
+    assert not (tmp_path / "deep" / "escaped.txt").exists()
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "abs.txt").exists()
+    assert not dest.exists() or not any(dest.rglob("*"))  # refused before any byte was written
+
+
+def test_a_symlink_in_the_destination_cannot_carry_a_pull_outside(tmp_path, model_dirs):
+    from loraflow.release.storage import UnsafeKeyError, pull_tree
+
+    store = open_store((tmp_path / "store").as_uri())
+    push_tree(store, model_dirs, "m/1", {})
+    dest, outside = tmp_path / "pulled", tmp_path / "outside"
+    dest.mkdir()
+    outside.mkdir()
+    (dest / "model").symlink_to(outside)  # planted: model/... would land in outside/
+    with pytest.raises(UnsafeKeyError, match="outside"):
+        pull_tree(store, "m/1", dest)
+    assert list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["file", "s3"])
+def test_push_refuses_keys_that_would_leave_the_store_root(tmp_path, model_dirs, kind, request):
+    from loraflow.release.storage import UnsafeKeyError
+
+    if kind == "s3":
+        store = open_store("s3://models/t", endpoint_url=request.getfixturevalue("s3_env"))
+    else:
+        store = open_store((tmp_path / "store").as_uri())
+    for prefix in ("../m/1", "/m/1", "m/../../x"):
+        with pytest.raises(UnsafeKeyError, match="refused key"):
+            push_tree(store, model_dirs, prefix, {})
+    with pytest.raises(UnsafeKeyError, match="refused key"):
+        push_tree(store, {"../up": model_dirs["model"]}, "m/1", {})
+    with pytest.raises(UnsafeKeyError):
+        store.put(model_dirs["adapter"] / "adapter_model.safetensors", "../x", "0" * 64)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "m").exists()
+
+
+def test_check_key_takes_plain_relative_paths_only():
+    from loraflow.release.storage import UnsafeKeyError, check_key
+
+    assert check_key("model/sub/config.json", "t") == "model/sub/config.json"
+    for bad in ["", "/a", "a/../b", "..", "./a", "a//b", "a/", "a\\..\\b", "C:/x", "a\0b"]:
+        with pytest.raises(UnsafeKeyError):
+            check_key(bad, "t")
+
+
+def test_an_unreachable_endpoint_is_named_not_a_raw_botocore_error(unused_port, monkeypatch):
+    from loraflow.release.storage import StorageUnreachableError, pull_tree
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    dead = f"http://127.0.0.1:{unused_port}"
+    store = open_store("s3://models/x", endpoint_url=dead)
+    for action in (store.check, lambda: pull_tree(store, "m/1", Path("/nonexistent"))):
+        with pytest.raises(StorageUnreachableError, match=f"object storage at {dead} cannot be"):
+            action()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)  # the endpoint in use, whichever way it came
+    assert open_store("s3://models/x").endpoint == dead
+
+
+def test_check_names_a_missing_bucket(s3_env):
+    store = open_store("s3://no-such-bucket/x", endpoint_url=s3_env)
+    with pytest.raises(StoragePermanentError, match="bucket 'no-such-bucket' does not exist"):
+        store.check()
+    open_store("s3://models/x", endpoint_url=s3_env).check()

@@ -71,10 +71,67 @@ def test_s3_prefix(s3_env, monkeypatch, tmp_path: Path):
     assert collect(watcher) == [] and collect(watcher) == []
 
 
-def test_missing_directory_is_an_error_that_says_so(tmp_path: Path):
+def test_a_missing_directory_is_created_and_a_file_is_refused(tmp_path: Path):
+    watcher = Watcher(str(tmp_path / "new" / "inbox"), tmp_path / "s.json")
+    assert (tmp_path / "new" / "inbox").is_dir() and watcher.location == str(tmp_path / "new/inbox")
+    (tmp_path / "file.jsonl").write_text("{}\n")
     with pytest.raises(FileNotFoundError, match="not a directory"):
-        Watcher(str(tmp_path / "nope"), tmp_path / "s.json")
+        Watcher(str(tmp_path / "file.jsonl"), tmp_path / "s.json")
     assert state_path(tmp_path, "s3://b/p/") == state_path(tmp_path, "s3://b/p")
+
+
+def test_a_relative_location_is_reported_as_an_absolute_uri(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in").mkdir()
+    watcher = Watcher("in", tmp_path / "s.json")
+    (tmp_path / "in" / "a.jsonl").write_text("{}\n")
+    assert collect(watcher) == [] and collect(watcher) == [str(tmp_path / "in" / "a.jsonl")]
+
+
+@pytest.mark.parametrize(
+    ("uri", "ok"),
+    [
+        ("{inbox}/a.jsonl", True),
+        ("{inbox}/sub/a.jsonl", True),
+        ("file://{inbox}/a.jsonl", True),
+        ("{inbox}", False),  # the directory itself is no data file
+        ("{inbox}/../secret.jsonl", False),
+        ("{inbox}-evil/a.jsonl", False),  # a sibling that shares the name's start
+        ("{tmp}/link/a.jsonl", False),  # a symlink from outside into... somewhere else
+        ("/etc/passwd", False),
+        ("relative/a.jsonl", False),
+        ("s3://data/incoming/a.jsonl", True),
+        ("s3://data/incoming/../private/a.jsonl", False),
+        ("s3://data/incoming-evil/a.jsonl", False),
+        ("s3://other/incoming/a.jsonl", False),
+    ],
+)
+def test_data_uris_are_accepted_only_under_the_allowed_prefixes(tmp_path: Path, uri, ok):
+    from loraflow.data.watch import DataLocationError, check_data_uri
+
+    inbox = tmp_path / "inbox"
+    (inbox / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (inbox / "link").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    allowed = [str(inbox), "s3://data/incoming/"]
+    uri = uri.format(inbox=inbox, tmp=tmp_path)
+    if ok:
+        assert check_data_uri(uri, allowed) == uri
+    else:
+        with pytest.raises(DataLocationError, match=f"not under any location.*{inbox}, s3://data"):
+            check_data_uri(uri, allowed)
+
+
+def test_a_symlink_inside_the_allowed_directory_cannot_reach_outside(tmp_path: Path):
+    from loraflow.data.watch import DataLocationError, check_data_uri
+
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "inbox" / "out").symlink_to("/etc")
+    with pytest.raises(DataLocationError):
+        check_data_uri(str(tmp_path / "inbox" / "out" / "passwd"), [str(tmp_path / "inbox")])
+    with pytest.raises(DataLocationError, match="allows no data locations"):
+        check_data_uri(str(tmp_path / "inbox" / "a.jsonl"), [])
 
 
 def test_watch_command_needs_a_prefect_server(tmp_path: Path, monkeypatch, capsys):

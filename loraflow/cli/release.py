@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -64,13 +65,37 @@ def run_release_command(args: argparse.Namespace) -> int:
         print(f"loraflow: {exc}", file=sys.stderr)
         return 2
     except _release_errors() as exc:
-        print(f"loraflow {args.command}: {exc}", file=sys.stderr)
+        print(f"loraflow {args.command}: {_explain(exc)}", file=sys.stderr)
         return 1
 
 
+def _explain(exc: Exception) -> str:
+    """A refusal from the tracking server in words: who was refused and what to do."""
+    from loraflow.credentials import redact
+
+    text = str(exc)
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if "error code 403" in text or "PERMISSION_DENIED" in text:
+        return (
+            f"the MLflow tracking server refused user {user!r} (403 permission denied): it may "
+            "read but not change this model. Fix: use the pipeline's credentials "
+            "(MLFLOW_TRACKING_USERNAME/PASSWORD) or have the admin grant it MANAGE "
+            "(infra/mlflow-users.py --models NAME)."
+        )
+    if "error code 401" in text:
+        return (
+            "the MLflow tracking server refused the credentials (401). Fix: set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or $LORAFLOW_CREDENTIALS_FILE)."
+        )
+    return redact(text)
+
+
 def _release_context(args: argparse.Namespace):  # -> (cfg, name, MlflowClient)
+    from loraflow.credentials import check_mlflow
+
     cfg = load_config(args.config, args.overrides)
-    configure()
+    configure()  # loads $LORAFLOW_CREDENTIALS_FILE
+    check_mlflow()  # missing or refused credentials: one clear message, before anything
     from mlflow import MlflowClient
 
     return cfg, args.name or cfg.registry.model_name, MlflowClient()
@@ -79,10 +104,22 @@ def _release_context(args: argparse.Namespace):  # -> (cfg, name, MlflowClient)
 def _release_errors():  # the errors a release command reports as a message, exit code 1
     from mlflow.exceptions import MlflowException
 
+    from loraflow.credentials import CredentialsError
     from loraflow.release.registry import RegistryError
-    from loraflow.release.storage import StorageIntegrityError, StoragePermanentError
+    from loraflow.release.storage import (
+        StorageIntegrityError,
+        StoragePermanentError,
+        StorageUnreachableError,
+    )
 
-    return (RegistryError, MlflowException, StoragePermanentError, StorageIntegrityError)
+    return (
+        CredentialsError,
+        RegistryError,
+        MlflowException,
+        StoragePermanentError,
+        StorageIntegrityError,
+        StorageUnreachableError,
+    )
 
 
 def models_command(args: argparse.Namespace) -> int:
@@ -144,11 +181,15 @@ def pull_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    # the endpoint: --set storage.endpoint_url, else $AWS_ENDPOINT_URL, else the one the
+    # version was pushed through (its loraflow.storage_endpoint tag)
+    endpoint = (
+        cfg.storage.endpoint_url
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or version.tags.get("loraflow.storage_endpoint")
+    )
     store = open_store(
-        uri,
-        cfg.storage.endpoint_url,
-        cfg.storage.multipart_threshold_mb,
-        cfg.storage.multipart_chunk_mb,
+        uri, endpoint, cfg.storage.multipart_threshold_mb, cfg.storage.multipart_chunk_mb
     )
     pulled = pull_tree(store, "", args.dest)
     files = len(pulled["manifest"]["files"])

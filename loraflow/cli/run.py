@@ -36,7 +36,14 @@ def run_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"loraflow: {exc}", file=sys.stderr)
         return 2
-    configure()
+    configure()  # loads $LORAFLOW_CREDENTIALS_FILE
+    from loraflow.credentials import CredentialsError, check_services
+
+    try:
+        check_services()  # a server that refuses the credentials: say so before any work
+    except CredentialsError as exc:
+        print(f"loraflow: {exc}", file=sys.stderr)
+        return 3
     problem = start_prefect()
     if problem:
         print(f"loraflow: {problem}", file=sys.stderr)

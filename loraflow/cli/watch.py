@@ -47,10 +47,17 @@ def watch_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from loraflow.credentials import CredentialsError, check_prefect
+
+    try:
+        check_prefect()  # the events go there: missing or refused credentials stop here
+    except CredentialsError as exc:
+        print(f"loraflow watch: {exc}", file=sys.stderr)
+        return 3
     from prefect.events import emit_event
     from prefect.events.worker import EventsWorker
 
-    def emit(landed) -> None:  # noqa: ANN001 - a loraflow.watch.Landed
+    def emit(landed) -> None:  # noqa: ANN001 - a loraflow.data.watch.Landed
         event = emit_event(
             DATA_LANDED,
             resource={

@@ -12,10 +12,12 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from loraflow.data.records import DataError
 from loraflow.data.sources import open_source, s3_client, split_s3_uri
 
 STATE_VERSION = 1
@@ -46,14 +48,18 @@ class Watcher:
         pattern: str = "*.jsonl",
         marker: str | None = None,
     ) -> None:
-        """location: a directory or an s3://bucket/prefix; pattern: which file names count;
-        marker: a suffix (e.g. ".done") whose file says "complete"; None: wait for a size that
-        is the same on two polls in a row."""
-        if not location.startswith("s3://") and not Path(location).is_dir():
-            raise FileNotFoundError(
-                f"watch location {location!r} is not a directory; create it or give an "
-                "s3://bucket/prefix"
-            )
+        """location: a directory (created if missing) or an s3://bucket/prefix; pattern: which
+        file names count; marker: a suffix (e.g. ".done") whose file says "complete"; None:
+        wait for a size that is the same on two polls in a row."""
+        if not location.startswith("s3://"):
+            # absolute: the URI in an event must mean the same file to every worker
+            location = str(Path(location).absolute())
+            if Path(location).exists() and not Path(location).is_dir():
+                raise FileNotFoundError(
+                    f"watch location {location!r} is not a directory; give a directory "
+                    "(created if missing) or an s3://bucket/prefix"
+                )
+            Path(location).mkdir(parents=True, exist_ok=True)
         self.location, self.pattern, self.marker = location, pattern, marker
         self.state_file = Path(state_file)
         self.state = self._load()
@@ -175,3 +181,45 @@ def state_path(home: Path, location: str) -> Path:
 
 def as_payload(landed: Landed) -> dict[str, object]:
     return asdict(landed)
+
+
+class DataLocationError(DataError):
+    """A data URI from an event or a run request lies outside the locations allowed."""
+
+
+def check_data_uri(uri: str, allowed: list[str]) -> str:
+    """uri if it lies under one of the allowed prefixes (a directory or s3://bucket/prefix),
+    else DataLocationError naming them. Local paths are compared after resolving symlinks and
+    `..`; s3:// URIs by whole key segments, and a key with `..` or `.` parts is refused (some
+    S3 servers normalise it)."""
+    if not allowed:
+        raise DataLocationError(
+            f"data_uri {uri!r} refused: this deployment allows no data locations. Fix: list "
+            "where data may come from in the deployment's `allowed_data_prefixes` parameter "
+            "(prefect.yaml; e.g. the watched directory or s3://bucket/prefix)."
+        )
+    for prefix in allowed:
+        if _under(uri, prefix):
+            return uri
+    raise DataLocationError(
+        f"data_uri {uri!r} refused: it is not under any location this deployment allows "
+        f"({', '.join(allowed)}). Fix: put the data there, or add its location to the "
+        "deployment's `allowed_data_prefixes` parameter (prefect.yaml) and deploy again."
+    )
+
+
+def _under(uri: str, prefix: str) -> bool:
+    if uri.startswith("s3://") or prefix.startswith("s3://"):
+        if not (uri.startswith("s3://") and prefix.startswith("s3://")):
+            return False
+        parts = uri.removeprefix("s3://").split("/")
+        if any(part in ("", ".", "..") for part in parts):
+            return False
+        base = prefix.removeprefix("s3://").strip("/").split("/")
+        return len(parts) > len(base) and parts[: len(base)] == base
+    path = uri.removeprefix("file://")
+    root = prefix.removeprefix("file://")
+    if not os.path.isabs(path) or not os.path.isabs(root):
+        return False  # a relative path means something else on each worker
+    real, real_root = os.path.realpath(path), os.path.realpath(root)
+    return os.path.commonpath([real, real_root]) == real_root and real != real_root

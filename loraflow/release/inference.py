@@ -46,6 +46,22 @@ class RegisteredModel(BaseModel):
     sha256: str | None = None  # loraflow.model_sha256 tag, when loraflow registered it
 
 
+def _refused(exc: Exception) -> bool:
+    return getattr(exc, "error_code", "") == "PERMISSION_DENIED" or "error code 403" in str(exc)
+
+
+def _model_exists(client, name: str) -> bool:  # noqa: ANN001 - an MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
+
+
 def registered_model(name: str, alias: str | None = None, version: str | None = None) -> (
     RegisteredModel | None
 ):
@@ -64,6 +80,8 @@ def registered_model(name: str, alias: str | None = None, version: str | None = 
         # "no such model / alias / version" means none; any other error (server down) raises.
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
+        if _refused(exc) and not _model_exists(client, name):
+            return None  # MLflow's basic auth answers 403 for an alias of a model not yet made
         raise
     return RegisteredModel(
         name=name,

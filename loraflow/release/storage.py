@@ -14,6 +14,7 @@ import base64
 import hashlib
 import json
 import logging
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -38,8 +39,52 @@ class StorageIntegrityError(OSError):
     """Stored bytes do not hash to what the manifest says (an OSError: a re-upload may fix it)."""
 
 
+class StorageUnreachableError(OSError):
+    """The S3 endpoint does not answer (an OSError: transient, the push task retries it)."""
+
+
+class UnsafeKeyError(StoragePermanentError):
+    """A key that would reach outside its root: absolute, with `..`, or through a symlink."""
+
+
+def check_key(key: str, where: str) -> str:
+    """key, if it is a plain relative path of named parts ("model/config.json"); else
+    UnsafeKeyError naming where it came from. Every key a store reads or writes passes here:
+    a manifest from the store is as trustworthy as the store, no more."""
+    parts = key.split("/") if isinstance(key, str) else [""]
+    if (
+        not isinstance(key, str)
+        or key.startswith("/")
+        or "\\" in key
+        or "\0" in key
+        or any(part in ("", ".", "..") for part in parts)
+        or re.match(r"[A-Za-z]:", key)
+    ):
+        raise UnsafeKeyError(
+            f"{where}: refused key {key!r}: keys must be relative paths without '..', '.', "
+            "empty parts, backslashes or a leading '/'. The manifest (or the name it was built "
+            "from) was tampered with or is broken; nothing was written outside its directory. "
+            "Fix: push the version again from a trusted copy."
+        )
+    return key
+
+
+def inside(base: Path, key: str, where: str) -> Path:
+    """base / key after check_key, refused if it resolves (symlinks followed) outside base."""
+    target = Path(base) / check_key(key, where)
+    if not target.resolve().is_relative_to(Path(base).resolve()):
+        raise UnsafeKeyError(
+            f"{where}: refused key {key!r}: {target} resolves to {target.resolve()}, outside "
+            f"{Path(base).resolve()} (a symbolic link on the way). Fix: remove the link."
+        )
+    return target
+
+
 class ObjectStore(Protocol):
     root: str
+
+    def check(self) -> None:
+        """Reachable, with credentials that work (raises the storage errors above)."""
 
     def put(self, local: Path, key: str, sha256: str, progress: Progress | None = None) -> bool:
         """Upload unless an object with this SHA-256 is there; True when bytes were sent."""
@@ -55,7 +100,7 @@ class LocalStore:
         self.root = self.base.as_uri()
 
     def put(self, local: Path, key: str, sha256: str, progress: Progress | None = None) -> bool:
-        target = self.base / key
+        target = inside(self.base, key, self.root)
         if progress:
             progress(Path(local).stat().st_size)
         if target.is_file() and sha256_file(target) == sha256:
@@ -69,12 +114,16 @@ class LocalStore:
         Path(tmp.name).replace(target)  # atomic within one filesystem
         return True
 
+    def check(self) -> None:
+        """Nothing to reach: a local directory (created by the first put)."""
+
     def get(self, key: str, local: Path) -> None:
+        source = inside(self.base, key, self.root)
         local.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.base / key, local)
+        shutil.copyfile(source, local)
 
     def read_json(self, key: str) -> Any:
-        return json.loads((self.base / key).read_text(encoding="utf-8"))
+        return json.loads(inside(self.base, key, self.root).read_text(encoding="utf-8"))
 
 
 class S3Store:
@@ -91,16 +140,18 @@ class S3Store:
 
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.root = f"s3://{bucket}/{self.prefix}".rstrip("/")
-        self.endpoint = endpoint_url or "AWS"
         # boto3 retries throttling, 5xx and dropped connections itself (3 attempts); the push
         # task adds its own backoff on top. Permanent errors (403, no bucket) are not retried.
         self.client = s3_client(endpoint_url, config=Config(retries={"max_attempts": 3}))
+        # the endpoint in use: given, else $AWS_ENDPOINT_URL, else AWS's (recorded on push)
+        self.endpoint = self.client.meta.endpoint_url
         self.transfer = TransferConfig(
             multipart_threshold=multipart_threshold_mb * MB,
             multipart_chunksize=multipart_chunk_mb * MB,
         )
 
     def _key(self, key: str) -> str:
+        check_key(key, self.root)
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def put(self, local: Path, key: str, sha256: str, progress: Progress | None = None) -> bool:
@@ -128,9 +179,36 @@ class S3Store:
         except S3UploadFailedError as exc:  # wraps the ClientError that says why
             raise _classify(exc.__cause__ or exc.__context__ or exc, self.bucket) from exc
         except (ClientError, BotoCoreError) as exc:
-            _raise_permanent(exc, self.bucket)
+            self._raise_clear(exc)
             raise
         return True
+
+    def check(self) -> None:
+        """The bucket answers with these credentials: a clear error now, not after training."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchBucket"):
+                raise StoragePermanentError(
+                    f"bucket {self.bucket!r} does not exist at {self.endpoint} ({self.root}). "
+                    "Fix: create it, or set storage.root to an existing bucket."
+                ) from exc
+            self._raise_clear(exc)
+            raise
+
+    def _raise_clear(self, exc: BaseException) -> None:
+        """A refused or unreachable request as an error that says what to fix; else return."""
+        from botocore.exceptions import ConnectionClosedError, EndpointConnectionError
+
+        if isinstance(exc, EndpointConnectionError | ConnectionClosedError):
+            raise StorageUnreachableError(
+                f"object storage at {self.endpoint} cannot be reached ({self.root}). Fix: start "
+                "the S3 server, or point storage.endpoint_url (or AWS_ENDPOINT_URL) at it."
+            ) from exc
+        _raise_permanent(exc, self.bucket)
 
     def _head(self, key: str) -> dict[str, Any] | None:
         from botocore.exceptions import ClientError
@@ -188,7 +266,7 @@ class S3Store:
         try:
             self.client.download_file(self.bucket, self._key(key), str(local))
         except (ClientError, BotoCoreError) as exc:
-            _raise_permanent(exc, self.bucket)
+            self._raise_clear(exc)
             raise
 
     def read_json(self, key: str) -> Any:
@@ -197,7 +275,7 @@ class S3Store:
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
         except (ClientError, BotoCoreError) as exc:
-            _raise_permanent(exc, self.bucket)
+            self._raise_clear(exc)
             raise
         return json.loads(body)
 
@@ -219,13 +297,15 @@ def _classify(exc: BaseException, bucket: str) -> BaseException:
     if isinstance(exc, NoCredentialsError):
         return StoragePermanentError(
             "no AWS credentials found for object storage. Fix: set AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run where an instance role applies."
+            "AWS_SECRET_ACCESS_KEY (in the environment or the file $LORAFLOW_CREDENTIALS_FILE "
+            "names), AWS_PROFILE, or run where an instance role applies."
         )
     code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
     if code in PERMANENT_CODES:
         return StoragePermanentError(
             f"object storage refused the request ({code}) for bucket {bucket!r}. Fix: check that "
-            "the bucket exists and the AWS credentials in the environment may write to it."
+            "the bucket exists and that AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (from the "
+            "environment or $LORAFLOW_CREDENTIALS_FILE) are the S3 server's keys for it."
         )
     return exc
 
@@ -267,11 +347,13 @@ def push_tree(
     """Upload each directory under prefix/<name>/, then prefix/manifest.json; return it.
 
     progress is called with bytes done (skipped files count as done)."""
+    if prefix:
+        check_key(prefix, f"push to {store.root}")
     files: dict[str, str] = {}
     uploaded = 0
     for name, local_dir in dirs.items():
         for rel, digest in file_manifest(local_dir).items():
-            key = f"{name}/{rel}"
+            key = check_key(f"{name}/{rel}", f"push of {local_dir}")
             files[key] = digest
             uploaded += store.put(Path(local_dir) / rel, _join(prefix, key), digest, progress)
     manifest = {**extra, "files": files}
@@ -285,11 +367,19 @@ def push_tree(
 def pull_tree(store: ObjectStore, prefix: str, dest: Path) -> dict[str, Any]:
     """Download a pushed version into dest and verify every file against its manifest's SHA-256.
     Files already in dest with the right hash are kept; a mismatch stops with the file named."""
+    if prefix:
+        check_key(prefix, f"pull from {store.root}")
     manifest = store.read_json(_join(prefix, MANIFEST))
     dest = Path(dest)
+    where = f"{store.root}/{_join(prefix, MANIFEST)}"
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise StorageIntegrityError(f"{where}: no 'files' mapping; push the version again")
+    for key in files:  # every key checked before any byte is written
+        inside(dest, key, where)
     downloaded = 0
-    for key, digest in sorted(manifest["files"].items()):
-        target = dest / key
+    for key, digest in sorted(files.items()):
+        target = inside(dest, key, where)  # again: a link made by an earlier file counts
         if target.is_file() and sha256_file(target) == digest:
             continue
         partial = target.with_name(target.name + ".partial")

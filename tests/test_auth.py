@@ -1,0 +1,418 @@
+"""The stack with authentication, for real, on loopback, started the way infra/README.md says:
+fresh credentials (infra/new-credentials.sh), moto S3 with the stack's keys, the MLflow server
+with its basic-auth app (infra/mlflow-server.sh) and its users (infra/mlflow-users.py), the
+Prefect server with API auth (infra/prefect-server.sh). Anonymous and wrong-password requests
+are refused, the read-only user cannot move `champion`, a missing or wrong credential stops a
+command at once with the variable named, the whole pipeline and `promote --rollback` work with
+the right ones, a worker stops promptly on SIGTERM, and afterwards no secret is found in any
+log, parameter, tag, artifact, flow-run record, summary or pushed file."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import requests
+import yaml
+from servers import Server, free_port, moto
+
+pytestmark = pytest.mark.stack
+ROOT = Path(__file__).resolve().parents[1]
+BIN = str(Path(sys.executable).parent)
+MODEL = "auth-orders"
+
+
+def read_env(path: Path) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    return {k.strip(): v.strip() for k, v in pairs if not k.lstrip().startswith("#")}
+
+
+def clean_env() -> dict[str, str]:
+    """This machine's environment without any Prefect, MLflow or AWS setting of the tests."""
+    drop = ("PREFECT_", "MLFLOW_", "AWS_", "LORAFLOW_")
+    return {k: v for k, v in os.environ.items() if not k.startswith(drop)} | {
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(":"),
+        "HF_HUB_OFFLINE": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "true",
+    }
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("stack")
+    logs = tmp / "logs"
+    logs.mkdir()
+    secrets = tmp / "secrets"
+    done = subprocess.run(
+        ["infra/new-credentials.sh", str(secrets)], cwd=ROOT, env=clean_env(),
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "credentials written" in done.stdout
+    server_env = read_env(secrets / "server.env")
+    assert all(server_env.values()), "every credential has a value"
+    assert oct((secrets / "pipeline.env").stat().st_mode & 0o777) == "0o600"
+    s3_keys = {
+        "AWS_ACCESS_KEY_ID": server_env["S3_ACCESS_KEY"],
+        "AWS_SECRET_ACCESS_KEY": server_env["S3_SECRET_KEY"],
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    servers: list[Server] = []
+    try:
+        s3 = moto(logs, **s3_keys)
+        servers.append(s3)
+        s3.start()
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=s3.url, **{k.lower(): v for k, v in s3_keys.items()
+                                                            if k != "AWS_DEFAULT_REGION"},
+                              region_name="us-east-1")  # fmt: skip
+        for bucket in ("mlflow", "models"):
+            client.create_bucket(Bucket=bucket)
+        server_home = tmp / "server-home"
+        base = clean_env() | server_env | s3_keys | {"LORAFLOW_HOME": str(server_home)}
+        mport, pport = free_port(), free_port()
+        mlflow = Server(
+            "mlflow server (basic auth)", ["infra/mlflow-server.sh"], mport,
+            base | {"MLFLOW_PORT": str(mport), "MLFLOW_WORKERS": "1",
+                    "MLFLOW_S3_ENDPOINT_URL": s3.url,
+                    "MLFLOW_ARTIFACTS_DESTINATION": "s3://mlflow/artifacts"},
+            logs / "mlflow.log",
+        )  # fmt: skip
+        prefect = Server(
+            "prefect server (auth)", ["infra/prefect-server.sh"], pport,
+            base | {"PREFECT_PORT": str(pport), "PREFECT_HOME": str(tmp / "prefect-server")},
+            logs / "prefect.log",
+        )  # fmt: skip
+        for server in (mlflow, prefect):
+            servers.append(server)
+            start(server)
+        wait_ready(mlflow, "/health", 180)
+        wait_ready(prefect, "/api/health", 180)
+        users = subprocess.run(
+            [sys.executable, "infra/mlflow-users.py"], cwd=ROOT,
+            env=base | {"MLFLOW_TRACKING_URI": mlflow.url}, capture_output=True, text=True,
+        )  # fmt: skip
+        assert users.returncode == 0, users.stderr
+        assert "pipeline: created" in users.stdout and "reader: created" in users.stdout
+        home = tmp / "client-home"
+        client_env = clean_env() | {
+            "LORAFLOW_HOME": str(home),
+            "LORAFLOW_CREDENTIALS_FILE": str(secrets / "pipeline.env"),
+            "MLFLOW_TRACKING_URI": mlflow.url,
+            "PREFECT_API_URL": f"{prefect.url}/api",
+            "AWS_ENDPOINT_URL": s3.url,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        yield SimpleNamespace(
+            tmp=tmp, logs=logs, secrets=secrets, server_env=server_env, s3=s3, mlflow=mlflow,
+            prefect=prefect, env=client_env, home=home, outputs=[],
+            pipeline=read_env(secrets / "pipeline.env"), reader=read_env(secrets / "reader.env"),
+        )
+    finally:
+        for server in reversed(servers):
+            server.stop()
+
+
+def start(server: Server) -> None:
+    """Start a server's script from the repo root (Server.start waits in one go; here the
+    two slow servers start side by side, then each is waited for)."""
+    with open(server.log, "ab") as log:
+        server.process = subprocess.Popen(
+            server.args, cwd=ROOT, env=server.env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+
+def wait_ready(server: Server, path: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise AssertionError(f"{server.name} exited:\n{server.log.read_text()[-3000:]}")
+        try:
+            if requests.get(server.url + path, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    tail = server.log.read_text()[-3000:]
+    raise AssertionError(f"{server.name} not ready in {timeout} s:\n{tail}")
+
+
+def cli(stack, args: list[str], env: dict[str, str] | None = None, timeout: float = 300):
+    """`loraflow ...` as a user runs it; its output is kept for the leak scan."""
+    done = subprocess.run(
+        [sys.executable, "-m", "loraflow.cli", *args], cwd=stack.tmp,
+        env=stack.env if env is None else env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    stack.outputs.append(done.stdout + done.stderr)
+    return done
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def pipeline_headers(stack) -> dict[str, str]:
+    pipeline = stack.pipeline
+    return basic(pipeline["MLFLOW_TRACKING_USERNAME"], pipeline["MLFLOW_TRACKING_PASSWORD"])
+
+
+def admin_client(stack):
+    """An MlflowClient signed in as the admin (mlflow reads the variables per request)."""
+    from mlflow import MlflowClient
+
+    os.environ["MLFLOW_TRACKING_USERNAME"] = stack.server_env["MLFLOW_AUTH_ADMIN_USERNAME"]
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = stack.server_env["MLFLOW_AUTH_ADMIN_PASSWORD"]
+    return MlflowClient(stack.mlflow.url)
+
+
+@pytest.fixture
+def as_admin(stack, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "x")  # restored after the test
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "x")
+    return admin_client(stack)
+
+
+def test_anonymous_and_wrong_password_requests_are_refused(stack):
+    api = f"{stack.mlflow.url}/api/2.0/mlflow"
+    wrong = basic(stack.pipeline["MLFLOW_TRACKING_USERNAME"], "not-the-password")
+    requests_to_try = [  # create a version, move an alias, delete a model
+        ("post", "/model-versions/create", {"name": MODEL, "source": "s3://x/y"}),
+        ("post", "/registered-models/alias", {"name": MODEL, "alias": "champion", "version": "1"}),
+        ("delete", "/registered-models/delete", {"name": MODEL}),
+        ("post", "/registered-models/create", {"name": "anon-model"}),
+    ]
+    for method, path, body in requests_to_try:
+        for headers in ({}, wrong):
+            answer = requests.request(method, api + path, json=body, headers=headers, timeout=30)
+            assert answer.status_code == 401, (method, path, headers and "wrong", answer.text)
+    answer = requests.get(f"{api}/registered-models/search", headers=pipeline_headers(stack),
+                          timeout=30)  # fmt: skip
+    assert answer.status_code == 200 and "anon-model" not in answer.text
+
+    papi = f"{stack.prefect.url}/api"
+    wrong = basic("loraflow", "not-the-auth-string")
+    for path, body in [("/flow_runs/", {"flow_id": "00000000-0000-0000-0000-000000000000"}),
+                       ("/deployments/filter", {}), ("/work_pools/filter", {})]:  # fmt: skip
+        for headers in ({}, wrong):
+            answer = requests.post(papi + path, json=body, headers=headers, timeout=30)
+            assert answer.status_code == 401, (path, headers and "wrong", answer.text)
+    user, _, password = stack.pipeline["PREFECT_API_AUTH_STRING"].partition(":")
+    assert requests.post(papi + "/deployments/filter", json={}, headers=basic(user, password),
+                         timeout=30).status_code == 200  # fmt: skip
+
+
+def test_a_missing_or_wrong_credential_stops_a_command_naming_the_variable(stack):
+    no_file = {k: v for k, v in stack.env.items() if k != "LORAFLOW_CREDENTIALS_FILE"}
+    done = cli(stack, ["models", MODEL], env=no_file)
+    assert done.returncode == 1
+    assert "MLFLOW_TRACKING_USERNAME" in done.stderr and "Traceback" not in done.stderr
+
+    wrong = stack.env | {"MLFLOW_TRACKING_PASSWORD": "wrong-password-never-shown"}
+    done = cli(stack, ["models", MODEL], env=wrong)
+    assert done.returncode == 1 and "refused MLFLOW_TRACKING_USERNAME='pipeline'" in done.stderr
+    assert "wrong-password-never-shown" not in done.stdout + done.stderr
+
+    wrong = stack.env | {"PREFECT_API_AUTH_STRING": "loraflow:wrong-auth-never-shown"}
+    start = time.monotonic()
+    worker = subprocess.run(
+        ["infra/worker.sh", "cpu"], cwd=ROOT, env=wrong, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    stack.outputs.append(worker.stdout + worker.stderr)
+    assert worker.returncode == 3 and "refused PREFECT_API_AUTH_STRING" in worker.stderr
+    assert "wrong-auth-never-shown" not in worker.stdout + worker.stderr
+    assert time.monotonic() - start < 60
+
+    done = cli(stack, ["watch", str(stack.tmp / "inbox"), "--once"], env=no_file)
+    assert done.returncode == 3 and "PREFECT_API_AUTH_STRING is not set" in done.stderr
+
+
+def test_pipeline_promote_rollback_and_pull_work_with_the_right_credentials(
+    stack, small_data, tiny_model_dir, as_admin
+):
+    config = {
+        "data": {k: str(v) for k, v in small_data.items()},
+        "model": {"base": str(tiny_model_dir)},
+        "train": {"max_steps": 3, "micro_batch_size": 8, "learning_rate": 1e-2},
+        "eval": {"max_new_tokens": 8, "batch_size": 4},
+        "merge": {"dtype": "float32"},
+        "registry": {"model_name": MODEL},
+        # the deployed config's storage: the stack's S3, endpoint from AWS_ENDPOINT_URL
+        "storage": yaml.safe_load((ROOT / "prefect.yaml").read_text())["definitions"]["config"][
+            "storage"
+        ],
+    }
+    assert config["storage"]["root"].startswith("s3://models/")
+    path = stack.tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    done = cli(stack, ["run", "--config", str(path)], timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((stack.home / "last-run.json").read_text())
+    assert summary["model_version"] == "1"
+    assert summary["storage_uri"] == f"{config['storage']['root']}/{MODEL}/1"
+    v1 = as_admin.get_model_version(MODEL, "1")
+    assert v1.tags["loraflow.storage_endpoint"] == stack.s3.url
+
+    # a second version (same files) by the pipeline's user, then champion moves by hand
+    os.environ["MLFLOW_TRACKING_USERNAME"] = stack.pipeline["MLFLOW_TRACKING_USERNAME"]
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = stack.pipeline["MLFLOW_TRACKING_PASSWORD"]
+    from mlflow import MlflowClient
+
+    pipeline = MlflowClient(stack.mlflow.url)
+    v2 = pipeline.create_model_version(MODEL, v1.source, v1.run_id, tags=v1.tags,
+                                       model_id=v1.source.removeprefix("models:/"))  # fmt: skip
+    assert cli(stack, ["promote", MODEL, "--version", "1"]).returncode == 0
+    done = cli(stack, ["promote", MODEL, "--version", v2.version])
+    assert done.returncode == 0 and f"champion is now v{v2.version} (was v1)" in done.stdout
+
+    # the read-only user: may list, may not move champion
+    reader = stack.env | {"LORAFLOW_CREDENTIALS_FILE": str(stack.secrets / "reader.env")}
+    done = cli(stack, ["models", MODEL], env=reader)
+    assert done.returncode == 0 and "champion" in done.stdout
+    for args in (["promote", MODEL, "--version", "1"], ["promote", MODEL, "--rollback"]):
+        done = cli(stack, args, env=reader)
+        assert done.returncode == 1 and "refused user 'reader' (403" in done.stderr, done.stderr
+    assert pipeline.get_model_version_by_alias(MODEL, "champion").version == v2.version
+    answer = requests.post(
+        f"{stack.mlflow.url}/api/2.0/mlflow/registered-models/alias",
+        json={"name": MODEL, "alias": "champion", "version": "1"},
+        headers=basic(stack.reader["MLFLOW_TRACKING_USERNAME"],
+                      stack.reader["MLFLOW_TRACKING_PASSWORD"]), timeout=30,
+    )  # fmt: skip
+    assert answer.status_code == 403
+
+    done = cli(stack, ["promote", MODEL, "--rollback"])
+    assert done.returncode == 0 and f"rolled back from v{v2.version} to v1" in done.stdout
+    assert pipeline.get_model_version_by_alias(MODEL, "champion").version == "1"
+
+    # pull with no endpoint given: the one recorded with the version
+    no_endpoint = {k: v for k, v in stack.env.items() if k != "AWS_ENDPOINT_URL"}
+    done = cli(stack, ["pull", MODEL, "--dest", str(stack.tmp / "pulled")], env=no_endpoint)
+    assert done.returncode == 0, done.stderr
+    assert (stack.tmp / "pulled" / "manifest.json").is_file()
+    dead = f"http://127.0.0.1:{free_port()}"
+    done = cli(stack, ["pull", MODEL, "--dest", str(stack.tmp / "p2"), "--set",
+                       f"storage.endpoint_url={dead}"], env=no_endpoint)  # fmt: skip
+    assert done.returncode == 1 and f"object storage at {dead} cannot be reached" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_worker_stops_within_seconds_of_sigterm_or_sigint(stack, signum):
+    """Started as `infra/worker.sh cpu &` from a script starts it: with SIGINT ignored (what a
+    non-interactive shell does to background jobs), which made the worker ignore both."""
+    name = signal.Signals(signum).name
+    log = stack.logs / f"worker-{name}.log"
+    env = stack.env | {"WORKER_NAME": f"signal-{name}", "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    with open(log, "ab") as out:
+        worker = subprocess.Popen(
+            ["infra/worker.sh", "cpu"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # noqa: PLW1509
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while "started" not in log.read_text() and time.monotonic() < deadline:
+            assert worker.poll() is None, log.read_text()
+            time.sleep(0.5)
+        assert "started" in log.read_text(), log.read_text()
+        time.sleep(2)  # polling
+        sent = time.monotonic()
+        worker.send_signal(signum)  # to the pid worker.sh was started as: the worker itself
+        worker.wait(timeout=60)
+        took = time.monotonic() - sent
+        print(f"\nworker exited {took:.1f} s after {name} (code {worker.returncode})")
+        assert took < 15
+        assert (stack.home / "prefect").is_dir()  # its Prefect home: under LORAFLOW_HOME
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+        stack.outputs.append(log.read_text())
+
+
+def test_no_secret_anywhere_after_the_authenticated_run(stack, as_admin, tmp_path):
+    """Runs last in this module: everything the run above left behind, scanned."""
+    import boto3
+    import mlflow
+
+    secrets = [
+        v for k, v in (stack.server_env | stack.pipeline | stack.reader).items()
+        if k.endswith(("PASSWORD", "SECRET_KEY", "AUTH_STRING"))
+    ]  # fmt: skip
+    secrets += [v.partition(":")[2] for v in secrets if ":" in v]  # the auth string's half
+    secrets += [(stack.server_env["MLFLOW_AUTH_ADMIN_USERNAME"] + ":") + stack.server_env[
+        "MLFLOW_AUTH_ADMIN_PASSWORD"]]  # fmt: skip
+    assert len(secrets) >= 6
+    found: list[str] = []
+
+    def scan(where: str, data: bytes | str) -> None:
+        raw = data.encode() if isinstance(data, str) else data
+        for secret in secrets:
+            for form in {secret.encode(), base64.b64encode(secret.encode())}:
+                if form in raw:
+                    found.append(f"{where}: holds {secret[:3]}…")
+
+    assert stack.outputs, "the tests above ran and kept their output"
+    for i, text in enumerate(stack.outputs):
+        scan(f"command output #{i}", text)
+    for log in stack.logs.iterdir():
+        scan(f"server log {log.name}", log.read_bytes())
+    # MLflow: every run's params, tags and artifacts; every version's tags
+    runs = as_admin.search_runs(
+        [e.experiment_id for e in as_admin.search_experiments()], max_results=1000
+    )
+    assert runs, "the pipeline's run is there"
+    for run in runs:
+        scan(f"run {run.info.run_id} params", json.dumps(run.data.params))
+        scan(f"run {run.info.run_id} tags", json.dumps(run.data.tags))
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id, dst_path=str(tmp_path / run.info.run_id),
+            tracking_uri=stack.mlflow.url,
+        )  # fmt: skip
+        for file in Path(local).rglob("*"):
+            if file.is_file():
+                scan(f"run {run.info.run_id} artifact {file.name}", file.read_bytes())
+    for version in as_admin.search_model_versions(f"name='{MODEL}'"):
+        scan(f"{MODEL} v{version.version} tags", json.dumps(version.tags))
+    # Prefect: every flow run's parameters and every log line the server holds
+    user, _, password = stack.pipeline["PREFECT_API_AUTH_STRING"].partition(":")
+    papi, auth = f"{stack.prefect.url}/api", basic(user, password)
+    flow_runs = requests.post(f"{papi}/flow_runs/filter", json={}, headers=auth, timeout=30).json()
+    assert flow_runs, "the pipeline's flow run is recorded"
+    for run in flow_runs:
+        scan(f"flow run {run['name']} parameters", json.dumps(run["parameters"]))
+        scan(f"flow run {run['name']} job variables", json.dumps(run.get("job_variables")))
+    offset, lines = 0, 0
+    while batch := requests.post(f"{papi}/logs/filter", json={"offset": offset, "limit": 200},
+                                 headers=auth, timeout=30).json():  # fmt: skip
+        scan("Prefect logs", json.dumps(batch))
+        offset, lines = offset + len(batch), lines + len(batch)
+    assert lines > 0
+    # the summary JSON, the client's whole home (results, caches), the pushed objects
+    scan("last-run.json", (stack.home / "last-run.json").read_bytes())
+    for file in stack.home.rglob("*"):
+        if file.is_file() and file.stat().st_size < 64 << 20 and "secrets" not in file.parts:
+            scan(f"client home {file.relative_to(stack.home)}", file.read_bytes())
+    s3 = boto3.client("s3", endpoint_url=stack.s3.url,
+                      aws_access_key_id=stack.server_env["S3_ACCESS_KEY"],
+                      aws_secret_access_key=stack.server_env["S3_SECRET_KEY"],
+                      region_name="us-east-1")  # fmt: skip
+    pushed = s3.list_objects_v2(Bucket="models").get("Contents", [])
+    assert any(o["Key"].endswith("manifest.json") for o in pushed)
+    for obj in pushed:
+        body = s3.get_object(Bucket="models", Key=obj["Key"])["Body"].read()
+        scan(f"s3://models/{obj['Key']}", body)
+    assert not found, "\n".join(found)
