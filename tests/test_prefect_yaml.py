@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from loraflow.config import PipelineConfig
-from loraflow.data.watch import DATA_LANDED
+from loraflow.data.watch import DATA_LANDED, FEEDBACK_LANDED
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,15 +46,16 @@ def check_pipeline_params(params: dict) -> PipelineConfig:
 
 def test_pipeline_and_train_deployments_sit_on_their_pools():
     found = deployments()
-    assert set(found) == {"finetune", "train"}
+    assert set(found) == {"finetune", "align", "train"}
     assert found["finetune"]["work_pool"]["name"] == "cpu"
+    assert found["align"]["work_pool"]["name"] == "cpu"
     assert found["train"]["work_pool"]["name"] == "gpu"
     for deployment in found.values():  # the shared env reaches every job
         env = deployment["work_pool"]["job_variables"]["env"]
         assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
 
 
-@pytest.mark.parametrize("name", ["finetune", "train"])
+@pytest.mark.parametrize("name", ["finetune", "align", "train"])
 def test_deployment_loads_and_its_default_parameters_validate(name):
     deployment = deployments()[name]
     flow = load_flow(deployment)
@@ -64,6 +65,11 @@ def test_deployment_loads_and_its_default_parameters_validate(name):
     if name == "finetune":
         check_pipeline_params(flow.validate_parameters(params))
         assert params["skip_trained_data"] is True
+    elif name == "align":
+        cfg = check_pipeline_params(flow.validate_parameters(params))
+        assert cfg.align is not None
+        for split in ("train", "validation", "test"):
+            assert all((ROOT / src).is_file() for src in getattr(cfg.align, split)), split
     else:  # the pipeline supplies the references; the deployment the machines it runs on
         assert params == {"gpus_per_node": 1, "nodes": 1}
 
@@ -100,6 +106,25 @@ def test_data_trigger_starts_the_pipeline_on_the_landed_file(small_data):
     params = flow.validate_parameters(deployment["parameters"] | rendered)
     check_pipeline_params(params)
     assert params["data_uri"] == str(small_data["train"]) and params["skip_trained_data"]
+
+
+def test_feedback_trigger_starts_an_align_only_run_on_the_landed_file(tmp_path):
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+    deployment = deployments()["align"]
+    (raw,) = deployment["triggers"]
+    trigger = DeploymentEventTrigger.model_validate(raw)
+    assert trigger.expect == {FEEDBACK_LANDED}
+    # `loraflow watch --feedback` emits loraflow.feedback.<sha256>; data events do not match
+    assert fnmatch.fnmatch("loraflow.feedback." + "ab" * 32, raw["match"]["prefect.resource.id"])
+    assert not fnmatch.fnmatch("loraflow.data." + "ab" * 32, raw["match"]["prefect.resource.id"])
+    landed = tmp_path / "feedback.jsonl"
+    rendered = {k: v.replace("{{ event.payload.uri }}", str(landed)) if isinstance(v, str)
+                else v for k, v in trigger.parameters.items()}
+    flow = load_flow(deployment)
+    server_accepts(flow, deployment["parameters"] | rendered)
+    params = flow.validate_parameters(deployment["parameters"] | rendered)
+    assert params["feedback_uri"] == str(landed) and params["config"].align is not None
 
 
 def test_train_deployment_accepts_what_the_pipeline_sends(tiny_model_dir):
