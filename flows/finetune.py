@@ -3,6 +3,7 @@
     validate_data -> tokenize -> train (LoRA) -> evaluate base and tuned -> merge ->
     evaluate the current champion -> report (figures + HTML) -> register (alias challenger) ->
     push to object storage -> promote (alias champion, if the gate passes)
+    [-> with an `align` section: the preference stage on top of that SFT model, flows/align.py]
 
 As a deployment (prefect.yaml) training runs on the gpu pool through the `train` deployment,
 and with skip_trained_data a run on data already trained on stops after validation.
@@ -21,6 +22,7 @@ import mlflow
 from prefect import flow
 from prefect.runtime import deployment
 
+from flows.align import align_stage
 from loraflow.config import PipelineConfig
 from loraflow.environment import configure
 from loraflow.summary import render, write_summary
@@ -91,6 +93,11 @@ def finetune(
             raise
         gate = step(promote_model, version=version, tuned=after, base=before, cfg=cfg.registry,
                     run_id=run_id)
+        aligned = None
+        if cfg.align is not None:  # preference tuning on top of this SFT model
+            parent = {"version": version, "adapter_sha256": adapter.sha256,
+                      "model_sha256": model.sha256}
+            aligned = align_stage(cfg, step, run_id, base, model, parent, template, data, after)
 
     summary = {
         "run_id": run_id,
@@ -105,6 +112,8 @@ def finetune(
         "tasks": step.steps,
         "seconds": round(time.perf_counter() - start, 3),
     }
+    if aligned is not None:
+        summary["align"] = aligned
     write_summary(summary, home)
     print(render(summary))
     return summary
