@@ -360,3 +360,25 @@ def test_an_sft_adapter_merged_in_is_the_reference(tmp_path, tiny_model_dir):
     assert torch.allclose(reference, expected, atol=1e-5)
     with pytest.raises(Exception, match="cannot be folded into nf4"):
         merge_into_base(load_model(tiny_model_dir), sft, TrainConfig(precision="nf4"))
+
+
+def test_held_out_pairs_score_win_rate_margins_and_rewards(tmp_path, tiny_model_dir,
+                                                           preference_tokens):
+    """evaluation.preference: the model alone (win rate, log-likelihood margin) and with an
+    adapter against it as reference (reward accuracy and margin, which are 0 / all-equal
+    for the model against itself)."""
+    from tiny import make_adapter
+
+    from loraflow.evaluation.preference import evaluate_pairs
+
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
+    got = evaluate_pairs(tiny_model_dir, preference_tokens, pad_id=3, adapter=adapter,
+                         beta=0.5, split="validation")
+    alone = evaluate_pairs(tiny_model_dir, preference_tokens, pad_id=3, split="validation")
+    assert got["model"] == pytest.approx(alone["model"], abs=1e-5)  # adapter off = the model
+    assert got["model"]["pairs"] == 8 and 0 <= got["model"]["win_rate"] <= 1
+    adapted = got["adapted"]
+    assert {"win_rate", "logp_margin", "reward_accuracy", "reward_margin"} <= adapted.keys()
+    # the rewards are beta x the change of each side's log-likelihood against the reference
+    expected = 0.5 * (adapted["logp_margin"] - got["model"]["logp_margin"])
+    assert adapted["reward_margin"] == pytest.approx(expected, abs=1e-4)
