@@ -11,7 +11,7 @@ tokenizer whose word "w<i>" is token i, and loraflow trains on the very ids TRL 
 - trl: DPOTrainer with its defaults (padded batches, gradient checkpointing on, bf16, the
   reference = the PEFT model with its adapter disabled, recomputed every step), 4 pairs per
   device batch x 4 accumulation.
-- loraflow: loraflow.train.fit with train.objective=dpo, packed rows of seq_len tokens with
+- loraflow: loraflow.engine.loop.fit with train.objective=dpo, packed rows of seq_len tokens with
   per-example attention (flex_attention), the reference the same model with its adapter off
   in a no-grad forward, gradient checkpointing on (as TRL) - and a variant with the decoder
   layers compiled.
@@ -149,7 +149,9 @@ def run_trl(pairs: list[dict[str, str]], steps: int) -> tuple[dict[str, Any], li
 def run_loraflow(tokenized: list[dict], steps: int, micro: int, seq_len: int,
                  compile: bool) -> dict[str, Any]:
     from loraflow.config import LoraSettings, TrainConfig
-    from loraflow.train import Unit, add_lora, fit, prepare_for_training
+    from loraflow.engine.batches import Unit
+    from loraflow.engine.loop import fit
+    from loraflow.engine.model import add_lora, prepare_for_training
 
     units = [Unit(((e["prompt_ids"] + e["chosen_ids"], len(e["prompt_ids"])),
                    (e["prompt_ids"] + e["rejected_ids"], len(e["prompt_ids"]))))
@@ -165,7 +167,8 @@ def run_loraflow(tokenized: list[dict], steps: int, micro: int, seq_len: int,
                      LoraSettings(r=8, alpha=32, dropout=0.0))
     out = Path(tempfile.mkdtemp())
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    fit(model, units, [], cfg, out, 0, dtype, attn, True)
+    fit(model, train_set=units, val_set=[], t=cfg, out=out, pad_id=0, dtype=dtype,
+        attn_impl=attn, packed=True)
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     timed = records[2:]
     seconds = timed[-1]["elapsed_s"] - records[1]["elapsed_s"]

@@ -683,6 +683,9 @@ def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     for part in loc:
         field = model.model_fields.get(str(part))
         annotation = field.annotation if field else None
+        # an optional section (align: AlignConfig | None) lists its own fields
+        options = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
+        annotation = options[0] if len(options) == 1 else annotation
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None
         model = annotation

@@ -150,3 +150,18 @@ def test_sft_tokens_refused_by_a_preference_objective(tokenized):
 
     with pytest.raises(ValueError, match="holds sft data but train.objective=dpo.*Fix"):
         read_items(tokenized, "train", "dpo")
+
+
+def test_the_shipped_preference_config_loads_and_align_keys_are_checked():
+    from pathlib import Path
+
+    from loraflow.config import ConfigError, load_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "preference.yaml")
+    assert cfg.align is not None and cfg.align.objective == "dpo"
+    for split in ("train", "validation", "test"):
+        assert all((root / p).is_file() for p in getattr(cfg.align, split))
+    assert load_config(None).align is None  # off unless set
+    with pytest.raises(ConfigError, match="align.objectiv: unknown key. Allowed here: train, "):
+        load_config(None, ["align.objectiv=dpo"])
