@@ -44,30 +44,33 @@ LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                  max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=0,
                  bos_token_id=1, eos_token_id=2)
 # --smoke: the same code paths on CPU with a 2-layer model, to check the script runs
-SMOKE = dict(LLAMA2_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=4)
+SMOKE = dict(LLAMA2_7B, vocab_size=512, hidden_size=64, intermediate_size=128,
+             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
 TRL_BATCH, TRL_ACCUM = 4, 4
 ARCH, DEVICE = LLAMA2_7B, "cuda"
 
 
 def word_tokenizer() -> Any:
-    """A fast tokenizer of the 7B's vocabulary size where "w<i>" is token i (no network)."""
+    """A fast tokenizer of the architecture's vocabulary size where "w<i>" is token i (no
+    network)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, 32000)}
+    size = ARCH["vocab_size"]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, size)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
                                    eos_token="</s>")
 
 
-def make_pairs(n: int, seed: int = 0) -> list[dict[str, str]]:
+def make_pairs(n: int, seed: int = 0, scale: float = 1.0) -> list[dict[str, str]]:
     rng = random.Random(seed)
+    size = ARCH["vocab_size"]
 
     def words(median: float, low: int, high: int) -> str:
-        length = int(min(high, max(low, rng.lognormvariate(math.log(median), 0.6))))
-        return " ".join(f"w{rng.randrange(3, 32000)}" for _ in range(length))
+        length = int(min(high, max(low, rng.lognormvariate(math.log(median * scale), 0.6))))
+        return " ".join(f"w{rng.randrange(3, size)}" for _ in range(length))
 
     return [{"prompt": words(200, 16, 500), "chosen": " " + words(120, 8, 250),
              "rejected": " " + words(120, 8, 250)} for _ in range(n)]
@@ -198,7 +201,7 @@ def main() -> None:
     elif not torch.cuda.is_available():
         sys.exit("preference_bench needs a CUDA GPU (or --smoke)")
     variants = args.variants.split(",")
-    pairs = make_pairs(args.pairs)
+    pairs = make_pairs(args.pairs, scale=0.1 if args.smoke else 1.0)
     gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)"
     results: dict[str, Any] = {"gpu": gpu, "pairs": args.pairs,
                                "steps": args.steps}
