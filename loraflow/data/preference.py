@@ -194,20 +194,24 @@ def clean_preference(
 
 
 def check_line(
-    line: bytes | None, cfg: DataConfig, steps: list[tuple[str, Callable[[str], str]]],
-    kind: Kind,
+    line: bytes | dict[str, Any] | None, cfg: DataConfig,
+    steps: list[tuple[str, Callable[[str], str]]], kind: Kind,
 ) -> tuple[PreferenceExample, list[str], str, str]:
-    """(example, rules that changed it, folded prompt, folded answers) or raise Rejected."""
-    if line is None:
+    """(example, rules that changed it, folded prompt, folded answers) or raise Rejected. A
+    JSON line (bytes; None when too long) or a record a row format decoded."""
+    if isinstance(line, dict):
+        record: Any = line
+    elif line is None:
         raise Rejected("too_long", f"line is over data.max_line_bytes={cfg.max_line_bytes}")
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise Rejected("invalid_utf8", f"not valid UTF-8 (byte {exc.start})") from None
-    try:
-        record = orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
-        raise Rejected("not_json", f"not JSON ({exc.msg} at column {exc.colno})") from None
+    else:
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise Rejected("invalid_utf8", f"not valid UTF-8 (byte {exc.start})") from None
+        try:
+            record = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise Rejected("not_json", f"not JSON ({exc.msg} at column {exc.colno})") from None
     example, changed = clean_preference(to_preference(record, cfg.columns, kind), steps)
     after = " after cleaning" if changed else ""
     if not example.instruction.strip():
@@ -274,7 +278,7 @@ def _validate_split(
     quarantine = _Quarantine(out_dir, split)
     split_digest = hashlib.sha256()
 
-    def reject(raw: bytes, source: str, number: int, reason: str, detail: str) -> None:
+    def reject(raw: Any, source: str, number: int | str, reason: str, detail: str) -> None:
         reasons[reason] += 1
         quarantine.add(raw, source, number, reason, detail)
         if len(problems) < MAX_REPORTED:
@@ -284,11 +288,12 @@ def _validate_split(
 
     with open(out_dir / f"{split}.jsonl", "wb") as out:
         try:
-            for source in split_sources:
+            for split_source in split_sources:
                 file_digest = hashlib.sha256()
-                for chunk in _chunks(source, cfg.max_line_bytes, counts, file_digest,
-                                     progress):
+                for source, unit, chunk in _chunks(split_source, cfg, counts, file_digest,
+                                                   progress):
                     for number, raw, line in chunk:
+                        number = unit + str(number) if unit else number
                         try:
                             example, changed, prompt, answers = check_line(line, cfg, steps,
                                                                            kind)
@@ -324,7 +329,8 @@ def _validate_split(
                             counts.kept += 1
                         out.write(line_out)
                         split_digest.update(line_out)
-                source_digest.update(f"{split}\0{source}\0".encode() + file_digest.digest())
+                source_digest.update(f"{split}\0{split_source}\0".encode()
+                                     + file_digest.digest())
         finally:
             quarantine.close()
     counts.quarantined = quarantine.count
