@@ -83,7 +83,7 @@ def validation_batches(
     means one compiled flex_attention kernel, not one per batch width."""
     rows: list[list[Encoded]] = []
     for example in examples:
-        if packed and rows and (sum(len(ids) for ids, _ in rows[-1]) + len(example[0])
+        if packed and rows and (sum(len(e[0]) for e in rows[-1]) + len(example[0])
                                 <= cfg.seq_len):
             rows[-1].append(example)
         else:
@@ -91,7 +91,7 @@ def validation_batches(
     size, batches = cfg.micro_batch_size, []
     for start in range(0, len(rows), size):
         chunk = rows[start : start + size]
-        longest = max(sum(len(ids) for ids, _ in row) for row in chunk)
+        longest = max(sum(len(e[0]) for e in row) for row in chunk)
         batches.append(collate(chunk + [[]] * (size - len(chunk)), pad_id,
                                max(cfg.seq_len, longest) if packed else longest))
     return batches
