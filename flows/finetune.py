@@ -4,6 +4,7 @@
     the merged model answer the test sets: the merged model's score is the tuned one) ->
     evaluate the current champion -> report (figures + HTML) -> register (alias challenger) ->
     push to object storage -> promote (alias champion, if the gate passes)
+    [-> with an `align` section: the preference stage on top of that SFT model, flows/align.py]
 
 As a deployment (prefect.yaml) this flow runs on the cpu pool and every step that loads the
 full model (train, evaluate base, merge, evaluate champion) runs on the gpu pool through a
@@ -25,6 +26,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import deployment
 from prefect.states import State
 
+from flows.align import align_stage
 from loraflow.config import PipelineConfig
 from loraflow.credentials import check_mlflow
 from loraflow.data.watch import check_data_uri
@@ -103,6 +105,11 @@ def finetune(
             raise
         gate = step(promote_model, version=version, tuned=after, base=before, cfg=cfg.registry,
                     run_id=run_id)
+        aligned = None
+        if cfg.align is not None:  # preference tuning on top of this SFT model
+            parent = {"version": version, "adapter_sha256": adapter.sha256,
+                      "model_sha256": model.sha256}
+            aligned = align_stage(cfg, step, run_id, base, model, parent, template, test, after)
 
     summary = {
         "run_id": run_id,
@@ -117,6 +124,8 @@ def finetune(
         "tasks": step.steps,
         "seconds": round(time.perf_counter() - start, 3),
     }
+    if aligned is not None:
+        summary["align"] = aligned
     write_summary(summary, home)
     get_run_logger().info("%s", render(summary))
     return summary

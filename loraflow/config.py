@@ -189,6 +189,29 @@ class LoraSettings(Section):
 
 
 class TrainConfig(Section):
+    objective: Literal["sft", "dpo", "orpo", "kto"] = Field(
+        "sft",
+        description="What the loop optimises: sft (cross-entropy on the answers), dpo (pairs: "
+        "chosen over rejected against the reference, the model with this adapter off), orpo "
+        "(pairs: chosen NLL + odds ratio, no reference), kto (single answers labelled "
+        "desirable or not, against the reference). dpo/orpo/kto read preference data "
+        "(loraflow.preference_data).",
+    )
+    beta: float = Field(
+        0.1, gt=0.0, le=100.0,
+        description="dpo/kto: strength of the pull toward the reference (the rewards are beta x "
+        "the log ratio); orpo: weight of the odds-ratio term.",
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid",
+        description="dpo only: sigmoid (DPO), ipo (squared, on per-token averages) or hinge.",
+    )
+    kto_desirable_weight: float = Field(
+        1.0, gt=0.0, description="kto: weight of the desirable examples' losses."
+    )
+    kto_undesirable_weight: float = Field(
+        1.0, gt=0.0, description="kto: weight of the undesirable examples' losses."
+    )
     max_steps: int = Field(40, ge=1, description="Optimizer steps to run (unless epochs is set).")
     epochs: int = Field(
         0, ge=0, description="Passes over the training examples; > 0 decides the number of "
@@ -530,7 +553,57 @@ class StorageConfig(Section):
         return self
 
 
+PREFERENCE_METRICS = ("pref_win_rate", "pref_logp_margin", "pref_reward_accuracy",
+                      "pref_reward_margin")
+
+
+class AlignConfig(Section):
+    """The preference stage after SFT: a second adapter trained with dpo/orpo/kto on top of the
+    SFT model (merged), which is also its reference; evaluated beside base and SFT, gated
+    against the champion and registered with the SFT model as its parent."""
+
+    train: SourceList = Field(
+        ["data/orders/preference/train.jsonl"], min_length=1,
+        description="Preference data for training: JSONL files, local or s3://; pairs "
+        "{prompt|instruction+input|messages, chosen, rejected} or, for kto, {prompt, "
+        "completion, label}.",
+    )
+    validation: SourceList = Field(
+        ["data/orders/preference/validation.jsonl"], min_length=1,
+        description="Held-out preference records: the engine's validation loss and rewards.",
+    )
+    test: SourceList = Field(
+        ["data/orders/preference/test.jsonl"], min_length=1,
+        description="Held-out preference pairs scored for base, SFT and aligned (win rate, "
+        "margins, reward accuracy).",
+    )
+    objective: Literal["dpo", "orpo", "kto"] = Field("dpo", description="Preference loss.")
+    beta: float = Field(0.1, gt=0.0, le=100.0, description="train.beta of the align stage.")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid", description="dpo's variant (train.loss_type)."
+    )
+    max_steps: int = Field(30, ge=1, description="Optimizer steps of the align stage.")
+    learning_rate: float = Field(5e-4, gt=0, le=1.0, description="Peak learning rate.")
+    micro_batch_size: int = Field(4, ge=1, description="Pairs (or KTO records) per micro-batch.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    gate_metric: Literal[
+        "exact_match", "json_valid", "json_structure", "fuzzy", "loss", "perplexity",
+        "pref_win_rate", "pref_logp_margin", "pref_reward_accuracy", "pref_reward_margin",
+    ] = Field(
+        "exact_match",
+        description="Metric the aligned model's promotion is gated on against the champion: a "
+        "task metric of the primary test set, or a held-out preference metric (pref_*).",
+    )
+    min_improvement: float = Field(
+        0.0, ge=0.0, description="Promote only when the aligned model beats the champion by "
+        "at least this much on gate_metric (and by something)."
+    )
+
+
 class PipelineConfig(Section):
+    align: AlignConfig | None = Field(
+        None, description="Preference tuning after SFT; off unless set (configs/preference.yaml)."
+    )
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     lora: LoraSettings = LoraSettings()
@@ -618,6 +691,9 @@ def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     for part in loc:
         field = model.model_fields.get(str(part))
         annotation = field.annotation if field else None
+        # an optional section (align: AlignConfig | None) lists its own fields
+        options = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
+        annotation = options[0] if len(options) == 1 else annotation
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None
         model = annotation

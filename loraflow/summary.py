@@ -32,8 +32,29 @@ def render(summary: dict[str, Any]) -> str:
     for metric in [m for m in tuned if "." not in m and m in base and m != "examples"]:
         delta = tuned[metric] - base[metric]
         lines.append(f"  {metric:<16}{base[metric]:>8.3f}{tuned[metric]:>8.3f}{delta:>+9.3f}")
+    if "align" in summary:
+        lines += align_lines(summary["align"])
     lines += ["", f"  {'task':<22}{'state':<11}{'seconds':>9}"]
     for name, step in summary["tasks"].items():
         lines.append(f"  {name:<22}{step['state']:<11}{step['seconds']:>9.1f}")
     lines.append(f"  {'total':<33}{summary['seconds']:>9.1f}")
     return "\n".join(lines)
+
+
+def align_lines(align: dict[str, Any]) -> list[str]:
+    """The align stage: its version and gate, and base / SFT / aligned side by side."""
+    metrics = align["metrics"]
+    lines = [
+        "",
+        f"  aligned model    v{align['model_version']} (on SFT v{align['parent_version']})"
+        f"  aliases: {', '.join(align['aliases']) or '-'}",
+        f"  align gate       {align['gate']}",
+        "",
+        f"  {'metric':<22}{'base':>8}{'sft':>8}{'aligned':>9}",
+    ]
+    aligned, sft = metrics["aligned"], metrics["sft"]
+    base = {f"pref_{k}": v for k, v in metrics["base"].items()}
+    for metric in [m for m in aligned if "." not in m and m in sft and m != "examples"]:
+        shown = f"{base[metric]:>8.3f}" if metric in base else f"{'-':>8}"
+        lines.append(f"  {metric:<22}{shown}{sft[metric]:>8.3f}{aligned[metric]:>9.3f}")
+    return lines

@@ -80,13 +80,16 @@ def train_adapter(
     train: TrainConfig,
     run_id: str,
     share_checkpoints: bool = False,
+    lineage_extra: dict[str, Any] | None = None,
 ) -> Adapter | None:
     """Run the training engine as its own process (torchrun for several GPUs or machines);
     relay its metrics; log the adapter. None on a machine that trained without rank 0.
 
     share_checkpoints: also upload each new checkpoint to the MLflow run, and start from the
     one found there when this machine has none: a run retried on another worker after its
-    machine died resumes instead of starting over (the train deployment sets it)."""
+    machine died resumes instead of starting over (the train deployment sets it).
+    lineage_extra: more fields for the adapter's lineage manifest (the align stage: its SFT
+    parent and preference data)."""
     # The run's identity leaves out where it runs: a retry or rerun on another GPU count
     # resumes the same run directory's checkpoints.
     key = sha256_json([tokens.sha256, base.sha256, lora.model_dump(),
@@ -99,12 +102,14 @@ def train_adapter(
                           lora=lora, train=train)
     if share_checkpoints:
         restore_shared_checkpoint(run_dir, run_id)
+    # the align stage's engine metrics apart from the SFT run's
+    prefix = "train." if train.objective == "sft" else "align.train."
     result = launch(engine, key[:16], run_id,
-                    lambda records: log_metric_records(run_id, records, prefix="train."),
+                    lambda records: log_metric_records(run_id, records, prefix=prefix),
                     (lambda: share_checkpoint(run_dir, run_id)) if share_checkpoints else None)
     if result is None:  # a machine without rank 0: the adapter is on rank 0's machine
         return None
-    log_params(run_id, {"train.run_dir": run_dir})  # rank 0's machine (a failure names it)
+    log_params(run_id, {f"{prefix}run_dir": run_dir})  # rank 0's machine (a failure names it)
 
     adapter_dir = run_dir / "adapter"
     # The lineage manifest (issue 5): every later load checks it against its base.
@@ -119,10 +124,10 @@ def train_adapter(
         chat_template=load_tokenizer(base.path).chat_template,
         base_quantization={"nf4": "4bit", "int8": "8bit"}.get(train.precision, "none"),
         base_source=base.source,
-    ) | {"tokenize": tokens.report.settings.model_dump()}
+    ) | {"tokenize": tokens.report.settings.model_dump()} | (lineage_extra or {})
     (adapter_dir / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True))
     uri = log_dir(run_id, adapter_dir, "adapter")
-    log_metrics(run_id, {f"train.{k}": v for k, v in result.items()})
+    log_metrics(run_id, {f"{prefix}{k}": v for k, v in result.items()})
     return Adapter(uri=uri, sha256=sha256_tree(adapter_dir), result=result)
 
 

@@ -69,6 +69,7 @@ QUARANTINED = {
     "not_json": (b'{"instruction": "x", "output": ', {}),
     "not_object": (b"[1, 2]", {}),
     "unknown_shape": (b'{"question": "q", "answer": "a"}', {}),
+    "preference_record": (b'{"prompt": "q", "chosen": "a", "rejected": "b"}', {}),
     "missing_field": (b'{"instruction": "x", "input": ""}', {}),
     "wrong_type": (b'{"instruction": "x", "output": 5}', {}),
     "empty": (line(output="   ").strip(), {}),

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from loraflow.config import PipelineConfig
-from loraflow.data.watch import DATA_LANDED
+from loraflow.data.watch import DATA_LANDED, FEEDBACK_LANDED
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,8 +46,9 @@ def check_pipeline_params(params: dict) -> PipelineConfig:
 
 def test_the_pipeline_sits_on_the_cpu_pool_and_every_step_that_loads_the_model_on_gpu():
     found = deployments()
-    assert set(found) == {"finetune", "train", "evaluate", "merge"}
+    assert set(found) == {"finetune", "align", "train", "evaluate", "merge"}
     assert found["finetune"]["work_pool"]["name"] == "cpu"
+    assert found["align"]["work_pool"]["name"] == "cpu"
     for name in ("train", "evaluate", "merge"):
         assert found[name]["work_pool"]["name"] == "gpu", name
     for deployment in found.values():  # the shared env reaches every job
@@ -72,7 +73,7 @@ def test_the_automation_that_crashes_silent_runs_is_valid_and_outlasts_three_hea
     assert "crash-zombie-flow-runs" in (ROOT / "infra" / "deploy.sh").read_text()
 
 
-@pytest.mark.parametrize("name", ["finetune", "train", "evaluate", "merge"])
+@pytest.mark.parametrize("name", ["finetune", "align", "train", "evaluate", "merge"])
 def test_deployment_loads_and_its_default_parameters_validate(name):
     deployment = deployments()[name]
     flow = load_flow(deployment)
@@ -82,6 +83,11 @@ def test_deployment_loads_and_its_default_parameters_validate(name):
     if name == "finetune":
         check_pipeline_params(flow.validate_parameters(params))
         assert params["skip_trained_data"] is True
+    elif name == "align":
+        cfg = check_pipeline_params(flow.validate_parameters(params))
+        assert cfg.align is not None
+        for split in ("train", "validation", "test"):
+            assert all((ROOT / src).is_file() for src in getattr(cfg.align, split)), split
     elif name == "train":  # the pipeline supplies the references; the deployment the GPUs
         assert params == {"gpus_per_node": None}  # null: 1 if the worker sees a GPU, else 0
     else:  # everything comes from the pipeline
@@ -120,6 +126,30 @@ def test_data_trigger_starts_the_pipeline_on_the_landed_file(small_data):
     params = flow.validate_parameters(deployment["parameters"] | rendered)
     check_pipeline_params(params)
     assert params["data_uri"] == str(small_data["train"]) and params["skip_trained_data"]
+
+
+def test_feedback_trigger_starts_an_align_only_run_on_the_landed_file(tmp_path):
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+    deployment = deployments()["align"]
+    (raw,) = deployment["triggers"]
+    trigger = DeploymentEventTrigger.model_validate(raw)
+    assert trigger.expect == {FEEDBACK_LANDED}
+    # `loraflow watch --feedback` emits loraflow.feedback.<sha256>; data events do not match
+    assert fnmatch.fnmatch("loraflow.feedback." + "ab" * 32, raw["match"]["prefect.resource.id"])
+    assert not fnmatch.fnmatch("loraflow.data." + "ab" * 32, raw["match"]["prefect.resource.id"])
+    landed = tmp_path / "feedback.jsonl"
+    rendered = {k: v.replace("{{ event.payload.uri }}", str(landed)) if isinstance(v, str)
+                else v for k, v in trigger.parameters.items()}
+    flow = load_flow(deployment)
+    server_accepts(flow, deployment["parameters"] | rendered)
+    params = flow.validate_parameters(deployment["parameters"] | rendered)
+    assert params["feedback_uri"] == str(landed) and params["config"].align is not None
+
+
+def test_train_deployment_accepts_what_the_pipeline_sends(tiny_model_dir):
+
+    pass
 
 
 def pipeline_refs(tiny_model_dir) -> dict:

@@ -140,3 +140,34 @@ def test_watch_command_needs_a_prefect_server(tmp_path: Path, monkeypatch, capsy
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     assert main(["watch", str(tmp_path), "--once"]) == 2
     assert "PREFECT_API_URL is not set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("feedback", [False, True])
+def test_watch_emits_data_or_feedback_events(tmp_path: Path, monkeypatch, capsys, feedback):
+    """--feedback: loraflow.feedback.landed on loraflow.feedback.<sha256> (prefect.yaml's align
+    trigger); otherwise loraflow.data.landed (the finetune trigger)."""
+    import prefect.events
+    from prefect.events.worker import EventsWorker
+
+    from loraflow.cli import main
+    from loraflow.data.watch import DATA_LANDED, FEEDBACK_LANDED
+
+    sent = []
+
+    def fake_emit(event, resource, payload):
+        sent.append((event, resource, payload))
+        return type("Event", (), {"id": "e1"})()
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    monkeypatch.setattr(prefect.events, "emit_event", fake_emit)
+    monkeypatch.setattr(EventsWorker, "drain_all", classmethod(lambda cls, timeout=None: None))
+    watched = tmp_path / "in"
+    watched.mkdir()
+    (watched / "pairs.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    args = ["watch", str(watched), "--once", "--interval", "0"] + (["--feedback"] * feedback)
+    assert main(args) == 0
+    (event, resource, payload), = sent
+    kind = "feedback" if feedback else "data"
+    assert event == (FEEDBACK_LANDED if feedback else DATA_LANDED)
+    assert resource["prefect.resource.id"] == f"loraflow.{kind}.{payload['sha256']}"
+    assert payload["uri"].endswith("pairs.jsonl")

@@ -24,6 +24,11 @@ def add_watch_command(commands: argparse._SubParsersAction) -> None:
         help="a suffix (e.g. .done) whose file marks a data file complete; default: a file is "
         "complete when its size is the same on two polls in a row",
     )
+    watch.add_argument(
+        "--feedback", action="store_true",
+        help="the files are preference feedback (pairs or KTO records): emit "
+        "loraflow.feedback.landed, which starts an align-only run from the champion",
+    )
     watch.add_argument("--interval", type=float, default=5.0, help="seconds between polls")
     watch.add_argument("--once", action="store_true", help="poll twice (interval apart), exit")
     watch.set_defaults(handler=watch_command)
@@ -37,7 +42,13 @@ def watch_command(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from loraflow.data.watch import DATA_LANDED, Watcher, as_payload, state_path
+    from loraflow.data.watch import (
+        DATA_LANDED,
+        FEEDBACK_LANDED,
+        Watcher,
+        as_payload,
+        state_path,
+    )
 
     home = configure()
     if not os.environ.get("PREFECT_API_URL"):
@@ -57,12 +68,14 @@ def watch_command(args: argparse.Namespace) -> int:
     from prefect.events import emit_event
     from prefect.events.worker import EventsWorker
 
+    kind = "feedback" if args.feedback else "data"
+
     def emit(landed) -> None:  # noqa: ANN001 - a loraflow.data.watch.Landed
         event = emit_event(
-            DATA_LANDED,
+            FEEDBACK_LANDED if args.feedback else DATA_LANDED,
             resource={
-                "prefect.resource.id": f"loraflow.data.{landed.sha256}",
-                "loraflow.data.uri": landed.uri,
+                "prefect.resource.id": f"loraflow.{kind}.{landed.sha256}",
+                f"loraflow.{kind}.uri": landed.uri,
             },
             payload=as_payload(landed),
             id=uuid.uuid5(EVENT_NAMESPACE, landed.sha256),

@@ -66,6 +66,16 @@ def to_example(record: Any, columns: dict[str, str]) -> Example:
     """A parsed JSON value -> Example, or raise Rejected saying what is wrong."""
     if not isinstance(record, dict):
         raise Rejected("not_object", f"expected a JSON object, found {_kind(record)}")
+    if "chosen" in record or "rejected" in record or (
+        "label" in record and _field(record, "completion", columns) is not None
+    ):
+        kind = "a preference pair" if "chosen" in record or "rejected" in record else (
+            "a KTO record (prompt, completion, label)")
+        raise Rejected(
+            "preference_record",
+            f"{kind}, not an SFT example. Fix: give this file as align.train / "
+            "align.validation / align.test (the preference stage), not as data.train",
+        )
     messages = _field(record, "messages", columns)
     if messages is not None:
         return _from_messages(messages, columns.get("messages", "messages"))

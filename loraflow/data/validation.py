@@ -42,6 +42,7 @@ REASONS = (
     "too_long",
     "not_json",
     "not_object",
+    "preference_record",
     "unknown_shape",
     "missing_field",
     "wrong_type",
@@ -51,6 +52,13 @@ REASONS = (
     "duplicate",
     "near_duplicate",
     "leak",
+)
+# A line of the other kind of data (a preference pair or a KTO record in SFT data, or an SFT
+# example in preference data): the file was given in the wrong place, so the run stops.
+WRONG_KIND = frozenset({"preference_record", "sft_record"})
+SFT_SHAPES = (
+    '{"instruction": "...", "input": "...", "output": "..."} (input may be empty), '
+    '{"messages": [...]} or {"prompt": "...", "completion": "..."}'
 )
 
 
@@ -82,6 +90,8 @@ class DataReport(BaseModel):
     splits: dict[str, SplitCounts]
     problems: list[str]  # the first quarantined records, "file:line: detail [reason]"
     min_kept_fraction: float
+    shapes: str = SFT_SHAPES  # what a line must look like, for the error message
+    first_wrong_kind: str | None = None  # "file:line: detail" of the first such line
 
     @property
     def counts(self) -> dict[str, int]:
@@ -107,6 +117,12 @@ class DataReport(BaseModel):
 
     def failures(self) -> list[str]:
         out = []
+        wrong = {split: sum(c.reasons.get(r, 0) for r in WRONG_KIND)
+                 for split, c in self.splits.items()}
+        if any(wrong.values()):
+            counts = ", ".join(f"{split}: {n}" for split, n in wrong.items() if n)
+            out.append(f"lines of the wrong kind of data ({counts}); the first: "
+                       f"{self.first_wrong_kind}")
         for split, c in self.splits.items():
             if c.usable == 0:
                 out.append(f"{split}: no usable examples ({c.read} lines read)")
@@ -133,10 +149,8 @@ class DataReport(BaseModel):
             + (shown + (f"\n  ... and {more} more" if more > 0 else "") + "\n" if shown else "")
             + f"Every quarantined record is in {out_dir}/quarantine/<split>.jsonl (one JSON line "
             "each), with file:line (or file and row N) and reason in quarantine/<split>.tsv. "
-            "Each record must be an object like "
-            '{"instruction": "...", "input": "...", "output": "..."} (input may be empty), '
-            '{"messages": [...]} or {"prompt": "...", "completion": "..."}. Fix the records '
-            "and run again, map other column names with data.columns, or lower "
+            f"Each record must be an object like {self.shapes}. Fix the records and run "
+            "again, map other column names with data.columns, or lower "
             "data.min_kept_fraction."
         )
 
@@ -206,10 +220,11 @@ def validate_splits(
     train_prompts: set[bytes] = set()
     splits: dict[str, SplitCounts] = {}
     problems: list[str] = []
+    wrong_kind: list[str] = []
     for split in sorted(sources, key=lambda s: SPLITS.index(s) if s in SPLITS else len(SPLITS)):
         splits[split], split_sha = _validate_split(
             split, sources[split], out_dir, cfg, steps, count_tokens, train_prompts, problems,
-            source_digest, progress,
+            source_digest, progress, wrong_kind,
         )  # fmt: skip
         data_digest.update(split.encode() + b"\0" + split_sha)
     return DataReport(
@@ -218,6 +233,7 @@ def validate_splits(
         splits=splits,
         problems=problems,
         min_kept_fraction=cfg.min_kept_fraction,
+        first_wrong_kind=wrong_kind[0] if wrong_kind else None,
     )
 
 
@@ -232,6 +248,7 @@ def _validate_split(
     problems: list[str],
     source_digest: Any,
     progress: bool,
+    wrong_kind: list[str],
 ) -> tuple[SplitCounts, bytes]:
     """One split's lines, file after file: (counts, SHA-256 of the cleaned examples written)."""
     clean = cfg.clean
@@ -252,6 +269,8 @@ def _validate_split(
         quarantine.add(raw, source, number, reason, detail)
         if len(problems) < MAX_REPORTED:
             problems.append(f"{source}:{number}: {detail} [{reason}]")
+        if reason in WRONG_KIND and not wrong_kind:
+            wrong_kind.append(f"{source}:{number}: {detail}")
 
     try:
         for split_source in split_sources:

@@ -22,6 +22,9 @@ from loraflow.data.sources import open_source, s3_client, split_s3_uri
 
 STATE_VERSION = 1
 DATA_LANDED = "loraflow.data.landed"  # the Prefect event; prefect.yaml's trigger expects it
+# Preference data users give back (reviewers' chosen/rejected pairs, thumbs up/down): `loraflow
+# watch --feedback` emits this instead, and prefect.yaml starts an align-only run on the file.
+FEEDBACK_LANDED = "loraflow.feedback.landed"
 
 
 @dataclass(frozen=True)

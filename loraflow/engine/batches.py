@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -21,6 +21,61 @@ def read_examples(data_dir: Path, split: str) -> list[Encoded]:
     without its file has none."""
     path = Path(data_dir) / f"{split}.parquet"
     return read_tokenized(path) if path.is_file() else []
+
+
+class Unit(NamedTuple):
+    """A preference item: sequences that train together, in one row, never split by packing.
+    dpo/orpo: (prompt + chosen, prompt + rejected); kto: (prompt + completion, prompt + another
+    example's completion, whose log ratio estimates KTO's KL reference point)."""
+
+    examples: tuple[Encoded, ...]
+    desirable: bool = True
+
+
+Item = Encoded | Unit  # what the stream yields: an SFT example or a preference unit
+
+
+def item_examples(item: Item) -> tuple[Encoded, ...]:
+    return item.examples if isinstance(item, Unit) else (item,)
+
+
+def item_len(item: Item) -> int:
+    return sum(len(example[0]) for example in item_examples(item))
+
+
+def read_items(data_dir: Path, split: str, objective: str) -> list[Item]:
+    """A split as the objective trains on it: SFT examples, or preference units read from the
+    prompt_ids/chosen_ids/rejected_ids (or prompt_ids/completion_ids/desirable) columns that
+    loraflow.data.preference writes. Refuses data of the other kind, naming the fix."""
+    parquet = Path(data_dir) / f"{split}.parquet"
+    if not parquet.is_file():
+        return []
+    import pyarrow.parquet as pq
+
+    columns = pq.read_schema(parquet).names
+    kind = ("pairs" if "chosen_ids" in columns else "kto" if "completion_ids" in columns
+            else "sft")
+    wanted = {"sft": "sft", "dpo": "pairs", "orpo": "pairs", "kto": "kto"}[objective]
+    if kind != wanted:
+        raise ValueError(
+            f"{parquet} holds {kind} data but train.objective={objective} trains on {wanted} "
+            f"data. Fix: set train.objective to "
+            f"{ {'sft': 'sft', 'pairs': 'dpo or orpo', 'kto': 'kto'}[kind] }, or point the "
+            "engine at data tokenized for this objective (preference records: "
+            "loraflow.data.preference; SFT: loraflow.data.tokenization).")
+    if kind == "sft":
+        return read_examples(data_dir, split)  # type: ignore[return-value]
+    table = pq.read_table(parquet).to_pydict()
+    prompts = table["prompt_ids"]
+    if kind == "pairs":
+        return [Unit(((p + c, len(p)), (p + r, len(p))))
+                for p, c, r in zip(prompts, table["chosen_ids"], table["rejected_ids"],
+                                   strict=True)]
+    completions = table["completion_ids"]
+    # KL pairs as TRL builds them: each prompt with the previous example's completion
+    return [Unit(((p + c, len(p)), (p + completions[i - 1], len(p))), bool(d))
+            for i, (p, c, d) in enumerate(zip(prompts, completions, table["desirable"],
+                                             strict=True))]
 
 
 class ExampleStream:
@@ -56,9 +111,9 @@ def next_micro_batch(
     rows = []
     for _ in range(count):
         row = [stream.take()]
-        used = len(row[0][0])
-        while used + len(stream.peek()[0]) <= cfg.seq_len:
-            used += len(stream.peek()[0])
+        used = item_len(row[0])
+        while used + item_len(stream.peek()) <= cfg.seq_len:
+            used += item_len(stream.peek())
             row.append(stream.take())
         rows.append(row)
     return rows
@@ -87,20 +142,26 @@ def label_ranges(example: Encoded | tuple[list[int], int]) -> list[tuple[int, in
     return [*zip(spans[::2], spans[1::2], strict=True), (prompt_len, len(ids))]
 
 
-def collate(rows: list[list[Encoded]], pad_id: int, width: int | None = None) -> dict[str, Any]:
-    """Tensors for rows of one or more examples each, padded at the end to `width` (default:
-    the longest row). Labels are IGNORE_INDEX on padding and on prompts but their label spans;
-    position ids restart at 0 for every example; doc_ids number the examples of a row
-    (padding is -1)."""
-    width = width or max(sum(len(example[0]) for example in row) for row in rows)
+def collate(rows: list[list[Item]], pad_id: int, width: int | None = None) -> dict[str, Any]:
+    """Tensors for rows of one or more examples (or preference units) each, padded at the end
+    to `width` (default: the longest row). Labels are IGNORE_INDEX on padding and on prompts
+    but their label spans; position ids restart at 0 for every example; doc_ids number the
+    examples of a row (padding is -1). With preference units also seq_ids (the sequence each
+    token belongs to, numbered over the micro-batch in row order, so a unit's sequences are
+    consecutive; -1 on padding) and desirable (one flag per unit)."""
+    width = width or max(sum(item_len(item) for item in row) for row in rows)
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
     labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)
     doc_ids = torch.full(shape, -1, dtype=torch.long)
+    seq_ids = torch.full(shape, -1, dtype=torch.long)
+    seq, desirable = 0, []
     for r, row in enumerate(rows):
         start = 0
-        for d, example in enumerate(row):
+        examples = [e for item in row for e in item_examples(item)]
+        desirable += [item.desirable for item in row if isinstance(item, Unit)]
+        for d, example in enumerate(examples):
             ids = example[0]
             end = start + len(ids)
             input_ids[r, start:end] = torch.tensor(ids)
@@ -108,9 +169,13 @@ def collate(rows: list[list[Encoded]], pad_id: int, width: int | None = None) ->
                 labels[r, start + first : start + last] = torch.tensor(ids[first:last])
             position_ids[r, start:end] = torch.arange(len(ids))
             doc_ids[r, start:end] = d
-            start = end
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-            "doc_ids": doc_ids}
+            seq_ids[r, start:end] = seq
+            seq, start = seq + 1, end
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+             "doc_ids": doc_ids}
+    if desirable:
+        batch |= {"seq_ids": seq_ids, "desirable": torch.tensor(desirable)}
+    return batch
 
 
 def attention_mask_for(doc_ids: torch.Tensor, attn_impl: str) -> Any:
@@ -134,13 +199,13 @@ def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def row_counts(rows: list[list[Encoded]]) -> tuple[int, int]:
+def row_counts(rows: list[list[Item]]) -> tuple[int, int]:
     """(answer tokens, real tokens) of rows, as collate() would lay them out: the loss
     predicts every label but a row's first token. Lets each rank know the whole step's
     counts from the rows alone, with no communication."""
     answers = real = 0
     for row in rows:
-        for d, example in enumerate(row):
+        for d, example in enumerate(e for item in row for e in item_examples(item)):
             for first, last in label_ranges(example):
                 answers += max(0, last - max(first, 1 if d == 0 else 0))
             real += len(example[0])

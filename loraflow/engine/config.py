@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from loraflow.config import LoraSettings, TrainConfig
 
@@ -27,6 +27,13 @@ class EngineConfig(BaseModel):
     output_dir: Path
     lora: LoraSettings = LoraSettings()
     train: TrainConfig = TrainConfig()
+    merge_adapter: Path | None = Field(
+        None,
+        description="A trained LoRA adapter (an SFT adapter) folded into the base weights "
+        "before the new adapter is added, so the new one trains on top of it and the "
+        "reference of dpo/kto (this model with the new adapter off) is base + this adapter. "
+        "Needs unquantized base weights (not int8/nf4).",
+    )
 
 
 def halve_micro_batch(cfg: TrainConfig, halvings: int) -> TrainConfig:

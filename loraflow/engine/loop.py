@@ -22,6 +22,8 @@ from loraflow.data.tokenization import Encoded
 from loraflow.engine import distributed
 from loraflow.engine.batches import (
     ExampleStream,
+    Item,
+    Unit,
     answer_tokens,
     collate,
     row_counts,
@@ -36,7 +38,13 @@ from loraflow.engine.checkpoints import (
 )
 from loraflow.engine.distributed import SINGLE, Ranks
 from loraflow.engine.guards import FAULTS, Diverged, SpikeGuard, Watchdog, write_failure
-from loraflow.engine.loss import completion_loss
+from loraflow.engine.loss import (
+    PREFERENCE_METRICS,
+    completion_loss,
+    preference_counts,
+    preference_loss,
+    preference_record,
+)
 
 # torch.compile's backend; the engine's tests count compilations with a backend of their own.
 COMPILE_BACKEND: Any = "inductor"
@@ -138,6 +146,37 @@ def validation_loss(
     return total_sum / max(count_sum, 1)
 
 
+@torch.no_grad()
+def validation_preference(
+    model: PeftModel, units: list[Unit], cfg: TrainConfig, pad_id: int, attn_impl: str,
+    dtype: torch.dtype, decoder: Any = None, ranks: Ranks = SINGLE,
+) -> dict[str, float]:
+    """The preference loss per unit over the validation units (each unit alone in its row;
+    several ranks: every world_size-th), with its reward accuracy, rewards and margin."""
+    model.eval()
+    device = next(model.parameters()).device.type
+    total, sums, count = torch.zeros((), device=device), None, 0
+    passes = len(units[:: ranks.world_size])
+    mine = units[ranks.rank :: ranks.world_size]
+    for start in range(0, passes, cfg.micro_batch_size):
+        rows = [[u] for u in mine[start : start + cfg.micro_batch_size]]
+        used = rows or [[units[0]]]  # FSDP: a rank short of units runs a spare it ignores
+        batch = to_device(collate(used, pad_id), device)
+        n, chosen = preference_counts(used)
+        with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
+            loss, metrics = preference_loss(model, batch, (n, chosen), cfg, attn_impl, decoder)
+        if rows:
+            total += loss * n
+            sums = metrics if sums is None else sums + metrics
+            count += n
+    model.train()
+    local = [float(total), count, *(sums.tolist() if sums is not None
+                                    else [0.0] * len(PREFERENCE_METRICS))]
+    summed = distributed.sum_values(local, ranks)
+    return {"val_loss": summed[0] / max(summed[1], 1),
+            **preference_record(summed[2:], cfg.objective, prefix="val_")}
+
+
 # ---------------------------------------------------------------------------- setup
 
 
@@ -204,8 +243,8 @@ def metrics_file(out: Path, first_step: int, ranks: Ranks) -> Path:
 def fit(
     model: PeftModel,
     *,
-    train_set: list[Encoded],
-    val_set: list[Encoded],
+    train_set: list[Item],
+    val_set: list[Item],
     t: TrainConfig,
     out: Path,
     pad_id: int,
@@ -245,17 +284,22 @@ def fit(
     saved_at = time.monotonic()  # the time rule counts from the last checkpoint or the start
     mine = slice(ranks.rank * t.micro_batch_size, (ranks.rank + 1) * t.micro_batch_size)
 
-    def next_step() -> tuple[list[dict[str, Any]], int, int, int]:
-        """This rank's micro-batches, the whole step's answer and real tokens, and the stream
-        position after the step."""
-        batches, answers, real = [], 0, 0
+    preferring = t.objective != "sft"
+
+    def next_step() -> tuple[list[dict[str, Any]], Any, int, int]:
+        """This rank's micro-batches, the whole step's normaliser (answer tokens; preference:
+        units and chosen answer tokens) and real tokens, and the stream position after it."""
+        batches, answers, real, units, chosen = [], 0, 0, 0, 0
         for rows in step_rows(stream, t, packed, ranks):
             a, r = row_counts(rows)
             answers, real = answers + a, real + r
+            if preferring:
+                u, c = preference_counts(rows)
+                units, chosen = units + u, chosen + c
             batches.append(collate(rows[mine], pad_id, width))
-        return batches, answers, real, stream.position
+        return batches, (units, chosen) if preferring else answers, real, stream.position
 
-    pending: tuple[list[dict[str, Any]], int, int, int] | None = None
+    pending: tuple[list[dict[str, Any]], Any, int, int] | None = None
     bar = tqdm(range(first_step, t.max_steps), initial=first_step, total=t.max_steps,
                desc="train", unit="step", file=sys.stderr, disable=not ranks.main)
     with open(metrics_path, "a", encoding="utf-8") as metrics:
@@ -268,12 +312,18 @@ def fit(
             batches, n_items, step_tokens, position = pending or next_step()
             distributed.heartbeat(ranks, step, "compute")
             step_loss = torch.zeros((), device=device)
+            step_metrics = torch.zeros(len(PREFERENCE_METRICS), device=device)
             for batch in batches:
                 batch = to_device(batch, device)
                 with torch.autocast(device_type=device, dtype=dtype,
                                     enabled=dtype != torch.float32):
-                    micro_loss = completion_loss(model, batch, n_items, attn_impl, decoder,
-                                                 t.gradient_checkpointing)
+                    if preferring:
+                        micro_loss, sums = preference_loss(model, batch, n_items, t, attn_impl,
+                                                           decoder, t.gradient_checkpointing)
+                        step_metrics += sums
+                    else:
+                        micro_loss = completion_loss(model, batch, n_items, attn_impl, decoder,
+                                                     t.gradient_checkpointing)
                 scaler.scale(micro_loss).backward()
                 step_loss += micro_loss.detach()
             # Build the next step's batches on the CPU while the GPU finishes this backward;
@@ -326,12 +376,19 @@ def fit(
                             f" s eager): {'compiling' if compiled else 'not compiling'} (pays "
                             f"off above ~{COMPILE_COST_S / COMPILE_GAIN.get(t.precision, 0.25):.0f}"
                             " s)")
+            if preferring:
+                record |= preference_record(
+                    distributed.sum_values(step_metrics.tolist(), ranks), t.objective)
             if device == "cuda":
                 record["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             last_step = step + 1 == t.max_steps
             if val_set and ((t.eval_every and (step + 1) % t.eval_every == 0) or last_step):
-                record["val_loss"] = validation_loss(model, val_set, t, pad_id, attn_impl,
-                                                     dtype, packed, ranks)
+                if preferring:
+                    record |= validation_preference(model, val_set, t, pad_id, attn_impl, dtype,
+                                                    None, ranks)
+                else:
+                    record["val_loss"] = validation_loss(model, val_set, t, pad_id, attn_impl,
+                                                         dtype, packed, ranks)
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             if checkpoint_due(t, step + 1, last_step, time.monotonic() - saved_at, ranks):

@@ -105,6 +105,20 @@ def prepare_for_training(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.M
     return model
 
 
+def merge_into_base(model: torch.nn.Module, adapter: Path, t: TrainConfig) -> torch.nn.Module:
+    """The base with a trained adapter folded into its weights (EngineConfig.merge_adapter)."""
+    if t.precision in ("int8", "nf4") or t.parallelism == "fsdp":
+        raise PreflightError(
+            f"merge_adapter {adapter} cannot be folded into {t.precision} / {t.parallelism} "
+            "base weights exactly. Fix: give the merged SFT model as the base instead (the "
+            "pipeline's align stage does), or train this stage with precision bf16/fp32 and "
+            "parallelism ddp.")
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise ValueError(f"merge_adapter {adapter} holds no adapter_config.json. Fix: point it "
+                         "at the adapter directory an SFT run wrote (RUN_DIR/adapter).")
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+
+
 def add_lora(model: torch.nn.Module, lora: LoraSettings) -> PeftModel:
     targets: list[str] | str = (
         "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)

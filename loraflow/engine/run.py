@@ -13,12 +13,19 @@ import torch
 from loraflow.base_model import load_tokenizer
 from loraflow.config import TrainConfig
 from loraflow.engine import distributed
-from loraflow.engine.batches import read_examples
+from loraflow.engine.batches import item_len, read_items
 from loraflow.engine.checkpoints import lora_state
 from loraflow.engine.config import EngineConfig
 from loraflow.engine.distributed import Ranks
 from loraflow.engine.loop import fit
-from loraflow.engine.model import add_lora, load_base, load_base_sharded, pick_precision, use_fp8
+from loraflow.engine.model import (
+    add_lora,
+    load_base,
+    load_base_sharded,
+    merge_into_base,
+    pick_precision,
+    use_fp8,
+)
 from loraflow.engine.preflight import check_device, fit_micro_batch
 
 
@@ -49,11 +56,11 @@ def train_ranks(
     torch.manual_seed(t.seed)
 
     tokenizer = load_tokenizer(cfg.base_path)
-    train_set = read_examples(cfg.data_dir, "train")
-    val_set = read_examples(cfg.data_dir, "validation")
+    train_set = read_items(cfg.data_dir, "train", t.objective)
+    val_set = read_items(cfg.data_dir, "validation", t.objective)
     if not train_set:
         raise ValueError(f"{cfg.data_dir} holds no training examples (train.parquet)")
-    too_long = max(len(example[0]) for example in train_set)
+    too_long = max(item_len(item) for item in train_set)
     if packed and too_long > t.seq_len:
         raise ValueError(f"an example has {too_long} tokens, more than train.seq_len="
                          f"{t.seq_len}. Fix: raise train.seq_len or lower data.max_length.")
@@ -74,7 +81,10 @@ def train_ranks(
     if t.parallelism == "fsdp" and ranks.distributed:
         model = load_base_sharded(cfg.base_path, t, cfg.lora, device, attn_impl, ranks)
     else:
-        model = add_lora(load_base(cfg.base_path, t, device, attn_impl), cfg.lora)
+        base = load_base(cfg.base_path, t, device, attn_impl)
+        if cfg.merge_adapter is not None:
+            base = merge_into_base(base, cfg.merge_adapter, t)
+        model = add_lora(base, cfg.lora)
     if t.precision == "fp8":
         use_fp8(model)
     result = fit(model, train_set=train_set, val_set=val_set, t=t, out=out,

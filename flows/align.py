@@ -1,0 +1,177 @@
+"""The preference (align) stage, after SFT or on its own from the current champion:
+
+    validate preference data -> tokenize (the SFT adapter's prompt template) -> train a new
+    adapter with dpo/orpo/kto on the merged SFT model (its reference: the same model with the
+    new adapter off) -> score held-out pairs for base, SFT and aligned -> evaluate aligned on
+    the task metrics -> merge -> register (lineage: SFT parent version + adapter hash,
+    preference data hash) -> push -> promote if it beats the champion on align.gate_metric
+
+Why the merged SFT model as the align stage's base rather than the SFT adapter loaded under
+the new one: the pipeline has it already (the SFT stage merged and registered it, and an
+align-only run starts from the champion, which is a merged model), the reference needs no
+second copy of any weights (the align adapter switched off is exactly the SFT model), and the
+engine needs no two-adapter bookkeeping; the cost is that the align adapter applies to that
+merged model only, which its lineage states.
+
+Every step is cached on content: new preference data re-runs only these steps; the SFT steps
+before them are cached on the SFT data.
+
+`align` is also a flow of its own (deployment `align`, started by loraflow.feedback.landed
+events from `loraflow watch --feedback`): an align-only run from the current champion.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import mlflow
+from prefect import flow
+
+from loraflow.artifacts import ArtifactRef, HeldoutSplit
+from loraflow.base_model import BaseModelRef
+from loraflow.config import AlignConfig, PipelineConfig
+from loraflow.data.prompts import PromptTemplate
+from loraflow.environment import configure
+from loraflow.release.lineage import LINEAGE_FILE
+from loraflow.summary import write_summary
+from tasks.align import (
+    align_train_config,
+    child_run,
+    evaluate_preferences,
+    kind_of,
+    promote_aligned,
+    tag_lineage,
+    tag_parent_metrics,
+    tokenize_preferences,
+    validate_preferences,
+    with_preference,
+)
+from tasks.data import heldout_split, validate_data
+from tasks.model import evaluate_model, merge_adapter, prepare_base_model, train_adapter
+from tasks.release import discard_version, push_model, register_model
+from tasks.steps import StepLog
+from tasks.tracking import fetch, pipeline_run
+
+train_aligned = train_adapter.with_options(name="train_aligned")
+evaluate_aligned = evaluate_model.with_options(name="evaluate_aligned")
+merge_aligned = merge_adapter.with_options(name="merge_aligned")
+register_aligned = register_model.with_options(name="register_aligned")
+push_aligned = push_model.with_options(name="push_aligned")
+
+
+class AlignError(ValueError):
+    """The align stage cannot start: the message says which setting to give."""
+
+
+def align_stage(
+    cfg: PipelineConfig, step: StepLog, run_id: str, base: BaseModelRef, sft_model: ArtifactRef,
+    parent: dict[str, str], template: PromptTemplate, test: HeldoutSplit,
+    sft_metrics: dict[str, float],
+) -> dict[str, Any]:
+    """Train, evaluate, register and gate the aligned model on top of `sft_model` (a merged
+    SFT model: the SFT stage's, or the champion's), in an MLflow run nested in `run_id`.
+    parent: the SFT version, adapter and model hashes its lineage names."""
+    align = cfg.align
+    if align is None:
+        raise AlignError("the align stage needs the `align` section of the config (see "
+                         "configs/preference.yaml)")
+    with child_run(run_id, "align") as align_run:
+        return {"run_id": align_run} | _align(cfg, align, step, align_run, base, sft_model,
+                                              parent, template, test, sft_metrics)
+
+
+def _align(
+    cfg: PipelineConfig, align: AlignConfig, step: StepLog, run_id: str, base: BaseModelRef,
+    sft_model: ArtifactRef, parent: dict[str, str], template: PromptTemplate,
+    test: HeldoutSplit, sft_metrics: dict[str, float],
+) -> dict[str, Any]:
+    name = cfg.registry.model_name
+    sft_base = BaseModelRef(name=f"{name}-v{parent['version']}", path=fetch(sft_model.uri),
+                            sha256=sft_model.sha256, source=f"models:/{name}/{parent['version']}")
+    preferences = step(validate_preferences, align=align, data=cfg.data, run_id=run_id)
+    tokens = step(tokenize_preferences, data=preferences, base=sft_base, cfg=cfg.data,
+                  template=template, kind=kind_of(align), run_id=run_id)
+    extra = {"sft_parent": parent, "preference_data_sha256": preferences.sha256,
+             "align_objective": align.objective}
+    adapter = step(train_aligned, tokens=tokens, base=sft_base, lora=cfg.lora,
+                   train=align_train_config(align, cfg.train), run_id=run_id,
+                   lineage_extra=extra)
+    scores = step(evaluate_preferences, base=base, sft=sft_base, adapter=adapter, tokens=tokens,
+                  beta=align.beta, run_id=run_id)
+    aligned_eval = step(evaluate_aligned, model=sft_base, adapter=adapter, test=test,
+                        template=template, cfg=cfg.eval, run_id=run_id, label="aligned")
+    aligned = with_preference(aligned_eval.metrics, scores["aligned"])
+    sft = with_preference(sft_metrics, scores["sft"])
+    step(tag_parent_metrics, name=name, version=parent["version"],
+         metrics={k: v for k, v in sft.items() if k.startswith("pref_")})
+    model, _ = step(merge_aligned, base=sft_base, adapter=adapter, test=test,
+                    template=template, eval_cfg=cfg.eval, cfg=cfg.merge, run_id=run_id)
+    registered = step(register_aligned, model=model, adapter=adapter, metrics=aligned,
+                      cfg=cfg.registry, run_id=run_id)
+    version = registered.version
+    step(tag_lineage, name=name, version=version, parent=parent,
+         preference_sha256=preferences.sha256, objective=align.objective, run_id=run_id)
+    try:
+        storage_uri = step(push_aligned, version=version, model=model, adapter=adapter,
+                           cfg=cfg.storage, model_name=name, run_id=run_id)
+    except Exception:
+        if registered.created:
+            discard_version(cfg.registry, version)
+        raise
+    gate = step(promote_aligned, version=version, aligned=aligned, sft=sft, align=align,
+                cfg=cfg.registry, run_id=run_id)
+    return {"model_version": version, "parent_version": parent["version"],
+            "aliases": gate["aliases"], "gate": gate["reason"], "storage_uri": storage_uri,
+            "metrics": {"base": scores["base"], "sft": sft, "aligned": aligned},
+            "preference_data_sha256": preferences.sha256}
+
+
+DEFAULT_CONFIG = PipelineConfig()
+
+
+@flow(name="align")
+def align(config: PipelineConfig = DEFAULT_CONFIG, feedback_uri: str | None = None) -> dict:
+    """Align-only: a preference adapter on the current champion; feedback_uri (what a
+    loraflow.feedback.landed trigger passes) replaces align.train."""
+    from mlflow import MlflowClient
+
+    from loraflow.release.inference import registered_model
+    from loraflow.release.registry import CHAMPION, METRIC_TAG
+
+    cfg, step, start = config, StepLog(), time.perf_counter()
+    if cfg.align is None:
+        raise AlignError("an align-only run needs the `align` section of the config (see "
+                         "configs/preference.yaml)")
+    if feedback_uri:
+        cfg = cfg.model_copy(update={"align": cfg.align.model_copy(
+            update={"train": [feedback_uri]})})
+    home = configure()
+    name = cfg.registry.model_name
+    with pipeline_run(cfg) as run_id:
+        champion = registered_model(name, alias=CHAMPION)
+        if champion is None:
+            raise AlignError(f"no champion of {name!r} to align from: an align-only run starts "
+                             "from the registered champion. Fix: run the SFT pipeline first "
+                             "(`loraflow run`), or set registry.model_name to a model that has "
+                             "one")
+        version = MlflowClient().get_model_version(name, champion.version)
+        sft_model = ArtifactRef(uri=champion.source,
+                                sha256=champion.sha256 or f"{name}/{champion.version}")
+        lineage = json.loads((fetch(sft_model.uri) / LINEAGE_FILE).read_text())
+        parent = {"version": champion.version,
+                  "adapter_sha256": version.tags.get("loraflow.adapter_sha256", "unknown"),
+                  "model_sha256": sft_model.sha256}
+        sft_metrics = {k.removeprefix(METRIC_TAG): float(v)
+                       for k, v in version.tags.items() if k.startswith(METRIC_TAG)}
+        base = step(prepare_base_model, source=cfg.model.base)
+        data = step(validate_data, data=cfg.data, base=base, run_id=run_id)
+        aligned = align_stage(cfg, step, run_id, base, sft_model, parent,
+                              PromptTemplate.recorded(lineage), heldout_split(data), sft_metrics)
+    summary = {"run_id": run_id, "tracking_uri": mlflow.get_tracking_uri(),
+               "model_name": name, "align": aligned, "tasks": step.steps,
+               "seconds": round(time.perf_counter() - start, 3)}
+    write_summary(summary, home)
+    print(json.dumps({k: summary[k] for k in ("model_name", "align")}, indent=2, default=str))
+    return summary

@@ -1,0 +1,193 @@
+"""Align-stage tasks: validate and tokenize the preference data, score held-out pairs, gate and
+tag the aligned version with its lineage. Training, merging, evaluation on the task metrics,
+registration and pushing reuse the SFT stage's tasks (tasks/model.py, tasks/release.py)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from prefect import task
+from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.utilities.hashing import hash_objects
+
+from loraflow.artifacts import Adapter, TokenizedData, ValidatedData
+from loraflow.base_model import BaseModelRef, load_tokenizer
+from loraflow.config import AlignConfig, DataConfig, RegistryConfig, TrainConfig, loraflow_home
+from loraflow.data.preference import tokenize_preference_cached, validate_preference_splits
+from loraflow.data.prompts import PromptTemplate
+from loraflow.data.sources import source_fingerprint
+from loraflow.data.tokenization import TokenizeReport, TokenizeSettings
+from loraflow.data.validation import SPLITS
+from loraflow.evaluation.preference import evaluate_pairs
+from loraflow.hashing import sha256_tree, tokenizer_sha256
+from loraflow.release import registry
+from tasks.caching import CONTENT
+from tasks.release import NETWORK_RETRIES
+from tasks.tracking import fetch, log_dir, log_metrics, log_params
+
+PARENT_TAGS = ("loraflow.sft_parent_version", "loraflow.sft_parent_adapter_sha256",
+               "loraflow.sft_parent_model_sha256", "loraflow.preference_data_sha256",
+               "loraflow.align_objective")
+
+
+@contextmanager
+def child_run(parent_run_id: str, name: str) -> Iterator[str]:
+    """An MLflow run nested in the pipeline's run for the align stage: its training curve,
+    evaluations, merged model and registry params stand apart from the SFT stage's."""
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    run = client.create_run(parent.info.experiment_id, run_name=name,
+                            tags={"mlflow.parentRunId": parent_run_id})
+    try:
+        yield run.info.run_id
+    except BaseException:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def kind_of(align: AlignConfig) -> str:
+    return "kto" if align.objective == "kto" else "pairs"
+
+
+def align_train_config(align: AlignConfig, train: TrainConfig) -> TrainConfig:
+    """The SFT run's engine settings (precision, batching, GPUs, guards) with the align
+    stage's objective, loss and schedule."""
+    return train.model_copy(update={
+        "objective": align.objective, "beta": align.beta, "loss_type": align.loss_type,
+        "max_steps": align.max_steps, "epochs": 0, "learning_rate": align.learning_rate,
+        "micro_batch_size": align.micro_batch_size, "grad_accum_steps": align.grad_accum_steps,
+        "warmup_steps": min(train.warmup_steps, align.max_steps // 4),
+    })
+
+
+def preference_bytes(context: Any, inputs: dict[str, Any]) -> str:
+    """The bytes behind align.train/validation/test."""
+    align: AlignConfig = inputs["align"]
+    return hash_objects(
+        {split: [source_fingerprint(s) for s in getattr(align, split)] for split in SPLITS},
+        raise_on_failure=True,
+    )
+
+
+@task(cache_policy=CONTENT + CacheKeyFnPolicy(cache_key_fn=preference_bytes))
+def validate_preferences(align: AlignConfig, data: DataConfig, run_id: str) -> ValidatedData:
+    """Validate and clean every preference line; log cleaned data, quarantine and report under
+    align/data; stop before training on too few usable lines or on SFT lines."""
+    sources = {split: list(getattr(align, split)) for split in SPLITS}
+    with tempfile.TemporaryDirectory() as tmp:
+        report = validate_preference_splits(sources, Path(tmp), data, kind_of(align))
+        (Path(tmp) / "report.json").write_text(
+            json.dumps(report.model_dump() | {"totals": report.totals()}, indent=2))
+        uri = log_dir(run_id, Path(tmp), "align/data")
+    metrics: dict[str, float] = {}
+    for split, c in report.splits.items():
+        for key in ("read", "blank", "kept", "cleaned", "quarantined"):
+            metrics[f"align.data.{split}.{key}"] = getattr(c, key)
+        metrics |= {f"align.data.{split}.reason.{r}": n for r, n in c.reasons.items()}
+    log_metrics(run_id, metrics)
+    report.check(uri)
+    return ValidatedData(uri=uri, sha256=report.sha256, counts=report.counts,
+                         source_sha256=report.source_sha256)
+
+
+@task(cache_policy=CONTENT)
+def tokenize_preferences(
+    data: ValidatedData, base: BaseModelRef, cfg: DataConfig, template: PromptTemplate,
+    kind: str, run_id: str,
+) -> TokenizedData:
+    """Prompt + chosen + rejected (or completion) ids as Parquet, rendered with `template`:
+    the prompt template the SFT adapter recorded."""
+    tokenizer = load_tokenizer(base.path)
+    settings = TokenizeSettings(max_length=cfg.max_length, truncation=cfg.truncation)
+    folder, report, _ = tokenize_preference_cached(
+        loraflow_home() / "tokenized", fetch(data.uri), data.sha256, tokenizer,
+        tokenizer_sha256(base.path), template, settings, kind)  # type: ignore[arg-type]
+    if report.counts["train"] == 0:
+        raise ValueError(f"no preference record fits data.max_length={cfg.max_length} tokens "
+                         f"({report.too_long['train']} are longer). Fix: raise "
+                         "data.max_length.")
+    uri = log_dir(run_id, folder, "align/tokenized")
+    log_metrics(run_id, {f"align.tokens.{s}": n for s, n in report.tokens.items()})
+    zeros = dict.fromkeys(report.counts, 0)
+    summary = TokenizeReport(  # the SFT report's fields: records for examples, no label split
+        counts=report.counts, too_long=report.too_long, truncated=report.truncated,
+        completion_truncated_away=zeros, tokens=report.tokens, label_tokens=zeros,
+        rows=report.counts, settings=report.settings)
+    return TokenizedData(uri=uri, sha256=sha256_tree(folder), template=template,
+                         data_sha256=data.sha256, tokenizer_sha256=tokenizer_sha256(base.path),
+                         report=summary)
+
+
+@task(cache_policy=CONTENT)
+def evaluate_preferences(
+    base: BaseModelRef, sft: BaseModelRef, adapter: Adapter, tokens: TokenizedData,
+    beta: float, run_id: str,
+) -> dict[str, dict[str, float]]:
+    """Held-out pairs scored for base, SFT and aligned (SFT + the align adapter, the SFT model
+    its reference); logged as <label>.pref_<metric>."""
+    pad_id = load_tokenizer(sft.path).pad_token_id
+    data = fetch(tokens.uri)
+    base_scores = evaluate_pairs(base.path, data, pad_id)["model"]
+    scores = evaluate_pairs(sft.path, data, pad_id, adapter=fetch(adapter.uri), beta=beta)
+    result = {"base": base_scores, "sft": scores["model"], "aligned": scores["adapted"]}
+    log_metrics(run_id, {f"{label}.pref_{k}": v for label, m in result.items()
+                         for k, v in m.items()})
+    return result
+
+
+def with_preference(metrics: dict[str, float], scores: dict[str, float]) -> dict[str, float]:
+    """Task metrics plus the held-out preference metrics under their pref_ names."""
+    return metrics | {f"pref_{k}": v for k, v in scores.items() if k != "pairs"}
+
+
+@task(**NETWORK_RETRIES)
+def tag_lineage(
+    name: str, version: str, parent: dict[str, str], preference_sha256: str, objective: str,
+    run_id: str,
+) -> None:
+    """The aligned version names its SFT parent (version, adapter and model hashes) and the
+    preference data it was aligned on."""
+    client = MlflowClient()
+    values = (parent["version"], parent["adapter_sha256"], parent["model_sha256"],
+              preference_sha256, objective)
+    for key, value in zip(PARENT_TAGS, values, strict=True):
+        client.set_model_version_tag(name, version, key, value)
+    log_params(run_id, {"align.sft_parent_version": parent["version"],
+                        "align.preference_data_sha256": preference_sha256})
+
+
+@task(**NETWORK_RETRIES)
+def tag_parent_metrics(name: str, version: str, metrics: dict[str, float]) -> None:
+    """The SFT parent's held-out preference metrics as its version tags, so a gate on a pref_
+    metric compares the aligned model with the champion on the same scale."""
+    client = MlflowClient()
+    for key, value in registry.metric_tags(metrics).items():
+        client.set_model_version_tag(name, version, key, value)
+
+
+@task(cache_policy=CONTENT, **NETWORK_RETRIES)
+def promote_aligned(
+    version: str, aligned: dict[str, float], sft: dict[str, float], align: AlignConfig,
+    cfg: RegistryConfig, run_id: str,
+) -> dict[str, Any]:
+    """Move `champion` to the aligned version only if it beats the current champion (or, with
+    none, the SFT model) on align.gate_metric."""
+    client = MlflowClient()
+    current = registry.champion(client, cfg.model_name)
+    decision = registry.decide(align.gate_metric, aligned, sft, current, align.min_improvement)
+    if decision.promote:
+        registry.promote(client, cfg.model_name, version, decision.reason, cfg.stage_mirroring)
+    client.set_model_version_tag(cfg.model_name, version, "loraflow.gate", decision.reason)
+    log_params(run_id, {"align.gate.decision": "promoted" if decision.promote else "kept",
+                        "align.gate.reason": decision.reason})
+    log_metrics(run_id, {"align.gate.promoted": float(decision.promote),
+                         "align.gate.candidate": decision.candidate,
+                         "align.gate.reference": decision.reference})
+    return decision.model_dump() | {"aliases": registry.aliases(client, cfg.model_name, version)}

@@ -1,0 +1,167 @@
+"""Preference data: every line accounted for, its own quarantine reasons, the wrong kind of
+data stopped before training, and tokenized ids the engine reads back as pairs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loraflow.config import DataConfig
+from loraflow.data.preference import (
+    tokenize_preference_splits,
+    validate_preference_splits,
+)
+from loraflow.data.prompts import PromptTemplate
+from loraflow.data.records import DataError
+from loraflow.data.tokenization import TokenizeSettings
+from loraflow.data.validation import validate_splits
+
+GOOD = [
+    {"prompt": "Two mugs to Oslo.", "chosen": '{"qty": 2}', "rejected": '{"qty": "two"}'},
+    {"instruction": "Extract the order.", "input": "three cups to Rome",
+     "chosen": '{"qty": 3}', "rejected": '{"quantity": 3}'},
+    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                  {"role": "user", "content": "One plate to Bergen."}],
+     "chosen": [{"role": "assistant", "content": '{"qty": 1}'}], "rejected": '{"qty": "one"}'},
+]
+
+
+def write(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+HELD_OUT = [{"prompt": "Four bowls to Paris.", "chosen": '{"qty": 4}', "rejected": "{}"},
+            {"prompt": "Five forks to Turin.", "chosen": '{"qty": 5}', "rejected": "5"}]
+
+
+def sources(tmp_path, train, validation=(), test=()):
+    return {split: [str(write(tmp_path / "in" / f"{split}.jsonl", rows))]
+            for split, rows in (("train", train), ("validation", validation or HELD_OUT[:1]),
+                                ("test", test or HELD_OUT[1:]))}
+
+
+def test_every_line_is_accounted_for_with_its_own_reasons(tmp_path):
+    bad = [
+        {"prompt": "Same?", "chosen": "Yes.", "rejected": "  Yes. "},  # equal after trimming
+        {"prompt": "Case?", "chosen": "Oslo", "rejected": "oslo"},  # case is a real mistake
+        {"prompt": "Empty side", "chosen": "   ", "rejected": "no"},
+        {"prompt": "", "chosen": "a", "rejected": "b"},
+        {"prompt": "Wrong type", "chosen": 3, "rejected": "b"},
+        {"prompt": "Only one", "chosen": "a"},
+        "not json",
+        GOOD[0],  # a repeat
+    ]
+    out = tmp_path / "valid"
+    report = validate_preference_splits(sources(tmp_path, GOOD + bad + [""]), out,
+                                        DataConfig(min_kept_fraction=0.0), "pairs",
+                                        progress=False)
+    train = report.splits["train"]
+    assert train.read == 12 and train.blank == 1 and train.usable == 4
+    assert train.reasons == {"not_json": 1, "missing_field": 1, "wrong_type": 1, "empty": 1,
+                             "empty_side": 1, "chosen_equals_rejected": 1, "duplicate": 1}
+    assert train.usable + train.quarantined + train.blank == train.read
+    tsv = (out / "quarantine" / "train.tsv").read_text().splitlines()
+    assert len(tsv) == 1 + 7 and tsv[1].split("\t")[2] == "4"  # file line 4: chosen == rejected
+    kept = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert kept[2]["messages"][-1]["content"] == "Hello" and kept[2]["chosen"] == '{"qty": 1}'
+    assert kept[2]["instruction"] == "One plate to Bergen."
+    report.check(out)  # min_kept_fraction 0: passes
+
+
+def test_kto_records_need_a_boolean_label(tmp_path):
+    rows = [{"prompt": "a", "completion": "b", "label": True},
+            {"prompt": "c", "completion": "d", "label": False},
+            {"prompt": "e", "completion": "f", "label": "yes"},
+            {"prompt": "g", "completion": "h", "label": 1}]
+    report = validate_preference_splits(
+        sources(tmp_path, rows, validation=rows[:1], test=rows[1:2]), tmp_path / "v",
+        DataConfig(min_kept_fraction=0.0, clean={"leakage": False}), "kto", progress=False)
+    assert report.splits["train"].reasons == {"label_not_boolean": 2}
+    kept = (tmp_path / "v" / "train.jsonl").read_text().splitlines()
+    assert [json.loads(line)["desirable"] for line in kept] == [True, False]
+
+
+def test_sft_data_given_as_preference_data_stops_naming_file_line_and_fix(tmp_path):
+    rows = GOOD + [{"instruction": "x", "output": "y"}]
+    report = validate_preference_splits(sources(tmp_path, rows), tmp_path / "v",
+                                        DataConfig(min_kept_fraction=0.0), "pairs",
+                                        progress=False)
+    with pytest.raises(DataError) as err:
+        report.check(tmp_path / "v")
+    message = str(err.value)
+    assert f"{tmp_path / 'in' / 'train.jsonl'}:4" in message
+    assert "an SFT example" in message and "data.train" in message
+    assert '"chosen"' in message  # the shapes a preference line must have
+
+
+def test_preference_data_given_as_sft_data_stops_naming_file_line_and_fix(tmp_path):
+    sft = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(30)]
+    rows = sft + [GOOD[0]]  # one line in 31: under the kept-fraction bar, still a hard stop
+    report = validate_splits(sources(tmp_path, rows, validation=sft[:1], test=sft[1:2]),
+                             tmp_path / "v", DataConfig(clean={"leakage": False}),
+                             progress=False)
+    assert report.splits["train"].reasons == {"preference_record": 1}
+    with pytest.raises(DataError) as err:
+        report.check(tmp_path / "v")
+    assert f"{tmp_path / 'in' / 'train.jsonl'}:31" in str(err.value)
+    assert "align.train" in str(err.value)
+
+
+def test_pairs_tokenize_to_prompt_and_answer_ids_the_engine_reads_as_units(
+    tmp_path, tiny_model_dir
+):
+    from loraflow.base_model import load_tokenizer
+    from loraflow.data.records import Example
+    from loraflow.data.tokenization import encode_example
+    from loraflow.engine.batches import Unit, read_items
+
+    alpaca = PromptTemplate(kind="alpaca")
+
+    report = validate_preference_splits(sources(tmp_path, GOOD), tmp_path / "v",
+                                        DataConfig(clean={"leakage": False}), "pairs",
+                                        progress=False)
+    report.check(tmp_path / "v")
+    tokenizer = load_tokenizer(tiny_model_dir)
+    tokens = tokenize_preference_splits(tmp_path / "v", tokenizer, alpaca,
+                                        TokenizeSettings(max_length=512), tmp_path / "t",
+                                        "pairs", progress=False)
+    assert tokens.counts == {"train": 3, "validation": 1, "test": 1}
+    units = read_items(tmp_path / "t", "train", "dpo")
+    assert len(units) == 3 and all(isinstance(u, Unit) for u in units)
+    # each side is exactly what SFT tokenization gives the same prompt and answer
+    for unit, record in zip(units, GOOD[:2], strict=False):
+        prompt = record.get("prompt") or record["instruction"]
+        example = Example(instruction=prompt, input=record.get("input", ""),
+                          output=record["chosen"])
+        assert unit.examples[0] == encode_example(tokenizer, alpaca, example)[:2]
+        rejected = example.model_copy(update={"output": record["rejected"]})
+        assert unit.examples[1] == encode_example(tokenizer, alpaca, rejected)[:2]
+    with pytest.raises(ValueError, match="holds pairs data but train.objective=sft"):
+        read_items(tmp_path / "t", "train", "sft")
+    with pytest.raises(ValueError, match="train.objective=kto"):
+        read_items(tmp_path / "t", "train", "kto")
+
+
+def test_sft_tokens_refused_by_a_preference_objective(tokenized):
+    from loraflow.engine.batches import read_items
+
+    with pytest.raises(ValueError, match="holds sft data but train.objective=dpo.*Fix"):
+        read_items(tokenized, "train", "dpo")
+
+
+def test_the_shipped_preference_config_loads_and_align_keys_are_checked():
+    from pathlib import Path
+
+    from loraflow.config import ConfigError, load_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "preference.yaml")
+    assert cfg.align is not None and cfg.align.objective == "dpo"
+    for split in ("train", "validation", "test"):
+        assert all((root / p).is_file() for p in getattr(cfg.align, split))
+    assert load_config(None).align is None  # off unless set
+    with pytest.raises(ConfigError, match="align.objectiv: unknown key. Allowed here: train, "):
+        load_config(None, ["align.objectiv=dpo"])
