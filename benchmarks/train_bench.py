@@ -125,7 +125,7 @@ def run_guide(examples: list[tuple[list[int], int]], steps: int,
             return len(examples)
 
         def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-            ids, _ = examples[i]
+            ids = examples[i][0]
             pad = pad_to - len(ids)
             input_ids = torch.tensor(ids + [0] * pad)
             mask = torch.tensor([1] * len(ids) + [0] * pad)

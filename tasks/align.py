@@ -25,7 +25,7 @@ from loraflow.data.sources import source_fingerprint
 from loraflow.data.tokenization import TokenizeReport, TokenizeSettings
 from loraflow.data.validation import SPLITS
 from loraflow.evaluation.preference import evaluate_pairs
-from loraflow.hashing import sha256_tree, tokenizer_sha256
+from loraflow.hashing import sha256_file, sha256_tree, tokenizer_sha256
 from loraflow.release import registry
 from tasks.caching import CONTENT
 from tasks.release import NETWORK_RETRIES
@@ -85,6 +85,8 @@ def validate_preferences(align: AlignConfig, data: DataConfig, run_id: str) -> V
         report = validate_preference_splits(sources, Path(tmp), data, kind_of(align))
         (Path(tmp) / "report.json").write_text(
             json.dumps(report.model_dump() | {"totals": report.totals()}, indent=2))
+        split_sha256 = {split: sha256_file(Path(tmp) / f"{split}.jsonl") for split in sources
+                        if (Path(tmp) / f"{split}.jsonl").is_file()}
         uri = log_dir(run_id, Path(tmp), "align/data")
     metrics: dict[str, float] = {}
     for split, c in report.splits.items():
@@ -94,7 +96,7 @@ def validate_preferences(align: AlignConfig, data: DataConfig, run_id: str) -> V
     log_metrics(run_id, metrics)
     report.check(uri)
     return ValidatedData(uri=uri, sha256=report.sha256, counts=report.counts,
-                         source_sha256=report.source_sha256)
+                         source_sha256=report.source_sha256, split_sha256=split_sha256)
 
 
 @task(cache_policy=CONTENT)

@@ -113,7 +113,7 @@ def release_flow(servers, tiny_model_dir: Path, tmp_path: Path, name: str, middl
 
     adapter_dir = make_adapter(tiny_model_dir, tmp_path / "adapter")
     cfg = PipelineConfig.model_validate({
-        "merge": {"dtype": "float32", "check_prompts": ["Say hi."], "check_new_tokens": 4},
+        "merge": {"dtype": "float32"},
         "registry": {"model_name": name},
     })  # fmt: skip
 
