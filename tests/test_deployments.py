@@ -196,7 +196,9 @@ def test_new_data_triggers_training_on_the_gpu_pool_and_the_same_bytes_do_not(
             assert set(placed[step]) == {"cpu"}, (step, placed)
         assert "gpu" not in placed.get("evaluate_champion", {})  # no champion: nothing started
         # the summary reached the flow run's log (the Prefect UI), not only the worker's stdout
-        assert "loraflow run summary" in flow_run_log(api, pipeline["id"])
+        # (logs reach the server in batches, a few seconds after the run ends)
+        assert wait_for_log(api, pipeline["id"], "loraflow run summary"), \
+            flow_run_log(api, pipeline["id"])
 
         # started again on the same data, training allowed: cached on the cpu side, nothing
         # runs on the gpu pool, and the summary reads the registry as it is now
@@ -224,7 +226,7 @@ def test_new_data_triggers_training_on_the_gpu_pool_and_the_same_bytes_do_not(
         # so in its final state and its log
         skipped = run_deployment_now(api, env, {"data_uri": str(landed)})
         assert skipped["state_name"] == "Skipped", skipped
-        assert "skipped: data already trained on" in flow_run_log(api, skipped["id"])
+        assert wait_for_log(api, skipped["id"], "skipped: data already trained on")
         assert len(client.search_model_versions(f"name='{MODEL}'")) == 1
         last = json.loads((home / "last-run.json").read_text())  # unchanged: written on success
         assert last["run_id"] == rerun["run_id"]
@@ -316,6 +318,16 @@ def placement(api: str) -> dict[str, dict[str, list[str]]]:
         if flow_run["deployment"] not in pool:
             pool.append(flow_run["deployment"])
     return placed
+
+
+def wait_for_log(api: str, flow_run_id: str, text: str, seconds: float = 60.0) -> bool:
+    """Whether `text` shows in the flow run's log within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while text not in flow_run_log(api, flow_run_id):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(2)
+    return True
 
 
 def flow_run_log(api: str, flow_run_id: str) -> str:

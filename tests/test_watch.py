@@ -161,6 +161,8 @@ def test_watch_emits_data_or_feedback_events(tmp_path: Path, monkeypatch, capsys
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     monkeypatch.setattr(prefect.events, "emit_event", fake_emit)
     monkeypatch.setattr(EventsWorker, "drain_all", classmethod(lambda cls, timeout=None: None))
+    # no server here: the check that a Prefect server answers (test_credentials) is stubbed out
+    monkeypatch.setattr("loraflow.credentials.check_prefect", lambda *args, **kwargs: None)
     watched = tmp_path / "in"
     watched.mkdir()
     (watched / "pairs.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
