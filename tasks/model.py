@@ -62,8 +62,10 @@ def retry_training(task: Any, task_run: Any, state: Any) -> bool:
 
 
 def base_model_key(context: Any, parameters: dict[str, Any]) -> str:
-    """The base model's bytes, not its name: a new GGUF or weight file means a new key."""
-    return hash_objects(code_version(), fingerprint(source_location(parameters["source"])))
+    """The base model's bytes: a new GGUF or weight file means a new key. The configured
+    source counts too, since the reference carries it (the adapter names its base by it)."""
+    source = parameters["source"]
+    return hash_objects(code_version(), source, fingerprint(source_location(source)))
 
 
 @task(cache_key_fn=base_model_key)

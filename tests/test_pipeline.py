@@ -230,9 +230,12 @@ def test_push_to_s3_then_a_missing_bucket_fails_at_once_and_leaves_no_version(
     assert MlflowClient().search_model_versions("name='tiny-s3-missing-bucket'") == []
 
 
-def test_an_unreachable_store_is_retried_with_backoff_then_the_version_is_removed(
+def test_an_unreachable_store_stops_the_run_before_training_and_registers_nothing(
     prefect_server, small_data, tiny_model_dir, monkeypatch, unused_port
 ):
+    """The pipeline asks the configured store first (issue 16): no GPU time is spent on a run
+    that could not push. A store that goes away during a push is retried with backoff and the
+    version removed: tests/test_servers.py, against a real S3 server stopped mid-push."""
     from flows.finetune import finetune
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
@@ -241,12 +244,9 @@ def test_an_unreachable_store_is_retried_with_backoff_then_the_version_is_remove
     closed = f"http://127.0.0.1:{unused_port}"  # nothing listens there
     cfg = tiny_config(small_data, tiny_model_dir, "tiny-unreachable",
                       storage={"root": "s3://models/x", "endpoint_url": closed})
-    start = time.perf_counter()
-    with pytest.raises(StorageUnreachableError):
+    with pytest.raises(StorageUnreachableError, match=f"{closed} cannot be reached"):
         finetune(config=cfg)
-    assert time.perf_counter() - start >= 2 + 4 + 8  # three retries, exponential backoff
-    versions = MlflowClient().search_model_versions("name='tiny-unreachable'")
-    assert versions == []  # registered, then removed when the push gave up
+    assert MlflowClient().search_model_versions("name='tiny-unreachable'") == []
 
 
 JINJA_TEXT = "{{ bos_token }}JINJA-MARK {{ instruction }}\n{{ input }}\nAnswer: "

@@ -23,8 +23,10 @@ from test_pipeline import tiny_config
 from test_servers import servers  # noqa: F401 - a fixture: S3 (moto) and an MLflow server
 from tiny import make_adapter
 
-from loraflow.artifacts import Adapter, ArtifactIntegrityError
+from loraflow.artifacts import Adapter, ArtifactIntegrityError, HeldoutSplit
 from loraflow.cli import main as cli
+from loraflow.data.prompts import PromptTemplate
+from loraflow.hashing import sha256_file
 
 pytestmark = pytest.mark.integration
 
@@ -112,8 +114,14 @@ def release_flow(servers, tiny_model_dir: Path, tmp_path: Path, name: str, middl
     from tasks.tracking import log_dir, pipeline_run
 
     adapter_dir = make_adapter(tiny_model_dir, tmp_path / "adapter")
+    held_out = tmp_path / "heldout"  # the merge task's test split: two shipped examples
+    held_out.mkdir()
+    shipped = (ROOT / "data" / "orders" / "test.jsonl").read_text().splitlines()[:2]
+    (held_out / "test.jsonl").write_text("\n".join(shipped) + "\n")
+    test = HeldoutSplit(uri=held_out.as_uri(), sha256=sha256_file(held_out / "test.jsonl"))
     cfg = PipelineConfig.model_validate({
         "merge": {"dtype": "float32"},
+        "eval": {"max_new_tokens": 4, "batch_size": 2},
         "registry": {"model_name": name},
     })  # fmt: skip
 
@@ -124,9 +132,12 @@ def release_flow(servers, tiny_model_dir: Path, tmp_path: Path, name: str, middl
             adapter = Adapter(uri=log_dir(run_id, adapter_dir, "adapter"),
                               sha256=sha256_tree(adapter_dir), result={})
             middle(run_id, adapter)
-            model = merge_adapter(base, adapter, cfg.merge, run_id)
+            model, _ = merge_adapter(base=base, adapter=adapter, test=test,
+                                     template=PromptTemplate(kind="chat"), eval_cfg=cfg.eval,
+                                     cfg=cfg.merge, run_id=run_id)
             middle(run_id, None)
-            version = register_model(model, adapter, {"exact_match": 0.5}, cfg.registry, run_id)
+            version = register_model(model, adapter, {"exact_match": 0.5}, cfg.registry,
+                                     run_id).version
         return run_id, version
 
     return release
@@ -137,7 +148,8 @@ def test_an_adapter_corrupted_in_the_artifact_store_is_refused_before_any_load(
 ):
     s3 = boto3.client("s3", endpoint_url=servers.s3.url)
     loads = []
-    monkeypatch.setattr("loraflow.release.merge.merge_adapter", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr("loraflow.release.merge.merge_and_evaluate",
+                        lambda *a, **k: loads.append(a))
 
     def corrupt(run_id: str, adapter: Adapter | None) -> None:
         if adapter is None:

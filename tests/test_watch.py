@@ -154,7 +154,7 @@ def test_watch_emits_data_or_feedback_events(tmp_path: Path, monkeypatch, capsys
 
     sent = []
 
-    def fake_emit(event, resource, payload):
+    def fake_emit(event, resource, payload, **kwargs):  # kwargs: the event id from the content
         sent.append((event, resource, payload))
         return type("Event", (), {"id": "e1"})()
 
