@@ -102,11 +102,11 @@ def similarity(a: str, b: str) -> float:
     return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
 
 
-def clean_example(
-    example: Example, steps: list[tuple[str, Callable[[str], str]]]
-) -> tuple[Example, list[str]]:
-    """Apply the cleaning steps to every text field; return the example and the rules that
-    changed something."""
+def rule_runner(
+    steps: list[tuple[str, Callable[[str], str]]],
+) -> tuple[Callable[[str], str], set[str]]:
+    """A function that applies the cleaning steps to one text, and the set in which it records
+    the names of the rules that changed something (shared by every record kind's cleaning)."""
     changed: set[str] = set()
 
     def run(text: str) -> str:
@@ -116,6 +116,16 @@ def clean_example(
                 changed.add(name)
                 text = new
         return text
+
+    return run, changed
+
+
+def clean_example(
+    example: Example, steps: list[tuple[str, Callable[[str], str]]]
+) -> tuple[Example, list[str]]:
+    """Apply the cleaning steps to every text field; return the example and the rules that
+    changed something."""
+    run, changed = rule_runner(steps)
 
     if not steps:
         return example, []

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from loraflow.config import DataConfig
-from loraflow.data.cleaning import RULES, cleaning_steps, fold
+from loraflow.data.cleaning import RULES, cleaning_steps, fold, rule_runner
 from loraflow.data.prompts import PromptTemplate
 from loraflow.data.records import Example, Rejected, _kind
 from loraflow.data.sources import check_sources
@@ -171,15 +171,7 @@ def to_preference(record: Any, columns: dict[str, str], kind: Kind) -> Preferenc
 def clean_preference(
     example: PreferenceExample, steps: list[tuple[str, Callable[[str], str]]]
 ) -> tuple[PreferenceExample, list[str]]:
-    changed: set[str] = set()
-
-    def run(text: str) -> str:
-        for name, step in steps:
-            new = step(text)
-            if new != text:
-                changed.add(name)
-                text = new
-        return text
+    run, changed = rule_runner(steps)
 
     if not steps:
         return example, []
