@@ -26,14 +26,11 @@ def chunk_loss(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tenso
     return F.cross_entropy(head(states).float(), targets, reduction="sum")
 
 
-def completion_loss(
-    model: PeftModel, batch: dict[str, torch.Tensor], n_items: int, attn_impl: str,
-    decoder: Any = None, recompute_logits: bool = False,
-) -> torch.Tensor:
-    """Sum of cross-entropy over answer tokens / n_items. Logits are computed only where a
-    label exists, a chunk at a time: never the full (tokens x vocab) tensor. With
-    recompute_logits (under activation checkpointing) the backward recomputes each chunk's
-    logits instead of keeping them all (answer tokens x vocab x 6 bytes: ~1 GiB at 8k rows)."""
+def answer_states(
+    model: PeftModel, batch: dict[str, torch.Tensor], attn_impl: str, decoder: Any = None
+) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The causal LM, the decoder's hidden states at the positions whose next token carries a
+    label, those labels, and the mask that picked them (what every loss here reads)."""
     causal_lm = model.get_base_model()
     mask = attention_mask_for(batch["doc_ids"], attn_impl)
     hidden = (decoder if decoder is not None else causal_lm.model)(
@@ -42,8 +39,19 @@ def completion_loss(
     ).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
-    states, targets = hidden[:, :-1][keep], targets[keep]
-    total = hidden.new_zeros((), dtype=torch.float32)
+    return causal_lm, hidden[:, :-1][keep], targets[keep], keep
+
+
+def completion_loss(
+    model: PeftModel, batch: dict[str, torch.Tensor], n_items: int, attn_impl: str,
+    decoder: Any = None, recompute_logits: bool = False,
+) -> torch.Tensor:
+    """Sum of cross-entropy over answer tokens / n_items. Logits are computed only where a
+    label exists, a chunk at a time: never the full (tokens x vocab) tensor. With
+    recompute_logits (under activation checkpointing) the backward recomputes each chunk's
+    logits instead of keeping them all (answer tokens x vocab x 6 bytes: ~1 GiB at 8k rows)."""
+    causal_lm, states, targets, _ = answer_states(model, batch, attn_impl, decoder)
+    total = states.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), LOSS_CHUNK):
         chunk = (causal_lm.lm_head, states[start : start + LOSS_CHUNK],
                  targets[start : start + LOSS_CHUNK])
@@ -63,15 +71,8 @@ def sequence_logps(
     """(summed log-probabilities of each sequence's answer tokens, answer tokens of each), for
     a batch of preference units (collate's seq_ids): the logits only where a label exists, a
     chunk at a time, as completion_loss computes them."""
-    causal_lm = model.get_base_model()
-    mask = attention_mask_for(batch["doc_ids"], attn_impl)
-    hidden = (decoder if decoder is not None else causal_lm.model)(
-        input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
-        use_cache=False,
-    ).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
-    states, targets, owner = hidden[:, :-1][keep], targets[keep], batch["seq_ids"][:, 1:][keep]
+    causal_lm, states, targets, keep = answer_states(model, batch, attn_impl, decoder)
+    owner = batch["seq_ids"][:, 1:][keep]
     pieces = []
     for start in range(0, targets.numel(), LOSS_CHUNK):
         chunk = (causal_lm.lm_head, states[start : start + LOSS_CHUNK],
@@ -79,7 +80,7 @@ def sequence_logps(
         pieces.append(checkpoint(token_logps, *chunk, use_reentrant=False)
                       if recompute_logits else token_logps(*chunk))
     n = 2 * batch["desirable"].numel()  # every unit has two sequences
-    per_token = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    per_token = torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
     logps = per_token.new_zeros(n).index_add(0, owner, per_token)
     tokens = torch.bincount(owner, minlength=n).to(per_token.dtype)
     return logps, tokens
