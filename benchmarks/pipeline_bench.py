@@ -15,8 +15,11 @@ answered with 128 new tokens (greedy). The tokenizer is a word-level one over th
 loraflow, in the pipeline's order: validate (validate_splits) -> tokenize (tokenize_splits)
 -> train (the engine as the pipeline starts it, `python -m loraflow.engine`: packed 8 x 2048,
 compiled, bf16, one pass over --train-fraction of the examples, a validation pass at the end;
-then the adapter's lineage manifest, which hashes the base) -> evaluate base and tuned
-(evaluate_models) -> merge (merge_adapter, with its greedy parity check).
+then the adapter's lineage manifest, which hashes the base) -> evaluate base (evaluate_models)
+-> merge (merge_and_evaluate, as the pipeline's merge step: base + adapter answer the test
+prompts, the merged model answers them in bf16 -- the tuned score -- and the answers are
+compared). The guide's tuned answers are in its evaluate stage; ours in merge: compare the
+whole loop, not those two stages one by one.
 
 The guide, same run, same files: no validation; tokenize = its tokenize() on every example
 (json per line, padding="max_length", max_length=1024; `datasets` is not on the GPU machine,
@@ -96,12 +99,21 @@ SMALL = Workload(arch=dict(vocab_size=512, hidden_size=64, intermediate_size=128
 # ---------------------------------------------------------------------------- setup
 
 
+# The prompt template's own words have ids of their own: mapped to <unk> (id 0, the pad id, whose
+# embedding row a random init leaves at zero) every example would start with zero-embedding
+# tokens, and the bf16 flex-attention backward turns those into NaN gradients at the first step.
+TEMPLATE_WORDS = ("###", "Instruction:", "Input:", "Output:")
+FIRST_WORD = 3 + len(TEMPLATE_WORDS)  # the first "w<id>" word
+
+
 def write_tokenizer(vocab_size: int, out: Path) -> None:
     """Word-level ids: "w<id>" is token <id>, so an example's length in tokens is exact."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
+    vocab = ({"<unk>": 0, "<s>": 1, "</s>": 2}
+             | {word: 3 + i for i, word in enumerate(TEMPLATE_WORDS)}
+             | {f"w{i}": i for i in range(FIRST_WORD, vocab_size)})
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
@@ -137,7 +149,7 @@ def write_data(w: Workload, out: Path) -> None:
     words = w.arch["vocab_size"]
 
     def text(n: int) -> str:
-        return " ".join(f"w{rng.randrange(3, words)}" for _ in range(n))
+        return " ".join(f"w{rng.randrange(FIRST_WORD, words)}" for _ in range(n))
 
     out.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", w.examples), ("validation", w.validation), ("test", w.test)):
@@ -237,30 +249,36 @@ def eval_config(w: Workload) -> Any:
 
 
 def lf_evaluate(w: Workload, work: Path) -> dict[str, Any]:
+    """The pipeline's evaluate_base (the tuned score comes from the merge stage, as in the
+    pipeline, which scores the merged model it ships)."""
     from loraflow.evaluation.evaluate import ModelSource, evaluate_models, load_sets
 
     cfg = eval_config(w)
     start = time.perf_counter()
     sets = load_sets(cfg, work / "valid" / "test.jsonl")
-    results = evaluate_models({"base": ModelSource(path=work / "base"),
-                               "tuned": ModelSource(path=work / "base",
-                                                    adapter=work / "run" / "adapter")},
-                              sets, ALPACA_TEMPLATE, cfg)
+    results = evaluate_models({"base": ModelSource(path=work / "base")}, sets, ALPACA_TEMPLATE,
+                              cfg)
     return {"evaluate": {"seconds": time.perf_counter() - start, "prompts": len(sets[0].examples),
                          "per_model_s": {k: r.seconds for k, r in results.items()}}}
 
 
 def lf_merge(w: Workload, work: Path) -> dict[str, Any]:
-    from loraflow.evaluation.evaluate import read_test_set
-    from loraflow.release.merge import merge_adapter
+    """The pipeline's merge_adapter: base + adapter answer the test prompts, the adapter is
+    folded in, the merged model answers them in its serving dtype (the tuned evaluation), the
+    answers are compared, the merged model is saved."""
+    from loraflow.evaluation.evaluate import load_sets
+    from loraflow.release.merge import merge_and_evaluate
 
-    prompts = [e.instruction for e in read_test_set(work / "valid" / "test.jsonl")[:4]]
+    cfg = eval_config(w)
+    sets = load_sets(cfg, work / "valid" / "test.jsonl")
     start = time.perf_counter()
-    report = merge_adapter(work / "base", work / "run" / "adapter", work / "merged",
-                           "bfloat16" if torch.cuda.is_available() else "float32",
-                           check_prompts=prompts, check_new_tokens=min(16, w.new_tokens))
+    report, tuned, reference = merge_and_evaluate(
+        work / "base", work / "run" / "adapter", work / "merged", sets, ALPACA_TEMPLATE, cfg,
+        "bfloat16" if torch.cuda.is_available() else "float32", max_differing=1.0)
+    parity = report.parity
     return {"merge": {"seconds": time.perf_counter() - start,
-                      "identical": f"{report.check.identical_outputs}/{report.check.prompts}"}}
+                      "evaluations_s": {"adapter": reference.seconds, "tuned": tuned.seconds},
+                      "answers_differing": f"{parity.differing}/{parity.answers}"}}
 
 
 # ---------------------------------------------------------------------------- the guide

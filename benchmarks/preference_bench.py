@@ -164,6 +164,9 @@ def run_loraflow(tokenized: list[dict], steps: int, micro: int, seq_len: int,
                       batching="packed", seq_len=seq_len, gradient_checkpointing=True,
                       compile=compile, watchdog_seconds=0)
     reset_memory()
+    # Each variant compiles its own model: without a reset, earlier variants' graphs fill
+    # dynamo's cache (8 entries) and later variants fall back to eager.
+    torch._dynamo.reset()
     leftover = allocated()
     attn = "flex_attention" if DEVICE == "cuda" else "sdpa"
     model = add_lora(prepare_for_training(build_model(attn), cfg),
@@ -190,7 +193,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps (plus 2 warm-up)")
     parser.add_argument("--micro", type=int, default=4, help="loraflow rows per step")
     parser.add_argument("--seq-len", type=int, default=4096, help="loraflow's packed row length")
-    parser.add_argument("--variants", default="trl,loraflow,loraflow-compile")
+    parser.add_argument("--variants", default="trl,loraflow,loraflow-compile",
+                        help="trl and loraflow[-compile][-mbN] (N packed rows a step)")
     parser.add_argument("--out", type=Path, default=Path("preference_bench.json"))
     parser.add_argument("--smoke", action="store_true",
                         help="a 2-layer model on CPU: checks the script, measures nothing")
@@ -209,8 +213,11 @@ def main() -> None:
     if "trl" in variants:
         results["trl"] = trl_result
     for name in [v for v in variants if v.startswith("loraflow")]:
-        results[name] = run_loraflow(tokenized, args.steps, args.micro, args.seq_len,
-                                     compile=name.endswith("compile"))
+        # loraflow[-compile][-mbN]: compiled decoder layers; N rows a step instead of --micro
+        parts = name.split("-")
+        micro = next((int(x[2:]) for x in parts if x.startswith("mb")), args.micro)
+        results[name] = run_loraflow(tokenized, args.steps, micro, args.seq_len,
+                                     compile="compile" in parts) | {"rows_per_step": micro}
     base = results.get("trl", trl_result)["real_tokens_per_s"]
     print(f"{'variant':<20}{'real tok/s':>12}{'x TRL':>8}{'peak GiB':>10}")
     for name in ["trl"] + [v for v in variants if v.startswith("loraflow")]:
