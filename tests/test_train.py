@@ -245,6 +245,24 @@ def test_a_spike_that_recovers_is_ignored_and_one_that_stays_stops_the_run():
         SpikeGuard(TrainConfig()).check(float("inf"), 1)
 
 
+def test_non_finite_gradients_stop_the_run_before_the_update(tmp_path, tiny_model_dir, tokenized):
+    """A finite loss with NaN gradients (seen with zero-embedding tokens in a 7B, bf16): the run
+    stops at that step, and the adapter keeps its last good weights."""
+    from loraflow.engine.guards import Diverged
+
+    model = add_lora(load_model(tiny_model_dir), LoraSettings())
+    lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    lora_b.register_hook(lambda grad: grad * float("nan"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    cfg = TrainConfig(max_steps=3, micro_batch_size=4, learning_rate=1e-2, warmup_steps=0)
+    with pytest.raises(Diverged, match="gradients are not finite at step 1"):
+        fit(model, train_set=read_examples(tokenized, "train"), val_set=[], t=cfg,
+            out=tmp_path, pad_id=3, dtype=torch.float32)
+    after = dict(model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before), "the NaN update was applied"
+    assert json.loads((tmp_path / "failure.json").read_text())["kind"] == "diverged"
+
+
 def test_after_out_of_memory_the_micro_batch_halves_and_the_effective_batch_stays():
     from loraflow.engine.config import halve_micro_batch
 

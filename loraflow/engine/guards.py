@@ -83,9 +83,15 @@ class SpikeGuard:
         self.factor, self.patience = cfg.spike_factor, cfg.spike_patience
         self.mean, self.streak = mean, streak
 
-    def check(self, loss: float, step: int) -> None:
+    def check(self, loss: float, step: int, grad_norm: float | None = None) -> None:
+        """Before the optimizer step. grad_norm (None under fp16's loss scaler, which skips
+        non-finite steps itself): a finite loss with non-finite gradients stops the run here,
+        before the update writes NaN into the adapter."""
         if not math.isfinite(loss):
             raise Diverged(f"loss is {loss} at step {step}")
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            raise Diverged(f"the gradients are not finite at step {step} (its loss {loss:.4g} "
+                           "is); the update was not applied")
         if self.mean is not None and loss > self.factor * self.mean:
             self.streak += 1
             if self.streak >= self.patience:

@@ -334,11 +334,12 @@ def fit(
             step_loss = distributed.sync_gradients(params, step_loss, ranks)
             scaler.unscale_(optimizer)
             # FSDP: the norm over every rank's shards (a DTensor)
-            grad_norm = distributed.whole(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
+            grad_norm = float(distributed.whole(
+                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)))
             loss = float(step_loss)  # one host sync per optimizer step, not per micro-batch
             loss = FAULTS.poison(step + 1, loss)
             try:
-                guard.check(loss, step + 1)
+                guard.check(loss, step + 1, None if scaler.is_enabled() else grad_norm)
             except Diverged as exc:
                 last = latest_checkpoint(out / "checkpoints")
                 message = (f"{exc}: stopping. Nothing after the last good checkpoint "
