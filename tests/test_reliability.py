@@ -368,9 +368,12 @@ def test_the_prefect_server_restarted_during_a_pipeline_run_loses_nothing(
 
 @contextlib.contextmanager
 def deployed_stack(tmp_path: Path, model_dir: Path, data: dict[str, Path], train: dict,
-                   gpu_workers: tuple[str, ...] = ("gpu-a", "gpu-b"), gpu_slots: int | None = None):
+                   gpu_workers: tuple[str, ...] = ("gpu-a", "gpu-b"), gpu_slots: int | None = None,
+                   watch_location: Path | None = None):
     """A Prefect server, prefect.yaml deployed for the tiny model (infra/deploy.sh), a cpu
-    worker and gpu workers with homes of their own (two machines); all stopped at the end."""
+    worker and gpu workers with homes of their own (two machines); all stopped at the end.
+    watch_location: where the deployment accepts data from (deploy.sh's WATCH_LOCATION;
+    default $LORAFLOW_HOME/incoming)."""
     from servers import Server, free_port
     from test_deployments import run, stop_flow_run_processes, tiny_prefect_yaml
 
@@ -390,7 +393,9 @@ def deployed_stack(tmp_path: Path, model_dir: Path, data: dict[str, Path], train
                     holder["parameters"]["config"]["train"] |= train
         prefect_file.write_text(yaml.safe_dump(spec, sort_keys=False))
         slots = {"GPU_SLOTS": str(gpu_slots)} if gpu_slots else {}
-        run(["infra/deploy.sh"], env | {"PREFECT_FILE": str(prefect_file)} | slots, timeout=300)
+        watch = {"WATCH_LOCATION": str(watch_location)} if watch_location else {}
+        run(["infra/deploy.sh"], env | {"PREFECT_FILE": str(prefect_file)} | slots | watch,
+            timeout=300)
         for name in ("cpu", *gpu_workers):
             pool = "cpu" if name == "cpu" else "gpu"
             own = {"WORKER_NAME": name, "CPU_WORKER_LIMIT": "4"}
@@ -519,7 +524,8 @@ def test_thirty_files_in_a_minute_with_the_watcher_restarted_train_each_content_
     landings = [(f"orders-{i:02d}{suffix}.jsonl", text) for i, text in enumerate(contents)
                 for suffix in ("", "-copy", "-again")]
     random.Random(16).shuffle(landings)  # a copy may land before the file it copies
-    with deployed_stack(tmp_path, tiny_model_dir, small_data, train, gpu_slots=1) as stack:
+    with deployed_stack(tmp_path, tiny_model_dir, small_data, train, gpu_slots=1,
+                        watch_location=inbox) as stack:
         home = Path(stack.env["LORAFLOW_HOME"])
         watch = [sys.executable, "-m", "loraflow.cli", "watch", str(inbox), "--interval", "1"]
         logs = [tmp_path / "watch-1.log", tmp_path / "watch-2.log"]
