@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-import orjson
 from pydantic import BaseModel
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -50,6 +49,7 @@ from loraflow.data.validation import (
     _chunks,
     _digest,
     _Quarantine,
+    decoded,
 )
 
 Kind = Literal["pairs", "kto"]
@@ -191,19 +191,7 @@ def check_line(
 ) -> tuple[PreferenceExample, list[str], str, str]:
     """(example, rules that changed it, folded prompt, folded answers) or raise Rejected. A
     JSON line (bytes; None when too long) or a record a row format decoded."""
-    if isinstance(line, dict):
-        record: Any = line
-    elif line is None:
-        raise Rejected("too_long", f"line is over data.max_line_bytes={cfg.max_line_bytes}")
-    else:
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise Rejected("invalid_utf8", f"not valid UTF-8 (byte {exc.start})") from None
-        try:
-            record = orjson.loads(text)
-        except orjson.JSONDecodeError as exc:
-            raise Rejected("not_json", f"not JSON ({exc.msg} at column {exc.colno})") from None
+    record = decoded(line, cfg)
     example, changed = clean_preference(to_preference(record, cfg.columns, kind), steps)
     after = " after cleaning" if changed else ""
     if not example.instruction.strip():

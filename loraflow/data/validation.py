@@ -464,34 +464,32 @@ def _check_item(
     payload: bytes | dict[str, Any] | None, cfg: DataConfig,
     steps: list[tuple[str, Callable[[str], str]]],
 ) -> tuple[Example, list[str], str]:
-    """A JSON line (bytes, None when too long) or a decoded record, checked."""
-    if isinstance(payload, dict):
-        return _check_record(payload, cfg, steps)
-    return _check_line(payload, cfg, steps)
-
-
-def _check_line(
-    line: bytes | None, cfg: DataConfig, steps: list[tuple[str, Callable[[str], str]]]
-) -> tuple[Example, list[str], str]:
     """Parse, shape, clean and check one line on its own: (example, rules that changed it,
     its folded prompt for the dedup and leakage keys); raise Rejected."""
-    if line is None:
+    return _check_record(decoded(payload, cfg), cfg, steps)
+
+
+def decoded(payload: bytes | dict[str, Any] | None, cfg: DataConfig) -> Any:
+    """The record of a JSON line (bytes; None when it is over data.max_line_bytes), or the
+    record a row format (CSV, Parquet, ...) already decoded; raise Rejected."""
+    if isinstance(payload, dict):
+        return payload
+    if payload is None:
         raise Rejected("too_long", f"line is over data.max_line_bytes={cfg.max_line_bytes}")
     try:
-        text = line.decode("utf-8")
+        text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise Rejected("invalid_utf8", f"not valid UTF-8 (byte {exc.start})") from None
     try:
-        record = orjson.loads(text)
+        return orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         raise Rejected("not_json", f"not JSON ({exc.msg} at column {exc.colno})") from None
-    return _check_record(record, cfg, steps)
 
 
 def _check_record(
     record: Any, cfg: DataConfig, steps: list[tuple[str, Callable[[str], str]]]
 ) -> tuple[Example, list[str], str]:
-    """Shape, clean and check one decoded record on its own (see _check_line)."""
+    """Shape, clean and check one decoded record on its own (see _check_item)."""
     example, changed = clean_example(to_example(record, cfg.columns), steps)
     for name in ("instruction", "output"):
         if not getattr(example, name).strip():
