@@ -14,20 +14,19 @@ from typing import Any
 from mlflow import MlflowClient
 from prefect import task
 from prefect.cache_policies import CacheKeyFnPolicy
-from prefect.utilities.hashing import hash_objects
 
 from loraflow.artifacts import Adapter, TokenizedData, ValidatedData
 from loraflow.base_model import BaseModelRef, load_tokenizer
 from loraflow.config import AlignConfig, DataConfig, RegistryConfig, TrainConfig, loraflow_home
 from loraflow.data.preference import tokenize_preference_cached, validate_preference_splits
 from loraflow.data.prompts import PromptTemplate
-from loraflow.data.sources import source_fingerprint
 from loraflow.data.tokenization import TokenizeReport, TokenizeSettings
 from loraflow.data.validation import SPLITS
 from loraflow.evaluation.preference import evaluate_pairs
 from loraflow.hashing import sha256_file, sha256_tree, tokenizer_sha256
 from loraflow.release import registry
 from tasks.caching import CONTENT
+from tasks.data import split_sources_key
 from tasks.release import NETWORK_RETRIES
 from tasks.tracking import fetch, log_dir, log_metrics, log_params
 
@@ -67,13 +66,7 @@ def align_train_config(align: AlignConfig, train: TrainConfig) -> TrainConfig:
     })
 
 
-def preference_bytes(context: Any, inputs: dict[str, Any]) -> str:
-    """The bytes behind align.train/validation/test."""
-    align: AlignConfig = inputs["align"]
-    return hash_objects(
-        {split: [source_fingerprint(s) for s in getattr(align, split)] for split in SPLITS},
-        raise_on_failure=True,
-    )
+preference_bytes = split_sources_key("align")  # align.train/validation/test
 
 
 @task(cache_policy=CONTENT + CacheKeyFnPolicy(cache_key_fn=preference_bytes))

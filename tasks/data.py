@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,21 @@ from tasks.caching import CONTENT
 from tasks.tracking import fetch, log_dir, log_metrics
 
 
-def source_bytes(context: Any, inputs: dict[str, Any]) -> str:
-    """The bytes behind data.train/validation/test (paths and s3:// URIs are strings)."""
-    data: DataConfig = inputs["data"]
-    return hash_objects(
-        {split: [source_fingerprint(s) for s in getattr(data, split)] for split in SPLITS},
-        raise_on_failure=True,
-    )
+def split_sources_key(section: str) -> Callable[[Any, dict[str, Any]], str]:
+    """A cache key fn: the bytes behind <section>.train/validation/test of the task's input
+    named `section` (paths and s3:// URIs are strings)."""
+
+    def key(context: Any, inputs: dict[str, Any]) -> str:
+        sources = inputs[section]
+        return hash_objects(
+            {split: [source_fingerprint(s) for s in getattr(sources, split)] for split in SPLITS},
+            raise_on_failure=True,
+        )
+
+    return key
+
+
+source_bytes = split_sources_key("data")  # data.train/validation/test
 
 
 @task(cache_policy=CONTENT + CacheKeyFnPolicy(cache_key_fn=source_bytes))
