@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 INSTRUCTION = (
@@ -190,6 +191,24 @@ def make_pair(rng: random.Random) -> dict[str, str]:
             "rejected": json.dumps(mistaken(record, shown, rng), separators=(",", ":"))}
 
 
+def unseen(
+    make: Callable[[random.Random], dict[str, str]], rng: random.Random, size: int, seen: set[str]
+) -> list[dict[str, str]]:
+    """`size` rows from `make`, each with an input text no earlier row had (added to `seen`)."""
+    rows: list[dict[str, str]] = []
+    while len(rows) < size:
+        row = make(rng)
+        if row["input"] not in seen:
+            seen.add(row["input"])
+            rows.append(row)
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "orders")
@@ -206,28 +225,15 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     seen: set[str] = set()  # no input text appears in two splits
     for split, size in zip(("train", "validation", "test"), args.sizes, strict=True):
-        rows = []
-        while len(rows) < size:
-            example = make_example(rng)
-            if example["input"] not in seen:
-                seen.add(example["input"])
-                rows.append(example)
-        with open(args.out / f"{split}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        print(f"{split}: {len(rows)} examples -> {args.out / f'{split}.jsonl'}")
+        path = args.out / f"{split}.jsonl"
+        write_jsonl(path, unseen(make_example, rng, size, seen))
+        print(f"{split}: {size} examples -> {path}")
     rng = random.Random(args.seed + 1)  # its own stream: the SFT splits above stay as they were
     (args.out / "preference").mkdir(exist_ok=True)
     for split, size in zip(("train", "validation", "test"), args.preference_sizes, strict=True):
-        pairs = []
-        while len(pairs) < size:
-            pair = make_pair(rng)
-            if pair["input"] not in seen:
-                seen.add(pair["input"])
-                pairs.append(pair)
         path = args.out / "preference" / f"{split}.jsonl"
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in pairs)
-        print(f"preference {split}: {len(pairs)} pairs -> {path}")
+        write_jsonl(path, unseen(make_pair, rng, size, seen))
+        print(f"preference {split}: {size} pairs -> {path}")
 
 
 if __name__ == "__main__":
