@@ -359,7 +359,7 @@ def fit(
                 "step": step + 1,
                 "loss": loss,
                 "lr": optimizer.param_groups[0]["lr"],
-                "grad_norm": float(grad_norm),
+                "grad_norm": grad_norm,
                 "tokens": step_tokens,
                 "tokens_per_s": step_tokens / seconds,
                 "elapsed_s": time.perf_counter() - start,
