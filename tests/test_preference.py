@@ -109,6 +109,40 @@ def ours(model, rows, t: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
     return loss, preference_record(sums.tolist(), t.objective)
 
 
+def test_a_units_shared_prompt_is_laid_out_once_and_each_sequence_keeps_its_logps(
+    policy, tiny_model_dir
+):
+    """collate lays a unit's prompt out once (its sequences branch off after it): the row is
+    shorter by the prompt less one token per extra sequence, and every answer's
+    log-probability is the one the sequence gets alone in a plain forward."""
+    from transformers import AutoTokenizer
+
+    from loraflow.engine.batches import item_len
+    from loraflow.engine.loss import sequence_logps
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    units = []
+    for pair in PAIRS:
+        prompt = tokenizer(pair["prompt"])["input_ids"]
+        sides = [tokenizer(pair[k], add_special_tokens=False)["input_ids"] + [2]
+                 for k in ("chosen", "rejected")]
+        units.append(Unit(tuple((prompt + side, len(prompt)) for side in sides)))
+    batch = collate([units], pad_id=3)
+    unshared = sum(len(ids) for u in units for ids, _ in u.examples)
+    prompts = sum(p - 1 for u in units for _, p in u.examples[1:])
+    assert batch["input_ids"].shape[1] == sum(map(item_len, units)) == unshared - prompts
+    policy.eval()
+    with torch.no_grad():
+        logps, tokens = sequence_logps(policy, batch, "sdpa")
+        alone = []
+        for ids, prompt_len in (e for u in units for e in u.examples):
+            logits = policy(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
+            picked = logits[:-1].log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None])
+            alone.append(float(picked[prompt_len - 1 :].sum()))
+    assert tokens.tolist() == [len(ids) - p for u in units for ids, p in u.examples]
+    assert logps.tolist() == pytest.approx(alone, abs=TOL)
+
+
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
 @pytest.mark.parametrize("layout", ["pair_per_row", "packed"])
 def test_dpo_loss_and_gradients_equal_trls(policy, tiny_model_dir, tmp_path, loss_type, layout):
@@ -292,7 +326,11 @@ def test_the_engine_trains_dpo_in_its_one_loop_and_reports_rewards(
     assert {"loss", "reward_accuracy", "chosen_reward", "rejected_reward", "margin"} <= first.keys()
     # a fresh adapter: policy = reference at the first step, so the loss is exactly log 2
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5) and first["margin"] == 0
-    assert last["loss"] < 0.6 and last["margin"] > 0 and last["reward_accuracy"] > 0.5
+    # 4 pairs a step at a high learning rate: one step's accuracy moves in quarters, so
+    # judge the second half of the run
+    late = records[4:]
+    assert last["loss"] < 0.6 and last["margin"] > 0
+    assert sum(r["reward_accuracy"] for r in late) / len(late) > 0.5
     val = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in val] == [4, 8]
     # held-out pairs of a random 2-layer model after 8 steps: reported, not yet better

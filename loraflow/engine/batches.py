@@ -39,8 +39,26 @@ def item_examples(item: Item) -> tuple[Encoded, ...]:
     return item.examples if isinstance(item, Unit) else (item,)
 
 
+def shared_prefix(item: Item) -> int:
+    """Tokens at the front of a preference unit that collate lays out once for all of its
+    sequences: the prompt but its last token, when every sequence has the same prompt (each
+    keeps its own copy of the prompt's last token, whose hidden state predicts its answer's
+    first token, so every log-probability is the one the sequence has alone). 0 for an SFT
+    example or a unit whose prompts differ."""
+    if not isinstance(item, Unit):
+        return 0
+    (ids, prompt_len, *spans), *others = item.examples
+    if (prompt_len < 2 or spans
+            or any(len(o) > 2 or o[1] != prompt_len or o[0][:prompt_len] != ids[:prompt_len]
+                   for o in others)):
+        return 0
+    return prompt_len - 1
+
+
 def item_len(item: Item) -> int:
-    return sum(len(example[0]) for example in item_examples(item))
+    """Tokens the item takes in a row (a unit's shared prompt counted once)."""
+    examples = item_examples(item)
+    return sum(len(e[0]) for e in examples) - shared_prefix(item) * (len(examples) - 1)
 
 
 def read_items(data_dir: Path, split: str, objective: str) -> list[Item]:
@@ -148,7 +166,11 @@ def collate(rows: list[list[Item]], pad_id: int, width: int | None = None) -> di
     but their label spans; position ids restart at 0 for every example; doc_ids number the
     examples of a row (padding is -1). With preference units also seq_ids (the sequence each
     token belongs to, numbered over the micro-batch in row order, so a unit's sequences are
-    consecutive; -1 on padding) and desirable (one flag per unit)."""
+    consecutive; -1 on padding), desirable (one flag per unit) and branch_ids: a unit whose
+    sequences share their prompt is one document laid out as [prompt but its last token]
+    (branch 0) then each sequence's rest from that token on (branch 1, 2), positions
+    continuing from the prompt for each; a token sees branch 0 and its own branch
+    (attention_mask_for), so the prompt is computed once instead of once per sequence."""
     width = width or max(sum(item_len(item) for item in row) for row in rows)
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
@@ -156,43 +178,67 @@ def collate(rows: list[list[Item]], pad_id: int, width: int | None = None) -> di
     position_ids = torch.zeros(shape, dtype=torch.long)
     doc_ids = torch.full(shape, -1, dtype=torch.long)
     seq_ids = torch.full(shape, -1, dtype=torch.long)
+    branch_ids = torch.zeros(shape, dtype=torch.long)
     seq, desirable = 0, []
     for r, row in enumerate(rows):
-        start = 0
-        examples = [e for item in row for e in item_examples(item)]
-        desirable += [item.desirable for item in row if isinstance(item, Unit)]
-        for d, example in enumerate(examples):
-            ids = example[0]
-            end = start + len(ids)
-            input_ids[r, start:end] = torch.tensor(ids)
-            for first, last in label_ranges(example):
-                labels[r, start + first : start + last] = torch.tensor(ids[first:last])
-            position_ids[r, start:end] = torch.arange(len(ids))
-            doc_ids[r, start:end] = d
-            seq_ids[r, start:end] = seq
-            seq, start = seq + 1, end
+        start, doc = 0, 0
+        for item in row:
+            examples, shared = item_examples(item), shared_prefix(item)
+            if isinstance(item, Unit):
+                desirable.append(item.desirable)
+            if shared:  # the trunk; it carries no labels
+                end = start + shared
+                input_ids[r, start:end] = torch.tensor(examples[0][0][:shared])
+                position_ids[r, start:end] = torch.arange(shared)
+                doc_ids[r, start:end], seq_ids[r, start:end] = doc, seq
+                start = end
+            for k, example in enumerate(examples):
+                ids = example[0][shared:]
+                end = start + len(ids)
+                input_ids[r, start:end] = torch.tensor(ids)
+                for first, last in label_ranges(example):
+                    labels[r, start + first - shared : start + last - shared] = torch.tensor(
+                        example[0][first:last])
+                position_ids[r, start:end] = torch.arange(shared, shared + len(ids))
+                doc_ids[r, start:end], seq_ids[r, start:end] = doc, seq
+                if shared:
+                    branch_ids[r, start:end] = k + 1
+                seq, start, doc = seq + 1, end, doc if shared else doc + 1
+            doc += 1 if shared else 0
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
              "doc_ids": doc_ids}
     if desirable:
-        batch |= {"seq_ids": seq_ids, "desirable": torch.tensor(desirable)}
+        batch |= {"seq_ids": seq_ids, "desirable": torch.tensor(desirable),
+                  "branch_ids": branch_ids}
     return batch
 
 
-def attention_mask_for(doc_ids: torch.Tensor, attn_impl: str) -> Any:
+def attention_mask_for(doc_ids: torch.Tensor, attn_impl: str,
+                       branch_ids: torch.Tensor | None = None) -> Any:
     """Causal attention inside each example only (padding attends to padding, so no row is
-    empty). A flex_attention BlockMask on GPU also skips the masked blocks' compute."""
+    empty); with branch_ids (a preference unit's shared prompt, see collate) a token sees its
+    unit's branch 0 and its own branch, never a sibling sequence. A flex_attention BlockMask
+    on GPU also skips the masked blocks' compute."""
     if attn_impl == "flex_attention":
         from torch.nn.attention.flex_attention import create_block_mask
 
         def same_example(b: Any, h: Any, q: Any, kv: Any) -> Any:
             return (doc_ids[b, q] == doc_ids[b, kv]) & (kv <= q)
 
+        def same_branch(b: Any, h: Any, q: Any, kv: Any) -> Any:
+            return same_example(b, h, q, kv) & (
+                (branch_ids[b, kv] == 0) | (branch_ids[b, kv] == branch_ids[b, q]))
+
         rows, width = doc_ids.shape
-        return create_block_mask(same_example, B=rows, H=None, Q_LEN=width, KV_LEN=width,
+        return create_block_mask(same_example if branch_ids is None else same_branch,
+                                 B=rows, H=None, Q_LEN=width, KV_LEN=width,
                                  device=doc_ids.device)
     width = doc_ids.shape[1]
     causal = torch.ones(width, width, dtype=torch.bool, device=doc_ids.device).tril()
-    return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
+    mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal
+    if branch_ids is not None:
+        mask &= (branch_ids[:, None, :] == 0) | (branch_ids[:, None, :] == branch_ids[:, :, None])
+    return mask[:, None]
 
 
 def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -201,8 +247,10 @@ def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 def row_counts(rows: list[list[Item]]) -> tuple[int, int]:
     """(answer tokens, real tokens) of rows, as collate() would lay them out: the loss
-    predicts every label but a row's first token. Lets each rank know the whole step's
-    counts from the rows alone, with no communication."""
+    predicts every label but a row's first token. Real tokens are the sequences' own (a
+    unit's shared prompt counts for each sequence, as a layout without sharing feeds it, so
+    tokens/s compares with other trainers). Lets each rank know the whole step's counts from
+    the rows alone, with no communication."""
     answers = real = 0
     for row in rows:
         for d, example in enumerate(e for item in row for e in item_examples(item)):

@@ -32,7 +32,7 @@ def answer_states(
     """The causal LM, the decoder's hidden states at the positions whose next token carries a
     label, those labels, and the mask that picked them (what every loss here reads)."""
     causal_lm = model.get_base_model()
-    mask = attention_mask_for(batch["doc_ids"], attn_impl)
+    mask = attention_mask_for(batch["doc_ids"], attn_impl, batch.get("branch_ids"))
     hidden = (decoder if decoder is not None else causal_lm.model)(
         input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
         use_cache=False,
