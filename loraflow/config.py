@@ -206,6 +206,12 @@ class TrainConfig(Section):
         "sigmoid",
         description="dpo only: sigmoid (DPO), ipo (squared, on per-token averages) or hinge.",
     )
+    sft_weight: float = Field(
+        0.0, ge=0.0, le=100.0,
+        description="dpo: weight of the chosen answers' NLL (per answer token) added to the "
+        "loss (RPO, Pang et al. 2024; TRL's loss_type [sigmoid, sft] with these loss_weights): "
+        "keeps the likelihood of the right answers from falling while the margin grows.",
+    )
     kto_desirable_weight: float = Field(
         1.0, gt=0.0, description="kto: weight of the desirable examples' losses."
     )
@@ -581,6 +587,9 @@ class AlignConfig(Section):
     beta: float = Field(0.1, gt=0.0, le=100.0, description="train.beta of the align stage.")
     loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
         "sigmoid", description="dpo's variant (train.loss_type)."
+    )
+    sft_weight: float = Field(
+        0.0, ge=0.0, le=100.0, description="dpo: the chosen answers' NLL weight (train.sft_weight)."
     )
     max_steps: int = Field(30, ge=1, description="Optimizer steps of the align stage.")
     learning_rate: float = Field(5e-4, gt=0, le=1.0, description="Peak learning rate.")

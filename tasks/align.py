@@ -60,6 +60,7 @@ def align_train_config(align: AlignConfig, train: TrainConfig) -> TrainConfig:
     stage's objective, loss and schedule."""
     return train.model_copy(update={
         "objective": align.objective, "beta": align.beta, "loss_type": align.loss_type,
+        "sft_weight": align.sft_weight,
         "max_steps": align.max_steps, "epochs": 0, "learning_rate": align.learning_rate,
         "micro_batch_size": align.micro_batch_size, "grad_accum_steps": align.grad_accum_steps,
         "warmup_steps": min(train.warmup_steps, align.max_steps // 4),

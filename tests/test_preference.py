@@ -143,14 +143,19 @@ def test_a_units_shared_prompt_is_laid_out_once_and_each_sequence_keeps_its_logp
     assert logps.tolist() == pytest.approx(alone, abs=TOL)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "sigmoid+sft"])
 @pytest.mark.parametrize("layout", ["pair_per_row", "packed"])
 def test_dpo_loss_and_gradients_equal_trls(policy, tiny_model_dir, tmp_path, loss_type, layout):
+    """sigmoid+sft: DPO plus 0.7 x the chosen answers' NLL per token (our train.sft_weight;
+    TRL's loss_type [sigmoid, sft] with loss_weights [1, 0.7])."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    trainer = trainer_of("dpo", policy, tokenizer, tmp_path, PAIRS, beta=0.3,
-                         loss_type=loss_type)
+    sft_weight = 0.7 if loss_type == "sigmoid+sft" else 0.0
+    theirs_type = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]} \
+        if sft_weight else {"loss_type": loss_type}
+    loss_type = loss_type.split("+")[0]
+    trainer = trainer_of("dpo", policy, tokenizer, tmp_path, PAIRS, beta=0.3, **theirs_type)
     examples = [trainer.train_dataset[i] for i in range(len(PAIRS))]
     theirs = trainer.compute_loss(trainer.model, trainer.data_collator(examples))
     theirs.backward()
@@ -162,7 +167,7 @@ def test_dpo_loss_and_gradients_equal_trls(policy, tiny_model_dir, tmp_path, los
              for e in examples]
     rows = [units] if layout == "packed" else [[u] for u in units]
     loss, metrics = ours(policy, rows, TrainConfig(objective="dpo", beta=0.3,
-                                                   loss_type=loss_type))
+                                                   loss_type=loss_type, sft_weight=sft_weight))
     loss.backward()
     worst = same_loss_and_grads(loss, theirs, policy, trl_grads)
     print(f"dpo {loss_type} {layout}: loss {float(loss.detach()):.6f} vs TRL "

@@ -96,9 +96,10 @@ def preference_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(this micro-batch's share of the step's dpo/orpo/kto loss, its metric sums in the order
     of PREFERENCE_METRICS). `counts` are the whole step's (units, chosen answer tokens): the
-    step loss is the mean over its units (plus, for orpo, the chosen answers' NLL per answer
-    token), however the units fall into micro-batches and ranks. The reference is this model
-    with its adapter switched off, in the same no-grad forward layout: no second copy."""
+    step loss is the mean over its units (plus, for orpo and for dpo with sft_weight, the
+    chosen answers' NLL per answer token), however the units fall into micro-batches and
+    ranks. The reference is this model with its adapter switched off, in the same no-grad
+    forward layout: no second copy."""
     units, chosen_tokens = counts
     logps, tokens = sequence_logps(model, batch, attn_impl, decoder, recompute_logits)
     first, second = logps[0::2], logps[1::2]
@@ -112,6 +113,8 @@ def preference_loss(
         out = dpo_loss(first, second, ref_first, ref_second, t.beta, t.loss_type,
                        tokens[0::2], tokens[1::2])
         loss = out.losses.sum() / max(units, 1)
+        if t.sft_weight:
+            loss = loss - t.sft_weight * first.sum() / max(chosen_tokens, 1)
     elif t.objective == "orpo":
         out = orpo_loss(first, second, tokens[0::2], tokens[1::2], t.beta)
         loss = -first.sum() / max(chosen_tokens, 1) + out.losses.sum() / max(units, 1)
