@@ -2,8 +2,8 @@
 
     validate preference data -> tokenize (the SFT adapter's prompt template) -> train a new
     adapter with dpo/orpo/kto on the merged SFT model (its reference: the same model with the
-    new adapter off) -> score held-out pairs for base, SFT and aligned -> evaluate aligned on
-    the task metrics -> merge -> register (lineage: SFT parent version + adapter hash,
+    new adapter off) -> score held-out pairs for base, SFT and aligned -> merge, and score the
+    merged model on the task metrics in its serving dtype (what the gate reads) -> register (lineage: SFT parent version + adapter hash,
     preference data hash) -> push -> promote if it beats the champion on align.gate_metric
 
 Why the merged SFT model as the align stage's base rather than the SFT adapter loaded under
@@ -49,13 +49,12 @@ from tasks.align import (
     with_preference,
 )
 from tasks.data import heldout_split, validate_data
-from tasks.model import evaluate_model, merge_adapter, prepare_base_model, train_adapter
+from tasks.model import merge_adapter, prepare_base_model, train_adapter
 from tasks.release import discard_version, push_model, register_model
 from tasks.steps import StepLog
 from tasks.tracking import fetch, pipeline_run
 
 train_aligned = train_adapter.with_options(name="train_aligned")
-evaluate_aligned = evaluate_model.with_options(name="evaluate_aligned")
 merge_aligned = merge_adapter.with_options(name="merge_aligned")
 register_aligned = register_model.with_options(name="register_aligned")
 push_aligned = push_model.with_options(name="push_aligned")
@@ -100,14 +99,14 @@ def _align(
                    lineage_extra=extra)
     scores = step(evaluate_preferences, base=base, sft=sft_base, adapter=adapter, tokens=tokens,
                   beta=align.beta, run_id=run_id)
-    aligned_eval = step(evaluate_aligned, model=sft_base, adapter=adapter, test=test,
-                        template=template, cfg=cfg.eval, run_id=run_id, label="aligned")
+    # the gate reads the merged model in its serving dtype, as the SFT stage's does
+    model, aligned_eval = step(merge_aligned, base=sft_base, adapter=adapter, test=test,
+                               template=template, eval_cfg=cfg.eval, cfg=cfg.merge,
+                               run_id=run_id)
     aligned = with_preference(aligned_eval.metrics, scores["aligned"])
     sft = with_preference(sft_metrics, scores["sft"])
     step(tag_parent_metrics, name=name, version=parent["version"],
          metrics={k: v for k, v in sft.items() if k.startswith("pref_")})
-    model, _ = step(merge_aligned, base=sft_base, adapter=adapter, test=test,
-                    template=template, eval_cfg=cfg.eval, cfg=cfg.merge, run_id=run_id)
     registered = step(register_aligned, model=model, adapter=adapter, metrics=aligned,
                       cfg=cfg.registry, run_id=run_id)
     version = registered.version

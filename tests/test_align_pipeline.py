@@ -14,7 +14,7 @@ from loraflow.config import PipelineConfig
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 ALIGN_STEPS = {"validate_preferences", "tokenize_preferences", "train_aligned",
-               "evaluate_preferences", "evaluate_aligned", "merge_aligned", "register_aligned",
+               "evaluate_preferences", "merge_aligned", "register_aligned",
                "push_aligned", "promote_aligned", "tag_lineage", "tag_parent_metrics"}
 
 
