@@ -4,11 +4,8 @@ Each example asks for one nested JSON record with a fixed schema and normalised 
 (title-case names, lower-case emails, quantities as integers, ISO dates) pulled from a short,
 informal message. Usage: python data/generate.py [--out data/orders] [--seed 1234]
 
-Also preference pairs for the align stage (out/preference/{train,validation,test}.jsonl, from
-their own seeded stream: the SFT splits' bytes do not change): the same prompts with the right
-record as "chosen" and, as "rejected", the record with one of the mistakes an SFT model of this
-task still makes: the quantity as it was written (a word or a string), the date as it was
-written, the name or email not normalised, or a key left out.
+The preference pairs of the align stage (out/preference/) come from a model's own mistakes on
+more messages of this generator: data/model_pairs.py.
 """
 
 from __future__ import annotations
@@ -113,11 +110,7 @@ def ordinal(day: int) -> str:
 
 
 def make_example(rng: random.Random) -> dict[str, str]:
-    return make_order(rng)[0]
-
-
-def make_order(rng: random.Random) -> tuple[dict[str, str], dict, dict[str, str]]:
-    """(the SFT example, its record, the values as the message showed them)."""
+    """One message and the record it asks for."""
     first, last = rng.choice(FIRST), rng.choice(LAST)
     email = f"{first}.{last}@{rng.choice(DOMAINS)}"
     quantity = rng.randint(1, 12)
@@ -144,51 +137,11 @@ def make_order(rng: random.Random) -> tuple[dict[str, str], dict, dict[str, str]
         "customer": {"name": f"{first.title()} {last.title()}", "email": email},
         "order": {"sku": sku, "quantity": quantity, "ship_by": f"{year:04d}-{month:02d}-{day:02d}"},
     }
-    example = {
+    return {
         "instruction": INSTRUCTION,
         "input": text,
         "output": json.dumps(record, separators=(",", ":")),
     }
-    return example, record, {"name": shown_name, "email": shown_email, "qty": shown_qty,
-                             "date": shown_date}
-
-
-def mistaken(record: dict, shown: dict[str, str], rng: random.Random) -> dict:
-    """The record with one plausible mistake, preferring those the message invites."""
-    bad = json.loads(json.dumps(record))
-    options = ["missing_key"]
-    if not shown["qty"].isdigit():
-        options += ["quantity_word"] * 3
-    else:
-        options.append("quantity_string")
-    options += ["date_as_written"] * 2
-    if shown["name"] != record["customer"]["name"]:
-        options += ["name_as_written"] * 2
-    if shown["email"] != record["customer"]["email"]:
-        options.append("email_as_written")
-    mistake = rng.choice(options)
-    if mistake == "quantity_word":
-        bad["order"]["quantity"] = shown["qty"]
-    elif mistake == "quantity_string":
-        bad["order"]["quantity"] = str(record["order"]["quantity"])
-    elif mistake == "date_as_written":
-        bad["order"]["ship_by"] = shown["date"]
-    elif mistake == "name_as_written":
-        bad["customer"]["name"] = shown["name"]
-    elif mistake == "email_as_written":
-        bad["customer"]["email"] = shown["email"]
-    else:
-        section, key = rng.choice([("customer", "email"), ("order", "ship_by"),
-                                   ("order", "sku")])
-        del bad[section][key]
-    return bad
-
-
-def make_pair(rng: random.Random) -> dict[str, str]:
-    example, record, shown = make_order(rng)
-    return {"instruction": example["instruction"], "input": example["input"],
-            "chosen": example["output"],
-            "rejected": json.dumps(mistaken(record, shown, rng), separators=(",", ":"))}
 
 
 def unseen(
@@ -216,10 +169,6 @@ def main() -> None:
     parser.add_argument(
         "--sizes", type=int, nargs=3, default=[800, 64, 64], metavar=("TRAIN", "VALIDATION", "TEST")
     )
-    parser.add_argument(
-        "--preference-sizes", type=int, nargs=3, default=[320, 32, 32],
-        metavar=("TRAIN", "VALIDATION", "TEST"),
-    )
     args = parser.parse_args()
     rng = random.Random(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -228,12 +177,6 @@ def main() -> None:
         path = args.out / f"{split}.jsonl"
         write_jsonl(path, unseen(make_example, rng, size, seen))
         print(f"{split}: {size} examples -> {path}")
-    rng = random.Random(args.seed + 1)  # its own stream: the SFT splits above stay as they were
-    (args.out / "preference").mkdir(exist_ok=True)
-    for split, size in zip(("train", "validation", "test"), args.preference_sizes, strict=True):
-        path = args.out / "preference" / f"{split}.jsonl"
-        write_jsonl(path, unseen(make_pair, rng, size, seen))
-        print(f"preference {split}: {size} pairs -> {path}")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,12 @@ def align_lines(align: dict[str, Any]) -> list[str]:
     ]
     aligned, sft = metrics["aligned"], metrics["sft"]
     base = {f"pref_{k}": v for k, v in metrics["base"].items()}
-    for metric in [m for m in aligned if "." not in m and m in sft and m != "examples"]:
-        shown = f"{base[metric]:>8.3f}" if metric in base else f"{'-':>8}"
-        lines.append(f"  {metric:<22}{shown}{sft[metric]:>8.3f}{aligned[metric]:>9.3f}")
+    def cell(values: dict[str, float], metric: str) -> str:
+        return f"{values[metric]:>8.3f}" if metric in values else f"{'-':>8}"
+
+    for metric in [m for m in aligned if "." not in m and m != "examples"]:
+        lines.append(f"  {metric:<22}{cell(base, metric)}{cell(sft, metric)}"
+                     f"{aligned[metric]:>9.3f}")
+    if any(m.startswith("pref_reward_") for m in aligned):
+        lines.append("  (pref_reward_*: the aligned model against its reference, the SFT model)")
     return lines
