@@ -445,7 +445,11 @@ def test_the_gpu_worker_killed_during_training_is_retried_and_resumes_on_another
     from tasks.deployments import ADAPTER_TAG
     from tasks.model import SHARED_CHECKPOINTS
 
-    train = {"nodes": 1, "max_steps": 120, "micro_batch_size": 4, "checkpoint_minutes": 0.05}
+    # Long enough that a shared checkpoint stays visible while the run is RUNNING for a good
+    # while: with 120 steps (~25 s of training) one run's polls here, slowed by the Prefect
+    # server's locked sqlite, missed the whole window.
+    steps = 300
+    train = {"nodes": 1, "max_steps": steps, "micro_batch_size": 4, "checkpoint_minutes": 0.05}
     with deployed_stack(tmp_path, tiny_model_dir, small_data, train) as stack:
         run(["prefect", "--no-prompt", "deployment", "run", "finetune/finetune"], stack.env)
 
@@ -488,7 +492,7 @@ def test_the_gpu_worker_killed_during_training_is_retried_and_resumes_on_another
         run_id = first["parameters"]["run_id"]
         adapter = json.loads(stack.client.get_run(run_id).data.tags[ADAPTER_TAG])
         assert adapter["result"]["resumed_from"] > 0, adapter["result"]  # not from step 0
-        assert adapter["result"]["steps"] == 120
+        assert adapter["result"]["steps"] == steps
         (version,) = stack.client.search_model_versions(f"name='{MODEL_DEPLOYED}'")
         assert version.run_id == run_id
         survivor = next(n for n in stack.workers if n.startswith("gpu") and n != victim)
