@@ -91,14 +91,17 @@ def main(argv: list[str] | None = None) -> int:
             plain.append(output[0, len(ids):].tolist())
         plain_s = time.perf_counter() - start
         eos = tokenizer.eos_token_id
-        plain = [p[: p.index(eos) + 1] if eos in p else p for p in plain]
+
+        def until_eos(ids: list[int]) -> list[int]:
+            return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+        plain = [until_eos(p) for p in plain]
         # plain model.generate on all prompts in one left-padded batch (dynamic cache): how
         # much batching alone moves the answers in this dtype
         input_ids, mask = left_padded(encoded, tokenizer.pad_token_id, torch.device(device))
         output = model.generate(input_ids=input_ids, attention_mask=mask,
                                 generation_config=config)
-        batched = [row[input_ids.shape[1]:].tolist() for row in output]
-        batched = [b[: b.index(eos) + 1] if eos in b else b for b in batched]
+        batched = [until_eos(row[input_ids.shape[1]:].tolist()) for row in output]
         differing = differences(tokenizer, ours, plain)
         result["dtypes"][name] = {
             "identical": len(encoded) - len(differing), "ours_s": ours_s,

@@ -3,8 +3,9 @@
     validate preference data -> tokenize (the SFT adapter's prompt template) -> train a new
     adapter with dpo/orpo/kto on the merged SFT model (its reference: the same model with the
     new adapter off) -> score held-out pairs for base, SFT and aligned -> merge, and score the
-    merged model on the task metrics in its serving dtype (what the gate reads) -> register (lineage: SFT parent version + adapter hash,
-    preference data hash) -> push -> promote if it beats the champion on align.gate_metric
+    merged model on the task metrics in its serving dtype (what the gate reads) -> register
+    (lineage: SFT parent version + adapter hash, preference data hash) -> push -> promote if
+    it beats the champion on align.gate_metric
 
 Why the merged SFT model as the align stage's base rather than the SFT adapter loaded under
 the new one: the pipeline has it already (the SFT stage merged and registered it, and an

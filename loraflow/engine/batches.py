@@ -200,11 +200,13 @@ def collate(rows: list[list[Item]], pad_id: int, width: int | None = None) -> di
                     labels[r, start + first - shared : start + last - shared] = torch.tensor(
                         example[0][first:last])
                 position_ids[r, start:end] = torch.arange(shared, shared + len(ids))
-                doc_ids[r, start:end], seq_ids[r, start:end] = doc, seq
+                # a shared unit is one document with a branch per sequence
+                doc_ids[r, start:end] = doc if shared else doc + k
+                seq_ids[r, start:end] = seq
                 if shared:
                     branch_ids[r, start:end] = k + 1
-                seq, start, doc = seq + 1, end, doc if shared else doc + 1
-            doc += 1 if shared else 0
+                seq, start = seq + 1, end
+            doc += 1 if shared else len(examples)
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
              "doc_ids": doc_ids}
     if desirable:

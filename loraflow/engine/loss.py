@@ -109,15 +109,16 @@ def preference_loss(
         ref_first, ref_second = ref[0::2], ref[1::2]
     zero = logps.new_zeros(())
     kl = zero
+    chosen_nll = -first.sum() / max(chosen_tokens, 1)  # per chosen answer token (orpo, sft_weight)
     if t.objective == "dpo":
         out = dpo_loss(first, second, ref_first, ref_second, t.beta, t.loss_type,
                        tokens[0::2], tokens[1::2])
         loss = out.losses.sum() / max(units, 1)
         if t.sft_weight:
-            loss = loss - t.sft_weight * first.sum() / max(chosen_tokens, 1)
+            loss = loss + t.sft_weight * chosen_nll
     elif t.objective == "orpo":
         out = orpo_loss(first, second, tokens[0::2], tokens[1::2], t.beta)
-        loss = -first.sum() / max(chosen_tokens, 1) + out.losses.sum() / max(units, 1)
+        loss = chosen_nll + out.losses.sum() / max(units, 1)
     elif t.objective == "kto":
         kl = (second - ref_second).mean().detach()  # the mismatched pairs: KTO's z
         out = kto_loss(first, ref_first, batch["desirable"], kl, t.beta,
