@@ -6,10 +6,14 @@ How a batch is decoded (greedy answers are the same as plain `model.generate` on
 alone; tests/test_generation.py checks it):
 - prompts are sorted by length and neighbours batched, so a short prompt is not padded to a long
   one; answers come back in the order of the prompts;
-- on a CUDA GPU, greedy decoding runs `model.generate` with a static KV cache, which transformers
-  compiles (torch.compile, CUDA graphs): a decode step is then bound by memory bandwidth, not by
-  Python and kernel launches. Every batch has the same shape (the last is padded with copies),
-  so it compiles once;
+- on a CUDA GPU, greedy decoding runs on transformers' StaticCache with the model's forward
+  compiled as `model.generate` compiles it (`get_compiled_call`: torch.compile, CUDA graphs), so
+  a decode step is bound by memory bandwidth, not by Python and kernel launches. The loop is
+  ours for one reason: `generate` waits for the GPU after every step to test whether all rows
+  have ended, and the GPU idles while the host prepares the next step. Here each step's tokens
+  are copied to the host as the GPU makes them and read a few steps later (EOS and stop strings
+  are checked there), so the host queues steps ahead of the GPU. Every batch has the same shape
+  (the last is padded with copies) and one cache is reused, so it compiles once;
 - on CPU, greedy decoding drops a row from the batch as soon as it is finished (EOS, a stop
   string): compute there grows with the rows, and `model.generate` keeps computing finished rows
   until the longest answer of the batch ends;
@@ -203,7 +207,7 @@ def _generate(
             new = _hf_generate(model, tokenizer, batch, decoding, device)
         elif compiled:
             filler = [batch[-1]] * (size - len(batch))  # one shape for every batch: one compile
-            new = _hf_generate(model, tokenizer, batch + filler, decoding, device, cache_len)
+            new = _greedy_static(model, tokenizer, batch + filler, decoding, cache_len)
             new = new[: len(batch)]
         else:
             new, _ = _greedy_dropping_finished(model, tokenizer, batch, decoding, device)
@@ -220,23 +224,143 @@ def _hf_generate(
     batch: list[list[int]],
     decoding: Decoding,
     device: torch.device,
-    static_cache_len: int | None = None,
 ) -> list[list[int]]:
-    """`model.generate` on one batch; with static_cache_len, on a static KV cache of that
-    length, which transformers compiles on a GPU."""
-    config = generation_config(decoding, tokenizer)
-    if static_cache_len is not None:
-        config.cache_implementation = "static"
-        if hasattr(config, "max_cache_len"):  # transformers >= 5.13: the cache is not re-made
-            config.max_cache_len = static_cache_len
+    """`model.generate` on one batch (beam search)."""
     input_ids, attention_mask = left_padded(batch, tokenizer.pad_token_id, device)
     output = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        generation_config=config,
+        generation_config=generation_config(decoding, tokenizer),
         tokenizer=tokenizer,  # needed by stop strings
     )
     return [_until_eos(row, tokenizer.eos_token_id) for row in output[:, input_ids.shape[1] :]]
+
+
+# Steps the host reads the GPU's tokens behind it: the GPU has that many steps queued while the
+# host checks EOS and stop strings; a batch runs at most that many steps past its last answer.
+GPU_LAG_STEPS = 3
+
+
+def _static_cache(model: PreTrainedModel, rows: int, cache_len: int) -> object:
+    """A StaticCache for `rows` sequences of `cache_len` tokens, kept on the model and reset for
+    the next batch of the same shape (as `model.generate` keeps its own): the compiled decode step
+    and its CUDA graphs read the cache at fixed addresses."""
+    from transformers import StaticCache
+
+    key = (rows, cache_len, model.dtype)
+    kept = getattr(model, "_loraflow_static_cache", None)
+    if kept is not None and kept[0] == key:
+        kept[1].reset()
+        return kept[1]
+    model._loraflow_static_cache = None  # free the old cache before allocating the new one
+    cache = StaticCache(config=model.config, max_cache_len=cache_len)
+    model._loraflow_static_cache = (key, cache)
+    return cache
+
+
+def _greedy_static(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: list[list[int]],
+    decoding: Decoding,
+    cache_len: int,
+) -> list[list[int]]:
+    """Greedy decoding as `model.generate` does it on a static cache (the prompt forward eager,
+    positions from the mask, the decode steps through `get_compiled_call` on a GPU, EOS held back
+    for min_new_tokens, the argmax of the float32 logits), without waiting for the GPU between
+    steps. The host reads each step's tokens GPU_LAG_STEPS steps late and ends a row at EOS or a
+    stop string; tokens a row makes after its end are dropped, as `generate` pads them."""
+    eos, device = tokenizer.eos_token_id, next(model.parameters()).device
+    gpu = device.type == "cuda"
+    input_ids, mask = left_padded(batch, tokenizer.pad_token_id, device)
+    rows, width = input_ids.shape
+    cache = _static_cache(model, rows, cache_len)
+    # the whole cache's mask, fixed for the batch: pads are 0, the positions still to be written
+    # 1 (the causal mask hides them until then), so every decode step has the same inputs' shapes
+    full_mask = torch.ones((rows, cache_len), dtype=mask.dtype, device=device)
+    full_mask[:, :width] = mask
+    positions = _positions(mask, width)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1]
+    quantizer = getattr(model, "hf_quantizer", None)  # generate's test: not all of them compile
+    compile_ = gpu and getattr(quantizer, "is_compileable", True)
+    forward = model.get_compiled_call(None) if compile_ else model.__call__
+    position = positions[:, -1:]
+    lag = GPU_LAG_STEPS if gpu else 0
+    ring = [torch.empty(rows, dtype=torch.long, pin_memory=gpu) for _ in range(lag + 1)]
+    events = [torch.cuda.Event() if gpu else None for _ in range(lag + 1)]
+    answers = _Answers(tokenizer, decoding, rows)
+    step = -1
+    for step in range(decoding.max_new_tokens):
+        scores = logits.float()  # a copy: the next step's CUDA graph overwrites its outputs
+        if step < decoding.min_new_tokens and eos is not None:
+            scores[:, eos] = -float("inf")
+        tokens = scores.argmax(-1)
+        slot = step % len(ring)
+        ring[slot].copy_(tokens, non_blocking=gpu)
+        if gpu:
+            events[slot].record()
+        if step >= lag:  # the tokens of step - lag are on the host (or nearly)
+            read = (step - lag) % len(ring)
+            if gpu:
+                events[read].synchronize()
+            answers.add(_of_open(ring[read].tolist(), answers))
+        if answers.all_ended or step + 1 == decoding.max_new_tokens:
+            break
+        position = position + 1
+        if compile_:
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = forward(
+            input_ids=tokens[:, None],
+            attention_mask=full_mask,
+            position_ids=position,
+            past_key_values=cache,
+            use_cache=True,
+        ).logits[:, -1]
+    for late in range(max(0, step - lag + 1), step + 1):  # the steps still in flight
+        if gpu:
+            events[late % len(ring)].synchronize()
+        answers.add(_of_open(ring[late % len(ring)].tolist(), answers))
+    return answers.ids
+
+
+def _of_open(tokens: list[int], answers: _Answers) -> list[int]:
+    return [tokens[row] for row in answers.open]
+
+
+class _Answers:
+    """The new tokens of each row of a batch, step by step, until the row's answer ends: at EOS
+    (kept, as `generate` returns it) or at a stop string."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, decoding: Decoding, rows: int) -> None:
+        self.tokenizer, self.decoding = tokenizer, decoding
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        self.open = list(range(rows))
+
+    @property
+    def all_ended(self) -> bool:
+        return not self.open
+
+    def add(self, tokens: list[int]) -> list[int]:
+        """Append one token to each open row (tokens[i] to the i-th row still open); the
+        indices i of the rows that stay open."""
+        kept, still = [], []
+        for index, (row, token) in enumerate(zip(self.open, tokens, strict=True)):
+            self.ids[row].append(token)
+            stop = self.decoding.stop
+            if token != self.tokenizer.eos_token_id and not (
+                stop and _has_stop(self.tokenizer, self.ids[row], stop)
+            ):
+                kept.append(index)
+                still.append(row)
+        self.open = still
+        return kept
 
 
 def _until_eos(row: torch.Tensor, eos: int | None) -> list[int]:
@@ -298,8 +422,7 @@ def _greedy_dropping_finished(
     cache, shared = _prefilled_cache(model, batch, device)
     step_ids, mask = left_padded([ids[shared:] for ids in batch], tokenizer.pad_token_id, device)
     attention_mask = torch.cat([mask.new_ones((len(batch), shared)), mask], 1)
-    new: list[list[int]] = [[] for _ in batch]
-    active = list(range(len(batch)))  # row of `batch` for each row still in the tensors
+    answers = _Answers(tokenizer, decoding, len(batch))  # its open rows: those in the tensors
     for step in range(decoding.max_new_tokens):
         logits = model(
             input_ids=step_ids,
@@ -314,23 +437,16 @@ def _greedy_dropping_finished(
         if step < decoding.min_new_tokens and eos is not None:
             logits[:, eos] = -float("inf")
         tokens = logits.argmax(-1)
-        keep = []
-        for row, token in enumerate(tokens.tolist()):
-            answer = new[active[row]]
-            answer.append(token)
-            stopped = bool(decoding.stop) and _has_stop(tokenizer, answer, decoding.stop)
-            if token != eos and not stopped:
-                keep.append(row)
-        if not keep or step + 1 == decoding.max_new_tokens:
+        keep = answers.add(tokens.tolist())
+        if answers.all_ended or step + 1 == decoding.max_new_tokens:
             break
-        if len(keep) < len(active):
+        if len(keep) < len(tokens):
             index = torch.tensor(keep, device=device)
             cache.batch_select_indices(index)
             tokens, attention_mask = tokens[index], attention_mask[index]
-            active = [active[row] for row in keep]
         step_ids = tokens[:, None]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], 1)
-    return new, losses if targets is not None else []
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(keep), 1))], 1)
+    return answers.ids, losses if targets is not None else []
 
 
 def _target_losses(
