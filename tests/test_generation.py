@@ -13,6 +13,7 @@ from loraflow.evaluation.generation import (
     CPU_BATCH,
     Decoding,
     Prompt,
+    _greedy_static,
     answer_losses,
     auto_batch_size,
     common_prefix,
@@ -83,6 +84,38 @@ def test_greedy_answers_equal_plain_generate_on_each_prompt_alone(chatty, compil
             model, tokenizer, encoded, Decoding(max_new_tokens=12), batch_size, compiled=compiled
         )
         assert got == reference, batch_size
+
+
+@pytest.mark.parametrize("lag", [0, 1, 3])
+def test_the_static_cache_loop_reading_tokens_late_ends_each_row_where_generate_does(chatty, lag):
+    """The GPU's loop reads each step's tokens `lag` steps after the device made them (no wait
+    per step); on CPU the same loop with a lag: rows ending at EOS, at a stop string, and EOS
+    held back by min_new_tokens must come out as plain generate's, and no later."""
+    model, tokenizer = chatty
+    encoded = encode_prompts(tokenizer, CHAT, PROMPTS)
+    tokenizer = with_eos(tokenizer, plain_generate(model, tokenizer, encoded[0], 12)[3])
+    reference = [plain_generate(model, tokenizer, ids, 12) for ids in encoded]
+    assert len({len(r) for r in reference}) > 1  # rows end at different steps
+    cache_len = max(map(len, encoded)) + 12
+    got = _greedy_static(model, tokenizer, encoded, Decoding(max_new_tokens=12), cache_len, lag)
+    assert got == reference
+
+    held = Decoding(max_new_tokens=12, min_new_tokens=6)
+    later = [plain_generate(model, tokenizer, ids, 12, min_new_tokens=6) for ids in encoded]
+    assert later != reference
+    assert _greedy_static(model, tokenizer, encoded, held, cache_len, lag) == later
+
+    text = tokenizer.decode(reference[1], skip_special_tokens=True)
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    stopped = _greedy_static(
+        model, tokenizer, encoded, Decoding(max_new_tokens=12, stop=[stop]), cache_len, lag
+    )
+    for ids, full in zip(stopped, reference, strict=True):
+        answer = tokenizer.decode(ids, skip_special_tokens=True)
+        if stop in tokenizer.decode(full, skip_special_tokens=True):  # ends at the stop string
+            before = tokenizer.decode(ids[:-1], skip_special_tokens=True)
+            assert stop in answer and stop not in before
+        assert ids == full[: len(ids)]
 
 
 def test_one_prompt_forward_gives_the_answers_and_the_losses_of_the_separate_passes(chatty):

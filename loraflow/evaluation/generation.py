@@ -264,12 +264,14 @@ def _greedy_static(
     batch: list[list[int]],
     decoding: Decoding,
     cache_len: int,
+    lag: int | None = None,
 ) -> list[list[int]]:
     """Greedy decoding as `model.generate` does it on a static cache (the prompt forward eager,
     positions from the mask, the decode steps through `get_compiled_call` on a GPU, EOS held back
     for min_new_tokens, the argmax of the float32 logits), without waiting for the GPU between
-    steps. The host reads each step's tokens GPU_LAG_STEPS steps late and ends a row at EOS or a
-    stop string; tokens a row makes after its end are dropped, as `generate` pads them."""
+    steps. The host reads each step's tokens `lag` steps late (None: GPU_LAG_STEPS on a GPU, 0
+    on CPU) and ends a row at EOS or a stop string; tokens a row makes after its end are
+    dropped, as `generate` pads them."""
     eos, device = tokenizer.eos_token_id, next(model.parameters()).device
     gpu = device.type == "cuda"
     input_ids, mask = left_padded(batch, tokenizer.pad_token_id, device)
@@ -292,7 +294,7 @@ def _greedy_static(
     compile_ = gpu and getattr(quantizer, "is_compileable", True)
     forward = model.get_compiled_call(None) if compile_ else model.__call__
     position = positions[:, -1:]
-    lag = GPU_LAG_STEPS if gpu else 0
+    lag = (GPU_LAG_STEPS if gpu else 0) if lag is None else lag
     ring = [torch.empty(rows, dtype=torch.long, pin_memory=gpu) for _ in range(lag + 1)]
     events = [torch.cuda.Event() if gpu else None for _ in range(lag + 1)]
     answers = _Answers(tokenizer, decoding, rows)
