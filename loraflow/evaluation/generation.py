@@ -242,19 +242,21 @@ GPU_LAG_STEPS = 3
 
 
 def _static_cache(model: PreTrainedModel, rows: int, cache_len: int) -> object:
-    """A StaticCache for `rows` sequences of `cache_len` tokens, kept on the model and reset for
-    the next batch of the same shape (as `model.generate` keeps its own): the compiled decode step
-    and its CUDA graphs read the cache at fixed addresses."""
+    """A StaticCache for `rows` sequences of `cache_len` tokens, kept on the transformers model
+    and reset for the next batch of the same shape (as `model.generate` keeps its own): the
+    compiled decode step and its CUDA graphs read the cache at fixed addresses. Kept under a PEFT
+    wrapper, not on it, so base + adapter and the model merged from it share one cache."""
     from transformers import StaticCache
 
+    owner = model.get_base_model() if hasattr(model, "get_base_model") else model
     key = (rows, cache_len, model.dtype)
-    kept = getattr(model, "_loraflow_static_cache", None)
+    kept = getattr(owner, "_loraflow_static_cache", None)
     if kept is not None and kept[0] == key:
         kept[1].reset()
         return kept[1]
-    model._loraflow_static_cache = None  # free the old cache before allocating the new one
+    owner._loraflow_static_cache = None  # free the old cache before allocating the new one
     cache = StaticCache(config=model.config, max_cache_len=cache_len)
-    model._loraflow_static_cache = (key, cache)
+    owner._loraflow_static_cache = (key, cache)
     return cache
 
 
