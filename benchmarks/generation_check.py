@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from loraflow.evaluation.evaluate import decoding_of, read_test_set
     from loraflow.evaluation.generation import (
         Prompt,
+        _until_eos,
         encode_prompts,
         generate_ids,
         generation_config,
@@ -88,20 +89,14 @@ def main(argv: list[str] | None = None) -> int:
                                     attention_mask=torch.ones(1, len(ids), dtype=torch.long,
                                                               device=device),
                                     generation_config=config)
-            plain.append(output[0, len(ids):].tolist())
+            plain.append(_until_eos(output[0, len(ids):], tokenizer.eos_token_id))
         plain_s = time.perf_counter() - start
-        eos = tokenizer.eos_token_id
-
-        def until_eos(ids: list[int]) -> list[int]:
-            return ids[: ids.index(eos) + 1] if eos in ids else ids
-
-        plain = [until_eos(p) for p in plain]
         # plain model.generate on all prompts in one left-padded batch (dynamic cache): how
         # much batching alone moves the answers in this dtype
         input_ids, mask = left_padded(encoded, tokenizer.pad_token_id, torch.device(device))
         output = model.generate(input_ids=input_ids, attention_mask=mask,
                                 generation_config=config)
-        batched = [until_eos(row[input_ids.shape[1]:].tolist()) for row in output]
+        batched = [_until_eos(row[input_ids.shape[1]:], tokenizer.eos_token_id) for row in output]
         differing = differences(tokenizer, ours, plain)
         result["dtypes"][name] = {
             "identical": len(encoded) - len(differing), "ours_s": ours_s,
