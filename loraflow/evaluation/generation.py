@@ -300,6 +300,15 @@ def _greedy_static(
     ring = [torch.empty(rows, dtype=torch.long, pin_memory=gpu) for _ in range(lag + 1)]
     events = [torch.cuda.Event() if gpu else None for _ in range(lag + 1)]
     answers = _Answers(tokenizer, decoding, rows)
+
+    def take(made: int) -> None:
+        """Hand the host the tokens of step `made` (waiting for their copy if need be)."""
+        slot = made % len(ring)
+        if gpu:
+            events[slot].synchronize()
+        host = ring[slot].tolist()
+        answers.add([host[row] for row in answers.open])
+
     step = -1
     for step in range(decoding.max_new_tokens):
         scores = logits.float()  # a copy: the next step's CUDA graph overwrites its outputs
@@ -311,10 +320,7 @@ def _greedy_static(
         if gpu:
             events[slot].record()
         if step >= lag:  # the tokens of step - lag are on the host (or nearly)
-            read = (step - lag) % len(ring)
-            if gpu:
-                events[read].synchronize()
-            answers.add(_of_open(ring[read].tolist(), answers))
+            take(step - lag)
         if answers.all_ended or step + 1 == decoding.max_new_tokens:
             break
         position = position + 1
@@ -328,14 +334,8 @@ def _greedy_static(
             use_cache=True,
         ).logits[:, -1]
     for late in range(max(0, step - lag + 1), step + 1):  # the steps still in flight
-        if gpu:
-            events[late % len(ring)].synchronize()
-        answers.add(_of_open(ring[late % len(ring)].tolist(), answers))
+        take(late)
     return answers.ids
-
-
-def _of_open(tokens: list[int], answers: _Answers) -> list[int]:
-    return [tokens[row] for row in answers.open]
 
 
 class _Answers:
@@ -354,10 +354,9 @@ class _Answers:
     def add(self, tokens: list[int]) -> list[int]:
         """Append one token to each open row (tokens[i] to the i-th row still open); the
         indices i of the rows that stay open."""
-        kept, still = [], []
+        kept, still, stop = [], [], self.decoding.stop
         for index, (row, token) in enumerate(zip(self.open, tokens, strict=True)):
             self.ids[row].append(token)
-            stop = self.decoding.stop
             if token != self.tokenizer.eos_token_id and not (
                 stop and _has_stop(self.tokenizer, self.ids[row], stop)
             ):
