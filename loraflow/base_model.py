@@ -23,6 +23,11 @@ from transformers import (
 
 from loraflow.hashing import sha256_file, sha256_tree
 
+# Every model load passes these. transformers 5.25 turns Hub kernels on by default wherever the
+# `kernels` package is installed (5.25 depends on it): layers swapped for code fetched from the
+# Hub, which nothing here asked to trust or can download. 5.17 (the GPU machine's) takes it too.
+LOAD_OPTIONS = {"use_safetensors": True, "use_kernels": False}
+
 
 class ModelNotFoundError(FileNotFoundError):
     """The configured base model cannot be found locally."""
@@ -99,7 +104,7 @@ def _from_gguf(gguf: Path, cache_dir: Path) -> BaseModelRef:
         try:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(
-                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32, use_kernels=False
             )
             # The weights are dequantised now: drop the GGUF marker so they save as safetensors.
             del model.config.quantization_config
@@ -153,5 +158,5 @@ def dtype_name(dtype: torch.dtype) -> str:
 def load_model(
     path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ) -> PreTrainedModel:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **LOAD_OPTIONS)
     return model.to(device)

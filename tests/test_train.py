@@ -367,6 +367,26 @@ def test_compiling_costs_only_the_first_step_not_validation(
     assert counts[1] == counts[0], f"steps 2-3 and validation compiled more: {counts}"
 
 
+def test_a_compile_that_makes_no_graph_says_so_and_trains_eagerly(
+    tmp_path, tiny_model_dir, tokenized, monkeypatch, capsys
+):
+    """A torch.compile that falls back to eager everywhere (transformers 5.25's Hub kernels did
+    so under checkpointing) is named in the log and the metrics, not a silent loss of speed."""
+    import loraflow.engine.loop as engine
+
+    count_compilations(monkeypatch)
+    monkeypatch.setattr(engine, "compiled_decoder",  # a decoder torch.compile never reaches
+                        lambda model, t, packed: model.get_base_model().model)
+    model = add_lora(load_model(tiny_model_dir), LoraSettings())
+    cfg = TrainConfig(max_steps=2, micro_batch_size=3, warmup_steps=0, compile=True)
+    result = fit(model, train_set=read_examples(tokenized, "train"), val_set=[], t=cfg,
+                 out=tmp_path, pad_id=3, dtype=torch.float32)
+    assert result["compiled"] is False
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["compile_graphs"] == 0
+    assert "torch.compile made no graph" in capsys.readouterr().err
+
+
 def test_compile_auto_never_compiles_on_cpu_and_pays_only_on_long_runs(
     tmp_path, tiny_model_dir, tokenized, monkeypatch
 ):

@@ -196,6 +196,12 @@ def compiled_decoder(model: PeftModel, t: TrainConfig, packed: bool) -> Any:
     decoder = model.get_base_model().model
     dynamic = not packed
     if t.gradient_checkpointing:
+        # transformers >= 5.25 with the `kernels` package it requires wraps Llama's attention
+        # forward in a context-variable set/reset (RoPE routed to a Hub kernel): a side effect
+        # dynamo refuses inside a checkpoint, so every layer ran eagerly (0 graphs; 1 on 5.24).
+        # The set/reset pair leaves no state behind and is traced into the graph; not replaying
+        # it when backward recomputes the layer changes nothing.
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
         # Compiling the whole decoder traces through activation checkpointing and keeps what
         # it would recompute (nf4 7B: 16.6 GiB instead of 7.6); compiling each layer inside
         # its checkpointed call keeps the savings. The layers share one compiled graph.
@@ -203,6 +209,27 @@ def compiled_decoder(model: PeftModel, t: TrainConfig, packed: bool) -> Any:
             layer.compile(backend=COMPILE_BACKEND, dynamic=dynamic)
         return decoder
     return torch.compile(decoder, backend=COMPILE_BACKEND, dynamic=dynamic)
+
+
+def graphs_compiled() -> int:
+    """Graphs torch.compile has made in this process so far (dynamo's own count)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def compile_took(graphs_before: int, ranks: Ranks) -> int:
+    """After the first compiled step: the graphs it made. None made means torch.compile fell back to
+    eager for the whole decoder (a graph break in every layer: transformers 5.25's Hub kernels
+    did that under checkpointing); the run goes on eagerly and says so."""
+    made = graphs_compiled() - graphs_before
+    if made == 0:
+        from torch._dynamo.utils import counters
+
+        breaks = "; ".join(sorted(counters["graph_break"])[:3]) or "no graph break recorded"
+        ranks.print(f"warning: train.compile: torch.compile made no graph of the decoder "
+                    f"({breaks}); this run trains eagerly, at eager speed")
+    return made
 
 
 def compile_pays(step_seconds: float, steps_left: int, precision: str) -> bool:
@@ -267,6 +294,8 @@ def fit(
     optimizer, scaler = setup_optimizer(params, t, device, dtype)
     compiled = t.compile is True
     decoder = compiled_decoder(model, t, packed) if compiled else model.get_base_model().model
+    # graphs before the first compiled step: after it, none made means an eager fallback
+    graphs_before = graphs_compiled() if compiled else None
     decide = t.compile == "auto" and device == "cuda"  # never compiles on CPU
     step_seconds: list[float] = []
     first_step, position, guard_state, t = resume(out, model, optimizer, scaler, t, ranks)
@@ -365,6 +394,9 @@ def fit(
                 "elapsed_s": time.perf_counter() - start,
             }
             step_seconds.append(seconds)
+            if graphs_before is not None:  # the first compiled step is done
+                record["compile_graphs"] = compile_took(graphs_before, ranks)
+                compiled, graphs_before = record["compile_graphs"] > 0, None
             if decide and len(step_seconds) == AUTO_DECIDE_STEPS:
                 decide = False
                 pace = sum(step_seconds[1:]) / (AUTO_DECIDE_STEPS - 1)  # the first warms up
@@ -372,6 +404,7 @@ def fit(
                 compiled = compile_pays(pace, left, t.precision)
                 if compiled:
                     decoder = compiled_decoder(model, t, packed)
+                    graphs_before = graphs_compiled()
                 record["compiled"] = compiled
                 ranks.print(f"compile=auto: {left} steps left at {pace:.2f} s (~{pace * left:.0f}"
                             f" s eager): {'compiling' if compiled else 'not compiling'} (pays "

@@ -14,6 +14,7 @@ from peft import (
     get_peft_model,
 )
 
+from loraflow.base_model import LOAD_OPTIONS
 from loraflow.config import LoraSettings, TrainConfig
 from loraflow.engine import distributed
 from loraflow.engine.distributed import Ranks
@@ -35,8 +36,8 @@ def load_base(path: Path, cfg: TrainConfig, device: str, attn_impl: str) -> torc
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = pick_precision(cfg, device)
-    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True,
-                              "attn_implementation": attn_impl}
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_impl,
+                              **LOAD_OPTIONS}
     if cfg.precision in ("int8", "nf4"):
         kwargs["quantization_config"] = (
             BitsAndBytesConfig(load_in_8bit=True) if cfg.precision == "int8" else
@@ -62,8 +63,8 @@ def load_base_sharded(
 
     dtype = fsdp_precision(cfg, device)
     if ranks.main:
-        base = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=dtype,
-                                                    attn_implementation=attn_impl)
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                    attn_implementation=attn_impl, **LOAD_OPTIONS)
     else:
         base = meta_base(AutoConfig.from_pretrained(path), dtype, attn_impl)
     model = add_lora(prepare_for_training(base, cfg), lora)

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from loraflow.base_model import (
+    LOAD_OPTIONS,
     ModelNotFoundError,
     inference_device,
     inference_dtype,
@@ -153,7 +154,7 @@ def load_for_inference(
     device = device or inference_device()
     tokenizer = load_tokenizer(path)
     dtype = inference_dtype(device)
-    kwargs: dict = {"dtype": dtype, "use_safetensors": True}
+    kwargs: dict = {"dtype": dtype, **LOAD_OPTIONS}
     if quantization != "none":
         kwargs |= quantized_loading(quantization, device, dtype)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -68,13 +68,14 @@ class TextGenerator(PythonModel):
     def load_context(self, context: Any) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from loraflow.base_model import LOAD_OPTIONS
         from loraflow.data.prompts import PromptTemplate
 
         path = Path(context.artifacts["model"])
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, **LOAD_OPTIONS).eval()
         lineage = json.loads((path / "loraflow.json").read_text(encoding="utf-8"))
         self.template = PromptTemplate.recorded(lineage)
 
