@@ -32,5 +32,31 @@ def test_help_lists_the_release_commands(capsys):
     except SystemExit as exit:
         assert exit.code == 0
     out = capsys.readouterr().out
-    for command in ("models", "promote", "pull"):
+    for command in ("models", "promote", "pull", "versions"):
         assert command in out
+
+
+def test_versions_names_each_library_that_differs_from_what_the_version_trained_with(
+    capsys, tmp_path
+):
+    """`loraflow versions` reads the lineage's libraries off a registered version: exit 0 when
+    this environment has them all, 1 with the differing ones and the pins that restore them."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from loraflow.hashing import library_versions
+
+    client, name = MlflowClient(), "versions-check"
+    client.create_registered_model(name)
+    here = library_versions()
+    for libraries in (here, here | {"transformers": "5.17.0", "peft": "0.21.0+local"}):
+        client.create_model_version(name, str(tmp_path), tags={
+            "loraflow.libraries": json.dumps(libraries)})
+    assert cli(["versions", name, "--version", "1"]) == 0
+    assert "the same versions" in capsys.readouterr().out
+    assert cli(["versions", name, "--version", "2"]) == 1
+    out = capsys.readouterr().out
+    assert f"transformers  5.17.0            {here['transformers']}" in out
+    assert out.count("differs") == 2
+    assert "pip install transformers==5.17.0 peft==0.21.0" in out

@@ -44,6 +44,19 @@ def add_promote_command(commands: argparse._SubParsersAction) -> None:
     promote.set_defaults(handler=run_release_command, release=promote_command)
 
 
+def add_versions_command(commands: argparse._SubParsersAction) -> None:
+    versions = commands.add_parser(
+        "versions",
+        help="the library versions a registered version was trained with, against this "
+        "environment's (exit 1 when they differ)",
+    )
+    _release_arguments(versions)
+    which = versions.add_mutually_exclusive_group()
+    which.add_argument("--alias", default="champion", help="alias to read (default: champion)")
+    which.add_argument("--version", help="version number to read instead of an alias")
+    versions.set_defaults(handler=run_release_command, release=versions_command)
+
+
 def add_pull_command(commands: argparse._SubParsersAction) -> None:
     pull = commands.add_parser(
         "pull", help="download a registered version from object storage and verify every file"
@@ -162,6 +175,41 @@ def promote_command(args: argparse.Namespace) -> int:
         was = f" (was v{previous})" if previous else ""
         print(f"{name}: champion is now v{args.version}{was}")
     return 0
+
+
+def versions_command(args: argparse.Namespace) -> int:
+    """What a version was trained with (its lineage's libraries) against what is installed
+    here: before a re-run, whether it can reproduce that version."""
+    import json
+
+    from loraflow.release.lineage import library_differences
+
+    _, name, client = _release_context(args)
+    version = (
+        client.get_model_version(name, args.version)
+        if args.version
+        else client.get_model_version_by_alias(name, args.alias)
+    )
+    recorded = version.tags.get("loraflow.libraries")
+    if not recorded:
+        print(f"loraflow versions: {name} v{version.version} records no library versions "
+              "(registered before loraflow recorded them)", file=sys.stderr)
+        return 1
+    rows = library_differences(json.loads(recorded))
+    differ = [(pkg, then) for pkg, then, now in rows if then != now]
+    print(f"{name} v{version.version} was trained with:")
+    width = max(len(pkg) for pkg, _, _ in rows)
+    print(f"  {'package'.ljust(width)}  {'trained':<16}  {'here':<16}")
+    for pkg, then, now in rows:
+        mark = "" if then == now else "  differs"
+        print(f"  {pkg.ljust(width)}  {then:<16}  {now:<16}{mark}".rstrip())
+    if not differ:
+        print("this environment has the same versions: a re-run trains as it did")
+        return 0
+    pins = " ".join(f"{pkg}=={then.split('+')[0]}" for pkg, then in differ)
+    print(f"{len(differ)} of {len(rows)} differ: a re-run here may not reproduce "
+          f"v{version.version}. To train with its versions: pip install {pins}")
+    return 1
 
 
 def pull_command(args: argparse.Namespace) -> int:

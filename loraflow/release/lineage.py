@@ -103,6 +103,14 @@ def adapter_manifest(
     }
 
 
+def library_differences(recorded: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(package, version trained with, version here) for each library a lineage records, in
+    its order; the same version on both sides where nothing changed."""
+    here = library_versions()
+    return [(name, version, here.get(name, "not recorded here")) for name, version
+            in recorded.items()]
+
+
 def read_manifest(model_dir: Path) -> dict[str, Any]:
     path = Path(model_dir) / LINEAGE_FILE
     if not path.is_file():
