@@ -159,7 +159,7 @@ def run_loraflow(tokenized: list[dict], steps: int, micro: int, seq_len: int,
     units = [Unit(((e["prompt_ids"] + e["chosen_ids"], len(e["prompt_ids"])),
                    (e["prompt_ids"] + e["rejected_ids"], len(e["prompt_ids"]))))
              for e in tokenized]
-    cfg = TrainConfig(objective="dpo", beta=0.1, max_steps=steps + 2, warmup_steps=0,
+    cfg = TrainConfig(objective="dpo", max_steps=steps + 2, warmup_steps=0,
                       learning_rate=1e-4, micro_batch_size=micro, grad_accum_steps=1,
                       batching="packed", seq_len=seq_len, gradient_checkpointing=True,
                       compile=compile, watchdog_seconds=0)

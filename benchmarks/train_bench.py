@@ -6,7 +6,7 @@ engine on 1, 2 and 4 GPUs (data-parallel under torchrun) with the loss curves co
     python benchmarks/train_bench.py --gpus 4 --variants fsdp70b --steps 3
 
 Llama-2-7B architecture with random bf16 weights built on the GPU (throughput does not depend
-on the weight values); fsdp70b: Llama-2-70B under train.parallelism=fsdp, built on the meta
+on the weight values); fsdp70b: Llama-2-70B under launch.parallelism=fsdp, built on the meta
 device and filled with random weights shard by shard on each GPU (never whole anywhere; needs
 torchrun, i.e. --gpus, and 2 GPUs or more). Instruction examples with log-normal lengths
 (median ~220 tokens, clipped to 32..1024), 40-80% of each example prompt. Counts only real
@@ -222,7 +222,7 @@ def run_engine(examples: list[tuple[list[int], int]], steps: int, ranks: Any = N
 def random_base_sharded(
     config: Any, cfg: Any, lora: Any, device: str, attn_impl: str, ranks: Any, seed: int = 0
 ) -> Any:
-    """Benchmarks of train.parallelism=fsdp on a model too large to build whole (a 70B): the
+    """Benchmarks of launch.parallelism=fsdp on a model too large to build whole (a 70B): the
     architecture `config` (a transformers config) with LoRA, built on the meta device on every
     rank, sharded as load_base_sharded's model is, and filled with random weights on each
     rank's device (distributed.fill_random). Throughput does not depend on the values."""
@@ -240,7 +240,7 @@ def run_fsdp_random(
     examples: list[tuple[list[int], int]], steps: int, ranks: Any, arch: dict[str, Any],
     micro_batch: int, accum: int = 1, seq_len: int = 2048, device: str = "cuda",
 ) -> dict[str, Any]:
-    """The engine's train.parallelism=fsdp on an architecture too large to build whole (the
+    """The engine's launch.parallelism=fsdp on an architecture too large to build whole (the
     70B): random weights made shard by shard on each rank (random_base_sharded, above),
     then loraflow.engine.loop.fit as run_engine runs it; packed rows, checkpointing, no compile.
     Rank 0 returns the numbers, with every rank's weights held and peak memory; the others {}.
@@ -257,7 +257,7 @@ def run_fsdp_random(
                          "with 2 GPUs or more, e.g. --gpus 4")
     cuda = device == "cuda"
     cfg = TrainConfig(max_steps=steps + 2, warmup_steps=0, learning_rate=1e-4,
-                      watchdog_seconds=0, parallelism="fsdp", batching="packed",
+                      watchdog_seconds=0, batching="packed",
                       seq_len=seq_len, micro_batch_size=micro_batch, grad_accum_steps=accum,
                       precision="bf16" if cuda else "fp32", gradient_checkpointing=True)
     dtype = torch.bfloat16 if cuda else torch.float32

@@ -38,7 +38,6 @@ from loraflow.environment import configure
 from loraflow.release.lineage import LINEAGE_FILE
 from loraflow.summary import write_summary
 from tasks.align import (
-    align_train_config,
     child_run,
     evaluate_preferences,
     kind_of,
@@ -95,11 +94,11 @@ def _align(
                   template=template, kind=kind_of(align), run_id=run_id)
     extra = {"sft_parent": parent, "preference_data_sha256": preferences.sha256,
              "align_objective": align.objective}
-    adapter = step(train_aligned, tokens=tokens, base=sft_base, lora=cfg.lora,
-                   train=align_train_config(align, cfg.train), run_id=run_id,
-                   lineage_extra=extra)
+    training = align.train_config(cfg.train)
+    adapter = step(train_aligned, tokens=tokens, base=sft_base, lora=cfg.lora, train=training,
+                   launch=cfg.launch, run_id=run_id, lineage_extra=extra)
     scores = step(evaluate_preferences, base=base, sft=sft_base, adapter=adapter, tokens=tokens,
-                  beta=align.beta, run_id=run_id)
+                  beta=training.preference.beta, run_id=run_id)
     # the gate reads the merged model in its serving dtype, as the SFT stage's does
     model, aligned_eval = step(merge_aligned, base=sft_base, adapter=adapter, test=test,
                                template=template, eval_cfg=cfg.eval, cfg=cfg.merge,

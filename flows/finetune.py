@@ -80,7 +80,7 @@ def finetune(
             return skip_run(run_id, cfg.registry.model_name, data, earlier)
         tokens = step(tokenize_data, data=data, base=base, cfg=cfg.data, run_id=run_id)
         adapter = step(gpu.train, tokens=tokens, base=base, lora=cfg.lora, train=cfg.train,
-                       run_id=run_id)
+                       launch=cfg.launch, run_id=run_id)
         test, template, name = heldout_split(data), tokens.template, cfg.registry.model_name
         base_eval = step(gpu.evaluate_base, model=base, adapter=None, test=test,
                          template=template, cfg=cfg.eval, run_id=run_id)

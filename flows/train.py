@@ -6,7 +6,7 @@ source), the LoRA and train settings and its MLflow run id. This flow trains in 
 (metrics and the adapter land there) and tags the run with the adapter's ArtifactRef, which is
 how the pipeline reads it back. Several GPU workers can poll the pool; each takes one run at a
 time (`prefect worker start --pool gpu --limit 1`, infra/worker.sh). Several GPUs of a machine,
-or several machines (train.nodes), train one adapter together through torchrun
+or several machines (launch.nodes), train one adapter together through torchrun
 (loraflow/distributed.py).
 """
 
@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 
 from loraflow.artifacts import Adapter, TokenizedData
 from loraflow.base_model import BaseModelRef
-from loraflow.config import LoraSettings, TrainConfig
+from loraflow.config import LaunchConfig, LoraSettings, TrainConfig
 from loraflow.credentials import check_mlflow
 from loraflow.environment import configure
 from tasks.deployments import ADAPTER_TAG, base_on_this_machine
@@ -34,24 +34,25 @@ def train(
     base: BaseModelRef,
     lora: LoraSettings,
     train: TrainConfig,
+    launch: LaunchConfig,
     run_id: str,
     gpus_per_node: int | None = None,
 ) -> Adapter | None:
     """Train a LoRA adapter into MLflow run `run_id`; tag the run with the adapter's ref.
 
-    gpus_per_node (this deployment's parameter) and train.gpus_per_node (the pipeline's
+    gpus_per_node (this deployment's parameter) and launch.gpus_per_node (the pipeline's
     config) are one setting: whichever is set counts (both set, they must agree); neither:
     1 if this worker sees a GPU, else 0 (one process on CPU). More than one starts the engine
-    under torchrun. With train.nodes > 1 the pipeline starts one run of this flow per machine
-    and each joins torchrun's rendezvous at train.rdzv_endpoint; only the machine that holds
+    under torchrun. With launch.nodes > 1 the pipeline starts one run of this flow per machine
+    and each joins torchrun's rendezvous at launch.rdzv_endpoint; only the machine that holds
     rank 0 returns and tags the adapter."""
     configure()
     check_mlflow()  # this worker's MLflow credentials, before the model is loaded
-    gpus = resolve_gpus(train.gpus_per_node, gpus_per_node)
-    get_run_logger().info("training on %s GPU(s) a machine, %d machine(s)", gpus, train.nodes)
-    train = train.model_copy(update={"gpus_per_node": gpus})
+    gpus = resolve_gpus(launch.gpus_per_node, gpus_per_node)
+    get_run_logger().info("training on %s GPU(s) a machine, %d machine(s)", gpus, launch.nodes)
     adapter = train_adapter(tokens=tokens, base=base_on_this_machine(base), lora=lora,
-                            train=train, run_id=run_id, share_checkpoints=True)
+                            train=train, launch=launch.model_copy(update={"gpus_per_node": gpus}),
+                            run_id=run_id, share_checkpoints=True)
     if adapter is not None:
         MlflowClient().set_tag(run_id, ADAPTER_TAG, adapter.model_dump_json())
     return adapter
@@ -64,11 +65,11 @@ def visible_gpus() -> int:
 
 
 def resolve_gpus(pipeline: int | None, deployment: int | None) -> int:
-    """The GPUs a machine trains on: train.gpus_per_node or the deployment's gpus_per_node,
+    """The GPUs a machine trains on: launch.gpus_per_node or the deployment's gpus_per_node,
     whichever is set, else 1 when this worker sees a GPU and 0 (CPU) when it does not."""
     if pipeline is not None and deployment is not None and pipeline != deployment:
         raise GpuCountError(
-            f"train.gpus_per_node={pipeline} in the pipeline's config but the train "
+            f"launch.gpus_per_node={pipeline} in the pipeline's config but the train "
             f"deployment's parameter gpus_per_node={deployment}; set one of them (or both "
             "alike): the config for this run, the deployment for every run on its workers"
         )
@@ -90,5 +91,5 @@ def check_gpus(gpus_per_node: int) -> None:
                 f"gpus_per_node={gpus_per_node} but this worker sees {visible} CUDA device(s); "
                 "run the worker on a machine with that many GPUs (check "
                 "CUDA_VISIBLE_DEVICES), lower gpus_per_node, or set gpus_per_node=0 for a CPU "
-                "run (train.gpus_per_node in the config, or the train deployment's parameter)"
+                "run (launch.gpus_per_node in the config, or the train deployment's parameter)"
             )

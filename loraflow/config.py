@@ -6,6 +6,7 @@ either is reported at once, with the field, the bad value, what is allowed and h
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from pathlib import Path
@@ -18,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -188,15 +190,10 @@ class LoraSettings(Section):
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
 
 
-class TrainConfig(Section):
-    objective: Literal["sft", "dpo", "orpo", "kto"] = Field(
-        "sft",
-        description="What the loop optimises: sft (cross-entropy on the answers), dpo (pairs: "
-        "chosen over rejected against the reference, the model with this adapter off), orpo "
-        "(pairs: chosen NLL + odds ratio, no reference), kto (single answers labelled "
-        "desirable or not, against the reference). dpo/orpo/kto read preference data "
-        "(loraflow.preference_data).",
-    )
+class PreferenceLoss(Section):
+    """How dpo, orpo and kto weigh their terms: train.preference, and align.training.preference
+    where the align stage changes it."""
+
     beta: float = Field(
         0.1, gt=0.0, le=100.0,
         description="dpo/kto: strength of the pull toward the reference (the rewards are beta x "
@@ -217,6 +214,20 @@ class TrainConfig(Section):
     )
     kto_undesirable_weight: float = Field(
         1.0, gt=0.0, description="kto: weight of the undesirable examples' losses."
+    )
+
+
+class TrainConfig(Section):
+    objective: Literal["sft", "dpo", "orpo", "kto"] = Field(
+        "sft",
+        description="What the loop optimises: sft (cross-entropy on the answers), dpo (pairs: "
+        "chosen over rejected against the reference, the model with this adapter off), orpo "
+        "(pairs: chosen NLL + odds ratio, no reference), kto (single answers labelled "
+        "desirable or not, against the reference). dpo/orpo/kto read preference data "
+        "(loraflow.data.preference).",
+    )
+    preference: PreferenceLoss = Field(
+        PreferenceLoss(), description="dpo/orpo/kto: how the preference loss weighs its terms."
     )
     max_steps: int = Field(40, ge=1, description="Optimizer steps to run (unless epochs is set).")
     epochs: int = Field(
@@ -287,12 +298,25 @@ class TrainConfig(Section):
     )
     seed: int = Field(0, description="Seed for LoRA init, data order and dropout.")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0: torch's default).")
-    # Where and how the engine runs: these decide the launch (torchrun) and each GPU's memory,
-    # not what is learned, so they are left out of the training run's identity and a run
-    # resumes on another GPU count or parallelism.
+    def with_micro_batch(self, micro: int) -> TrainConfig:
+        """The same run at a smaller micro-batch: accumulation multiplied by the same factor,
+        so the rows per optimizer step stay (exactly where `micro` divides the old one)."""
+        factor = self.micro_batch_size // micro
+        return self.model_copy(update={"micro_batch_size": micro,
+                                       "grad_accum_steps": self.grad_accum_steps * factor})
+
+
+
+
+class LaunchConfig(Section):
+    """Where and how the engine runs: the launch (torchrun) and each GPU's share, not what is
+    learned, so none of it is part of a training run's identity: a run resumes on another GPU
+    count or parallelism."""
+
     gpus_per_node: int | None = Field(
         None, ge=0, description="GPUs per machine, one engine process each (data-parallel under "
-        "torchrun; micro_batch_size and grad_accum_steps are per GPU); 0: one process on CPU. "
+        "torchrun; train.micro_batch_size and train.grad_accum_steps are per GPU); 0: one "
+        "process on CPU. "
         "null: the train deployment's gpus_per_node parameter when the pipeline runs as a "
         "deployment (set one of the two, or both alike), else 1 on a machine with a GPU and 0 "
         "without. A worker refuses a run that asks for more GPUs than it sees."
@@ -311,32 +335,17 @@ class TrainConfig(Section):
         "Both learn the same; fsdp needs bf16 or fp32 (not fp8, int8, nf4 or fp16).",
     )
 
-    def with_micro_batch(self, micro: int) -> TrainConfig:
-        """The same run at a smaller micro-batch: accumulation multiplied by the same factor,
-        so the rows per optimizer step stay (exactly where `micro` divides the old one)."""
-        factor = self.micro_batch_size // micro
-        return self.model_copy(update={"micro_batch_size": micro,
-                                       "grad_accum_steps": self.grad_accum_steps * factor})
-
-    @model_validator(mode="after")
-    def _check(self) -> TrainConfig:
-        if self.parallelism == "fsdp" and self.precision in ("fp8", "int8", "nf4", "fp16"):
-            raise ValueError(
-                f"parallelism=fsdp cannot use precision={self.precision}: quantized weights "
-                "(bitsandbytes' int8/nf4, loraflow's fp8 copies) cannot be sharded and fp16's "
-                "loss scaling would differ between ranks. Fix: precision=bf16 (or auto) with "
-                "fsdp, or parallelism=ddp."
-            )
-        return self
-
-
-LAUNCH_FIELDS = frozenset({"gpus_per_node", "nodes", "rdzv_endpoint", "parallelism"})
-
 
 Normalisation = Literal["strip", "lower", "collapse_whitespace", "json"]
 BuiltinMetric = Literal["json_valid", "json_structure", "exact_match", "fuzzy", "loss"]
 # Metrics where a lower value is better; every other metric is a share or a ratio in 0..1.
 LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
+# What a promotion gate can compare: a task metric of the primary test set, or (the align
+# stage) a held-out preference metric.
+TaskGateMetric = Literal["exact_match", "json_valid", "json_structure", "fuzzy", "loss",
+                         "perplexity"]
+PreferenceGateMetric = Literal["pref_win_rate", "pref_logp_margin", "pref_reward_accuracy",
+                               "pref_reward_margin"]
 
 
 class EvalSetConfig(Section):
@@ -512,9 +521,7 @@ class RegistryConfig(Section):
         "loraflow-orders", min_length=1, description="Registered model name in MLflow."
     )
     experiment: str = Field("loraflow", min_length=1, description="MLflow experiment name.")
-    gate_metric: Literal[
-        "exact_match", "json_valid", "json_structure", "fuzzy", "loss", "perplexity"
-    ] = Field(
+    gate_metric: TaskGateMetric = Field(
         "exact_match",
         description="Test-split metric the promotion gate compares (loss and perplexity: "
         "lower is better). Models that miss eval.thresholds are never promoted.",
@@ -559,8 +566,27 @@ class StorageConfig(Section):
         return self
 
 
-PREFERENCE_METRICS = ("pref_win_rate", "pref_logp_margin", "pref_reward_accuracy",
-                      "pref_reward_margin")
+# The align stage's training, where it differs from the SFT run's train section.
+ALIGN_TRAINING = {"objective": "dpo", "max_steps": 30, "learning_rate": 5e-4,
+                  "micro_batch_size": 4, "grad_accum_steps": 1, "epochs": 0}
+
+
+def _overrides(model: type[Section], name: str, doc: str) -> type[Section]:
+    """A section with `model`'s fields, each optional and unset unless given, under the same
+    bounds: what one stage changes of another's settings (nested sections likewise)."""
+    fields: dict[str, Any] = {}
+    for key, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, Section):
+            annotation = _overrides(annotation, f"{annotation.__name__}Overrides", doc)
+        info = copy.copy(field)
+        info.default, info.default_factory = None, None
+        fields[key] = (annotation | None, info)
+    return create_model(name, __base__=Section, __doc__=doc, **fields)
+
+
+TrainOverrides = _overrides(TrainConfig, "TrainOverrides", "train.* fields the align stage "
+                            "sets differently; every other one is the SFT run's.")
 
 
 class AlignConfig(Section):
@@ -583,22 +609,14 @@ class AlignConfig(Section):
         description="Held-out preference pairs scored for base, SFT and aligned (win rate, "
         "margins, reward accuracy).",
     )
-    objective: Literal["dpo", "orpo", "kto"] = Field("dpo", description="Preference loss.")
-    beta: float = Field(0.1, gt=0.0, le=100.0, description="train.beta of the align stage.")
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
-        "sigmoid", description="dpo's variant (train.loss_type)."
+    training: TrainOverrides = Field(  # type: ignore[valid-type]
+        TrainOverrides(),
+        description="How the align stage trains: any train.* field, set here only where it "
+        "differs from the SFT run's (precision, batching, guards... carry over). Unless set: "
+        f"{', '.join(f'{k}={v}' for k, v in ALIGN_TRAINING.items())}, and warmup_steps at most "
+        "a quarter of max_steps. objective: dpo, orpo or kto; preference: the loss's weights.",
     )
-    sft_weight: float = Field(
-        0.0, ge=0.0, le=100.0, description="dpo: the chosen answers' NLL weight (train.sft_weight)."
-    )
-    max_steps: int = Field(30, ge=1, description="Optimizer steps of the align stage.")
-    learning_rate: float = Field(5e-4, gt=0, le=1.0, description="Peak learning rate.")
-    micro_batch_size: int = Field(4, ge=1, description="Pairs (or KTO records) per micro-batch.")
-    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    gate_metric: Literal[
-        "exact_match", "json_valid", "json_structure", "fuzzy", "loss", "perplexity",
-        "pref_win_rate", "pref_logp_margin", "pref_reward_accuracy", "pref_reward_margin",
-    ] = Field(
+    gate_metric: TaskGateMetric | PreferenceGateMetric = Field(
         "exact_match",
         description="Metric the aligned model's promotion is gated on against the champion: a "
         "task metric of the primary test set, or a held-out preference metric (pref_*).",
@@ -607,6 +625,33 @@ class AlignConfig(Section):
         0.0, ge=0.0, description="Promote only when the aligned model beats the champion by "
         "at least this much on gate_metric (and by something)."
     )
+
+    def train_config(self, sft: TrainConfig) -> TrainConfig:
+        """The align stage's TrainConfig: the SFT run's, with ALIGN_TRAINING and then what
+        `training` sets on top (nested sections merged field by field)."""
+        given = self.training.model_dump(exclude_unset=True)
+        warmup = min(sft.warmup_steps, given.get("max_steps", ALIGN_TRAINING["max_steps"]) // 4)
+        return TrainConfig.model_validate(
+            _merged(sft.model_dump() | ALIGN_TRAINING | {"warmup_steps": warmup}, given))
+
+    @property
+    def objective(self) -> str:
+        return self.training.objective or ALIGN_TRAINING["objective"]
+
+    @model_validator(mode="after")
+    def _check(self) -> AlignConfig:
+        if self.objective == "sft":
+            raise ValueError("align.training.objective=sft: the align stage trains on "
+                             "preferences. Fix: dpo, orpo or kto")
+        return self
+
+
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in changes.items():
+        merged[key] = (_merged(base[key], value) if isinstance(value, dict)
+                       and isinstance(base.get(key), dict) else value)
+    return merged
 
 
 class PipelineConfig(Section):
@@ -617,10 +662,25 @@ class PipelineConfig(Section):
     model: ModelConfig = ModelConfig()
     lora: LoraSettings = LoraSettings()
     train: TrainConfig = TrainConfig()
+    launch: LaunchConfig = LaunchConfig()
     eval: EvalConfig = EvalConfig()
     merge: MergeConfig = MergeConfig()
     registry: RegistryConfig = RegistryConfig()
     storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> PipelineConfig:
+        precisions = {self.train.precision} | (
+            {self.align.train_config(self.train).precision} if self.align else set())
+        quantized = sorted(precisions & {"fp8", "int8", "nf4", "fp16"})
+        if self.launch.parallelism == "fsdp" and quantized:
+            raise ValueError(
+                f"launch.parallelism=fsdp cannot use precision={quantized[0]}: quantized weights "
+                "(bitsandbytes' int8/nf4, loraflow's fp8 copies) cannot be sharded and fp16's "
+                "loss scaling would differ between ranks. Fix: train.precision=bf16 (or auto) "
+                "with fsdp, or launch.parallelism=ddp."
+            )
+        return self
 
 
 def loraflow_home() -> Path:
@@ -671,6 +731,15 @@ def load_config(
 MOVED = {
     "data.packing": "packing is one switch, the engine's: set train.batching=packed",
     "data.pack_length": "the packed row length is train.seq_len",
+    **{f"train.{key}": f"where the engine runs is its own section: set launch.{key}"
+       for key in LaunchConfig.model_fields},
+    **{f"train.{key}": f"the preference loss's weights are one section: set "
+       f"train.preference.{key}" for key in PreferenceLoss.model_fields},
+    **{f"align.{key}": f"the align stage sets how it trains under align.training: set "
+       f"align.training.preference.{key}" for key in PreferenceLoss.model_fields},
+    **{f"align.{key}": f"the align stage sets how it trains under align.training: set "
+       f"align.training.{key}" for key in ("objective", "max_steps", "learning_rate",
+                                           "micro_batch_size", "grad_accum_steps")},
 }
 
 
@@ -686,11 +755,14 @@ def format_errors(source: str, exc: ValidationError) -> str:
             lines.append(
                 f"  - {field}: unknown key. Allowed here: {allowed}. Fix: remove or rename it."
             )
+        elif not err["loc"]:  # a rule across sections: its message names the fields and the fix
+            lines.append(f"  - {err['msg'].removeprefix('Value error, ')}")
         else:
             bad = err.get("input")
             lines.append(
                 f"  - {field} = {bad!r}: {err['msg']}. Fix: set a valid value "
-                f"(e.g. --set {field}=...) or remove it to take the default."
+                f"(e.g. {field}=... after the config on the command line) or remove it to "
+                "take the default."
             )
     return "\n".join(lines)
 

@@ -17,7 +17,7 @@ from prefect.cache_policies import CacheKeyFnPolicy
 
 from loraflow.artifacts import Adapter, TokenizedData, ValidatedData
 from loraflow.base_model import BaseModelRef, load_tokenizer
-from loraflow.config import AlignConfig, DataConfig, RegistryConfig, TrainConfig, loraflow_home
+from loraflow.config import AlignConfig, DataConfig, RegistryConfig, loraflow_home
 from loraflow.data.preference import tokenize_preference_cached, validate_preference_splits
 from loraflow.data.prompts import PromptTemplate
 from loraflow.data.tokenization import TokenizeReport, TokenizeSettings
@@ -53,18 +53,6 @@ def child_run(parent_run_id: str, name: str) -> Iterator[str]:
 
 def kind_of(align: AlignConfig) -> str:
     return "kto" if align.objective == "kto" else "pairs"
-
-
-def align_train_config(align: AlignConfig, train: TrainConfig) -> TrainConfig:
-    """The SFT run's engine settings (precision, batching, GPUs, guards) with the align
-    stage's objective, loss and schedule."""
-    return train.model_copy(update={
-        "objective": align.objective, "beta": align.beta, "loss_type": align.loss_type,
-        "sft_weight": align.sft_weight,
-        "max_steps": align.max_steps, "epochs": 0, "learning_rate": align.learning_rate,
-        "micro_batch_size": align.micro_batch_size, "grad_accum_steps": align.grad_accum_steps,
-        "warmup_steps": min(train.warmup_steps, align.max_steps // 4),
-    })
 
 
 preference_bytes = split_sources_key("align")  # align.train/validation/test

@@ -33,7 +33,7 @@ from loraflow.artifacts import (
     ValidatedData,
 )
 from loraflow.base_model import BaseModelRef
-from loraflow.config import EvalConfig, LoraSettings, MergeConfig, TrainConfig
+from loraflow.config import EvalConfig, LaunchConfig, LoraSettings, MergeConfig, TrainConfig
 from loraflow.data.prompts import PromptTemplate
 from tasks.caching import CONTENT
 from tasks.evaluation import CHAMPION_CACHE, champion_to_compare, evaluate_champion
@@ -188,14 +188,16 @@ def dumped(**values: Any) -> dict[str, Any]:
 
 @task(name="train_adapter", cache_policy=CONTENT)
 def train_on_gpu_pool(
-    tokens: TokenizedData, base: BaseModelRef, lora: LoraSettings, train: TrainConfig, run_id: str
+    tokens: TokenizedData, base: BaseModelRef, lora: LoraSettings, train: TrainConfig,
+    launch: LaunchConfig, run_id: str,
 ) -> Adapter:
     """Run the `train` deployment (gpu pool; one run a machine) and read the adapter its
     rank 0 tagged the MLflow run with."""
-    parameters = dumped(tokens=tokens, base=base, lora=lora, train=train, run_id=run_id)
-    # train.gpus_per_node goes inside `train`: the train flow's own gpus_per_node parameter
+    parameters = dumped(tokens=tokens, base=base, lora=lora, train=train, launch=launch,
+                        run_id=run_id)
+    # launch.gpus_per_node goes inside `launch`: the train flow's own gpus_per_node parameter
     # (the deployment's) is left alone, and the flow takes whichever of the two is set.
-    run_on_gpu_pool(TRAIN_DEPLOYMENT, parameters, copies=train.nodes,
+    run_on_gpu_pool(TRAIN_DEPLOYMENT, parameters, copies=launch.nodes,
                     crash_attempts=CRASH_ATTEMPTS)
     tags = MlflowClient().get_run(run_id).data.tags
     if ADAPTER_TAG not in tags:

@@ -23,17 +23,18 @@ from loraflow.artifacts import (
 )
 from loraflow.base_model import BaseModelRef, load_tokenizer, resolve_base_model, source_location
 from loraflow.config import (
-    LAUNCH_FIELDS,
     EvalConfig,
+    LaunchConfig,
     LoraSettings,
     MergeConfig,
     TrainConfig,
     loraflow_home,
 )
 from loraflow.data.prompts import PromptTemplate
+from loraflow.engine import launch as engine_launch
 from loraflow.engine.checkpoints import latest_checkpoint
 from loraflow.engine.config import EngineConfig
-from loraflow.engine.launch import TrainingCrashed, TrainingOOM, after_oom, launch
+from loraflow.engine.launch import TrainingCrashed, TrainingOOM, after_oom
 from loraflow.evaluation import evaluate
 from loraflow.hashing import code_version, sha256_json, sha256_tree
 from loraflow.release import merge, registry
@@ -80,6 +81,7 @@ def train_adapter(
     base: BaseModelRef,
     lora: LoraSettings,
     train: TrainConfig,
+    launch: LaunchConfig,
     run_id: str,
     share_checkpoints: bool = False,
     lineage_extra: dict[str, Any] | None = None,
@@ -92,21 +94,20 @@ def train_adapter(
     machine died resumes instead of starting over (the train deployment sets it).
     lineage_extra: more fields for the adapter's lineage manifest (the align stage: its SFT
     parent and preference data)."""
-    # The run's identity leaves out where it runs: a retry or rerun on another GPU count
-    # resumes the same run directory's checkpoints.
-    key = sha256_json([tokens.sha256, base.sha256, lora.model_dump(),
-                       train.model_dump(exclude=LAUNCH_FIELDS)])
+    # The run's identity leaves out where it runs (launch): a retry or rerun on another GPU
+    # count resumes the same run directory's checkpoints.
+    key = sha256_json([tokens.sha256, base.sha256, lora.model_dump(), train.model_dump()])
     run_dir = loraflow_home() / "runs" / key[:16]
     run_dir.mkdir(parents=True, exist_ok=True)
     train = after_oom(train, run_dir)
     engine = EngineConfig(base_path=base.path, base_source=base.source,
                           data_dir=fetch_verified(tokens, "tokenized data"), output_dir=run_dir,
-                          lora=lora, train=train)
+                          lora=lora, train=train, launch=launch)
     if share_checkpoints:
         restore_shared_checkpoint(run_dir, run_id)
     # the align stage's engine metrics apart from the SFT run's
     prefix = "train." if train.objective == "sft" else "align.train."
-    result = launch(engine, key[:16], run_id,
+    result = engine_launch.launch(engine, key[:16], run_id,
                     lambda records: log_metric_records(run_id, records, prefix=prefix),
                     (lambda: share_checkpoint(run_dir, run_id)) if share_checkpoints else None)
     if result is None:  # a machine without rank 0: the adapter is on rank 0's machine

@@ -38,8 +38,8 @@ def config(data, preference, model_dir, name, **align) -> PipelineConfig:
         "eval": {"max_new_tokens": 8, "batch_size": 4, "compare_champion": False},
         "merge": {"dtype": "float32"},
         "registry": {"model_name": name},
-        "align": {**{k: str(v) for k, v in preference.items()}, "max_steps": 2,
-                  "micro_batch_size": 4, "learning_rate": 1e-2,
+        "align": {**{k: str(v) for k, v in preference.items()},
+                  "training": {"max_steps": 2, "micro_batch_size": 4, "learning_rate": 1e-2},
                   "gate_metric": "pref_win_rate"} | align,
     })
 

@@ -57,3 +57,42 @@ def test_data_sources_take_one_path_or_several_and_template_choices_are_checked(
         load_config(None, ["data.template=jinja"])
     with pytest.raises(ConfigError, match=r"unknown name\(s\) \['question'\]"):
         load_config(None, ["data.columns={question: q}"])
+
+
+def test_the_align_stage_trains_with_its_own_kto_weights_and_the_sft_runs_other_settings():
+    """align.training sets only what differs from train (the KTO weights too: a hand mapping
+    of AlignConfig onto TrainConfig used to drop them, so align's KTO ran with train's)."""
+    cfg = load_config(ROOT / "configs" / "preference.yaml", [
+        "align.training.objective=kto", "align.training.preference.kto_desirable_weight=2.5",
+        "align.training.preference.kto_undesirable_weight=0.5", "train.precision=bf16",
+        "train.preference.beta=0.3", "train.spike_patience=3"])
+    aligned = cfg.align.train_config(cfg.train)
+    assert (aligned.preference.kto_desirable_weight,
+            aligned.preference.kto_undesirable_weight) == (2.5, 0.5)
+    assert aligned.preference.beta == 0.1  # configs/preference.yaml's align value
+    assert aligned.objective == "kto" and cfg.align.objective == "kto"
+    assert (aligned.max_steps, aligned.learning_rate) == (16, 3e-4)  # the shipped align stage
+    assert (aligned.precision, aligned.spike_patience) == ("bf16", 3)  # the SFT run's
+    assert cfg.train.objective == "sft" and cfg.train.preference.kto_desirable_weight == 1.0
+    # unset, the align stage's own defaults; warmup at most a quarter of its steps
+    default = PipelineConfig(align={}).align.train_config(cfg.train)
+    assert (default.objective, default.max_steps, default.warmup_steps) == ("dpo", 30, 4)
+
+
+def test_moved_keys_are_refused_with_their_replacement():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.beta=0.2", "train.nodes=2", "align.max_steps=5",
+                           "align.kto_desirable_weight=2"])
+    text = str(err.value)
+    assert "train.beta: no longer here. Fix: " in text and "set train.preference.beta" in text
+    assert "set launch.nodes" in text and "set align.training.max_steps" in text
+    assert "set align.training.preference.kto_desirable_weight" in text
+    with pytest.raises(ConfigError, match="align.training.objective=sft: the align stage"):
+        load_config(None, ["align.training.objective=sft"])
+
+
+def test_a_rule_across_sections_reads_as_one_sentence():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["launch.parallelism=fsdp", "train.precision=nf4"])
+    assert "  - launch.parallelism=fsdp cannot use precision=nf4" in str(err.value)
+    assert "<root>" not in str(err.value)

@@ -38,9 +38,9 @@ def tiny_prefect_yaml(out: Path, model_dir: Path, data: dict[str, Path], rdzv: s
         "data": {k: [str(v)] for k, v in data.items()},
         "model": {"base": str(model_dir)},
         # nodes 2: two gpu workers train together, as two machines would, meeting at the
-        # rendezvous endpoint; no train.gpus_per_node: the train deployment's own counts
-        "train": {"max_steps": 3, "micro_batch_size": 4, "learning_rate": 1e-2,
-                  "nodes": 2, "rdzv_endpoint": rdzv},
+        # rendezvous endpoint; no launch.gpus_per_node: the train deployment's own counts
+        "train": {"max_steps": 3, "micro_batch_size": 4, "learning_rate": 1e-2},
+        "launch": {"nodes": 2, "rdzv_endpoint": rdzv},
         "eval": {"max_new_tokens": 8, "batch_size": 4},
         "merge": {"dtype": "float32"},
         "registry": {"model_name": MODEL},
@@ -179,7 +179,7 @@ def test_new_data_triggers_training_on_the_gpu_pool_and_the_same_bytes_do_not(
         training = [r for r in runs if r["deployment"] == "train"]  # one run a machine
         assert len(training) == 2 and {r["work_pool_name"] for r in training} == {"gpu"}
         assert {r["parameters"]["run_id"] for r in training} == {version.run_id}
-        assert {r["parameters"]["train"]["nodes"] for r in training} == {2}
+        assert {r["parameters"]["launch"]["nodes"] for r in training} == {2}
         assert {r["state"] for r in training} == {"COMPLETED"}
         # the two machines trained one adapter together: rank 0's relayed two ranks' tokens
         result = json.loads(tags["loraflow.adapter"])["result"]

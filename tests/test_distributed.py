@@ -16,7 +16,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from loraflow.config import LoraSettings, TrainConfig
+from loraflow.config import LaunchConfig, LoraSettings, PipelineConfig, TrainConfig
 from loraflow.engine.batches import (
     ExampleStream,
     answer_tokens,
@@ -30,13 +30,15 @@ from loraflow.engine.launch import launch_command
 from loraflow.engine.loop import steps_for_epochs
 
 
-def engine(tmp_path, tiny_model_dir, tokenized, name, processes=1, nodes=1, port=0, **train):
+def engine(tmp_path, tiny_model_dir, tokenized, name, processes=1, nodes=1, port=0,
+           parallelism="ddp", **train):
     """The run directory and the launch command the train task would use."""
     out = tmp_path / name
     settings = dict(micro_batch_size=2, learning_rate=2e-2, warmup_steps=0, batching="packed",
                     seq_len=512, lr_schedule="constant", watchdog_seconds=0, seed=3) | train
     cfg = EngineConfig(base_path=tiny_model_dir, data_dir=tokenized, output_dir=out,
-                       lora=LoraSettings(dropout=0.0), train=TrainConfig(**settings))
+                       lora=LoraSettings(dropout=0.0), train=TrainConfig(**settings),
+                       launch=LaunchConfig(parallelism=parallelism))
     config_file = tmp_path / f"{name}.json"
     config_file.write_text(cfg.model_dump_json())
     return out, launch_command(["--config", str(config_file)], processes, nodes,
@@ -196,8 +198,12 @@ def test_fsdp_refuses_quantized_or_fp16_weights():
     for precision in ("fp8", "nf4", "int8", "fp16"):
         with pytest.raises(ValidationError, match=f"parallelism=fsdp cannot use precision="
                                                   f"{precision}"):
-            TrainConfig(parallelism="fsdp", precision=precision)
-    assert TrainConfig(parallelism="fsdp", precision="bf16").parallelism == "fsdp"
+            PipelineConfig(launch={"parallelism": "fsdp"}, train={"precision": precision})
+        with pytest.raises(ValidationError, match=f"precision={precision}"):  # align's too
+            PipelineConfig(launch={"parallelism": "fsdp"},
+                           align={"training": {"precision": precision}})
+    cfg = PipelineConfig(launch={"parallelism": "fsdp"}, train={"precision": "bf16"})
+    assert cfg.launch.parallelism == "fsdp"
 
 
 @pytest.mark.gpu
@@ -302,7 +308,7 @@ examples = []
 for _ in range(100):
     n = rng.randrange(16, 100)
     examples.append(([1] + [rng.randrange(3, 256) for _ in range(n - 2)] + [2], n // 2))
-cfg = TrainConfig(parallelism="fsdp", precision="fp32", batching="packed", seq_len=256,
+cfg = TrainConfig(precision="fp32", batching="packed", seq_len=256,
                   micro_batch_size=2, max_steps=3, warmup_steps=0, learning_rate=1e-2,
                   lr_schedule="constant", gradient_checkpointing=True, watchdog_seconds=0)
 model = random_base_sharded(LlamaConfig(**arch), cfg, LoraSettings(dropout=0.0), "cpu", "sdpa",

@@ -181,18 +181,18 @@ def test_train_deployment_accepts_what_the_pipeline_sends_and_keeps_its_own_gpu_
 ):
     import inspect
 
-    from loraflow.config import LoraSettings, TrainConfig
+    from loraflow.config import LaunchConfig, LoraSettings, TrainConfig
     from tasks.deployments import dumped, train_on_gpu_pool
 
     deployment = deployments()["train"]
     flow = load_flow(deployment)
     refs = pipeline_refs(tiny_model_dir)
     sent = dumped(tokens=refs["tokens"], base=refs["base"], lora=LoraSettings(),
-                  train=TrainConfig(), run_id="r")
+                  train=TrainConfig(), launch=LaunchConfig(), run_id="r")
     # the pipeline's task sends exactly its own parameters (run_id included)...
     assert set(inspect.signature(train_on_gpu_pool.fn).parameters) == set(sent)
     # ...and not gpus_per_node: the deployment's own value is not overwritten
-    assert "gpus_per_node" not in sent and sent["train"]["gpus_per_node"] is None
+    assert "gpus_per_node" not in sent and sent["launch"]["gpus_per_node"] is None
     server_accepts(flow, deployment["parameters"] | sent)
     params = flow.validate_parameters(deployment["parameters"] | sent)
     assert isinstance(params["train"], TrainConfig) and params["gpus_per_node"] is None
@@ -232,7 +232,7 @@ def test_the_gpu_count_is_one_setting_honoured_wherever_it_is_set(monkeypatch):
     assert resolve_gpus(0, None) == 0  # the pipeline's config
     with pytest.raises(GpuCountError, match="sees 0 CUDA device"):
         resolve_gpus(None, 1)  # asked for a GPU this worker does not have: refused, not ignored
-    with pytest.raises(GpuCountError, match=r"train.gpus_per_node=2 .* gpus_per_node=0"):
+    with pytest.raises(GpuCountError, match=r"launch.gpus_per_node=2 .* gpus_per_node=0"):
         resolve_gpus(2, 0)
     monkeypatch.setattr(train_flow, "visible_gpus", lambda: 4)
     assert resolve_gpus(None, None) == 1

@@ -19,7 +19,7 @@ import torch
 
 trl = pytest.importorskip("trl")
 
-from loraflow.config import TrainConfig  # noqa: E402
+from loraflow.config import PreferenceLoss, TrainConfig  # noqa: E402
 from loraflow.engine.batches import Unit, collate  # noqa: E402
 from loraflow.engine.loss import (  # noqa: E402
     preference_counts,
@@ -166,8 +166,8 @@ def test_dpo_loss_and_gradients_equal_trls(policy, tiny_model_dir, tmp_path, los
                    (e["prompt_ids"] + e["rejected_ids"], len(e["prompt_ids"]))))
              for e in examples]
     rows = [units] if layout == "packed" else [[u] for u in units]
-    loss, metrics = ours(policy, rows, TrainConfig(objective="dpo", beta=0.3,
-                                                   loss_type=loss_type, sft_weight=sft_weight))
+    loss, metrics = ours(policy, rows, TrainConfig(objective="dpo", preference=PreferenceLoss(
+        beta=0.3, loss_type=loss_type, sft_weight=sft_weight)))
     loss.backward()
     worst = same_loss_and_grads(loss, theirs, policy, trl_grads)
     print(f"dpo {loss_type} {layout}: loss {float(loss.detach()):.6f} vs TRL "
@@ -196,8 +196,8 @@ def test_kto_loss_and_gradients_equal_trls(policy, tiny_model_dir, tmp_path, lay
                    (e["prompt_ids"] + e["KL_completion_ids"], len(e["prompt_ids"]))),
                   bool(e["label"])) for e in examples]
     rows = [units] if layout == "packed" else [[u] for u in units]
-    loss, metrics = ours(policy, rows, TrainConfig(objective="kto", beta=0.5,
-                                                   kto_undesirable_weight=1.3))
+    loss, metrics = ours(policy, rows, TrainConfig(objective="kto", preference=PreferenceLoss(
+        beta=0.5, kto_undesirable_weight=1.3)))
     loss.backward()
     worst = same_loss_and_grads(loss, theirs, policy, trl_grads)
     print(f"kto {layout}: loss {float(loss.detach()):.6f} vs TRL "
@@ -243,7 +243,8 @@ def test_orpo_loss_and_gradients_equal_trls(policy, tiny_model_dir):
     theirs.backward()
     trl_grads = lora_grads(policy)
 
-    loss, metrics = ours(policy, [[u] for u in units], TrainConfig(objective="orpo", beta=beta))
+    loss, metrics = ours(policy, [[u] for u in units],
+                         TrainConfig(objective="orpo", preference=PreferenceLoss(beta=beta)))
     loss.backward()
     worst = same_loss_and_grads(loss, theirs, policy, trl_grads)
     print(f"orpo: loss {float(loss.detach()):.6f} vs TRL "
@@ -320,9 +321,10 @@ def test_the_engine_trains_dpo_in_its_one_loop_and_reports_rewards(
     cfg = EngineConfig(
         base_path=tiny_model_dir, data_dir=preference_tokens, output_dir=out,
         lora=LoraSettings(target_modules=["all-linear"], dropout=0.0),
-        train=TrainConfig(objective="dpo", beta=0.5, max_steps=8, micro_batch_size=4,
-                          grad_accum_steps=1, learning_rate=5e-2, warmup_steps=1,
-                          eval_every=4, checkpoint_every=4, batching=batching, seq_len=1024),
+        train=TrainConfig(objective="dpo", preference=PreferenceLoss(beta=0.5), max_steps=8,
+                          micro_batch_size=4, grad_accum_steps=1, learning_rate=5e-2,
+                          warmup_steps=1, eval_every=4, checkpoint_every=4, batching=batching,
+                          seq_len=1024),
     )
     result = train(cfg)
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -395,14 +397,14 @@ def test_an_sft_adapter_merged_in_is_the_reference(tmp_path, tiny_model_dir):
     with torch.no_grad():
         expected = PeftModel.from_pretrained(load_model(tiny_model_dir), sft)(ids).logits
         plain = load_model(tiny_model_dir)(ids).logits
-        model = add_lora(merge_into_base(load_model(tiny_model_dir), sft, TrainConfig()),
+        model = add_lora(merge_into_base(load_model(tiny_model_dir), sft, TrainConfig(), "ddp"),
                          LoraSettings())
         with model.disable_adapter():
             reference = model(ids).logits
     assert not torch.allclose(plain, expected, atol=1e-3)  # the SFT adapter does something
     assert torch.allclose(reference, expected, atol=1e-5)
     with pytest.raises(Exception, match="cannot be folded into nf4"):
-        merge_into_base(load_model(tiny_model_dir), sft, TrainConfig(precision="nf4"))
+        merge_into_base(load_model(tiny_model_dir), sft, TrainConfig(precision="nf4"), "ddp")
 
 
 def test_held_out_pairs_score_win_rate_margins_and_rewards(tmp_path, tiny_model_dir,

@@ -449,7 +449,7 @@ def test_the_gpu_worker_killed_during_training_is_retried_and_resumes_on_another
     # while: with 120 steps (~25 s of training) one run's polls here, slowed by the Prefect
     # server's locked sqlite, missed the whole window.
     steps = 300
-    train = {"nodes": 1, "max_steps": steps, "micro_batch_size": 4, "checkpoint_minutes": 0.05}
+    train = {"max_steps": steps, "micro_batch_size": 4, "checkpoint_minutes": 0.05}
     with deployed_stack(tmp_path, tiny_model_dir, small_data, train) as stack:
         run(["prefect", "--no-prompt", "deployment", "run", "finetune/finetune"], stack.env)
 
@@ -519,7 +519,7 @@ def test_thirty_files_in_a_minute_with_the_watcher_restarted_train_each_content_
 
     from loraflow.data.watch import state_path
 
-    train = {"nodes": 1, "max_steps": 2, "micro_batch_size": 4}
+    train = {"max_steps": 2, "micro_batch_size": 4}
     inbox = tmp_path / "incoming"
     inbox.mkdir()
     base_lines = small_data["train"].read_text()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from loraflow.config import LoraSettings, TrainConfig
+from loraflow.config import LaunchConfig, LoraSettings, TrainConfig
 
 # How a run can end early: the failure kind each rank writes to failure[.rankN].json, and the
 # process's exit code. In the order a launcher reports them when ranks disagree: an OOM (which a
@@ -27,6 +27,7 @@ class EngineConfig(BaseModel):
     output_dir: Path
     lora: LoraSettings = LoraSettings()
     train: TrainConfig = TrainConfig()
+    launch: LaunchConfig = LaunchConfig()
     merge_adapter: Path | None = Field(
         None,
         description="A trained LoRA adapter (an SFT adapter) folded into the base weights "

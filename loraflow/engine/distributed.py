@@ -1,7 +1,7 @@
 """Data parallelism for the training engine under torchrun: one process a GPU (NCCL), or a few
 CPU processes (gloo) for tests. Each optimizer step's rows are split between the ranks; the
 LoRA gradients (a few MB) are summed in one all-reduce per step; rank 0 alone writes files.
-With train.parallelism=fsdp the base weights are sharded across the ranks instead of whole on
+With launch.parallelism=fsdp the base weights are sharded across the ranks instead of whole on
 each (FSDP2, shard_model); FSDP then sums the gradients itself, in backward.
 
     torchrun --standalone --nproc-per-node 4 -m loraflow.engine --config engine.json
@@ -186,7 +186,7 @@ def sharded(params: Any) -> bool:
 
 
 def shard_model(model: torch.nn.Module, ranks: Ranks) -> int:
-    """FSDP2 (train.parallelism=fsdp): shard the model across the ranks (shard_layers) and fill
+    """FSDP2 (launch.parallelism=fsdp): shard the model across the ranks (shard_layers) and fill
     the shards with rank 0's weights (fill_from_rank0). Rank 0 holds the loaded model in CPU
     memory; the others hold it on the meta device (no memory). Returns how many weights this
     rank holds."""
@@ -208,8 +208,8 @@ def shard_layers(model: torch.nn.Module, ranks: Ranks) -> None:
     causal_lm = model.get_base_model()
     decoder, head = causal_lm.model, causal_lm.get_output_embeddings()
     if any(p.requires_grad for p in head.parameters()):  # its gradients would not be summed
-        raise ValueError("train.parallelism=fsdp cannot train the output head (lm_head in "
-                         "lora.target_modules). Fix: leave it out, or train.parallelism=ddp.")
+        raise ValueError("launch.parallelism=fsdp cannot train the output head (lm_head in "
+                         "lora.target_modules). Fix: leave it out, or launch.parallelism=ddp.")
     if head.weight is decoder.get_input_embeddings().weight:  # tied: the head gets its own copy
         head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
     mesh = init_device_mesh(comm_device(ranks).type, (ranks.world_size,))

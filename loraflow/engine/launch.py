@@ -71,14 +71,14 @@ def after_oom(train: TrainConfig, run_dir: Path) -> TrainConfig:
 def launch(engine: EngineConfig, run_key: str, relay_to: str, relay: MetricRelay,
            while_running: Callable[[], object] | None = None) -> dict[str, Any] | None:
     """Write engine.json into the run directory, start the engine on this machine's share of
-    the processes (train.gpus_per_node, train.nodes) and supervise it (run_engine). The result
-    of rank 0's machine; None on another machine."""
-    run_dir, train = Path(engine.output_dir), engine.train
+    the processes (launch.gpus_per_node, launch.nodes) and supervise it (run_engine). The
+    result of rank 0's machine; None on another machine."""
+    run_dir, where = Path(engine.output_dir), engine.launch
     config_file = run_dir / "engine.json"
     config_file.write_text(engine.model_dump_json(indent=2))
-    processes = max(train.gpus_per_node or 0, 1)  # 0 GPUs or unset: one process
-    command = launch_command(["--config", str(config_file)], processes, train.nodes,
-                             train.rdzv_endpoint, run_key)
+    processes = max(where.gpus_per_node or 0, 1)  # 0 GPUs or unset: one process
+    command = launch_command(["--config", str(config_file)], processes, where.nodes,
+                             where.rdzv_endpoint, run_key)
     return run_engine(command, run_dir, relay_to, relay, while_running)
 
 

@@ -110,19 +110,20 @@ def preference_loss(
     zero = logps.new_zeros(())
     kl = zero
     chosen_nll = -first.sum() / max(chosen_tokens, 1)  # per chosen answer token (orpo, sft_weight)
+    weights = t.preference
     if t.objective == "dpo":
-        out = dpo_loss(first, second, ref_first, ref_second, t.beta, t.loss_type,
+        out = dpo_loss(first, second, ref_first, ref_second, weights.beta, weights.loss_type,
                        tokens[0::2], tokens[1::2])
         loss = out.losses.sum() / max(units, 1)
-        if t.sft_weight:
-            loss = loss + t.sft_weight * chosen_nll
+        if weights.sft_weight:
+            loss = loss + weights.sft_weight * chosen_nll
     elif t.objective == "orpo":
-        out = orpo_loss(first, second, tokens[0::2], tokens[1::2], t.beta)
+        out = orpo_loss(first, second, tokens[0::2], tokens[1::2], weights.beta)
         loss = chosen_nll + out.losses.sum() / max(units, 1)
     elif t.objective == "kto":
         kl = (second - ref_second).mean().detach()  # the mismatched pairs: KTO's z
-        out = kto_loss(first, ref_first, batch["desirable"], kl, t.beta,
-                       t.kto_desirable_weight, t.kto_undesirable_weight)
+        out = kto_loss(first, ref_first, batch["desirable"], kl, weights.beta,
+                       weights.kto_desirable_weight, weights.kto_undesirable_weight)
         loss = out.losses.sum() / max(units, 1)
     else:
         raise ValueError(f"preference_loss: train.objective={t.objective} is not a preference "

@@ -56,7 +56,7 @@ def load_base(path: Path, cfg: TrainConfig, device: str, attn_impl: str) -> torc
 def load_base_sharded(
     path: Path, cfg: TrainConfig, lora: LoraSettings, device: str, attn_impl: str, ranks: Ranks
 ) -> PeftModel:
-    """train.parallelism=fsdp: the base with LoRA, its weights sharded across the ranks, never
+    """launch.parallelism=fsdp: the base with LoRA, its weights sharded across the ranks, never
     whole on one GPU. Rank 0 reads them into CPU memory, the other ranks build the model on
     the meta device; distributed.shard_model shards it and fills the shards from rank 0."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -77,9 +77,9 @@ def load_base_sharded(
 def fsdp_precision(cfg: TrainConfig, device: str) -> torch.dtype:
     dtype = pick_precision(cfg, device)
     if dtype == torch.float16:  # precision=auto on a GPU without bf16
-        raise PreflightError("train.parallelism=fsdp needs bf16 (or fp32): this GPU has no bf16 "
-                             "and fp16's loss scaling cannot see other ranks' shards. Fix: "
-                             "train.parallelism=ddp")
+        raise PreflightError("launch.parallelism=fsdp needs bf16 (or fp32): this GPU has no "
+                             "bf16 and fp16's loss scaling cannot see other ranks' shards. Fix: "
+                             "launch.parallelism=ddp")
     return dtype
 
 
@@ -106,11 +106,13 @@ def prepare_for_training(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.M
     return model
 
 
-def merge_into_base(model: torch.nn.Module, adapter: Path, t: TrainConfig) -> torch.nn.Module:
+def merge_into_base(
+    model: torch.nn.Module, adapter: Path, t: TrainConfig, parallelism: str
+) -> torch.nn.Module:
     """The base with a trained adapter folded into its weights (EngineConfig.merge_adapter)."""
-    if t.precision in ("int8", "nf4") or t.parallelism == "fsdp":
+    if t.precision in ("int8", "nf4") or parallelism == "fsdp":
         raise PreflightError(
-            f"merge_adapter {adapter} cannot be folded into {t.precision} / {t.parallelism} "
+            f"merge_adapter {adapter} cannot be folded into {t.precision} / {parallelism} "
             "base weights exactly. Fix: give the merged SFT model as the base instead (the "
             "pipeline's align stage does), or train this stage with precision bf16/fp32 and "
             "parallelism ddp.")

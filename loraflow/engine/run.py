@@ -67,7 +67,7 @@ def train_ranks(
 
     if device == "cuda":  # the guide's checklist, and a micro-batch that fits
         architecture = json.loads((Path(cfg.base_path) / "config.json").read_text())
-        shards = ranks.world_size if t.parallelism == "fsdp" else 1
+        shards = ranks.world_size if cfg.launch.parallelism == "fsdp" else 1
         asked = t
         t, guess = fit_micro_batch(architecture, t, cfg.lora, packed, too_long, check_device(t),
                                    shards)
@@ -78,12 +78,12 @@ def train_ranks(
                     f"{t.micro_batch_size} x grad_accum_steps={t.grad_accum_steps} x "
                     f"{ranks.world_size} GPU(s)")
 
-    if t.parallelism == "fsdp" and ranks.distributed:
+    if cfg.launch.parallelism == "fsdp" and ranks.distributed:
         model = load_base_sharded(cfg.base_path, t, cfg.lora, device, attn_impl, ranks)
     else:
         base = load_base(cfg.base_path, t, device, attn_impl)
         if cfg.merge_adapter is not None:
-            base = merge_into_base(base, cfg.merge_adapter, t)
+            base = merge_into_base(base, cfg.merge_adapter, t, cfg.launch.parallelism)
         model = add_lora(base, cfg.lora)
     if t.precision == "fp8":
         use_fp8(model)
