@@ -114,6 +114,13 @@ def _release_context(args: argparse.Namespace):  # -> (cfg, name, MlflowClient)
     return cfg, args.name or cfg.registry.model_name, MlflowClient()
 
 
+def _chosen_version(client, name: str, args: argparse.Namespace):  # -> ModelVersion
+    """The version --version names, else the one --alias points at."""
+    if args.version:
+        return client.get_model_version(name, args.version)
+    return client.get_model_version_by_alias(name, args.alias)
+
+
 def _release_errors():  # the errors a release command reports as a message, exit code 1
     from mlflow.exceptions import MlflowException
 
@@ -185,11 +192,7 @@ def versions_command(args: argparse.Namespace) -> int:
     from loraflow.release.lineage import library_differences
 
     _, name, client = _release_context(args)
-    version = (
-        client.get_model_version(name, args.version)
-        if args.version
-        else client.get_model_version_by_alias(name, args.alias)
-    )
+    version = _chosen_version(client, name, args)
     recorded = version.tags.get("loraflow.libraries")
     if not recorded:
         print(f"loraflow versions: {name} v{version.version} records no library versions "
@@ -216,11 +219,7 @@ def pull_command(args: argparse.Namespace) -> int:
     cfg, name, client = _release_context(args)
     from loraflow.release.storage import open_store, pull_tree
 
-    version = (
-        client.get_model_version(name, args.version)
-        if args.version
-        else client.get_model_version_by_alias(name, args.alias)
-    )
+    version = _chosen_version(client, name, args)
     uri = version.tags.get("loraflow.storage_uri")
     if not uri:
         print(
