@@ -124,20 +124,16 @@ def validation_loss(
     dtype: torch.dtype, packed: bool = False, ranks: Ranks = SINGLE,
 ) -> float:
     """Mean loss per answer token over the validation examples, through the uncompiled model
-    (see `uncompiled`); with several ranks each takes every world_size-th batch."""
+    (see `uncompiled`); with several ranks each takes every world_size-th batch (rank_share)."""
     model.eval()
     device = next(model.parameters()).device.type
     total, count = torch.zeros((), device=device), 0
     batches = validation_batches(examples, cfg, packed, pad_id)
-    # Under FSDP every forward gathers weights from all ranks: each runs as many as rank 0,
-    # which has the most batches; a rank short of one runs a spare batch it does not count.
-    passes = len(batches[:: ranks.world_size])
-    mine = batches[ranks.rank :: ranks.world_size]
     decoder = model.get_base_model().model
     with uncompiled(decoder):
-        for index in range(passes):
-            batch = to_device(mine[index] if index < len(mine) else batches[0], device)
-            n = answer_tokens(batch) if index < len(mine) else 0
+        for (batch,), counted in distributed.rank_share(batches, ranks):
+            batch = to_device(batch, device)
+            n = answer_tokens(batch) if counted else 0
             with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
                 total += completion_loss(model, batch, n, attn_impl, decoder) * n
             count += n
@@ -152,20 +148,18 @@ def validation_preference(
     dtype: torch.dtype, decoder: Any = None, ranks: Ranks = SINGLE,
 ) -> dict[str, float]:
     """The preference loss per unit over the validation units (each unit alone in its row;
-    several ranks: every world_size-th), with its reward accuracy, rewards and margin."""
+    several ranks: every world_size-th, rank_share), with its reward accuracy, rewards and
+    margin."""
     model.eval()
     device = next(model.parameters()).device.type
     total, sums, count = torch.zeros((), device=device), None, 0
-    passes = len(units[:: ranks.world_size])
-    mine = units[ranks.rank :: ranks.world_size]
-    for start in range(0, passes, cfg.micro_batch_size):
-        rows = [[u] for u in mine[start : start + cfg.micro_batch_size]]
-        used = rows or [[units[0]]]  # FSDP: a rank short of units runs a spare it ignores
-        batch = to_device(collate(used, pad_id), device)
-        n, chosen = preference_counts(used)
+    for chunk, counted in distributed.rank_share(units, ranks, cfg.micro_batch_size):
+        rows = [[u] for u in chunk]
+        batch = to_device(collate(rows, pad_id), device)
+        n, chosen = preference_counts(rows)
         with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
             loss, metrics = preference_loss(model, batch, (n, chosen), cfg, attn_impl, decoder)
-        if rows:
+        if counted:
             total += loss * n
             sums = metrics if sums is None else sums + metrics
             count += n
