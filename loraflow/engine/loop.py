@@ -593,7 +593,9 @@ def checkpoint_if_due(run: Run, step: int, last_step: bool, position: int) -> No
 
 
 def summary(run: Run, last: dict[str, Any]) -> dict[str, Any]:
-    """fit()'s result, from the last step's record: what result.json reports."""
+    """fit()'s result, from the last step's record: what result.json reports, with the
+    TrainConfig the run trained with (`config`), every adjustment made: the micro-batch preflight
+    fitted, the rows per step kept on resume, max_steps from train.epochs."""
     return {
         "steps": run.t.max_steps,
         "resumed_from": run.first_step,
@@ -604,4 +606,5 @@ def summary(run: Run, last: dict[str, Any]) -> dict[str, Any]:
         "trainable_params": sum(p.numel() for p in run.params),
         "world_size": run.ranks.world_size,
         "compiled": run.compiling.compiled,
+        "config": run.t.model_dump(mode="json"),
     }
