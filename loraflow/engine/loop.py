@@ -389,6 +389,7 @@ class Compiling:
 
 
 def start_compiling(model: PeftModel, t: TrainConfig, packed: bool, device: str) -> Compiling:
+    """compile=true compiles now; compile=auto times its first steps eagerly on a GPU."""
     compiled = t.compile is True
     decoder = compiled_decoder(model, t, packed) if compiled else model.get_base_model().model
     return Compiling(decoder, compiled, graphs_compiled() if compiled else None,
@@ -398,7 +399,8 @@ def start_compiling(model: PeftModel, t: TrainConfig, packed: bool, device: str)
 def compile_after_step(run: Run, seconds: float, steps_left: int) -> dict[str, Any]:
     """After each step, the record's compile fields: the graphs the first compiled step made
     (none: an eager fallback, said), and compile=auto's decision once its steps are timed."""
-    state, fields = run.compiling, {}
+    state = run.compiling
+    fields: dict[str, Any] = {}
     state.step_seconds.append(seconds)
     if state.graphs_before is not None:  # the first compiled step is done
         fields["compile_graphs"] = compile_took(state.graphs_before, run.ranks)
