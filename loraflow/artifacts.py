@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from loraflow.config import TrainConfig
 from loraflow.data.prompts import PromptTemplate
 from loraflow.data.tokenization import TokenizeReport
 
@@ -46,6 +47,7 @@ class Adapter(ArtifactRef):
     """A trained LoRA adapter with its lineage manifest (artifact adapter/)."""
 
     result: dict[str, float]  # the engine's result.json: steps, losses, tokens, seconds
+    trained: TrainConfig  # the config the engine trained with (result.json's `config`)
 
 
 class Evaluation(ArtifactRef):

@@ -112,6 +112,9 @@ def train_adapter(
                     (lambda: share_checkpoint(run_dir, run_id)) if share_checkpoints else None)
     if result is None:  # a machine without rank 0: the adapter is on rank 0's machine
         return None
+    # What the engine trained with (preflight's micro-batch, epochs as steps, ...); the run
+    # directory stays keyed on the config asked for, so a rerun finds this run again.
+    trained = TrainConfig.model_validate(result.pop("config"))
     log_params(run_id, {f"{prefix}run_dir": run_dir})  # rank 0's machine (a failure names it)
 
     adapter_dir = run_dir / "adapter"
@@ -121,7 +124,7 @@ def train_adapter(
         base.name,
         base.sha256,
         lora=lora.model_dump(),
-        train=train.model_dump(),
+        train=trained.model_dump(),
         data_sha256=tokens.data_sha256,
         template=tokens.template.model_dump(),
         chat_template=load_tokenizer(base.path).chat_template,
@@ -131,7 +134,7 @@ def train_adapter(
     (adapter_dir / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True))
     uri = log_dir(run_id, adapter_dir, "adapter")
     log_metrics(run_id, {f"{prefix}{k}": v for k, v in result.items()})
-    return Adapter(uri=uri, sha256=sha256_tree(adapter_dir), result=result)
+    return Adapter(uri=uri, sha256=sha256_tree(adapter_dir), result=result, trained=trained)
 
 
 SHARED_CHECKPOINTS = "train/checkpoints"  # in the MLflow run: step-N/ and latest.json

@@ -156,6 +156,7 @@ def pipeline_refs(tiny_model_dir) -> dict:
     """The references the pipeline hands its gpu-pool deployments, as they would come."""
     from loraflow.artifacts import Adapter, Champion, HeldoutSplit, TokenizedData
     from loraflow.base_model import BaseModelRef
+    from loraflow.config import TrainConfig
     from loraflow.data.prompts import PromptTemplate
     from loraflow.data.tokenization import TokenizeReport, TokenizeSettings
 
@@ -169,7 +170,7 @@ def pipeline_refs(tiny_model_dir) -> dict:
         ),
         "base": BaseModelRef(name="tiny", path=tiny_model_dir, sha256="1" * 64,
                              source=str(tiny_model_dir)),
-        "adapter": Adapter(uri="file:///a", sha256="4" * 64, result={}),
+        "adapter": Adapter(uri="file:///a", sha256="4" * 64, result={}, trained=TrainConfig()),
         "test": HeldoutSplit(uri="file:///d", sha256="5" * 64),
         "champion": Champion(uri="file:///c", sha256="6" * 64, version="1"),
         "template": PromptTemplate(),

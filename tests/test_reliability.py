@@ -107,7 +107,7 @@ def release_flow(servers, tiny_model_dir: Path, tmp_path: Path, name: str, middl
     adapter_ref)` runs between logging the adapter and the tasks that load it."""
     from prefect import flow
 
-    from loraflow.config import PipelineConfig
+    from loraflow.config import PipelineConfig, TrainConfig
     from loraflow.hashing import sha256_tree
     from tasks.model import merge_adapter, prepare_base_model
     from tasks.release import register_model
@@ -130,7 +130,8 @@ def release_flow(servers, tiny_model_dir: Path, tmp_path: Path, name: str, middl
         with pipeline_run(cfg) as run_id:
             base = prepare_base_model(str(tiny_model_dir))
             adapter = Adapter(uri=log_dir(run_id, adapter_dir, "adapter"),
-                              sha256=sha256_tree(adapter_dir), result={})
+                              sha256=sha256_tree(adapter_dir), result={},
+                              trained=TrainConfig())
             middle(run_id, adapter)
             model, _ = merge_adapter(base=base, adapter=adapter, test=test,
                                      template=PromptTemplate(kind="chat"), eval_cfg=cfg.eval,

@@ -132,7 +132,7 @@ def release_with_restart(servers, tiny_model_dir: Path, tmp_path: Path, name: st
     from prefect import flow
 
     from loraflow.artifacts import Adapter, HeldoutSplit
-    from loraflow.config import PipelineConfig
+    from loraflow.config import PipelineConfig, TrainConfig
     from loraflow.data.prompts import PromptTemplate
     from loraflow.hashing import sha256_tree
     from tasks.model import merge_adapter, prepare_base_model
@@ -160,7 +160,8 @@ def release_with_restart(servers, tiny_model_dir: Path, tmp_path: Path, name: st
         with pipeline_run(cfg) as run_id:
             base = prepare_base_model(str(tiny_model_dir))
             adapter = Adapter(uri=log_dir(run_id, adapter_dir, "adapter"),
-                              sha256=sha256_tree(adapter_dir), result={})
+                              sha256=sha256_tree(adapter_dir), result={},
+                              trained=TrainConfig())
             test = HeldoutSplit(uri=log_dir(run_id, heldout, "data"),
                                 sha256=sha256_tree(heldout))
             model, _ = merge_adapter(base, adapter, test, PromptTemplate(), cfg.eval, cfg.merge,

@@ -194,6 +194,33 @@ def test_checkpoints_are_on_by_default_and_a_run_killed_by_process_group_resumes
     assert losses(cut) == pytest.approx(losses(whole), rel=1e-4)
 
 
+def test_result_json_reports_the_config_the_engine_trained_with(
+    tmp_path, tiny_model_dir, tokenized
+):
+    """The engine adjusts the TrainConfig it is given (train.epochs becomes max_steps; a resume
+    keeps the checkpoint's rows per step; on a GPU preflight fits the micro-batch): result.json's
+    `config` is the one it trained with, every other field as asked."""
+    from loraflow.engine.run import train
+
+    def run(name, **settings):
+        out, command = engine_run(tmp_path, tiny_model_dir, tokenized, name, **settings)
+        asked = EngineConfig.model_validate_json(Path(command[-1]).read_text())
+        train(asked)
+        trained = json.loads((out / "result.json").read_text())["config"]
+        return asked.train, TrainConfig.model_validate(trained), losses(out)
+
+    asked, trained, curve = run("epochs", epochs=1, grad_accum_steps=2)
+    assert trained.max_steps == len(curve) != asked.max_steps
+    assert trained == asked.model_copy(update={"max_steps": len(curve)})
+
+    asked, trained, _ = run("resumed", max_steps=2, grad_accum_steps=2, checkpoint_every=2)
+    assert trained == asked
+    # the same run directory asked for 4 rows a step: the checkpoint trained 8, so 8 it stays
+    asked, trained, _ = run("resumed", max_steps=4, grad_accum_steps=1, checkpoint_every=2)
+    assert (asked.grad_accum_steps, trained.grad_accum_steps) == (1, 2)
+    assert trained == asked.model_copy(update={"grad_accum_steps": 2})
+
+
 def test_the_time_rule_waits_for_the_interval_and_skips_the_last_step():
     from loraflow.engine.checkpoints import checkpoint_due
 

@@ -20,13 +20,14 @@ import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 HEARTBEAT_PREFIX = "loraflow/heartbeat"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,17 @@ def share_checkpoint(path: Path | None, ranks: Ranks) -> Path | None:
         target.write_bytes(body[offset : offset + size])
         offset += size
     return local
+
+
+def rank_share(items: list[T], ranks: Ranks, size: int = 1) -> list[tuple[list[T], bool]]:
+    """This rank's share of items run through the model in passes (validation): every
+    world_size-th item, in chunks of up to `size`, as (chunk, counted). Every rank makes as many
+    passes as rank 0, which has the most: under FSDP each forward gathers weights from all
+    ranks, so a rank short of a chunk runs a spare one (items[0]) that it does not count."""
+    mine = items[ranks.rank :: ranks.world_size]
+    most = len(items[:: ranks.world_size])
+    return [(mine[start : start + size], True) if start < len(mine) else ([items[0]], False)
+            for start in range(0, most, size)]
 
 
 def broadcast_bytes(data: bytes, ranks: Ranks) -> bytes:

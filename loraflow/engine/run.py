@@ -1,5 +1,6 @@
 """One training run, set up then fitted: the ranks, the data, the model (preflight on a GPU),
-fit(), and the adapter saved atomically with result.json.
+fit(), and the adapter saved atomically with result.json (fit's numbers and `config`, the
+TrainConfig as trained).
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,7 +31,7 @@ from loraflow.engine.model import (
 from loraflow.engine.preflight import check_device, fit_micro_batch
 
 
-def train(cfg: EngineConfig) -> dict[str, float]:
+def train(cfg: EngineConfig) -> dict[str, Any]:
     """Set up model and data, run fit(), save the adapter (also written: result.json)."""
     t = cfg.train
     out = Path(cfg.output_dir)
@@ -49,7 +51,7 @@ def train(cfg: EngineConfig) -> dict[str, float]:
 
 def train_ranks(
     cfg: EngineConfig, t: TrainConfig, out: Path, device: str, ranks: Ranks
-) -> dict[str, float]:
+) -> dict[str, Any]:
     dtype = pick_precision(t, device)
     packed = t.batching == "packed" or (t.batching == "auto" and device == "cuda")
     attn_impl = "flex_attention" if packed and device == "cuda" else "sdpa"
