@@ -106,7 +106,7 @@ def test_batched_generation_returns_each_answer_in_prompt_order(chatty_model_dir
     assert len(set(one_by_one)) == len(prompts)  # distinct answers, so order is visible
     assert generate(model, tokenizer, CHAT, prompts, decoding, batch_size=3) == one_by_one
     beams = generate(model, tokenizer, CHAT, prompts[:2], decoding.model_copy(
-        update={"decoding": "beam", "num_beams": 3}), batch_size=2)
+        update={"strategy": "beam", "num_beams": 3}), batch_size=2)
     assert len(beams) == 2 and all(isinstance(b, str) for b in beams)
 
 
@@ -143,3 +143,11 @@ def test_a_bad_curated_line_is_reported_with_file_and_line(tmp_path, small_data)
     with pytest.raises(DataError, match="does not exist"):
         load_sets(EvalConfig(sets=[EvalSetConfig(name="c", path=tmp_path / "no.jsonl")]),
                   small_data["test"])
+
+
+def test_decoding_defaults_are_evals_and_the_eval_section_maps_onto_it():
+    """`loraflow generate`, inference and the served model ask as the pipeline's eval does."""
+    assert Decoding.of(EvalConfig()) == Decoding()
+    cfg = EvalConfig(max_new_tokens=7, decoding="beam", num_beams=3, stop=["\n"])
+    assert Decoding.of(cfg) == Decoding(max_new_tokens=7, strategy="beam", num_beams=3,
+                                        stop=["\n"])

@@ -160,7 +160,7 @@ def test_a_stop_string_ends_its_row_and_is_cut_from_the_answer(chatty):
 def test_beam_search_answers_equal_generate_with_beams(chatty):
     model, tokenizer = chatty
     encoded = encode_prompts(tokenizer, CHAT, PROMPTS[:2])
-    decoding = Decoding(max_new_tokens=6, decoding="beam", num_beams=3)
+    decoding = Decoding(max_new_tokens=6, strategy="beam", num_beams=3)
     reference = [plain_generate(model, tokenizer, e, 6, num_beams=3) for e in encoded]
     assert generate_ids(model, tokenizer, encoded, decoding, 1) == reference
 

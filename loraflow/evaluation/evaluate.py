@@ -95,15 +95,6 @@ def load_sets(cfg: EvalConfig, heldout: Path) -> list[EvalSet]:
     return sets
 
 
-def decoding_of(cfg: EvalConfig) -> Decoding:
-    return Decoding(
-        max_new_tokens=cfg.max_new_tokens,
-        decoding=cfg.decoding,
-        num_beams=cfg.num_beams,
-        stop=cfg.stop,
-    )
-
-
 def evaluation_device() -> tuple[Any, str]:
     """bfloat16 on a GPU that has it (what training computes in; half the bytes a decode step
     reads), else float32: (dtype, device), the choice of base_model.inference_dtype."""
@@ -118,7 +109,7 @@ def batch_size_of(
     if cfg.batch_size != "auto":
         return cfg.batch_size
     longest = max(len(ids) for ids in encode_prompts(tokenizer, template, prompts))
-    return auto_batch_size(model, longest, decoding_of(cfg), len(prompts))
+    return auto_batch_size(model, longest, Decoding.of(cfg), len(prompts))
 
 
 def vllm_answers(
@@ -137,7 +128,7 @@ def vllm_answers(
         for s in sets
     }
     return vllm_backend.generate_sets(
-        model.path, model.adapter, tokenizer, template, prompts, decoding_of(cfg)
+        model.path, model.adapter, tokenizer, template, prompts, Decoding.of(cfg)
     )
 
 
@@ -194,7 +185,7 @@ def evaluate_loaded(
                 template,
                 prompts,
                 [e.output for e in examples],
-                decoding_of(cfg),
+                Decoding.of(cfg),
                 batch_size,
                 desc=f"{label} answers + loss {name}",
             )
@@ -204,7 +195,7 @@ def evaluate_loaded(
                 tokenizer,
                 template,
                 prompts,
-                decoding_of(cfg),
+                Decoding.of(cfg),
                 batch_size,
                 desc=f"{label} answers {name}",
             )

@@ -34,6 +34,7 @@ from pydantic import BaseModel
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 if TYPE_CHECKING:
+    from loraflow.config import EvalConfig
     from loraflow.data.prompts import PromptTemplate
 
 BatchSize = int | Literal["auto"]
@@ -54,15 +55,27 @@ class Prompt(BaseModel):
 
 
 class Decoding(BaseModel):
-    """How answers are decoded; every field is part of an evaluation's cache key."""
+    """How answers are decoded; every field is part of an evaluation's cache key. The defaults
+    are eval's (EvalConfig's): `loraflow generate`, inference and the served model take them
+    from here, the pipeline from its config (Decoding.of)."""
 
     max_new_tokens: int = 96
-    decoding: Literal["greedy", "beam"] = "greedy"
+    strategy: Literal["greedy", "beam"] = "greedy"  # the config's eval.decoding
     num_beams: int = 4
     stop: list[str] = []
     # Tokens generated before EOS may end an answer (benchmarks on random weights force the
     # full length with min_new_tokens=max_new_tokens); 0: EOS may come first.
     min_new_tokens: int = 0
+
+    @classmethod
+    def of(cls, cfg: EvalConfig) -> Decoding:
+        """The decoding the eval section configures."""
+        return cls(
+            max_new_tokens=cfg.max_new_tokens,
+            strategy=cfg.decoding,
+            num_beams=cfg.num_beams,
+            stop=cfg.stop,
+        )
 
 
 def generation_config(decoding: Decoding, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
@@ -72,7 +85,7 @@ def generation_config(decoding: Decoding, tokenizer: PreTrainedTokenizerBase) ->
         max_new_tokens=decoding.max_new_tokens,
         min_new_tokens=decoding.min_new_tokens or None,
         do_sample=False,
-        num_beams=decoding.num_beams if decoding.decoding == "beam" else 1,
+        num_beams=decoding.num_beams if decoding.strategy == "beam" else 1,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         stop_strings=decoding.stop or None,
@@ -122,7 +135,7 @@ def auto_batch_size(
         free, _ = torch.cuda.mem_get_info(device)
         config = model.config.get_text_config()
         itemsize = torch.tensor([], dtype=model.dtype).element_size()
-        rows = decoding.num_beams if decoding.decoding == "beam" else 1
+        rows = decoding.num_beams if decoding.strategy == "beam" else 1
         context = longest_prompt + decoding.max_new_tokens
         cache = kv_bytes_per_token(model) * context
         # prefill: a few hidden-size and MLP-size activations per prompt token, and fp32 logits
@@ -194,7 +207,7 @@ def _generate(
     compiled = device.type == "cuda" if compiled is None else compiled
     cache_len = max(len(e) for e in encoded) + decoding.max_new_tokens  # one for every batch
     out: dict[int, list[int]] = {}
-    fused = targets is not None and decoding.decoding == "greedy" and not compiled
+    fused = targets is not None and decoding.strategy == "greedy" and not compiled
     losses: dict[int, tuple[float, int]] = {}
     for rows in length_batches(encoded, size):
         batch = [encoded[i] for i in rows]
@@ -203,7 +216,7 @@ def _generate(
                 model, tokenizer, batch, decoding, device, [targets[i] for i in rows]
             )
             losses |= dict(zip(rows, found, strict=True))
-        elif decoding.decoding == "beam":
+        elif decoding.strategy == "beam":
             new = _hf_generate(model, tokenizer, batch, decoding, device)
         elif compiled:
             filler = [batch[-1]] * (size - len(batch))  # one shape for every batch: one compile

@@ -76,7 +76,7 @@ def generate_sets(
 
 def _answers(llm: Any, lora: Any, encoded: list[list[int]], decoding: Decoding) -> list[str]:
     inputs = [{"prompt_token_ids": ids} for ids in encoded]
-    if decoding.decoding == "beam":
+    if decoding.strategy == "beam":
         from vllm.sampling_params import BeamSearchParams
 
         params = BeamSearchParams(beam_width=decoding.num_beams, max_tokens=decoding.max_new_tokens)
