@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         Decoding,
         Prompt,
         _until_eos,
+        batch_size_for,
         encode_prompts,
         generate_ids,
         generation_config,
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.dtypes.split(","):
         model = load_model(base.path, getattr(torch, name), device)
         start = time.perf_counter()
-        ours = generate_ids(model, tokenizer, encoded, decoding, "auto")  # compiled on CUDA
+        size = batch_size_for("auto", model, encoded, decoding)
+        ours = generate_ids(model, tokenizer, encoded, decoding, size).ids  # compiled on CUDA
         ours_s = time.perf_counter() - start
         config = generation_config(decoding, tokenizer)
         start, plain = time.perf_counter(), []

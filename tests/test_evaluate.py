@@ -20,7 +20,14 @@ from loraflow.evaluation.evaluate import (
     read_result,
     write_result,
 )
-from loraflow.evaluation.generation import Decoding, Prompt, answer_losses, generate
+from loraflow.evaluation.generation import (
+    Decoding,
+    Prompt,
+    answer_losses,
+    encode_answers,
+    encode_prompts,
+    generate,
+)
 
 CHAT, ALPACA = PromptTemplate(kind="chat"), PromptTemplate(kind="alpaca")
 
@@ -124,7 +131,8 @@ def test_a_stop_string_ends_the_answer_before_it(chatty_model_dir):
 def test_held_out_loss_is_the_models_own_loss_on_the_answer_tokens(tiny_model_dir):
     tokenizer, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
     prompt, answer = Prompt(instruction="Name a colour", input=""), "blue"
-    [(nll, n)] = answer_losses(model, tokenizer, CHAT, [(prompt, answer)], batch_size=1)
+    [(nll, n)] = answer_losses(model, tokenizer, encode_prompts(tokenizer, CHAT, [prompt]),
+                               encode_answers(tokenizer, [answer]), batch_size=1)
     ids = encode_prompt(tokenizer, CHAT, render_prompt(tokenizer, CHAT, prompt.instruction, ""))
     target = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     labels = [-100] * len(ids) + target
