@@ -157,7 +157,7 @@ def run_gpu(args: argparse.Namespace) -> dict:
 
     from loraflow.evaluation.generation import (
         Decoding,
-        auto_batch_size,
+        batch_size_for,
         generate_ids,
         kv_bytes_per_token,
         length_batches,
@@ -210,11 +210,7 @@ def run_gpu(args: argparse.Namespace) -> dict:
             rows.append({"contender": name, "skipped": "over --budget-s"})
             print(f"{name}: skipped (over the time budget)", flush=True)
             return
-        size = (
-            auto_batch_size(model, max(map(len, encoded)), decoding, len(encoded))
-            if batch_size == "auto"
-            else batch_size
-        )
+        size = batch_size_for(batch_size, model, encoded, decoding)
         # First call: compiles the decode step for this batch shape; the longest prompt makes
         # the static cache as long as the timed call needs (so it is not re-allocated).
         longest = max(encoded, key=len)
@@ -222,9 +218,10 @@ def run_gpu(args: argparse.Namespace) -> dict:
         padded = [longest + [3] * (NEW_TOKENS - 8)] * size
         compiled = True  # the GPU's default; on CPU (--smoke) the same static-cache code path
         _, first, _ = timed(lambda: generate_ids(model, tokenizer, padded, warm, size, compiled))
-        new, seconds, peak = timed(
+        generated, seconds, peak = timed(
             lambda: generate_ids(model, tokenizer, encoded, decoding, size, compiled)
         )
+        new = generated.ids
         outputs[name] = new
         assert all(len(n) == NEW_TOKENS for n in new), "an answer stopped early"
         batches = [[len(encoded[i]) for i in b] for b in length_batches(encoded, size)]

@@ -10,8 +10,9 @@ template and decoding). On a GPU loraflow's path is the compiled static KV cache
 
 Prints, per dtype, how many answers are token-for-token identical, and where the others first
 differ; and, as a yardstick, how many of plain `model.generate`'s answers on all the prompts in
-one left-padded batch equal its answers one prompt at a time (what batching alone changes); writes JSON with every differing pair. tests/test_generation.py checks identity on the
-tiny model; this is the same comparison on the model the pipeline ships.
+one left-padded batch equal its answers one prompt at a time (what batching alone changes);
+writes JSON with every differing pair. tests/test_generation.py checks identity on the tiny
+model; this is the same comparison on the model the pipeline ships.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def differences(tokenizer, ours: list[list[int]], theirs: list[list[int]]) -> li
     found = []
     for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
         if a != b:
-            at = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            pairs = enumerate(zip(a, b, strict=False))  # answers of different lengths
+            at = next((k for k, (x, y) in pairs if x != y), min(len(a), len(b)))
             found.append({"prompt": i, "first_difference_at": at, "ours_tokens": len(a),
                           "plain_tokens": len(b), "ours": tokenizer.decode(a),
                           "plain": tokenizer.decode(b)})
@@ -54,10 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     from loraflow.base_model import load_model, load_tokenizer, resolve_base_model
     from loraflow.config import load_config
     from loraflow.data.prompts import prompt_template
-    from loraflow.evaluation.evaluate import decoding_of, read_test_set
+    from loraflow.evaluation.evaluate import read_test_set
     from loraflow.evaluation.generation import (
+        Decoding,
         Prompt,
         _until_eos,
+        batch_size_for,
         encode_prompts,
         generate_ids,
         generation_config,
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     examples = read_test_set(ROOT / cfg.data.test[0])[: args.prompts]
     prompts = [Prompt(instruction=e.instruction, input=e.input) for e in examples]
     encoded = encode_prompts(tokenizer, template, prompts)
-    decoding = decoding_of(cfg.eval)
+    decoding = Decoding.of(cfg.eval)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                     "torch": torch.__version__, "base_sha256": base.sha256,
@@ -80,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.dtypes.split(","):
         model = load_model(base.path, getattr(torch, name), device)
         start = time.perf_counter()
-        ours = generate_ids(model, tokenizer, encoded, decoding, "auto")  # compiled on CUDA
+        size = batch_size_for("auto", model, encoded, decoding)
+        ours = generate_ids(model, tokenizer, encoded, decoding, size).ids  # compiled on CUDA
         ours_s = time.perf_counter() - start
         config = generation_config(decoding, tokenizer)
         start, plain = time.perf_counter(), []

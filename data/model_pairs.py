@@ -39,8 +39,7 @@ def main() -> None:
     from loraflow.base_model import load_model, load_tokenizer
     from loraflow.config import load_config
     from loraflow.data.prompts import prompt_template
-    from loraflow.evaluation.evaluate import decoding_of
-    from loraflow.evaluation.generation import Prompt, generate
+    from loraflow.evaluation.generation import Decoding, Prompt, generate
 
     cfg = load_config(HERE.parent / "configs" / "preference.yaml", [])
     template = prompt_template(cfg.data.template, cfg.data.jinja_template)
@@ -52,7 +51,7 @@ def main() -> None:
         batch = unseen(make_example, rng, 64, seen)
         answers = generate(model, tokenizer, template,
                            [Prompt(instruction=e["instruction"], input=e["input"]) for e in batch],
-                           decoding_of(cfg.eval), desc="answer")
+                           Decoding.of(cfg.eval), desc="answer")
         asked += len(batch)
         pairs += [{"instruction": e["instruction"], "input": e["input"], "chosen": e["output"],
                    "rejected": answer} for e, answer in zip(batch, answers, strict=True)

@@ -20,7 +20,14 @@ from loraflow.evaluation.evaluate import (
     read_result,
     write_result,
 )
-from loraflow.evaluation.generation import Decoding, Prompt, answer_losses, generate
+from loraflow.evaluation.generation import (
+    Decoding,
+    Prompt,
+    answer_losses,
+    encode_answers,
+    encode_prompts,
+    generate,
+)
 
 CHAT, ALPACA = PromptTemplate(kind="chat"), PromptTemplate(kind="alpaca")
 
@@ -106,7 +113,7 @@ def test_batched_generation_returns_each_answer_in_prompt_order(chatty_model_dir
     assert len(set(one_by_one)) == len(prompts)  # distinct answers, so order is visible
     assert generate(model, tokenizer, CHAT, prompts, decoding, batch_size=3) == one_by_one
     beams = generate(model, tokenizer, CHAT, prompts[:2], decoding.model_copy(
-        update={"decoding": "beam", "num_beams": 3}), batch_size=2)
+        update={"strategy": "beam", "num_beams": 3}), batch_size=2)
     assert len(beams) == 2 and all(isinstance(b, str) for b in beams)
 
 
@@ -124,7 +131,8 @@ def test_a_stop_string_ends_the_answer_before_it(chatty_model_dir):
 def test_held_out_loss_is_the_models_own_loss_on_the_answer_tokens(tiny_model_dir):
     tokenizer, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
     prompt, answer = Prompt(instruction="Name a colour", input=""), "blue"
-    [(nll, n)] = answer_losses(model, tokenizer, CHAT, [(prompt, answer)], batch_size=1)
+    [(nll, n)] = answer_losses(model, tokenizer, encode_prompts(tokenizer, CHAT, [prompt]),
+                               encode_answers(tokenizer, [answer]), batch_size=1)
     ids = encode_prompt(tokenizer, CHAT, render_prompt(tokenizer, CHAT, prompt.instruction, ""))
     target = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     labels = [-100] * len(ids) + target
@@ -143,3 +151,11 @@ def test_a_bad_curated_line_is_reported_with_file_and_line(tmp_path, small_data)
     with pytest.raises(DataError, match="does not exist"):
         load_sets(EvalConfig(sets=[EvalSetConfig(name="c", path=tmp_path / "no.jsonl")]),
                   small_data["test"])
+
+
+def test_decoding_defaults_are_evals_and_the_eval_section_maps_onto_it():
+    """`loraflow generate`, inference and the served model ask as the pipeline's eval does."""
+    assert Decoding.of(EvalConfig()) == Decoding()
+    cfg = EvalConfig(max_new_tokens=7, decoding="beam", num_beams=3, stop=["\n"])
+    assert Decoding.of(cfg) == Decoding(max_new_tokens=7, strategy="beam", num_beams=3,
+                                        stop=["\n"])

@@ -15,12 +15,14 @@ from loraflow.evaluation.generation import (
     Prompt,
     _greedy_static,
     answer_losses,
+    answers_of,
     auto_batch_size,
+    batch_size_for,
     common_prefix,
+    encode_answers,
     encode_prompts,
     generate,
     generate_ids,
-    generate_with_losses,
     length_batches,
 )
 
@@ -80,9 +82,9 @@ def test_greedy_answers_equal_plain_generate_on_each_prompt_alone(chatty, compil
     assert len(lengths) > 1 and reference[0][-1] == tokenizer.eos_token_id, lengths
 
     for batch_size in (1, 2, 3, "auto"):
-        got = generate_ids(
-            model, tokenizer, encoded, Decoding(max_new_tokens=12), batch_size, compiled=compiled
-        )
+        decoding = Decoding(max_new_tokens=12)
+        size = batch_size_for(batch_size, model, encoded, decoding)
+        got = generate_ids(model, tokenizer, encoded, decoding, size, compiled=compiled).ids
         assert got == reference, batch_size
 
 
@@ -123,12 +125,15 @@ def test_one_prompt_forward_gives_the_answers_and_the_losses_of_the_separate_pas
     assert common_prefix(encode_prompts(tokenizer, CHAT, PROMPTS)) > 0  # the shared-prefix path
     expected = ["blue", "a longer expected answer of several words", "x", "1 2 3", ""]
     decoding = Decoding(max_new_tokens=6)
-    answers, losses = generate_with_losses(
-        model, tokenizer, CHAT, PROMPTS, expected, decoding, 3, compiled=False
+    encoded, targets = encode_prompts(tokenizer, CHAT, PROMPTS), encode_answers(tokenizer, expected)
+    ids, losses = generate_ids(
+        model, tokenizer, encoded, decoding, 3, compiled=False, targets=targets
     )
-    assert answers == generate(model, tokenizer, CHAT, PROMPTS, decoding, 1)
-    alone = [answer_losses(model, tokenizer, CHAT, [pair], 1)[0]
-             for pair in zip(PROMPTS, expected, strict=True)]  # fmt: skip
+    assert answers_of(tokenizer, ids, decoding) == generate(
+        model, tokenizer, CHAT, PROMPTS, decoding, 1
+    )
+    alone = [answer_losses(model, tokenizer, [prompt], [target], 1)[0]
+             for prompt, target in zip(encoded, targets, strict=True)]  # fmt: skip
     assert [n for _, n in losses] == [n for _, n in alone]
     assert [nll for nll, _ in losses] == pytest.approx([nll for nll, _ in alone], rel=1e-5)
 
@@ -140,7 +145,7 @@ def test_min_new_tokens_holds_eos_back_as_generate_does(chatty):
     reference = [plain_generate(model, tokenizer, e, 8, min_new_tokens=8) for e in encoded]
     assert all(len(r) == 8 for r in reference)
     decoding = Decoding(max_new_tokens=8, min_new_tokens=8)
-    assert generate_ids(model, tokenizer, encoded, decoding, 3) == reference
+    assert generate_ids(model, tokenizer, encoded, decoding, 3).ids == reference
 
 
 def test_a_stop_string_ends_its_row_and_is_cut_from_the_answer(chatty):
@@ -153,16 +158,16 @@ def test_a_stop_string_ends_its_row_and_is_cut_from_the_answer(chatty):
         assert after == (before[: before.find(stop)] if stop in before else before).strip()
     # the stopped row left the batch: its new ids end at the stop string, not at max_new_tokens
     encoded = encode_prompts(tokenizer, ALPACA, PROMPTS)
-    ids = generate_ids(model, tokenizer, encoded, Decoding(max_new_tokens=16, stop=[stop]), 5)
+    ids = generate_ids(model, tokenizer, encoded, Decoding(max_new_tokens=16, stop=[stop]), 5).ids
     assert len(ids[0]) < 16 and stop in tokenizer.decode(ids[0], skip_special_tokens=True)
 
 
 def test_beam_search_answers_equal_generate_with_beams(chatty):
     model, tokenizer = chatty
     encoded = encode_prompts(tokenizer, CHAT, PROMPTS[:2])
-    decoding = Decoding(max_new_tokens=6, decoding="beam", num_beams=3)
+    decoding = Decoding(max_new_tokens=6, strategy="beam", num_beams=3)
     reference = [plain_generate(model, tokenizer, e, 6, num_beams=3) for e in encoded]
-    assert generate_ids(model, tokenizer, encoded, decoding, 1) == reference
+    assert generate_ids(model, tokenizer, encoded, decoding, 1).ids == reference
 
 
 def test_auto_batch_size_on_cpu_is_the_fixed_default_in_even_batches(chatty):

@@ -76,9 +76,9 @@ def test_a_registered_model_loads_by_alias_and_by_version(merged_dir):
 
 
 def test_beam_search_is_an_option(merged_dir):
-    beam = generate_answers(merged_dir, PROMPTS, Decoding(max_new_tokens=8, decoding="beam",
+    beam = generate_answers(merged_dir, PROMPTS, Decoding(max_new_tokens=8, strategy="beam",
                                                           num_beams=3))
-    assert beam == direct(merged_dir, "alpaca", max_new_tokens=8, decoding="beam", num_beams=3)
+    assert beam == direct(merged_dir, "alpaca", max_new_tokens=8, strategy="beam", num_beams=3)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")

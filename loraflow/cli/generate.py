@@ -10,6 +10,7 @@ from pathlib import Path
 
 from loraflow.cli.run import USER_ERRORS
 from loraflow.environment import configure
+from loraflow.evaluation.generation import Decoding, Prompt
 
 
 def add_generate_command(commands: argparse._SubParsersAction) -> None:
@@ -29,9 +30,12 @@ def add_generate_command(commands: argparse._SubParsersAction) -> None:
     )
     gen.add_argument("--input", default="", help="input text that goes with --prompt")
     gen.add_argument("--output", type=Path, help="write JSONL answers here (default: stdout)")
-    gen.add_argument("--max-new-tokens", type=int, default=96)
-    gen.add_argument("--decoding", choices=["greedy", "beam"], default="greedy")
-    gen.add_argument("--num-beams", type=int, default=4, help="beams when --decoding beam")
+    defaults = Decoding()  # eval's defaults
+    gen.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    gen.add_argument("--decoding", choices=["greedy", "beam"], default=defaults.strategy)
+    gen.add_argument(
+        "--num-beams", type=int, default=defaults.num_beams, help="beams when --decoding beam"
+    )
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument(
         "--quantize",
@@ -56,7 +60,6 @@ def add_generate_command(commands: argparse._SubParsersAction) -> None:
 def generate_command(args: argparse.Namespace) -> int:
     """`loraflow generate`: one answer to stdout, or one JSON line per prompt of a file."""
     configure()  # the registry of the embedded default, unless MLFLOW_TRACKING_URI is set
-    from loraflow.evaluation.generation import Decoding, Prompt
     from loraflow.release.inference import InferenceError, generate_answers, read_prompts
 
     try:
@@ -67,7 +70,7 @@ def generate_command(args: argparse.Namespace) -> int:
         )
         decoding = Decoding(
             max_new_tokens=args.max_new_tokens,
-            decoding=args.decoding,
+            strategy=args.decoding,
             num_beams=args.num_beams,
             stop=args.stop,
         )

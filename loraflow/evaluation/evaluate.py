@@ -13,7 +13,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from peft import PeftModel
 from pydantic import BaseModel
@@ -29,13 +29,16 @@ from loraflow.config import LOWER_IS_BETTER, EvalConfig, EvalSetConfig
 from loraflow.data.prompts import PromptTemplate
 from loraflow.data.records import DataError, read_records
 from loraflow.evaluation.generation import (
+    BatchSize,
     Decoding,
     Prompt,
     answer_losses,
-    auto_batch_size,
+    answers_of,
+    batch_size_for,
+    encode_answers,
     encode_prompts,
-    generate,
-    generate_with_losses,
+    generate_ids,
+    progress_bar,
 )
 from loraflow.evaluation.metrics import Scorer, summarise
 
@@ -95,15 +98,6 @@ def load_sets(cfg: EvalConfig, heldout: Path) -> list[EvalSet]:
     return sets
 
 
-def decoding_of(cfg: EvalConfig) -> Decoding:
-    return Decoding(
-        max_new_tokens=cfg.max_new_tokens,
-        decoding=cfg.decoding,
-        num_beams=cfg.num_beams,
-        stop=cfg.stop,
-    )
-
-
 def evaluation_device() -> tuple[Any, str]:
     """bfloat16 on a GPU that has it (what training computes in; half the bytes a decode step
     reads), else float32: (dtype, device), the choice of base_model.inference_dtype."""
@@ -111,34 +105,37 @@ def evaluation_device() -> tuple[Any, str]:
     return inference_dtype(device), device
 
 
-def batch_size_of(
-    cfg: EvalConfig, model: Any, tokenizer: Any, template: PromptTemplate, prompts: list[Prompt]
-) -> int:
-    """eval.batch_size, or for auto the size the generation path picks for these prompts."""
-    if cfg.batch_size != "auto":
-        return cfg.batch_size
-    longest = max(len(ids) for ids in encode_prompts(tokenizer, template, prompts))
-    return auto_batch_size(model, longest, decoding_of(cfg), len(prompts))
+class SetTokens(NamedTuple):
+    """A test set as token ids, tokenized once for generation, the batch size and the loss."""
+
+    prompts: list[list[int]]
+    answers: list[list[int]] | None  # the expected answers + EOS where the set scores loss
+
+
+def encode_sets(
+    tokenizer: Any, template: PromptTemplate, sets: list[EvalSet]
+) -> dict[str, SetTokens]:
+    """Every set's prompts and, where it scores loss, its expected answers as token ids."""
+    tokens = {}
+    for s in sets:
+        prompts = [Prompt(instruction=e.instruction, input=e.input) for e in s.examples]
+        expected = [e.output for e in s.examples]
+        tokens[s.cfg.name] = SetTokens(
+            prompts=encode_prompts(tokenizer, template, prompts),
+            answers=encode_answers(tokenizer, expected) if "loss" in s.cfg.metrics else None,
+        )
+    return tokens
 
 
 def vllm_answers(
-    model: ModelSource,
-    sets: list[EvalSet],
-    template: PromptTemplate,
-    cfg: EvalConfig,
-    tokenizer: Any,
+    model: ModelSource, tokens: dict[str, SetTokens], cfg: EvalConfig
 ) -> dict[str, list[str]]:
     """Every set's answers from vLLM (eval.backend=vllm), before transformers loads the model
     for the loss, so the two never hold GPU memory at once."""
     from loraflow.evaluation import vllm_backend
 
-    prompts = {
-        s.cfg.name: [Prompt(instruction=e.instruction, input=e.input) for e in s.examples]
-        for s in sets
-    }
-    return vllm_backend.generate_sets(
-        model.path, model.adapter, tokenizer, template, prompts, decoding_of(cfg)
-    )
+    prompts = {name: t.prompts for name, t in tokens.items()}
+    return vllm_backend.generate_sets(model.path, model.adapter, prompts, Decoding.of(cfg))
 
 
 def evaluate(
@@ -152,14 +149,14 @@ def evaluate(
     start = time.perf_counter()
     scorers = {s.cfg.name: Scorer(s.cfg) for s in sets}  # a broken metric fails before loading
     tokenizer = load_tokenizer(model.path)
-    answers_by_set = (
-        vllm_answers(model, sets, template, cfg, tokenizer) if cfg.backend == "vllm" else None
-    )
+    tokens = encode_sets(tokenizer, template, sets)
+    answers_by_set = vllm_answers(model, tokens, cfg) if cfg.backend == "vllm" else {}
     loaded = load_model(model.path, *evaluation_device())
     if model.adapter is not None:
         loaded = PeftModel.from_pretrained(loaded, model.adapter)
-    result = evaluate_loaded(loaded, tokenizer, sets, template, cfg, label, scorers,
-                             answers_by_set)
+    result = answer_and_score(
+        loaded, tokenizer, sets, tokens, cfg, label, scorers=scorers, answers_by_set=answers_by_set
+    )
     return result.model_copy(update={"seconds": time.perf_counter() - start})
 
 
@@ -170,74 +167,42 @@ def evaluate_loaded(
     template: PromptTemplate,
     cfg: EvalConfig,
     label: str = "model",
-    scorers: dict[str, Scorer] | None = None,
-    answers_by_set: dict[str, list[str]] | None = None,
 ) -> EvalResult:
     """Answer and score every test set with a model already loaded (merge evaluates the model
-    it just merged, without loading it again); answers_by_set: vLLM's, already generated."""
+    it just merged, without loading it again)."""
     start = time.perf_counter()
-    scorers = scorers or {s.cfg.name: Scorer(s.cfg) for s in sets}
+    scorers = {s.cfg.name: Scorer(s.cfg) for s in sets}
+    tokens = encode_sets(tokenizer, template, sets)
+    result = answer_and_score(
+        loaded, tokenizer, sets, tokens, cfg, label, scorers=scorers, answers_by_set={}
+    )
+    return result.model_copy(update={"seconds": time.perf_counter() - start})
+
+
+def answer_and_score(
+    loaded: Any,
+    tokenizer: Any,
+    sets: list[EvalSet],
+    tokens: dict[str, SetTokens],
+    cfg: EvalConfig,
+    label: str,
+    *,
+    scorers: dict[str, Scorer],
+    answers_by_set: dict[str, list[str]],
+) -> EvalResult:
+    """Every set answered (by generation, unless answers_by_set holds vLLM's) and scored; the
+    result's seconds are the caller's to set."""
+    decoding = Decoding.of(cfg)
     per_set: dict[str, dict[str, float]] = {}
     rows_per_set: dict[str, list[dict[str, Any]]] = {}
     for test_set in sets:
-        name, examples = test_set.cfg.name, test_set.examples
-        prompts = [Prompt(instruction=e.instruction, input=e.input) for e in examples]
-        batch_size = batch_size_of(cfg, loaded, tokenizer, template, prompts)
-        wants_loss = "loss" in test_set.cfg.metrics
-        losses: list[tuple[float, int]] = []
-        if answers_by_set is not None:
-            answers = answers_by_set[name]
-        elif wants_loss:  # on CPU one prompt forward serves the answers and the loss
-            answers, losses = generate_with_losses(
-                loaded,
-                tokenizer,
-                template,
-                prompts,
-                [e.output for e in examples],
-                decoding_of(cfg),
-                batch_size,
-                desc=f"{label} answers + loss {name}",
-            )
-        else:
-            answers = generate(
-                loaded,
-                tokenizer,
-                template,
-                prompts,
-                decoding_of(cfg),
-                batch_size,
-                desc=f"{label} answers {name}",
-            )
-        scores = [
-            scorers[name].score(a, e.output, tuple(e.keywords), e.regex)
-            for a, e in zip(answers, examples, strict=True)
-        ]
-        summary = summarise(scores)
-        if wants_loss:
-            losses = losses or answer_losses(
-                loaded,
-                tokenizer,
-                template,
-                [(p, e.output) for p, e in zip(prompts, examples, strict=True)],
-                batch_size,
-                desc=f"{label} loss {name}",
-            )
-            for row, (nll, n) in zip(scores, losses, strict=True):
-                row["loss"] = nll / n
-            summary["loss"] = sum(nll for nll, _ in losses) / sum(n for _, n in losses)
-            summary["perplexity"] = math.exp(min(summary["loss"], 50.0))
-        summary["examples"] = float(len(examples))
-        per_set[name] = summary
-        rows_per_set[name] = [
-            {
-                "instruction": e.instruction,
-                "input": e.input,
-                "expected": e.output,
-                "answer": a,
-                "scores": s,
-            }
-            for e, a, s in zip(examples, answers, scores, strict=True)
-        ]
+        name, encoded = test_set.cfg.name, tokens[test_set.cfg.name]
+        what = "answers + loss" if encoded.answers is not None else "answers"
+        answers, losses = answer_set(
+            loaded, tokenizer, encoded, decoding, cfg.batch_size,
+            desc=f"{label} {what} {name}", answers=answers_by_set.get(name),
+        )  # fmt: skip
+        per_set[name], rows_per_set[name] = score_set(test_set, scorers[name], answers, losses)
     metrics = flat_metrics(per_set, sets[0].cfg.name)
     failed = check_thresholds(metrics, cfg.thresholds)
     if cfg.thresholds:
@@ -248,10 +213,61 @@ def evaluate_loaded(
         sets=per_set,
         examples=rows_per_set,
         failed_thresholds=failed,
-        seconds=time.perf_counter() - start,
         dtype=dtype_name(next(loaded.parameters()).dtype),
         device=str(next(loaded.parameters()).device.type),
     )
+
+
+def answer_set(
+    loaded: Any,
+    tokenizer: Any,
+    tokens: SetTokens,
+    decoding: Decoding,
+    batch_size: BatchSize,
+    desc: str,
+    answers: list[str] | None,
+) -> tuple[list[str], list[tuple[float, int]] | None]:
+    """The set's answers (`answers`: vLLM's, else generated here) and, where the set scores
+    loss, each expected answer's (summed NLL, tokens); in batches of eval.batch_size, auto
+    sized here, where the model and the prompts are known."""
+    size = batch_size_for(batch_size, loaded, tokens.prompts, decoding)
+    if answers is not None:
+        if tokens.answers is None:
+            return answers, None
+        return answers, answer_losses(loaded, tokenizer, tokens.prompts, tokens.answers, size)
+    with progress_bar(len(tokens.prompts), desc) as update:
+        ids, losses = generate_ids(
+            loaded, tokenizer, tokens.prompts, decoding, size, progress=update,
+            targets=tokens.answers,
+        )  # fmt: skip
+    return answers_of(tokenizer, ids, decoding), losses
+
+
+def score_set(
+    test_set: EvalSet,
+    scorer: Scorer,
+    answers: list[str],
+    losses: list[tuple[float, int]] | None,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """The set's summary metrics and its rows (prompt, expected, answer, scores)."""
+    examples = test_set.examples
+    scores = [
+        scorer.score(a, e.output, tuple(e.keywords), e.regex)
+        for a, e in zip(answers, examples, strict=True)
+    ]
+    summary = summarise(scores)  # before the rows' loss: the set's is per token, not per row
+    if losses is not None:
+        for row, (nll, n) in zip(scores, losses, strict=True):
+            row["loss"] = nll / n
+        summary["loss"] = sum(nll for nll, _ in losses) / sum(n for _, n in losses)
+        summary["perplexity"] = math.exp(min(summary["loss"], 50.0))
+    summary["examples"] = float(len(examples))
+    rows = [
+        {"instruction": e.instruction, "input": e.input, "expected": e.output, "answer": a,
+         "scores": s}
+        for e, a, s in zip(examples, answers, scores, strict=True)
+    ]  # fmt: skip
+    return summary, rows
 
 
 def evaluate_models(

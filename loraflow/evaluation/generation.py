@@ -27,13 +27,15 @@ benchmarks/eval_bench.py runs it on a GPU machine that has no more.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Literal
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 if TYPE_CHECKING:
+    from loraflow.config import EvalConfig
     from loraflow.data.prompts import PromptTemplate
 
 BatchSize = int | Literal["auto"]
@@ -54,15 +56,27 @@ class Prompt(BaseModel):
 
 
 class Decoding(BaseModel):
-    """How answers are decoded; every field is part of an evaluation's cache key."""
+    """How answers are decoded; every field is part of an evaluation's cache key. The defaults
+    are eval's (EvalConfig's): `loraflow generate`, inference and the served model take them
+    from here, the pipeline from its config (Decoding.of)."""
 
     max_new_tokens: int = 96
-    decoding: Literal["greedy", "beam"] = "greedy"
+    strategy: Literal["greedy", "beam"] = "greedy"  # the config's eval.decoding
     num_beams: int = 4
     stop: list[str] = []
     # Tokens generated before EOS may end an answer (benchmarks on random weights force the
     # full length with min_new_tokens=max_new_tokens); 0: EOS may come first.
     min_new_tokens: int = 0
+
+    @classmethod
+    def of(cls, cfg: EvalConfig) -> Decoding:
+        """The decoding the eval section configures."""
+        return cls(
+            max_new_tokens=cfg.max_new_tokens,
+            strategy=cfg.decoding,
+            num_beams=cfg.num_beams,
+            stop=cfg.stop,
+        )
 
 
 def generation_config(decoding: Decoding, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
@@ -72,7 +86,7 @@ def generation_config(decoding: Decoding, tokenizer: PreTrainedTokenizerBase) ->
         max_new_tokens=decoding.max_new_tokens,
         min_new_tokens=decoding.min_new_tokens or None,
         do_sample=False,
-        num_beams=decoding.num_beams if decoding.decoding == "beam" else 1,
+        num_beams=decoding.num_beams if decoding.strategy == "beam" else 1,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         stop_strings=decoding.stop or None,
@@ -99,6 +113,14 @@ def encode_prompts(
     ]
 
 
+def encode_answers(tokenizer: PreTrainedTokenizerBase, answers: list[str]) -> list[list[int]]:
+    """Token ids of each expected answer + EOS: the tokens training takes its loss on."""
+    return [
+        tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        for answer in answers
+    ]
+
+
 def kv_bytes_per_token(model: PreTrainedModel) -> int:
     """Bytes of KV cache one token of context takes (all layers, keys and values)."""
     config = model.config.get_text_config()
@@ -122,7 +144,7 @@ def auto_batch_size(
         free, _ = torch.cuda.mem_get_info(device)
         config = model.config.get_text_config()
         itemsize = torch.tensor([], dtype=model.dtype).element_size()
-        rows = decoding.num_beams if decoding.decoding == "beam" else 1
+        rows = decoding.num_beams if decoding.strategy == "beam" else 1
         context = longest_prompt + decoding.max_new_tokens
         cache = kv_bytes_per_token(model) * context
         # prefill: a few hidden-size and MLP-size activations per prompt token, and fp32 logits
@@ -133,6 +155,18 @@ def auto_batch_size(
         limit = max(1, min(GPU_MAX_BATCH, int(free * GPU_MEMORY_SHARE // per_sequence)))
     batches = -(-prompts // limit)  # ceil
     return max(1, -(-prompts // batches))
+
+
+def batch_size_for(
+    setting: BatchSize, model: PreTrainedModel, encoded: list[list[int]], decoding: Decoding
+) -> int:
+    """The batch size as a number: eval.batch_size or `--batch-size`, and for auto the size
+    auto_batch_size picks for these prompts on this model's device (no prompts: 1). The one
+    place "auto" is resolved; everything below takes the number."""
+    if setting != "auto":
+        return setting
+    longest = max(map(len, encoded), default=0)
+    return auto_batch_size(model, longest, decoding, max(1, len(encoded)))
 
 
 def length_batches(encoded: list[list[int]], batch_size: int) -> list[list[int]]:
@@ -154,59 +188,48 @@ def left_padded(
     return input_ids.to(device), attention_mask.to(device)
 
 
+class Generated(NamedTuple):
+    ids: list[list[int]]  # the new token ids of each prompt, EOS included where it ended one
+    losses: list[tuple[float, int]] | None  # each target's (summed NLL, tokens); None: no targets
+
+
 @torch.no_grad()
 def generate_ids(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     encoded: list[list[int]],
     decoding: Decoding,
-    batch_size: BatchSize = "auto",
-    compiled: bool | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> list[list[int]]:
-    """The new token ids of each prompt (EOS included when it ended the answer), in the order of
-    `encoded`. `compiled`: a static, compiled KV cache for greedy decoding (None: on CUDA)."""
-    return _generate(model, tokenizer, encoded, decoding, batch_size, compiled, progress)[0]
-
-
-@torch.no_grad()
-def _generate(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    encoded: list[list[int]],
-    decoding: Decoding,
-    batch_size: BatchSize = "auto",
+    batch_size: int,
     compiled: bool | None = None,
     progress: Callable[[int], None] | None = None,
     targets: list[list[int]] | None = None,
-) -> tuple[list[list[int]], list[tuple[float, int]] | None]:
-    """generate_ids, and with `targets` on the CPU greedy path also (summed NLL, tokens) of each
-    target given its prompt, from the same prompt forward; None where that path does not run."""
+) -> Generated:
+    """The answers' token ids, in the order of `encoded`. `compiled`: a static, compiled KV
+    cache for greedy decoding (None: on CUDA). With `targets` (encode_answers) also each
+    target's loss given its prompt: on the CPU's greedy path from the same prompt forward as
+    the answer (the prompt forwards are most of an evaluation's compute there), elsewhere by
+    answer_losses after generating."""
     if not encoded:
-        return [], [] if targets is not None else None
+        return Generated([], [] if targets is not None else None)
     model.eval()
     device = next(model.parameters()).device
-    size = (
-        auto_batch_size(model, max(len(e) for e in encoded), decoding, len(encoded))
-        if batch_size == "auto"
-        else batch_size
-    )
     compiled = device.type == "cuda" if compiled is None else compiled
     cache_len = max(len(e) for e in encoded) + decoding.max_new_tokens  # one for every batch
     out: dict[int, list[int]] = {}
-    fused = targets is not None and decoding.decoding == "greedy" and not compiled
+    fused = targets is not None and decoding.strategy == "greedy" and not compiled
     losses: dict[int, tuple[float, int]] = {}
-    for rows in length_batches(encoded, size):
+    for rows in length_batches(encoded, batch_size):
         batch = [encoded[i] for i in rows]
         if fused:
             new, found = _greedy_dropping_finished(
                 model, tokenizer, batch, decoding, device, [targets[i] for i in rows]
             )
             losses |= dict(zip(rows, found, strict=True))
-        elif decoding.decoding == "beam":
+        elif decoding.strategy == "beam":
             new = _hf_generate(model, tokenizer, batch, decoding, device)
         elif compiled:
-            filler = [batch[-1]] * (size - len(batch))  # one shape for every batch: one compile
+            # one shape for every batch: one compile
+            filler = [batch[-1]] * (batch_size - len(batch))
             new = _greedy_static(model, tokenizer, batch + filler, decoding, cache_len)
             new = new[: len(batch)]
         else:
@@ -215,7 +238,11 @@ def _generate(
         if progress is not None:
             progress(len(rows))
     ids = [out[i] for i in range(len(encoded))]
-    return ids, [losses[i] for i in range(len(encoded))] if fused else None
+    if targets is None:
+        return Generated(ids, None)
+    if fused:
+        return Generated(ids, [losses[i] for i in range(len(encoded))])
+    return Generated(ids, answer_losses(model, tokenizer, encoded, targets, batch_size))
 
 
 def _hf_generate(
@@ -518,62 +545,22 @@ def generate(
 ) -> list[str]:
     """Answers in the order of `prompts`."""
     encoded = encode_prompts(tokenizer, template, prompts)
-    with _progress(len(prompts), desc) as update:
-        new = generate_ids(model, tokenizer, encoded, decoding, batch_size, compiled, update)
+    size = batch_size_for(batch_size, model, encoded, decoding)
+    with progress_bar(len(prompts), desc) as update:
+        new = generate_ids(model, tokenizer, encoded, decoding, size, compiled, update).ids
     return answers_of(tokenizer, new, decoding)
 
 
-def generate_with_losses(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    template: PromptTemplate,
-    prompts: list[Prompt],
-    expected: list[str],
-    decoding: Decoding,
-    batch_size: BatchSize = "auto",
-    desc: str = "generate",
-    compiled: bool | None = None,
-) -> tuple[list[str], list[tuple[float, int]]]:
-    """The answers to `prompts` and answer_losses of the `expected` answers. On CPU with greedy
-    decoding one prompt forward serves both (the prompt forwards are most of an evaluation's
-    compute there); elsewhere generate, then answer_losses."""
-    encoded = encode_prompts(tokenizer, template, prompts)
-    targets = [
-        tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        for answer in expected
-    ]
-    with _progress(len(prompts), desc) as update:
-        new, losses = _generate(
-            model, tokenizer, encoded, decoding, batch_size, compiled, update, targets
-        )
-    if losses is None:
-        size = batch_size if batch_size != "auto" else auto_batch_size(
-            model, max(len(e) for e in encoded), decoding, len(encoded)
-        )
-        losses = answer_losses(
-            model, tokenizer, template, list(zip(prompts, expected, strict=True)), size
-        )
-    return answers_of(tokenizer, new, decoding), losses
-
-
-class _progress:
-    """A tqdm bar where tqdm is installed (the served model may run without it)."""
-
-    def __init__(self, total: int, desc: str) -> None:
-        self.total, self.desc, self.bar = total, desc, None
-
-    def __enter__(self) -> Callable[[int], None]:
-        try:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total, desc=self.desc, unit="prompt")
-            return self.bar.update
-        except ImportError:
-            return lambda n: None
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.close()
+@contextmanager
+def progress_bar(total: int, desc: str) -> Iterator[Callable[[int], None]]:
+    """A tqdm bar's update where tqdm is installed (the served model may run without it)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        yield lambda n: None
+        return
+    with tqdm(total=total, desc=desc, unit="prompt") as bar:
+        yield bar.update
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -585,23 +572,18 @@ def _batches(items: list, size: int) -> Iterator[list]:
 def answer_losses(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    template: PromptTemplate,
-    pairs: list[tuple[Prompt, str]],
+    prompts: list[list[int]],
+    targets: list[list[int]],
     batch_size: int,
-    desc: str = "loss",
 ) -> list[tuple[float, int]]:
-    """(summed negative log-likelihood, tokens) of each expected answer + EOS given its prompt,
-    the same tokens training takes its loss on. Like generation, the prompts' common prefix is
-    computed once per batch, and logits are taken only at the last positions (the answers)."""
+    """(summed negative log-likelihood, tokens) of each target (encode_answers: an expected
+    answer + EOS, the tokens training takes its loss on) given its prompt (encode_prompts).
+    Like generation, the prompts' common prefix is computed once per batch, and logits are
+    taken only at the last positions (the answers)."""
     model.eval()
     device = next(model.parameters()).device
-    prompts = encode_prompts(tokenizer, template, [p for p, _ in pairs])
-    targets = [
-        tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        for _, answer in pairs
-    ]
     out: list[tuple[float, int]] = []
-    for rows in _batches(list(range(len(pairs))), batch_size):
+    for rows in _batches(list(range(len(prompts))), batch_size):
         cache, shared = _prefilled_cache(model, [prompts[i] for i in rows], device)
         input_ids, mask = left_padded(
             [prompts[i][shared:] + targets[i] for i in rows], tokenizer.pad_token_id, device

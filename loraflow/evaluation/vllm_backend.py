@@ -10,12 +10,9 @@ from __future__ import annotations
 import gc
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from loraflow.evaluation.generation import Decoding, Prompt, cut_at_stop, encode_prompts
-
-if TYPE_CHECKING:
-    from loraflow.data.prompts import PromptTemplate
+from loraflow.evaluation.generation import Decoding, cut_at_stop
 
 # Share of GPU memory vLLM may take: the held-out loss is computed by transformers afterwards.
 GPU_MEMORY_UTILIZATION = 0.6
@@ -36,12 +33,11 @@ def available() -> bool:
 def generate_sets(
     model_path: Path,
     adapter: Path | None,
-    tokenizer: Any,
-    template: PromptTemplate,
-    prompts: dict[str, list[Prompt]],
+    prompts: dict[str, list[list[int]]],
     decoding: Decoding,
 ) -> dict[str, list[str]]:
-    """Answers per set name, in the order of each set's prompts; one vLLM engine for all."""
+    """Answers per set name, in the order of each set's prompts (token ids, rendered and
+    tokenized by loraflow); one vLLM engine for all."""
     if not available():
         raise BackendError(
             "eval.backend=vllm needs the vllm package, which is not installed here. Fix: "
@@ -60,8 +56,7 @@ def generate_sets(
     )
     try:
         return {
-            name: _answers(llm, lora, encode_prompts(tokenizer, template, items), decoding)
-            for name, items in prompts.items()
+            name: _answers(llm, lora, encoded, decoding) for name, encoded in prompts.items()
         }
     finally:
         del llm
@@ -76,7 +71,7 @@ def generate_sets(
 
 def _answers(llm: Any, lora: Any, encoded: list[list[int]], decoding: Decoding) -> list[str]:
     inputs = [{"prompt_token_ids": ids} for ids in encoded]
-    if decoding.decoding == "beam":
+    if decoding.strategy == "beam":
         from vllm.sampling_params import BeamSearchParams
 
         params = BeamSearchParams(beam_width=decoding.num_beams, max_tokens=decoding.max_new_tokens)

@@ -206,7 +206,7 @@ def _greedy(model: Any, tokenizer: Any, prompt: torch.Tensor, new_tokens: int) -
     time (no padding to disagree on) and eager (a few short prompts do not pay for a compile)."""
     [new] = generate_ids(
         model, tokenizer, [prompt.tolist()], Decoding(max_new_tokens=new_tokens), 1, False
-    )
+    ).ids
     return torch.tensor(prompt.tolist() + new, device=model.device)
 
 
