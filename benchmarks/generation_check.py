@@ -5,8 +5,8 @@ template and decoding). On a GPU loraflow's path is the compiled static KV cache
 (eval.batch_size=auto); on CPU the batch that drops finished rows.
 
     python benchmarks/generation_check.py --gguf /tmp/SmolLM2-135M-Instruct.Q4_1.gguf \
-        --dtypes float32,bfloat16 --out check.json
-    python benchmarks/generation_check.py --prompts 4 --dtypes float32 --out c.json   # CPU
+        --dtypes fp32,bf16 --out check.json
+    python benchmarks/generation_check.py --prompts 4 --dtypes fp32 --out c.json   # CPU
 
 Prints, per dtype, how many answers are token-for-token identical, and where the others first
 differ; and, as a yardstick, how many of plain `model.generate`'s answers on all the prompts in
@@ -49,11 +49,11 @@ def main(argv: list[str] | None = None) -> int:
                              "package's)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/generation-check"))
     parser.add_argument("--prompts", type=int, default=None, help="the first N test prompts")
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
-    from loraflow.base_model import load_model, load_tokenizer, resolve_base_model
+    from loraflow.base_model import DTYPES, load_model, load_tokenizer, resolve_base_model
     from loraflow.config import load_config
     from loraflow.data.prompts import prompt_template
     from loraflow.evaluation.evaluate import read_test_set
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                     "prompts": len(encoded), "max_new_tokens": decoding.max_new_tokens,
                     "dtypes": {}}
     for name in args.dtypes.split(","):
-        model = load_model(base.path, getattr(torch, name), device)
+        model = load_model(base.path, DTYPES[name], device)
         start = time.perf_counter()
         size = batch_size_for("auto", model, encoded, decoding)
         ours = generate_ids(model, tokenizer, encoded, decoding, size).ids  # compiled on CUDA

@@ -274,7 +274,7 @@ def lf_merge(w: Workload, work: Path) -> dict[str, Any]:
     start = time.perf_counter()
     report, tuned, reference = merge_and_evaluate(
         work / "base", work / "run" / "adapter", work / "merged", sets, ALPACA_TEMPLATE, cfg,
-        "bfloat16" if torch.cuda.is_available() else "float32", max_differing=1.0)
+        "bf16" if torch.cuda.is_available() else "fp32", max_differing=1.0)
     parity = report.parity
     return {"merge": {"seconds": time.perf_counter() - start,
                       "evaluations_s": {"adapter": reference.seconds, "tuned": tuned.seconds},

@@ -151,8 +151,13 @@ def inference_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+# One vocabulary for precision, the config's (train.precision, merge.dtype): fp32, bf16, fp16.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    """A torch dtype in the config's words (bf16, not bfloat16)."""
+    return next(name for name, known in DTYPES.items() if known == dtype)
 
 
 def load_model(

@@ -496,12 +496,15 @@ class EvalConfig(Section):
         return self
 
 
+OLD_PRECISION_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
 class MergeConfig(Section):
-    dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16",
+    dtype: Literal["bf16", "fp16", "fp32"] = Field(
+        "bf16",
         description="Precision the merged model is saved, served and evaluated in (the gate "
         "scores it in this dtype). The base is loaded in it when the device answers in it "
-        "(bfloat16 on a GPU), else in float32 and rounded once after merging. An adapter "
+        "(bf16 on a GPU), else in fp32 and rounded once after merging. An adapter "
         "trained on a 4/8-bit base is merged onto the unquantized weights of the same base.",
     )
     max_differing: float = Field(
@@ -514,6 +517,15 @@ class MergeConfig(Section):
         "that lost the adapter changes most answers). The differing answers are counted in "
         "merge.answers_differing and listed in the report.",
     )
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _one_vocabulary(cls, value: Any) -> Any:
+        renamed = OLD_PRECISION_NAMES.get(value)
+        if renamed:
+            raise ValueError(f"precision names are train.precision's now: {renamed}, not "
+                             f"{value} (Fix: merge.dtype={renamed})")
+        return value
 
 
 class RegistryConfig(Section):

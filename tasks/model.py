@@ -128,7 +128,7 @@ def train_adapter(
         data_sha256=tokens.data_sha256,
         template=tokens.template.model_dump(),
         chat_template=load_tokenizer(base.path).chat_template,
-        base_quantization={"nf4": "4bit", "int8": "8bit"}.get(train.precision, "none"),
+        base_quantization=train.precision if train.precision in ("nf4", "int8") else "none",
         base_source=base.source,
     ) | {"tokenize": tokens.report.settings.model_dump()} | (lineage_extra or {})
     (adapter_dir / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True))

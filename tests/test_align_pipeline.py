@@ -36,7 +36,7 @@ def config(data, preference, model_dir, name, **align) -> PipelineConfig:
         "model": {"base": str(model_dir)},
         "train": {"max_steps": 2, "micro_batch_size": 8, "learning_rate": 1e-2},
         "eval": {"max_new_tokens": 8, "batch_size": 4, "compare_champion": False},
-        "merge": {"dtype": "float32"},
+        "merge": {"dtype": "fp32"},
         "registry": {"model_name": name},
         "align": {**{k: str(v) for k, v in preference.items()},
                   "training": {"max_steps": 2, "micro_batch_size": 4, "learning_rate": 1e-2},

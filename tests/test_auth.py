@@ -247,7 +247,7 @@ def test_pipeline_promote_rollback_and_pull_work_with_the_right_credentials(
         "model": {"base": str(tiny_model_dir)},
         "train": {"max_steps": 3, "micro_batch_size": 8, "learning_rate": 1e-2},
         "eval": {"max_new_tokens": 8, "batch_size": 4},
-        "merge": {"dtype": "float32"},
+        "merge": {"dtype": "fp32"},
         "registry": {"model_name": MODEL},
         # the deployed config's storage: the stack's S3, endpoint from AWS_ENDPOINT_URL
         "storage": yaml.safe_load((ROOT / "prefect.yaml").read_text())["definitions"]["config"][

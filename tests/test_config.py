@@ -96,3 +96,10 @@ def test_a_rule_across_sections_reads_as_one_sentence():
         load_config(None, ["launch.parallelism=fsdp", "train.precision=nf4"])
     assert "  - launch.parallelism=fsdp cannot use precision=nf4" in str(err.value)
     assert "<root>" not in str(err.value)
+
+
+def test_one_vocabulary_for_precision_old_merge_dtypes_name_their_replacement():
+    assert PipelineConfig().merge.dtype == "bf16"
+    with pytest.raises(ConfigError, match=r"merge.dtype = 'bfloat16'.*bf16, not bfloat16 "
+                                          r"\(Fix: merge.dtype=bf16\)"):
+        load_config(None, ["merge.dtype=bfloat16"])

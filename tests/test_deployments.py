@@ -42,7 +42,7 @@ def tiny_prefect_yaml(out: Path, model_dir: Path, data: dict[str, Path], rdzv: s
         "train": {"max_steps": 3, "micro_batch_size": 4, "learning_rate": 1e-2},
         "launch": {"nodes": 2, "rdzv_endpoint": rdzv},
         "eval": {"max_new_tokens": 8, "batch_size": 4},
-        "merge": {"dtype": "float32"},
+        "merge": {"dtype": "fp32"},
         "registry": {"model_name": MODEL},
     }
     for deployment in spec["deployments"]:

@@ -83,12 +83,12 @@ def test_beam_search_is_an_option(merged_dir):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
 def test_quantized_loading_without_a_gpu_says_what_it_needs(merged_dir):
-    with pytest.raises(InferenceError, match="4bit needs a CUDA GPU"):
-        load_for_inference(merged_dir, "4bit")
+    with pytest.raises(InferenceError, match="nf4 needs a CUDA GPU"):
+        load_for_inference(merged_dir, "nf4")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+@pytest.mark.parametrize("quantization", ["int8", "nf4"])
 def test_quantized_loading_on_a_gpu_generates(merged_dir, quantization):
     model, tokenizer = load_for_inference(merged_dir, quantization)
     assert any("Linear8bitLt" in type(m).__name__ or "Linear4bit" in type(m).__name__

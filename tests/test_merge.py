@@ -30,7 +30,7 @@ def test_float32_merge_reproduces_base_plus_adapter_and_loads_as_plain_transform
     adapter, tiny_model_dir, tmp_path
 ):
     out = tmp_path / "merged"
-    report = merge_adapter(tiny_model_dir, adapter, out, "float32", PROMPTS, 8)
+    report = merge_adapter(tiny_model_dir, adapter, out, "fp32", PROMPTS, 8)
     assert report.check.passed and report.check.identical_outputs == 3
     assert report.check.max_logit_diff < 1e-4
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
@@ -46,11 +46,11 @@ def test_float32_merge_reproduces_base_plus_adapter_and_loads_as_plain_transform
 
     lineage = json.loads((out / LINEAGE_FILE).read_text())
     assert lineage["merge"]["check"]["identical_outputs"] == 3
-    assert lineage["merge"]["dtype"] == "float32" and lineage["base_files"]
+    assert lineage["merge"]["dtype"] == "fp32" and lineage["base_files"]
 
 
 def test_bfloat16_merge_saves_bfloat16_weights(adapter, tiny_model_dir, tmp_path):
-    report = merge_adapter(tiny_model_dir, adapter, tmp_path / "m", "bfloat16", PROMPTS[:1], 4)
+    report = merge_adapter(tiny_model_dir, adapter, tmp_path / "m", "bf16", PROMPTS[:1], 4)
     assert report.check.passed
     with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
         dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
@@ -60,18 +60,18 @@ def test_bfloat16_merge_saves_bfloat16_weights(adapter, tiny_model_dir, tmp_path
 def test_a_wrong_base_stops_the_merge_before_anything_is_saved(adapter, tmp_path):
     other = make_base(tmp_path / "other", hidden=32)
     with pytest.raises(LineageError, match="different base"):
-        merge_adapter(other, adapter, tmp_path / "merged", "float32", PROMPTS, 4)
+        merge_adapter(other, adapter, tmp_path / "merged", "fp32", PROMPTS, 4)
     assert not (tmp_path / "merged").exists()
 
 
 def test_an_adapter_trained_on_a_4bit_base_merges_onto_the_unquantized_base(
     tiny_model_dir, tmp_path
 ):
-    adapter = make_adapter(tiny_model_dir, tmp_path / "qlora", base_quantization="4bit")
-    report = merge_adapter(tiny_model_dir, adapter, tmp_path / "m", "float32", PROMPTS[:1], 4)
-    assert "4bit-quantized base; merged onto the unquantized float32 weights" in report.note
+    adapter = make_adapter(tiny_model_dir, tmp_path / "qlora", base_quantization="nf4")
+    report = merge_adapter(tiny_model_dir, adapter, tmp_path / "m", "fp32", PROMPTS[:1], 4)
+    assert "nf4-quantized base; merged onto the unquantized fp32 weights" in report.note
     lineage = json.loads((tmp_path / "m" / LINEAGE_FILE).read_text())
-    assert lineage["merge"]["base_quantization"] == "4bit"
+    assert lineage["merge"]["base_quantization"] == "nf4"
 
 
 def test_a_base_stored_quantized_is_refused_with_the_fix(adapter, tiny_model_dir, tmp_path):
@@ -80,7 +80,7 @@ def test_a_base_stored_quantized_is_refused_with_the_fix(adapter, tiny_model_dir
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (quantized / "config.json").write_text(json.dumps(config))
     with pytest.raises(MergeError, match="stores quantized weights.*Fix: point model.base"):
-        merge_adapter(quantized, adapter, tmp_path / "m", "float32", PROMPTS, 4)
+        merge_adapter(quantized, adapter, tmp_path / "m", "fp32", PROMPTS, 4)
 
 
 def test_the_check_fails_a_merge_that_changed_the_answers(adapter, tiny_model_dir):
@@ -89,7 +89,7 @@ def test_the_check_fails_a_merge_that_changed_the_answers(adapter, tiny_model_di
     prompts = [torch.tensor(tokenizer(p)["input_ids"]) for p in PROMPTS]
     reference = [_with_logits(model, _greedy(model, tokenizer, p, 8)) for p in prompts]
     broken = load_model(tiny_model_dir)  # a merge that lost the adapter's delta
-    check = _compare(broken, tokenizer, prompts, reference, 8, "float32")
+    check = _compare(broken, tokenizer, prompts, reference, 8, "fp32")
     assert not check.passed and check.identical_outputs < 3 and check.max_logit_diff > 0.1
 
 
@@ -125,13 +125,13 @@ def test_a_qlora_adapter_merges_onto_the_unquantized_base_on_gpu(tmp_path):
     model.save_pretrained(adapter)
     manifest = adapter_manifest(
         base, "tiny", sha256_tree(base), lora=lora, train={}, data_sha256="0" * 64,
-        template={"kind": "alpaca", "jinja": None}, chat_template=None, base_quantization="4bit",
+        template={"kind": "alpaca", "jinja": None}, chat_template=None, base_quantization="nf4",
     )  # fmt: skip
     (adapter / LINEAGE_FILE).write_text(json.dumps(manifest))
 
-    report = merge_adapter(base, adapter, tmp_path / "merged", "bfloat16", PROMPTS, 8)
+    report = merge_adapter(base, adapter, tmp_path / "merged", "bf16", PROMPTS, 8)
     assert report.device == "cuda" and report.check.passed
-    assert report.base_quantization == "4bit" and "unquantized bfloat16" in report.note
+    assert report.base_quantization == "nf4" and "unquantized bf16" in report.note
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert "quantization_config" not in config
 
@@ -157,11 +157,11 @@ def test_the_merged_model_is_evaluated_and_checked_against_base_plus_adapter_ans
     sets, cfg = heldout(small_data)
     out = tmp_path / "merged"
     report, tuned, reference = merge_and_evaluate(
-        chatty_model_dir, chatty_adapter, out, sets, ALPACA, cfg, "float32"
+        chatty_model_dir, chatty_adapter, out, sets, ALPACA, cfg, "fp32"
     )
     assert (tuned.label, reference.label) == ("tuned", "adapter")
     assert report.parity.answers == 4 and report.parity.differing == 0 and report.parity.passed
-    assert tuned.dtype == reference.dtype == report.parity.reference_dtype == "float32"
+    assert tuned.dtype == reference.dtype == report.parity.reference_dtype == "fp32"
     assert [r["answer"] for r in tuned.examples["test"]] == [
         r["answer"] for r in reference.examples["test"]
     ]
@@ -184,11 +184,11 @@ def test_on_cpu_base_plus_adapter_answer_in_float32_and_the_merged_model_in_its_
 
     sets, cfg = heldout(small_data)
     report, tuned, reference = merge_and_evaluate(
-        chatty_model_dir, chatty_adapter, tmp_path / "m", sets, ALPACA, cfg, "bfloat16",
+        chatty_model_dir, chatty_adapter, tmp_path / "m", sets, ALPACA, cfg, "bf16",
         max_differing=1.0,
     )
-    assert reference.dtype == "float32" and tuned.dtype == "bfloat16"  # no CUDA here
-    assert report.parity.reference_dtype == "float32"
+    assert reference.dtype == "fp32" and tuned.dtype == "bf16"  # no CUDA here
+    assert report.parity.reference_dtype == "fp32"
     with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118
 
@@ -203,7 +203,7 @@ def test_a_merge_that_lost_the_adapter_is_refused_with_the_differing_answers(
     sets, cfg = heldout(small_data)
     with pytest.raises(MergeError, match=r"[34] of 4 test answers differ.*Nothing was saved"):
         merge_and_evaluate(chatty_model_dir, chatty_adapter, tmp_path / "m", sets, ALPACA, cfg,
-                           "float32")
+                           "fp32")
     assert not (tmp_path / "m").exists()
 
 
@@ -218,10 +218,10 @@ def test_on_a_gpu_both_answer_in_bfloat16_from_one_load(
 
     sets, cfg = heldout(small_data)
     report, tuned, reference = merge_and_evaluate(
-        chatty_model_dir, chatty_adapter, tmp_path / "m", sets, ALPACA, cfg, "bfloat16",
+        chatty_model_dir, chatty_adapter, tmp_path / "m", sets, ALPACA, cfg, "bf16",
         max_differing=1.0,
     )
     assert report.device == "cuda" and tuned.device == reference.device == "cuda"
-    assert reference.dtype == tuned.dtype == "bfloat16"
+    assert reference.dtype == tuned.dtype == "bf16"
     base = evaluate(ModelSource(path=chatty_model_dir), sets, ALPACA, cfg, label="base")
-    assert (base.device, base.dtype) == ("cuda", "bfloat16")
+    assert (base.device, base.dtype) == ("cuda", "bf16")

@@ -23,7 +23,7 @@ def tiny_config(splits: dict[str, Path], model_dir: Path, name: str, **sections)
         "model": {"base": str(model_dir)},
         "train": {"max_steps": 3, "micro_batch_size": 8, "learning_rate": 1e-2},
         "eval": {"max_new_tokens": 8, "batch_size": 4},
-        "merge": {"dtype": "float32"},
+        "merge": {"dtype": "fp32"},
         "registry": {"model_name": name},
     }
     for section, values in sections.items():
@@ -102,7 +102,7 @@ def test_pipeline_registers_pushes_and_reruns_fully_cached(
 
     # the merged model was scored in its serving dtype, checked against base + adapter
     params = run.data.params
-    assert params["tuned.dtype"] == "float32" and params["base.dtype"] == "float32"
+    assert params["tuned.dtype"] == "fp32" and params["base.dtype"] == "fp32"
     assert run.data.metrics["merge.answers"] == 4
     assert run.data.metrics["merge.answers_differing"] == 0
     report = client.download_artifacts(first["run_id"], "report/report.html")

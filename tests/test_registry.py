@@ -49,7 +49,7 @@ def packaged(tiny_model_dir, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("packaged")
     adapter = make_adapter(tiny_model_dir, tmp / "adapter", template="chat")
-    merge_adapter(tiny_model_dir, adapter, tmp / "merged", "float32", ["Say hi."], 4)
+    merge_adapter(tiny_model_dir, adapter, tmp / "merged", "fp32", ["Say hi."], 4)
     return package_model(tmp / "merged", adapter, tmp / "pyfunc")
 
 

@@ -120,7 +120,7 @@ def release_flow(servers, tiny_model_dir: Path, tmp_path: Path, name: str, middl
     (held_out / "test.jsonl").write_text("\n".join(shipped) + "\n")
     test = HeldoutSplit(uri=held_out.as_uri(), sha256=sha256_file(held_out / "test.jsonl"))
     cfg = PipelineConfig.model_validate({
-        "merge": {"dtype": "float32"},
+        "merge": {"dtype": "fp32"},
         "eval": {"max_new_tokens": 4, "batch_size": 2},
         "registry": {"model_name": name},
     })  # fmt: skip

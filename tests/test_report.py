@@ -72,13 +72,13 @@ def test_the_report_embeds_every_figure_and_the_side_by_side_table(results, tmp_
 def test_the_merge_check_shows_how_many_answers_differ_and_which(results, tmp_path):
     from loraflow.evaluation.evaluate import compare_answers
 
-    adapter = results["tuned"].model_copy(update={"label": "adapter", "dtype": "float32"},
+    adapter = results["tuned"].model_copy(update={"label": "adapter", "dtype": "fp32"},
                                           deep=True)
     adapter.examples["test"][2] = adapter.examples["test"][2] | {"answer": "<before merge>"}
     parity = compare_answers(adapter, results["tuned"], max_differing=0.5)
     assert (parity.answers, parity.differing, parity.passed) == (4, 1, True)
     page = build_report(results, CURVES, tmp_path / "r", parity=parity).read_text()
-    assert "1 of 4 test answers differ between base + adapter (float32)" in page
+    assert "1 of 4 test answers differ between base + adapter (fp32)" in page
     table = page[page.index("id='differing'"):]
     assert "&lt;before merge&gt;" in table and table.count("<tr><td>test</td><td>3</td>") == 1
 

@@ -147,7 +147,7 @@ def release_with_restart(servers, tiny_model_dir: Path, tmp_path: Path, name: st
     cfg = PipelineConfig.model_validate(
         {
             "eval": {"max_new_tokens": 4, "batch_size": 2},
-            "merge": {"dtype": "float32"},
+            "merge": {"dtype": "fp32"},
             "registry": {"model_name": name},
             "storage": {"root": "s3://models/loraflow", "endpoint_url": servers.s3.url},
         }

@@ -16,7 +16,7 @@ from loraflow.release.merge import merge_adapter
 def merged(tiny_model_dir, tmp_path_factory):
     adapter = make_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter"))
     out = tmp_path_factory.mktemp("m") / "model"
-    merge_adapter(tiny_model_dir, adapter, out, "bfloat16")
+    merge_adapter(tiny_model_dir, adapter, out, "bf16")
     return out
 
 

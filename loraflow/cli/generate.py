@@ -39,9 +39,10 @@ def add_generate_command(commands: argparse._SubParsersAction) -> None:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument(
         "--quantize",
-        choices=["none", "8bit", "4bit"],
+        choices=["none", "int8", "nf4"],
         default="none",
-        help="load the weights in 8 or 4 bits (CUDA GPU and bitsandbytes only)",
+        help="load the weights in 8 bits (int8) or 4 (nf4), as train.precision names them "
+        "(CUDA GPU and bitsandbytes only)",
     )
     gen.add_argument(
         "--template",

@@ -71,7 +71,7 @@ class EvalResult(BaseModel):
     examples: dict[str, list[dict[str, Any]]]
     failed_thresholds: list[str] = []
     seconds: float = 0.0
-    dtype: str = ""  # the weights' dtype as answered (bfloat16 on a GPU, float32 on CPU)
+    dtype: str = ""  # the weights' dtype as answered (bf16 on a GPU, fp32 on CPU)
     device: str = ""
 
 

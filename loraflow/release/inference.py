@@ -29,7 +29,7 @@ from loraflow.data.prompts import PromptTemplate, TemplateKind
 from loraflow.data.records import read_records
 from loraflow.evaluation.generation import BatchSize, Decoding, Prompt, generate
 
-Quantization = Literal["none", "8bit", "4bit"]
+Quantization = Literal["none", "int8", "nf4"]  # train.precision's names for them
 LINEAGE_FILE = "loraflow.json"
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
@@ -179,7 +179,7 @@ def quantized_loading(quantization: Quantization, device: str, dtype: torch.dtyp
         ) from None
     from transformers import BitsAndBytesConfig
 
-    if quantization == "8bit":
+    if quantization == "int8":
         config = BitsAndBytesConfig(load_in_8bit=True)
     else:
         config = BitsAndBytesConfig(

@@ -80,7 +80,7 @@ def adapter_manifest(
 ) -> dict[str, Any]:
     """The manifest written as adapter/loraflow.json beside every adapter.
 
-    base_quantization: how the base was loaded for training ("none", "4bit", "8bit"); a
+    base_quantization: how the base was loaded for training ("none", "nf4", "int8"); a
     quantized-trained adapter is merged onto the unquantized weights of the same base files.
     base_source: model.base as configured, which adapter_config.json names too; base_path is
     the local copy trained on, identified by base_sha256.

@@ -21,7 +21,13 @@ import torch
 from peft import PeftModel
 from pydantic import BaseModel
 
-from loraflow.base_model import inference_device, inference_dtype, load_model, load_tokenizer
+from loraflow.base_model import (
+    DTYPES,
+    inference_device,
+    inference_dtype,
+    load_model,
+    load_tokenizer,
+)
 from loraflow.config import EvalConfig
 from loraflow.data.prompts import PromptTemplate, encode_prompt, render_prompt
 from loraflow.evaluation.evaluate import (
@@ -36,13 +42,12 @@ from loraflow.release.lineage import LINEAGE_FILE, check_adapter_matches_base
 
 log = logging.getLogger(__name__)
 
-Dtype = Literal["bfloat16", "float16", "float32"]
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+Dtype = Literal["bf16", "fp16", "fp32"]
 # Logit gap under which two tokens count as a tie: merged weights are rounded once more than
 # base + adapter, so near-ties may flip; anything wider is a broken merge. Measured on
 # SmolLM2-135M with an r=8 adapter (3 prompts x 16 tokens, all identical): the largest
-# |logit difference| anywhere in the vocabulary was 1.5 in bfloat16 and 7e-5 in float32.
-TIE_TOLERANCE = {"float32": 1e-3, "float16": 2.5e-1, "bfloat16": 1.0}
+# |logit difference| anywhere in the vocabulary was 1.5 in bf16 and 7e-5 in fp32.
+TIE_TOLERANCE = {"fp32": 1e-3, "fp16": 2.5e-1, "bf16": 1.0}
 
 
 class MergeError(RuntimeError):
@@ -73,7 +78,7 @@ def merge_adapter(
     base_path: Path,
     adapter_path: Path,
     out_dir: Path,
-    dtype: Dtype = "bfloat16",
+    dtype: Dtype = "bf16",
     check_prompts: list[str] | tuple[str, ...] = (),
     check_new_tokens: int = 16,
     lineage_extra: dict[str, Any] | None = None,
@@ -110,7 +115,7 @@ def merge_adapter(
             f"the merged model does not reproduce base + adapter: {check.identical_outputs}/"
             f"{check.prompts} identical greedy outputs, max logit diff {check.max_logit_diff:.3g} "
             f"(near-tie tolerance {check.tie_tolerance}); {'; '.join(check.detail)}. Nothing was "
-            "saved. Fix: merge in a wider dtype (merge.dtype=float32)."
+            "saved. Fix: merge in a wider dtype (merge.dtype=fp32)."
         )
     report = MergeReport(
         dtype=dtype, device=device, base_quantization=quantization, note=note, check=check
@@ -127,7 +132,7 @@ def merge_and_evaluate(
     sets: list[EvalSet],
     template: PromptTemplate,
     eval_cfg: EvalConfig,
-    dtype: Dtype = "bfloat16",
+    dtype: Dtype = "bf16",
     max_differing: float = 0.2,
     lineage_extra: dict[str, Any] | None = None,
 ) -> tuple[MergeReport, EvalResult, EvalResult]:
@@ -137,7 +142,7 @@ def merge_and_evaluate(
 
     Returns (report, the merged model's result labelled "tuned", base + adapter's result).
     base + adapter answer in the device's dtype when that is `dtype` (bf16 on a GPU), else in
-    float32, which the merged weights are then rounded from once (fp32 on CPU)."""
+    fp32, which the merged weights are then rounded from once (fp32 on CPU)."""
     manifest, quantization, note = checked_manifest(base_path, adapter_path, dtype)
     device = inference_device()
     load_dtype = DTYPES[dtype] if inference_dtype(device) == DTYPES[dtype] else torch.float32
@@ -156,7 +161,7 @@ def merge_and_evaluate(
         raise MergeError(
             f"the merged model does not answer like base + adapter: {parity.differing} of "
             f"{parity.answers} test answers differ (merge.max_differing={max_differing}), e.g. "
-            f"{shown}. Nothing was saved. Fix: merge in a wider dtype (merge.dtype=float32), or "
+            f"{shown}. Nothing was saved. Fix: merge in a wider dtype (merge.dtype=fp32), or "
             "raise merge.max_differing if near-ties in a narrow dtype explain it."
         )
     report = MergeReport(dtype=dtype, device=device, base_quantization=quantization, note=note,
