@@ -190,6 +190,9 @@ class LoraSettings(Section):
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
 
 
+DpoLoss = Literal["sigmoid", "ipo", "hinge"]
+
+
 class PreferenceLoss(Section):
     """How dpo, orpo and kto weigh their terms: train.preference, and align.training.preference
     where the align stage changes it."""
@@ -199,7 +202,7 @@ class PreferenceLoss(Section):
         description="dpo/kto: strength of the pull toward the reference (the rewards are beta x "
         "the log ratio); orpo: weight of the odds-ratio term.",
     )
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+    loss_type: DpoLoss = Field(
         "sigmoid",
         description="dpo only: sigmoid (DPO), ipo (squared, on per-token averages) or hinge.",
     )

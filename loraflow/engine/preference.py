@@ -19,13 +19,13 @@ Definitions follow the papers and TRL's implementations, which the tests compare
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-Objective = Literal["sft", "dpo", "orpo", "kto"]
-DpoLoss = Literal["sigmoid", "ipo", "hinge"]
+from loraflow.config import DpoLoss
+
 PAIRED: frozenset[str] = frozenset({"dpo", "orpo"})
 NEEDS_REFERENCE: frozenset[str] = frozenset({"dpo", "kto"})
 
