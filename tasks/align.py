@@ -20,8 +20,8 @@ from loraflow.base_model import BaseModelRef, load_tokenizer
 from loraflow.config import AlignConfig, DataConfig, RegistryConfig, TrainConfig, loraflow_home
 from loraflow.data.preference import tokenize_preference_cached, validate_preference_splits
 from loraflow.data.prompts import PromptTemplate
+from loraflow.data.records import SPLITS
 from loraflow.data.tokenization import TokenizeReport, TokenizeSettings
-from loraflow.data.validation import SPLITS
 from loraflow.evaluation.preference import evaluate_pairs
 from loraflow.hashing import sha256_file, sha256_tree, tokenizer_sha256
 from loraflow.release import registry

@@ -17,9 +17,10 @@ from loraflow.artifacts import HeldoutSplit, TokenizedData, ValidatedData
 from loraflow.base_model import BaseModelRef, load_tokenizer
 from loraflow.config import DataConfig, loraflow_home
 from loraflow.data.prompts import prompt_template
+from loraflow.data.records import SPLITS
 from loraflow.data.sources import source_fingerprint
 from loraflow.data.tokenization import TokenizeSettings, plot_lengths, tokenize_cached
-from loraflow.data.validation import SPLITS, validate_splits
+from loraflow.data.validation import validate_splits
 from loraflow.hashing import sha256_file, sha256_tree, tokenizer_sha256
 from tasks.caching import CONTENT
 from tasks.tracking import fetch, log_dir, log_metrics

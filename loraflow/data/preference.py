@@ -38,12 +38,11 @@ from transformers import PreTrainedTokenizerBase
 from loraflow.config import DataConfig
 from loraflow.data.cleaning import RULES, cleaning_steps, fold, rule_runner
 from loraflow.data.prompts import PromptTemplate
-from loraflow.data.records import Example, Rejected, _kind
+from loraflow.data.records import SPLITS, Example, Rejected, checked_messages, json_type
 from loraflow.data.sources import check_sources
 from loraflow.data.tokenization import Encoder, TokenizeSettings
 from loraflow.data.validation import (
     MAX_REPORTED,
-    SPLITS,
     DataReport,
     SplitCounts,
     _chunks,
@@ -65,7 +64,6 @@ SHAPES = {
     "kto": '{"prompt": "...", "completion": "...", "label": true} (label false for an '
     "undesirable answer)",
 }
-ROLES = ("system", "user", "assistant")
 
 
 class PreferenceExample(BaseModel):
@@ -103,23 +101,15 @@ def _text(record: dict[str, Any], name: str, columns: dict[str, str], required: 
             return value[0]["content"]
         raise Rejected("wrong_type", f"field {key!r} must be a string or one assistant message")
     if not isinstance(value, str):
-        raise Rejected("wrong_type", f"field {key!r} must be a string, found {_kind(value)}")
+        raise Rejected("wrong_type", f"field {key!r} must be a string, found {json_type(value)}")
     return value
 
 
 def _prompt(record: dict[str, Any], columns: dict[str, str]) -> tuple[str, str, list | None]:
     """(instruction, input, history) from prompt, instruction + input, or messages."""
-    messages = record.get(columns.get("messages", "messages"))
-    if messages is not None:
-        key = columns.get("messages", "messages")
-        if not isinstance(messages, list) or not messages:
-            raise Rejected("wrong_type", f"field {key!r} must be a non-empty list of messages")
-        for i, m in enumerate(messages):
-            if not (isinstance(m, dict) and isinstance(m.get("content"), str)):
-                raise Rejected("wrong_type", f"{key}[{i}] must be an object with a string "
-                               "'content'")
-            if m.get("role") not in ROLES:
-                raise Rejected("wrong_type", f"{key}[{i}].role must be one of {ROLES}")
+    key = columns.get("messages", "messages")
+    if record.get(key) is not None:
+        messages = checked_messages(record[key], key)
         if messages[-1]["role"] != "user":
             raise Rejected("missing_field", f"the last of {key!r} must be the user's turn (the "
                            "answers are chosen/rejected or completion)")
@@ -136,7 +126,7 @@ def _prompt(record: dict[str, Any], columns: dict[str, str]) -> tuple[str, str, 
 def to_preference(record: Any, columns: dict[str, str], kind: Kind) -> PreferenceExample:
     """A parsed JSON value -> PreferenceExample, or raise Rejected saying what is wrong."""
     if not isinstance(record, dict):
-        raise Rejected("not_object", f"expected a JSON object, found {_kind(record)}")
+        raise Rejected("not_object", f"expected a JSON object, found {json_type(record)}")
     answers = ("chosen", "rejected") if kind == "pairs" else ("completion", "label")
     present = [a for a in answers if record.get(columns.get(a, a)) is not None]
     if not present:

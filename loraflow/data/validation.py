@@ -29,10 +29,9 @@ from loraflow.config import COLUMN_NAMES, DataConfig
 from loraflow.data import formats
 from loraflow.data.cleaning import RULES, clean_example, cleaning_steps, fold, similarity
 from loraflow.data.minhash import NearDuplicates
-from loraflow.data.records import DataError, Example, Rejected, to_example
+from loraflow.data.records import SPLITS, DataError, Example, Rejected, to_example
 from loraflow.data.sources import check_sources, dataset_files, join, open_source, source_size
 
-SPLITS = ("train", "validation", "test")
 MAX_REPORTED = 20
 CHUNK = 2048  # lines cleaned and token-counted together
 
