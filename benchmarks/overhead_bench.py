@@ -97,7 +97,7 @@ def plain_pipeline(config_args: list[str]) -> dict[str, float]:
         tokenizer = load_tokenizer(base.path)
         count_tokens = lambda texts: [  # noqa: E731
             len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    data = validate_splits(sources, work / "data", cfg.data, count_tokens)
+    data = validate_splits(sources, work / "data", cfg.data, count_tokens=count_tokens)
     data.check(work / "data")
     lap("validate_data")
     tokenizer = load_tokenizer(base.path)

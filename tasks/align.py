@@ -18,10 +18,11 @@ from prefect.cache_policies import CacheKeyFnPolicy
 from loraflow.artifacts import Adapter, TokenizedData, ValidatedData
 from loraflow.base_model import BaseModelRef, load_tokenizer
 from loraflow.config import AlignConfig, DataConfig, RegistryConfig, TrainConfig, loraflow_home
-from loraflow.data.preference import tokenize_preference_cached, validate_preference_splits
+from loraflow.data.preference import PREFERENCE_KINDS, tokenize_preference_cached
 from loraflow.data.prompts import PromptTemplate
 from loraflow.data.records import SPLITS
 from loraflow.data.tokenization import TokenizeReport, TokenizeSettings
+from loraflow.data.validation import validate_splits
 from loraflow.evaluation.preference import evaluate_pairs
 from loraflow.hashing import sha256_file, sha256_tree, tokenizer_sha256
 from loraflow.release import registry
@@ -76,7 +77,7 @@ def validate_preferences(align: AlignConfig, data: DataConfig, run_id: str) -> V
     align/data; stop before training on too few usable lines or on SFT lines."""
     sources = {split: list(getattr(align, split)) for split in SPLITS}
     with tempfile.TemporaryDirectory() as tmp:
-        report = validate_preference_splits(sources, Path(tmp), data, kind_of(align))
+        report = validate_splits(sources, Path(tmp), data, kind=PREFERENCE_KINDS[kind_of(align)])
         (Path(tmp) / "report.json").write_text(
             json.dumps(report.model_dump() | {"totals": report.totals()}, indent=2))
         split_sha256 = {split: sha256_file(Path(tmp) / f"{split}.jsonl") for split in sources

@@ -55,7 +55,7 @@ def validate_data(data: DataConfig, base: BaseModelRef, run_id: str) -> Validate
         ]
     sources = {split: list(getattr(data, split)) for split in SPLITS}
     with tempfile.TemporaryDirectory() as tmp:
-        report = validate_splits(sources, Path(tmp), data, count_tokens)
+        report = validate_splits(sources, Path(tmp), data, count_tokens=count_tokens)
         (Path(tmp) / "report.json").write_text(
             json.dumps(report.model_dump() | {"totals": report.totals()}, indent=2)
         )

@@ -8,14 +8,11 @@ import json
 import pytest
 
 from loraflow.config import DataConfig
-from loraflow.data.preference import (
-    tokenize_preference_splits,
-    validate_preference_splits,
-)
+from loraflow.data.preference import KTO, PAIRS, tokenize_preference_splits
 from loraflow.data.prompts import PromptTemplate
 from loraflow.data.records import DataError
 from loraflow.data.tokenization import TokenizeSettings
-from loraflow.data.validation import validate_splits
+from loraflow.data.validation import SFT, validate_splits
 
 GOOD = [
     {"prompt": "Two mugs to Oslo.", "chosen": '{"qty": 2}', "rejected": '{"qty": "two"}'},
@@ -55,9 +52,8 @@ def test_every_line_is_accounted_for_with_its_own_reasons(tmp_path):
         GOOD[0],  # a repeat
     ]
     out = tmp_path / "valid"
-    report = validate_preference_splits(sources(tmp_path, GOOD + bad + [""]), out,
-                                        DataConfig(min_kept_fraction=0.0), "pairs",
-                                        progress=False)
+    report = validate_splits(sources(tmp_path, GOOD + bad + [""]), out,
+                             DataConfig(min_kept_fraction=0.0), kind=PAIRS, progress=False)
     train = report.splits["train"]
     assert train.read == 12 and train.blank == 1 and train.usable == 4
     assert train.reasons == {"not_json": 1, "missing_field": 1, "wrong_type": 1, "empty": 1,
@@ -76,9 +72,9 @@ def test_kto_records_need_a_boolean_label(tmp_path):
             {"prompt": "c", "completion": "d", "label": False},
             {"prompt": "e", "completion": "f", "label": "yes"},
             {"prompt": "g", "completion": "h", "label": 1}]
-    report = validate_preference_splits(
+    report = validate_splits(
         sources(tmp_path, rows, validation=rows[:1], test=rows[1:2]), tmp_path / "v",
-        DataConfig(min_kept_fraction=0.0, clean={"leakage": False}), "kto", progress=False)
+        DataConfig(min_kept_fraction=0.0, clean={"leakage": False}), kind=KTO, progress=False)
     assert report.splits["train"].reasons == {"label_not_boolean": 2}
     kept = (tmp_path / "v" / "train.jsonl").read_text().splitlines()
     assert [json.loads(line)["desirable"] for line in kept] == [True, False]
@@ -86,9 +82,8 @@ def test_kto_records_need_a_boolean_label(tmp_path):
 
 def test_sft_data_given_as_preference_data_stops_naming_file_line_and_fix(tmp_path):
     rows = GOOD + [{"instruction": "x", "output": "y"}]
-    report = validate_preference_splits(sources(tmp_path, rows), tmp_path / "v",
-                                        DataConfig(min_kept_fraction=0.0), "pairs",
-                                        progress=False)
+    report = validate_splits(sources(tmp_path, rows), tmp_path / "v",
+                             DataConfig(min_kept_fraction=0.0), kind=PAIRS, progress=False)
     with pytest.raises(DataError) as err:
         report.check(tmp_path / "v")
     message = str(err.value)
@@ -110,6 +105,38 @@ def test_preference_data_given_as_sft_data_stops_naming_file_line_and_fix(tmp_pa
     assert "align.train" in str(err.value)
 
 
+def test_the_one_runner_rejects_the_same_faults_the_same_way_for_every_kind(tmp_path):
+    """Decoding, dedup and leakage are the split runner's, not a kind's: an SFT file and a
+    pairs file with the same faults on the same lines are quarantined alike."""
+    sft = {"prompt": "Two mugs to Oslo.", "completion": '{"qty": 2}'}
+    pair = {"prompt": "Two mugs to Oslo.", "chosen": '{"qty": 2}', "rejected": '{"qty": "two"}'}
+
+    def faults(good: dict) -> list[bytes]:
+        near = {k: v.upper().replace(".", "!") for k, v in good.items()}
+        return [json.dumps(x).encode() for x in (good, good, near)] + [
+            b'{"prompt": "\xff"}', b'{"prompt": ', b"[1, 2]",
+            json.dumps(good | {"prompt": "x" * 2000}).encode()]
+
+    rows = {}
+    for kind, good in (("sft", sft), ("pairs", pair)):
+        folder = tmp_path / kind
+        folder.mkdir()
+        (folder / "train.jsonl").write_bytes(b"\n".join(faults(good)) + b"\n")
+        leak = good | {k: "another answer" for k in ("completion", "chosen") if k in good}
+        (folder / "validation.jsonl").write_text(json.dumps(leak) + "\n")
+        splits = {s: [str(folder / f"{s}.jsonl")] for s in ("train", "validation")}
+        config = DataConfig(min_kept_fraction=0.0, max_line_bytes=1024)
+        report = validate_splits(splits, folder / "out", config,
+                                 kind=PAIRS if kind == "pairs" else SFT, progress=False)
+        assert report.splits["train"].usable == 1 and report.splits["validation"].usable == 0
+        rows[kind] = [row.split("\t")[2:] for split in ("train", "validation") for row in
+                      (folder / "out" / "quarantine" / f"{split}.tsv").read_text().splitlines()[1:]]
+    assert [(line, reason) for line, reason, _ in rows["sft"]] == [
+        ("2", "duplicate"), ("3", "near_duplicate"), ("4", "invalid_utf8"), ("5", "not_json"),
+        ("6", "not_object"), ("7", "too_long"), ("1", "leak")]
+    assert rows["sft"] == rows["pairs"]  # the same lines, reasons and details
+
+
 def test_pairs_tokenize_to_prompt_and_answer_ids_the_engine_reads_as_units(
     tmp_path, tiny_model_dir
 ):
@@ -120,9 +147,8 @@ def test_pairs_tokenize_to_prompt_and_answer_ids_the_engine_reads_as_units(
 
     alpaca = PromptTemplate(kind="alpaca")
 
-    report = validate_preference_splits(sources(tmp_path, GOOD), tmp_path / "v",
-                                        DataConfig(clean={"leakage": False}), "pairs",
-                                        progress=False)
+    report = validate_splits(sources(tmp_path, GOOD), tmp_path / "v",
+                             DataConfig(clean={"leakage": False}), kind=PAIRS, progress=False)
     report.check(tmp_path / "v")
     tokenizer = load_tokenizer(tiny_model_dir)
     tokens = tokenize_preference_splits(tmp_path / "v", tokenizer, alpaca,
