@@ -171,6 +171,36 @@ def test_pairs_tokenize_to_prompt_and_answer_ids_the_engine_reads_as_units(
         read_items(tmp_path / "t", "train", "kto")
 
 
+def test_preference_tokens_are_cached_like_sft_tokens_and_never_left_half_written(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """The one cache of tokenized folders: reused on the same content key, and a run that
+    fails leaves neither the folder nor its staging copy."""
+    from loraflow.base_model import load_tokenizer
+    from loraflow.data import preference
+    from loraflow.data.preference import tokenize_preference_cached
+
+    report = validate_splits(sources(tmp_path, GOOD), tmp_path / "v",
+                             DataConfig(clean={"leakage": False}), kind=PAIRS, progress=False)
+    report.check(tmp_path / "v")
+    tokenizer, alpaca = load_tokenizer(tiny_model_dir), PromptTemplate(kind="alpaca")
+    settings = TokenizeSettings(max_length=512)
+    args = (tmp_path / "cache", tmp_path / "v", report.sha256, tokenizer, "tok", alpaca,
+            settings)
+    first, tokens, reused = tokenize_preference_cached(*args, "pairs", progress=False)
+    assert not reused and tokens.counts["train"] == 3
+    again, tokens2, reused = tokenize_preference_cached(*args, "pairs", progress=False)
+    assert reused and again == first and tokens2 == tokens
+
+    def fails(*_args, **_kwargs):
+        raise OSError("the disk went away")
+
+    monkeypatch.setattr(preference, "tokenize_preference_splits", fails)
+    with pytest.raises(OSError, match="went away"):
+        tokenize_preference_cached(*args, "kto", progress=False)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.name]
+
+
 def test_sft_tokens_refused_by_a_preference_objective(tokenized):
     from loraflow.engine.batches import read_items
 

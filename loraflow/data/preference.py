@@ -26,9 +26,6 @@ completion_ids, desirable; loraflow.engine.batches.read_items reads them back.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -41,8 +38,16 @@ from transformers import PreTrainedTokenizerBase
 from loraflow.config import DataConfig
 from loraflow.data.cleaning import fold, rule_runner
 from loraflow.data.prompts import PromptTemplate
-from loraflow.data.records import Example, Rejected, checked_messages, json_type
-from loraflow.data.tokenization import Encoder, TokenizeSettings
+from loraflow.data.records import SPLITS, Example, Rejected, checked_messages, json_type
+from loraflow.data.tokenization import (
+    BATCH,
+    Encoder,
+    TokenizeSettings,
+    batches,
+    cache_key,
+    cached,
+    write_report,
+)
 from loraflow.data.validation import Checked, RecordKind, Steps
 
 Kind = Literal["pairs", "kto"]
@@ -222,7 +227,7 @@ class PreferenceTokenReport(BaseModel):
 def tokenize_preference_splits(
     data_dir: Path, tokenizer: PreTrainedTokenizerBase, template: PromptTemplate,
     settings: TokenizeSettings, out_dir: Path, kind: Kind,
-    splits: tuple[str, ...] = ("train", "validation", "test"), progress: bool = True,
+    splits: tuple[str, ...] = SPLITS, progress: bool = True,
 ) -> PreferenceTokenReport:
     """out_dir/<split>.parquet (prompt ids + answer ids + EOS per side) and report.json. The
     prompt and each answer are encoded apart, as for SFT: the prompt's ids are those the model
@@ -239,23 +244,14 @@ def tokenize_preference_splits(
     limit = settings.max_length
     for split in splits:
         path = Path(data_dir) / f"{split}.jsonl"
-        records = list(read_preferences(path)) if path.is_file() else []
+        records = read_preferences(path) if path.is_file() else iter([])
         columns: dict[str, list[Any]] = {"prompt_ids": []} | {f"{s}_ids": [] for s in sides}
         if kind == "kto":
             columns["desirable"] = []
         n = dict.fromkeys(numbers, 0)
-        for start in tqdm(range(0, len(records), 1024), desc=f"tokenize {split}",
-                          disable=not progress, leave=False):
-            batch = records[start : start + 1024]
-            prompts = [encoder.render(r.prompt()) for r in batch]
-            none: list[list[tuple[int, int]]] = [[] for _ in batch]  # the final turn only
-            prompt_ids, first, _ = encoder.run(
-                (prompts, [getattr(r, sides[0]) for r in batch], none))
-            answers = [first] + [encoder.run(([], [getattr(r, s) for r in batch], []))[1]
-                                 for s in sides[1:]]
-            for i, record in enumerate(batch):
-                prompt = prompt_ids[i]
-                ids = [a[i] + [encoder.eos] for a in answers]
+        bar = tqdm(desc=f"tokenize {split}", unit="ex", disable=not progress, leave=False)
+        for batch in batches(records, BATCH):
+            for record, prompt, ids in zip(batch, *_encoded(encoder, batch, sides), strict=True):
                 if len(prompt) + max(map(len, ids)) > limit:
                     if settings.truncation == "drop" or len(prompt) >= limit:
                         n["too_long"] += 1
@@ -269,6 +265,8 @@ def tokenize_preference_splits(
                     columns["desirable"].append(record.desirable)
                 n["counts"] += 1
                 n["tokens"] += sum(len(prompt) + len(a) for a in ids)
+            bar.update(len(batch))
+        bar.close()
         ids_type = pa.list_(pa.int32())
         schema = pa.schema([(c, pa.bool_() if c == "desirable" else ids_type) for c in columns])
         pq.write_table(pa.table(columns, schema=schema), out_dir / f"{split}.parquet",
@@ -276,8 +274,21 @@ def tokenize_preference_splits(
         for key, value in n.items():
             numbers[key][split] = value
     report = PreferenceTokenReport(kind=kind, settings=settings, **numbers)
-    (out_dir / "report.json").write_text(report.model_dump_json(indent=2))
+    write_report(out_dir, report)
     return report
+
+
+def _encoded(
+    encoder: Encoder, batch: list[PreferenceExample], sides: tuple[str, ...]
+) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """(prompt ids, [answer ids + EOS, one list per side]) of each record of the batch: the
+    final turn's answers only (no earlier-turn spans)."""
+    prompts = [encoder.render(r.prompt()) for r in batch]
+    none: list[list[tuple[int, int]]] = [[] for _ in batch]
+    prompt_ids, first, _ = encoder.run((prompts, [getattr(r, sides[0]) for r in batch], none))
+    answers = [first] + [encoder.run(([], [getattr(r, s) for r in batch], []))[1]
+                         for s in sides[1:]]
+    return prompt_ids, [[a[i] + [encoder.eos] for a in answers] for i in range(len(batch))]
 
 
 def tokenize_preference_cached(
@@ -286,17 +297,8 @@ def tokenize_preference_cached(
     progress: bool = True,
 ) -> tuple[Path, PreferenceTokenReport, bool]:
     """(folder, report, reused): tokenize into cache_root/<content key>/ unless it is there."""
-    key = hashlib.sha256(json.dumps(
-        ["preference", FORMAT_VERSION, kind, data_sha256, tokenizer_sha, template.model_dump(),
-         settings.model_dump()], sort_keys=True).encode()).hexdigest()
-    folder = Path(cache_root) / key
-    if (folder / "report.json").is_file():
-        return folder, PreferenceTokenReport.model_validate_json(
-            (folder / "report.json").read_text()), True
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    report = tokenize_preference_splits(data_dir, tokenizer, template, settings, staging, kind,
-                                        progress=progress)
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
-    return folder, report, False
+    key = cache_key("preference", FORMAT_VERSION, kind, data_sha256, tokenizer_sha,
+                    template.model_dump(), settings.model_dump())
+    return cached(Path(cache_root) / key, PreferenceTokenReport, lambda out: (
+        tokenize_preference_splits(data_dir, tokenizer, template, settings, out, kind,
+                                   progress=progress)))
