@@ -195,7 +195,7 @@ class TrainConfig(Section):
         "chosen over rejected against the reference, the model with this adapter off), orpo "
         "(pairs: chosen NLL + odds ratio, no reference), kto (single answers labelled "
         "desirable or not, against the reference). dpo/orpo/kto read preference data "
-        "(loraflow.preference_data).",
+        "(loraflow.data.preference).",
     )
     beta: float = Field(
         0.1, gt=0.0, le=100.0,

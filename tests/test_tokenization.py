@@ -212,7 +212,7 @@ def test_tokenized_data_is_cached_on_data_tokenizer_and_template(tmp_path, token
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-# --- ids by pre-token lookup (loraflow.pretokens) ---------------------------------------------
+# --- ids by pre-token lookup (loraflow.data.pretokens) ----------------------------------------
 
 # Every ASCII character, runs of white space, the contractions the pre-tokenizer keeps apart,
 # the template's markers, added tokens and pieces of them; and some non-ASCII text, which must

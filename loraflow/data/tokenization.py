@@ -116,16 +116,16 @@ Ids = tuple[list[list[int]], list[list[int]], list[list[int]]]
 
 class Encoder:
     """Renders and encodes examples in batches: the same ids as tokenizer(...), without building
-    Python BatchEncodings; by pre-token lookup (loraflow.pretokens) where the tokenizer allows,
-    through its Rust backend otherwise.
+    Python BatchEncodings; by pre-token lookup (loraflow.data.pretokens) where the tokenizer
+    allows, through its Rust backend otherwise.
 
     encode() = texts() (render) -> run() (the ids) -> assemble() (prompt + answer + EOS);
     tokenize_splits runs run() in a second thread, so that the Rust tokenizer, which releases
     the GIL, overlaps the Python steps of the batches around it. A conversation's earlier
     assistant turns (train_on=all_assistant_turns) are found as character spans of the
-    prompt (loraflow.prompts.assistant_spans) and mapped to tokens by the tokenizer's offsets.
-    The preflight (on construction) checks on probe examples that the prompt ids are those
-    served and that every answer's end-of-turn/EOS token is labelled."""
+    prompt (loraflow.data.prompts.assistant_spans) and mapped to tokens by the tokenizer's
+    offsets. The preflight (on construction) checks on probe examples that the prompt ids are
+    those served and that every answer's end-of-turn/EOS token is labelled."""
 
     def __init__(
         self, tokenizer: PreTrainedTokenizerBase, template: PromptTemplate,
