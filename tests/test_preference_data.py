@@ -137,6 +137,30 @@ def test_the_one_runner_rejects_the_same_faults_the_same_way_for_every_kind(tmp_
     assert rows["sft"] == rows["pairs"]  # the same lines, reasons and details
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "datasets"])
+@pytest.mark.parametrize("kind", [PAIRS, KTO], ids=["pairs", "kto"])
+def test_columnar_preference_files_give_the_records_of_the_same_lines(tmp_path, fmt, kind):
+    """Of a Parquet or Arrow file the kind's own columns are read (chosen, rejected, label):
+    the same cleaned records and digest as the JSON lines (they were left out, so every
+    record was quarantined)."""
+    from dataformats import write_records
+
+    pairs = GOOD[:2] + HELD_OUT
+    rows = pairs if kind is PAIRS else [
+        {"prompt": r.get("prompt") or r["instruction"], "completion": r["chosen"],
+         "label": i % 2 == 0} for i, r in enumerate(pairs)]
+    config = DataConfig(clean={"leakage": False})
+    reports = {}
+    for f in ("jsonl", fmt):
+        path = write_records(tmp_path / f, "train", f, rows)
+        reports[f] = validate_splits({"train": [str(path)]}, tmp_path / f / "out", config,
+                                     kind=kind, progress=False)
+    assert reports[fmt].splits["train"].usable == len(rows)
+    assert reports[fmt].sha256 == reports["jsonl"].sha256
+    assert (tmp_path / fmt / "out" / "train.jsonl").read_bytes() == (
+        tmp_path / "jsonl" / "out" / "train.jsonl").read_bytes()
+
+
 def test_pairs_tokenize_to_prompt_and_answer_ids_the_engine_reads_as_units(
     tmp_path, tiny_model_dir
 ):

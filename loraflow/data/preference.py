@@ -35,7 +35,7 @@ from pydantic import BaseModel
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from loraflow.config import DataConfig
+from loraflow.config import COLUMN_NAMES, DataConfig
 from loraflow.data.cleaning import fold, rule_runner
 from loraflow.data.prompts import PromptTemplate
 from loraflow.data.records import SPLITS, Example, Rejected, checked_messages, json_type
@@ -190,17 +190,19 @@ def check_preference(record: Any, cfg: DataConfig, steps: Steps, kind: Kind) -> 
     return Checked(record=example, changed=changed, prompt=prompt, answers=answers)
 
 
+# what a preference line may hold: its prompt, its answers and label, and output (an SFT example)
+FIELDS = (*COLUMN_NAMES, "chosen", "rejected", "label")
 PAIRS = RecordKind(
     name="pairs", check=partial(check_preference, kind="pairs"), reasons=REASONS,
     shapes='{"prompt": "...", "chosen": "...", "rejected": "..."} (or "instruction" + "input" '
     'for "prompt", or "messages" ending with the user\'s turn)',
-    digest_tag=b"pairs\0", answer_checks=False,
+    fields=FIELDS, digest_tag=b"pairs\0", answer_checks=False,
 )
 KTO = RecordKind(
     name="kto", check=partial(check_preference, kind="kto"), reasons=REASONS,
     shapes='{"prompt": "...", "completion": "...", "label": true} (label false for an '
     "undesirable answer)",
-    digest_tag=b"kto\0", answer_checks=False,
+    fields=FIELDS, digest_tag=b"kto\0", answer_checks=False,
 )
 PREFERENCE_KINDS: dict[Kind, RecordKind] = {"pairs": PAIRS, "kto": KTO}
 

@@ -88,6 +88,7 @@ class RecordKind:
     check: Callable[[Any, DataConfig, Steps], Checked]
     reasons: tuple[str, ...]  # its quarantine reasons in the order the checks run: the report's
     shapes: str  # what a line must look like, for the error message
+    fields: tuple[str, ...]  # what it reads of a record: the columns read of a columnar file
     digest_tag: bytes  # leads the data digest; none for SFT, whose digests predate the kinds
     # data.clean.min_output_tokens and dedup=minhash's MinHash look at one answer: SFT's; a
     # preference record is deduplicated exactly and near (dedup=minhash counts as near)
@@ -208,7 +209,7 @@ def check_example(record: Any, cfg: DataConfig, steps: Steps) -> Checked:
 
 
 SFT = RecordKind(name="sft", check=check_example, reasons=REASONS, shapes=SFT_SHAPES,
-                 digest_tag=b"", answer_checks=True)
+                 fields=COLUMN_NAMES, digest_tag=b"", answer_checks=True)
 
 
 class _Quarantine:
@@ -393,8 +394,7 @@ def _validate_split(run: _Validation, name: str, files: list[str]) -> tuple[Spli
     try:
         for file in files:
             file_digest = hashlib.sha256()
-            for source, unit, chunk in _chunks(file, run.cfg, split.counts, file_digest,
-                                               run.progress):
+            for source, unit, chunk in _chunks(run, file, split.counts, file_digest):
                 _validate_chunk(split, source, unit, chunk)
             run.source_digest.update(f"{name}\0{file}\0".encode() + file_digest.digest())
     finally:
@@ -438,7 +438,7 @@ def _digest(text: str) -> bytes:
 
 
 def _chunks(
-    source: str, cfg: DataConfig, counts: SplitCounts, digest: Any, progress: bool
+    run: _Validation, source: str, counts: SplitCounts, digest: Any
 ) -> Iterator[tuple[str, str, list[formats.Item]]]:
     """(file, "" for lines or "row ", items) in chunks of CHUNK: items as loraflow.data.formats
     reads them; blank lines are counted here and not yielded. Whole-file problems found while
@@ -452,7 +452,7 @@ def _chunks(
         unit = "row " if fmt in formats.ROW_FORMATS else ""
         chunk: list[formats.Item] = []
         try:
-            for item in _items(file, fmt, cfg, digest, progress):
+            for item in _items(run, file, fmt, digest):
                 counts.read += 1
                 if isinstance(item[2], bytes) and not item[2].strip():
                     counts.blank += 1
@@ -467,12 +467,13 @@ def _chunks(
             yield file, unit, chunk
 
 
-def _items(
-    file: str, fmt: str, cfg: DataConfig, digest: Any, progress: bool
-) -> Iterator[formats.Item]:
+def _items(run: _Validation, file: str, fmt: str, digest: Any) -> Iterator[formats.Item]:
     """One file's items; its bytes hashed into `digest` as read (Parquet and Arrow, which are
-    read from their footer/schema first, are hashed in one pass before)."""
-    mapped = {cfg.columns.get(name, name) for name in COLUMN_NAMES}
+    read from their footer/schema first, are hashed in one pass before). Of a columnar file,
+    the columns of the kind's fields are read."""
+    cfg = run.cfg
+    ours = {name: cfg.columns.get(name, name) for name in run.kind.fields}  # field -> column
+    mapped = set(ours.values())
     with (
         open_source(file) as f,
         tqdm(
@@ -480,7 +481,7 @@ def _items(
             desc=f"validate {Path(file).name}",
             unit="B",
             unit_scale=True,
-            disable=not progress,
+            disable=not run.progress,
             leave=False,
         ) as bar,
     ):
@@ -496,8 +497,7 @@ def _items(
             names = list(reader.schema_arrow.names if fmt == "parquet" else reader.schema.names)
             columns = formats.wanted_columns(names, mapped)
             if columns is None:
-                raise DataError(formats.no_columns(file, names, cfg.columns | {
-                    n: n for n in COLUMN_NAMES if n not in cfg.columns}))
+                raise DataError(formats.no_columns(file, names, ours))
             batches = (reader.iter_batches(batch_size=formats.BATCH, columns=columns)
                        if fmt == "parquet" else iter(reader))
             yield from formats.arrow_batches_items(batches, None if fmt == "parquet" else columns)
@@ -512,7 +512,7 @@ def _items(
                 yield from formats.json_array_items(buffered, file)
         elif fmt in ("csv", "tsv"):
             buffered = io.BufferedReader(stream, formats.READ)
-            yield from _csv_items(buffered, file, fmt, cfg, mapped)
+            yield from _csv_items(buffered, file, fmt, cfg, ours)
         else:
             yield from formats.jsonl_items(
                 io.BufferedReader(stream, formats.READ), fmt, cfg.max_line_bytes, file
@@ -520,14 +520,13 @@ def _items(
 
 
 def _csv_items(
-    stream: IO[bytes], file: str, fmt: str, cfg: DataConfig, mapped: set[str]
+    stream: IO[bytes], file: str, fmt: str, cfg: DataConfig, ours: dict[str, str]
 ) -> Iterator[formats.Item]:
     delimiter = "\t" if fmt == "tsv" else ","
     items = formats.csv_items(stream, file, delimiter, cfg.columns.get("messages", "messages"))
     first = next(items, None)
-    if first is not None and not mapped & set(first[1]):  # type: ignore[arg-type]
-        raise DataError(formats.no_columns(file, list(first[1]), cfg.columns | {
-            n: n for n in COLUMN_NAMES if n not in cfg.columns}))
+    if first is not None and not set(ours.values()) & set(first[1]):  # type: ignore[arg-type]
+        raise DataError(formats.no_columns(file, list(first[1]), ours))
     if first is not None:
         yield first
         yield from items
