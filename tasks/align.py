@@ -104,8 +104,9 @@ def tokenize_preferences(
     tokenizer = load_tokenizer(base.path)
     settings = TokenizeSettings(max_length=cfg.max_length, truncation=cfg.truncation)
     folder, report, _ = tokenize_preference_cached(
-        loraflow_home() / "tokenized", fetch(data.uri), data.sha256, tokenizer,
-        tokenizer_sha256(base.path), template, settings, kind)  # type: ignore[arg-type]
+        cache_root=loraflow_home() / "tokenized", data_dir=fetch(data.uri),
+        data_sha256=data.sha256, tokenizer=tokenizer, tokenizer_sha=tokenizer_sha256(base.path),
+        template=template, settings=settings, kind=kind)  # type: ignore[arg-type]
     if report.counts["train"] == 0:
         raise ValueError(f"no preference record fits data.max_length={cfg.max_length} tokens "
                          f"({report.too_long['train']} are longer). Fix: raise "

@@ -95,13 +95,13 @@ def tokenize_data(
         max_length=cfg.max_length, truncation=cfg.truncation, train_on=cfg.train_on
     )
     folder, report, _ = tokenize_cached(
-        loraflow_home() / "tokenized",
-        fetch(data.uri),
-        data.sha256,
-        tokenizer,
-        tokenizer_sha256(base.path),
-        template,
-        settings,
+        cache_root=loraflow_home() / "tokenized",
+        data_dir=fetch(data.uri),
+        data_sha256=data.sha256,
+        tokenizer=tokenizer,
+        tokenizer_sha=tokenizer_sha256(base.path),
+        template=template,
+        settings=settings,
     )
     if report.counts["train"] == 0:
         raise ValueError(
