@@ -66,8 +66,9 @@ def plain_pipeline(config_args: list[str]) -> dict[str, float]:
     from loraflow.base_model import load_tokenizer, resolve_base_model
     from loraflow.config import TrainConfig, load_config, loraflow_home
     from loraflow.data.prompts import prompt_template
+    from loraflow.data.records import SPLITS
     from loraflow.data.tokenization import TokenizeSettings, tokenize_cached
-    from loraflow.data.validation import SPLITS, validate_splits
+    from loraflow.data.validation import validate_splits
     from loraflow.engine.config import EngineConfig
     from loraflow.evaluation.evaluate import ModelSource, evaluate, load_sets, write_result
     from loraflow.evaluation.report import build_report
@@ -96,7 +97,7 @@ def plain_pipeline(config_args: list[str]) -> dict[str, float]:
         tokenizer = load_tokenizer(base.path)
         count_tokens = lambda texts: [  # noqa: E731
             len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    data = validate_splits(sources, work / "data", cfg.data, count_tokens)
+    data = validate_splits(sources, work / "data", cfg.data, count_tokens=count_tokens)
     data.check(work / "data")
     lap("validate_data")
     tokenizer = load_tokenizer(base.path)

@@ -175,7 +175,7 @@ def free_memory() -> None:
 def lf_data(w: Workload, work: Path) -> dict[str, Any]:
     from loraflow.base_model import load_tokenizer
     from loraflow.config import DataConfig
-    from loraflow.data.tokenization import tokenize_splits
+    from loraflow.data.tokenization import TokenizeSettings, tokenize_splits
     from loraflow.data.validation import validate_splits
 
     sources = {s: [str(work / "data" / f"{s}.jsonl")] for s in ("train", "validation", "test")}
@@ -185,7 +185,8 @@ def lf_data(w: Workload, work: Path) -> dict[str, Any]:
     validate_s = time.perf_counter() - start
     start = time.perf_counter()
     tokens = tokenize_splits(work / "valid", load_tokenizer(work / "base"), ALPACA_TEMPLATE,
-                             w.max_tokens, work / "tokens", progress=False)
+                             TokenizeSettings(max_length=w.max_tokens), work / "tokens",
+                             progress=False)
     return {"validate": {"seconds": validate_s,
                          "kept": {s: c.kept for s, c in report.splits.items()}},
             "tokenize": {"seconds": time.perf_counter() - start,

@@ -77,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     from loraflow.base_model import load_tokenizer, resolve_base_model
     from loraflow.config import load_config
     from loraflow.data.prompts import prompt_template
+    from loraflow.data.records import SPLITS
     from loraflow.data.tokenization import TokenizeSettings, tokenize_splits
-    from loraflow.data.validation import SPLITS, validate_splits
+    from loraflow.data.validation import validate_splits
     from loraflow.evaluation.evaluate import ModelSource, evaluate, load_sets
 
     work = args.workdir

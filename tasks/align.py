@@ -18,10 +18,11 @@ from prefect.cache_policies import CacheKeyFnPolicy
 from loraflow.artifacts import Adapter, TokenizedData, ValidatedData
 from loraflow.base_model import BaseModelRef, load_tokenizer
 from loraflow.config import AlignConfig, DataConfig, RegistryConfig, loraflow_home
-from loraflow.data.preference import tokenize_preference_cached, validate_preference_splits
+from loraflow.data.preference import PREFERENCE_KINDS, tokenize_preference_cached
 from loraflow.data.prompts import PromptTemplate
+from loraflow.data.records import SPLITS
 from loraflow.data.tokenization import TokenizeReport, TokenizeSettings
-from loraflow.data.validation import SPLITS
+from loraflow.data.validation import validate_splits
 from loraflow.evaluation.preference import evaluate_pairs
 from loraflow.hashing import sha256_file, sha256_tree, tokenizer_sha256
 from loraflow.release import registry
@@ -64,7 +65,7 @@ def validate_preferences(align: AlignConfig, data: DataConfig, run_id: str) -> V
     align/data; stop before training on too few usable lines or on SFT lines."""
     sources = {split: list(getattr(align, split)) for split in SPLITS}
     with tempfile.TemporaryDirectory() as tmp:
-        report = validate_preference_splits(sources, Path(tmp), data, kind_of(align))
+        report = validate_splits(sources, Path(tmp), data, kind=PREFERENCE_KINDS[kind_of(align)])
         (Path(tmp) / "report.json").write_text(
             json.dumps(report.model_dump() | {"totals": report.totals()}, indent=2))
         split_sha256 = {split: sha256_file(Path(tmp) / f"{split}.jsonl") for split in sources
@@ -91,8 +92,9 @@ def tokenize_preferences(
     tokenizer = load_tokenizer(base.path)
     settings = TokenizeSettings(max_length=cfg.max_length, truncation=cfg.truncation)
     folder, report, _ = tokenize_preference_cached(
-        loraflow_home() / "tokenized", fetch(data.uri), data.sha256, tokenizer,
-        tokenizer_sha256(base.path), template, settings, kind)  # type: ignore[arg-type]
+        cache_root=loraflow_home() / "tokenized", data_dir=fetch(data.uri),
+        data_sha256=data.sha256, tokenizer=tokenizer, tokenizer_sha=tokenizer_sha256(base.path),
+        template=template, settings=settings, kind=kind)  # type: ignore[arg-type]
     if report.counts["train"] == 0:
         raise ValueError(f"no preference record fits data.max_length={cfg.max_length} tokens "
                          f"({report.too_long['train']} are longer). Fix: raise "

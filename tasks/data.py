@@ -17,9 +17,10 @@ from loraflow.artifacts import HeldoutSplit, TokenizedData, ValidatedData
 from loraflow.base_model import BaseModelRef, load_tokenizer
 from loraflow.config import DataConfig, loraflow_home
 from loraflow.data.prompts import prompt_template
+from loraflow.data.records import SPLITS
 from loraflow.data.sources import source_fingerprint
 from loraflow.data.tokenization import TokenizeSettings, plot_lengths, tokenize_cached
-from loraflow.data.validation import SPLITS, validate_splits
+from loraflow.data.validation import validate_splits
 from loraflow.hashing import sha256_file, sha256_tree, tokenizer_sha256
 from tasks.caching import CONTENT
 from tasks.tracking import fetch, log_dir, log_metrics
@@ -54,7 +55,7 @@ def validate_data(data: DataConfig, base: BaseModelRef, run_id: str) -> Validate
         ]
     sources = {split: list(getattr(data, split)) for split in SPLITS}
     with tempfile.TemporaryDirectory() as tmp:
-        report = validate_splits(sources, Path(tmp), data, count_tokens)
+        report = validate_splits(sources, Path(tmp), data, count_tokens=count_tokens)
         (Path(tmp) / "report.json").write_text(
             json.dumps(report.model_dump() | {"totals": report.totals()}, indent=2)
         )
@@ -94,13 +95,13 @@ def tokenize_data(
         max_length=cfg.max_length, truncation=cfg.truncation, train_on=cfg.train_on
     )
     folder, report, _ = tokenize_cached(
-        loraflow_home() / "tokenized",
-        fetch(data.uri),
-        data.sha256,
-        tokenizer,
-        tokenizer_sha256(base.path),
-        template,
-        settings,
+        cache_root=loraflow_home() / "tokenized",
+        data_dir=fetch(data.uri),
+        data_sha256=data.sha256,
+        tokenizer=tokenizer,
+        tokenizer_sha=tokenizer_sha256(base.path),
+        template=template,
+        settings=settings,
     )
     if report.counts["train"] == 0:
         raise ValueError(

@@ -57,14 +57,14 @@ def tokenized(tmp_path: Path, small_data: dict[str, Path], tiny_model_dir: Path)
     from loraflow.base_model import load_tokenizer
     from loraflow.config import DataConfig
     from loraflow.data.prompts import PromptTemplate
-    from loraflow.data.tokenization import tokenize_splits
+    from loraflow.data.tokenization import TokenizeSettings, tokenize_splits
     from loraflow.data.validation import validate_splits
 
     sources = {split: [str(path)] for split, path in small_data.items()}
     validate_splits(sources, tmp_path / "valid", DataConfig(), progress=False)
     tokenize_splits(
-        tmp_path / "valid", load_tokenizer(tiny_model_dir), PromptTemplate(kind="chat"), 512,
-        tmp_path / "tokens",
+        tmp_path / "valid", load_tokenizer(tiny_model_dir), PromptTemplate(kind="chat"),
+        TokenizeSettings(max_length=512), tmp_path / "tokens",
     )
     return tmp_path / "tokens"
 

@@ -38,7 +38,7 @@ def validate(tmp_path: Path, train: bytes, cfg: DataConfig | None = None, **spli
     if cfg.clean.min_output_tokens:
         tok = AutoTokenizer.from_pretrained(ASSETS / "tiny-tokenizer")
         counter = lambda texts: [len(t) for t in tok(texts, add_special_tokens=False)["input_ids"]]  # noqa: E731
-    report = validate_splits(sources, out, cfg, counter, progress=False)
+    report = validate_splits(sources, out, cfg, count_tokens=counter, progress=False)
     for split, c in report.splits.items():  # every line is accounted for, in every test
         assert c.read == c.blank + c.kept + c.cleaned + c.quarantined
         assert sum(c.reasons.values()) == c.quarantined

@@ -285,9 +285,10 @@ def preference_tokens(tmp_path, tiny_model_dir):
 
     from loraflow.base_model import load_tokenizer
     from loraflow.config import DataConfig
-    from loraflow.data.preference import tokenize_preference_splits, validate_preference_splits
+    from loraflow.data.preference import PAIRS, tokenize_preference_splits
     from loraflow.data.prompts import PromptTemplate
     from loraflow.data.tokenization import TokenizeSettings
+    from loraflow.data.validation import validate_splits
 
     root = Path(__file__).resolve().parents[1] / "data" / "orders" / "preference"
     sources = {}
@@ -297,8 +298,8 @@ def preference_tokens(tmp_path, tiny_model_dir):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(json.loads(x)) + "\n" for x in lines))
         sources[split] = [str(path)]
-    report = validate_preference_splits(sources, tmp_path / "valid", DataConfig(), "pairs",
-                                        progress=False)
+    report = validate_splits(sources, tmp_path / "valid", DataConfig(), kind=PAIRS,
+                             progress=False)
     report.check(tmp_path / "valid")
     tokenize_preference_splits(tmp_path / "valid", load_tokenizer(tiny_model_dir),
                                PromptTemplate(kind="chat"),

@@ -132,7 +132,8 @@ def test_batches_stream_through_the_encoding_thread_in_line_order(tmp_path, toke
     monkeypatch.setattr("loraflow.data.tokenization.BATCH", 7)
     rows = examples(30)
     data = write_data(tmp_path / "data", {"train": rows, "validation": []})
-    report = tokenize_splits(data, tokenizer, ALPACA_LAYOUT, 4096, tmp_path / "tok", progress=False)
+    report = tokenize_splits(data, tokenizer, ALPACA_LAYOUT, TokenizeSettings(max_length=4096),
+                             tmp_path / "tok", progress=False)
     assert report.counts == {"train": 30, "validation": 0}
     stored = read_tokenized(tmp_path / "tok" / "train.parquet")
     assert stored == [encode_example(tokenizer, ALPACA_LAYOUT, e) for e in rows]
@@ -141,7 +142,8 @@ def test_batches_stream_through_the_encoding_thread_in_line_order(tmp_path, toke
 def test_over_max_length_is_dropped_or_truncated_and_a_lost_answer_is_reported(tmp_path, tokenizer):
     long_input = EXAMPLE.model_copy(update={"input": "word " * 200})
     data = write_data(tmp_path / "data", {"train": [EXAMPLE, long_input], "validation": [EXAMPLE]})
-    drop = tokenize_splits(data, tokenizer, CHAT, 128, tmp_path / "drop", progress=False)
+    drop = tokenize_splits(data, tokenizer, CHAT, TokenizeSettings(max_length=128),
+                           tmp_path / "drop", progress=False)
     assert drop.counts == {"train": 1, "validation": 1}
     assert drop.too_long == {"train": 1, "validation": 0}
     assert [len(ids) <= 128 for ids, *_ in read_tokenized(tmp_path / "drop" / "train.parquet")] == [
@@ -162,7 +164,8 @@ def test_over_max_length_is_dropped_or_truncated_and_a_lost_answer_is_reported(t
 
 def test_files_hold_one_example_a_row_unpadded_and_the_engine_reads_them(tmp_path, tokenizer):
     data = write_data(tmp_path / "data", {"train": examples(60), "validation": examples(5, 1)})
-    report = tokenize_splits(data, tokenizer, CHAT, 256, tmp_path / "tok", progress=False)
+    report = tokenize_splits(data, tokenizer, CHAT, TokenizeSettings(max_length=256),
+                             tmp_path / "tok", progress=False)
     stored = read_tokenized(tmp_path / "tok" / "train.parquet")
     assert report.rows["train"] == report.counts["train"] == len(stored) == 60
     assert sum(len(ids) for ids, *_ in stored) == report.tokens["train"]  # no padding stored
@@ -184,7 +187,8 @@ def test_the_parquet_files_load_with_datasets(tmp_path, tokenizer):
     from datasets import load_dataset
 
     data = write_data(tmp_path / "data", {"train": examples(10), "validation": examples(2)})
-    tokenize_splits(data, tokenizer, ALPACA_LAYOUT, 256, tmp_path / "tok", progress=False)
+    tokenize_splits(data, tokenizer, ALPACA_LAYOUT, TokenizeSettings(max_length=256),
+                    tmp_path / "tok", progress=False)
     ds = load_dataset(
         "parquet",
         data_files=str(tmp_path / "tok" / "train.parquet"),
@@ -208,7 +212,7 @@ def test_tokenized_data_is_cached_on_data_tokenizer_and_template(tmp_path, token
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-# --- ids by pre-token lookup (loraflow.pretokens) ---------------------------------------------
+# --- ids by pre-token lookup (loraflow.data.pretokens) ----------------------------------------
 
 # Every ASCII character, runs of white space, the contractions the pre-tokenizer keeps apart,
 # the template's markers, added tokens and pieces of them; and some non-ASCII text, which must

@@ -51,7 +51,8 @@ def validate_command(args: argparse.Namespace) -> int:
     try:
         if cfg.clean.min_output_tokens:
             count_tokens = _token_counter(args.config, args.set)
-        report = validate_splits(sources, out, cfg, count_tokens, progress=not args.json)
+        report = validate_splits(sources, out, cfg, count_tokens=count_tokens,
+                                 progress=not args.json)
     except (DataError, ModelNotFoundError) as exc:
         print(f"loraflow: {exc}", file=sys.stderr)
         return 2

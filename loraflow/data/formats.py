@@ -466,12 +466,6 @@ def csv_items(
         raise FileProblem(f"{source}: row {row_number + 1} is not valid CSV ({exc})") from None
 
 
-def header_of(stream: IO[bytes], delimiter: str) -> list[str]:
-    """The header row of a CSV/TSV stream."""
-    text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")  # type: ignore[arg-type]
-    return next(csv.reader(text, delimiter=delimiter), [])
-
-
 def arrow_batches_items(batches: Iterator[Any], columns: list[str] | None) -> Iterator[Item]:
     """Rows of Arrow record batches as dicts, numbered from 1."""
     number = 0

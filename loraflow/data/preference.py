@@ -1,5 +1,6 @@
-"""Preference data: validated, cleaned and quarantined line by line like SFT data
-(loraflow.data.validation), then tokenized to Parquet for the engine's dpo/orpo/kto objectives.
+"""Preference records: the two record kinds (PAIRS, KTO) the one validator
+(loraflow.data.validation.validate_splits) checks and cleans line by line like SFT data, and
+their tokenizing to Parquet for the engine's dpo/orpo/kto objectives.
 
 Two kinds, the fields renamed through DataConfig.columns like SFT data:
   pairs (dpo, orpo):
@@ -13,7 +14,9 @@ Every line is accounted for (blank, kept, cleaned, or quarantined with a reason)
 SFT reasons: empty_side (an answer empty after cleaning), chosen_equals_rejected (the same
 text after cleaning: nothing to learn; case counts, it can be the very mistake),
 label_not_boolean, and sft_record (an SFT example in preference data: the file was given in
-the wrong place, so the run stops, naming the file, the line and the fix).
+the wrong place, so the run stops, naming the file, the line and the fix). data.clean's
+min_output_tokens and instruction_like_input are SFT checks, and dedup=minhash deduplicates
+preference records as near does.
 
 The prompt is rendered with the template of the SFT adapter this stage trains on top of, so the
 aligned model is asked exactly as the SFT model was trained and is served. Tokenized pairs are
@@ -23,11 +26,8 @@ completion_ids, desirable; loraflow.engine.batches.read_items reads them back.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,22 +35,20 @@ from pydantic import BaseModel
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from loraflow.config import DataConfig
-from loraflow.data.cleaning import RULES, cleaning_steps, fold, rule_runner
+from loraflow.config import COLUMN_NAMES, DataConfig
+from loraflow.data.cleaning import fold, rule_runner
 from loraflow.data.prompts import PromptTemplate
-from loraflow.data.records import Example, Rejected, _kind
-from loraflow.data.sources import check_sources
-from loraflow.data.tokenization import Encoder, TokenizeSettings
-from loraflow.data.validation import (
-    MAX_REPORTED,
-    SPLITS,
-    DataReport,
-    SplitCounts,
-    _chunks,
-    _digest,
-    _Quarantine,
-    decoded,
+from loraflow.data.records import SPLITS, Example, Rejected, checked_messages, json_type
+from loraflow.data.tokenization import (
+    BATCH,
+    Encoder,
+    TokenizeSettings,
+    batches,
+    cache_key,
+    cached,
+    write_report,
 )
+from loraflow.data.validation import Checked, RecordKind, Steps
 
 Kind = Literal["pairs", "kto"]
 FORMAT_VERSION = "1"
@@ -59,13 +57,6 @@ REASONS = (
     "missing_field", "wrong_type", "label_not_boolean", "empty", "empty_side",
     "chosen_equals_rejected", "duplicate", "near_duplicate", "leak",
 )  # fmt: skip
-SHAPES = {
-    "pairs": '{"prompt": "...", "chosen": "...", "rejected": "..."} (or "instruction" + '
-    '"input" for "prompt", or "messages" ending with the user\'s turn)',
-    "kto": '{"prompt": "...", "completion": "...", "label": true} (label false for an '
-    "undesirable answer)",
-}
-ROLES = ("system", "user", "assistant")
 
 
 class PreferenceExample(BaseModel):
@@ -88,13 +79,12 @@ class PreferenceExample(BaseModel):
 # --- parsing one line -----------------------------------------------------------------------
 
 
-def _text(record: dict[str, Any], name: str, columns: dict[str, str], required: bool,
-          reason: str = "missing_field") -> str:
+def _text(record: dict[str, Any], name: str, columns: dict[str, str], required: bool) -> str:
     key = columns.get(name, name)
     value = record.get(key)
     if value is None:
         if required:
-            raise Rejected(reason, f"missing field {key!r}")
+            raise Rejected("missing_field", f"missing field {key!r}")
         return ""
     if isinstance(value, list):  # TRL's conversational answers: [{"role": "assistant", ...}]
         if (len(value) == 1 and isinstance(value[0], dict)
@@ -103,23 +93,15 @@ def _text(record: dict[str, Any], name: str, columns: dict[str, str], required: 
             return value[0]["content"]
         raise Rejected("wrong_type", f"field {key!r} must be a string or one assistant message")
     if not isinstance(value, str):
-        raise Rejected("wrong_type", f"field {key!r} must be a string, found {_kind(value)}")
+        raise Rejected("wrong_type", f"field {key!r} must be a string, found {json_type(value)}")
     return value
 
 
 def _prompt(record: dict[str, Any], columns: dict[str, str]) -> tuple[str, str, list | None]:
     """(instruction, input, history) from prompt, instruction + input, or messages."""
-    messages = record.get(columns.get("messages", "messages"))
-    if messages is not None:
-        key = columns.get("messages", "messages")
-        if not isinstance(messages, list) or not messages:
-            raise Rejected("wrong_type", f"field {key!r} must be a non-empty list of messages")
-        for i, m in enumerate(messages):
-            if not (isinstance(m, dict) and isinstance(m.get("content"), str)):
-                raise Rejected("wrong_type", f"{key}[{i}] must be an object with a string "
-                               "'content'")
-            if m.get("role") not in ROLES:
-                raise Rejected("wrong_type", f"{key}[{i}].role must be one of {ROLES}")
+    key = columns.get("messages", "messages")
+    if record.get(key) is not None:
+        messages = checked_messages(record[key], key)
         if messages[-1]["role"] != "user":
             raise Rejected("missing_field", f"the last of {key!r} must be the user's turn (the "
                            "answers are chosen/rejected or completion)")
@@ -136,7 +118,7 @@ def _prompt(record: dict[str, Any], columns: dict[str, str]) -> tuple[str, str, 
 def to_preference(record: Any, columns: dict[str, str], kind: Kind) -> PreferenceExample:
     """A parsed JSON value -> PreferenceExample, or raise Rejected saying what is wrong."""
     if not isinstance(record, dict):
-        raise Rejected("not_object", f"expected a JSON object, found {_kind(record)}")
+        raise Rejected("not_object", f"expected a JSON object, found {json_type(record)}")
     answers = ("chosen", "rejected") if kind == "pairs" else ("completion", "label")
     present = [a for a in answers if record.get(columns.get(a, a)) is not None]
     if not present:
@@ -169,10 +151,10 @@ def to_preference(record: Any, columns: dict[str, str], kind: Kind) -> Preferenc
 
 
 def clean_preference(
-    example: PreferenceExample, steps: list[tuple[str, Callable[[str], str]]]
+    example: PreferenceExample, steps: Steps
 ) -> tuple[PreferenceExample, list[str]]:
+    """Apply the cleaning steps to every text field; the record and the rules that changed it."""
     run, changed = rule_runner(steps)
-
     if not steps:
         return example, []
     cleaned = example.model_copy(update={
@@ -185,13 +167,8 @@ def clean_preference(
     return cleaned, [name for name, _ in steps if name in changed]
 
 
-def check_line(
-    line: bytes | dict[str, Any] | None, cfg: DataConfig,
-    steps: list[tuple[str, Callable[[str], str]]], kind: Kind,
-) -> tuple[PreferenceExample, list[str], str, str]:
-    """(example, rules that changed it, folded prompt, folded answers) or raise Rejected. A
-    JSON line (bytes; None when too long) or a record a row format decoded."""
-    record = decoded(line, cfg)
+def check_preference(record: Any, cfg: DataConfig, steps: Steps, kind: Kind) -> Checked:
+    """Shape, clean and check one decoded preference record on its own; raise Rejected."""
     example, changed = clean_preference(to_preference(record, cfg.columns, kind), steps)
     after = " after cleaning" if changed else ""
     if not example.instruction.strip():
@@ -210,117 +187,28 @@ def check_line(
         answers = f"{fold(example.chosen)}\x1e{fold(example.rejected)}"
     else:
         answers = f"{fold(example.completion)}\x1e{example.desirable}"
-    return example, changed, prompt, answers
+    return Checked(record=example, changed=changed, prompt=prompt, answers=answers)
 
 
-# --- validating the splits ------------------------------------------------------------------
-
-
-def validate_preference_splits(
-    sources: dict[str, list[str]], out_dir: Path, cfg: DataConfig, kind: Kind,
-    progress: bool = True,
-) -> DataReport:
-    """Validate and clean every line of every split (train first, for the leakage check):
-    out_dir/<split>.jsonl (cleaned records), out_dir/quarantine/; report.check() enforces
-    data.min_kept_fraction and stops on SFT lines."""
-    check_sources(sources)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    steps = cleaning_steps(cfg.clean)
-    source_digest, data_digest = hashlib.sha256(), hashlib.sha256()
-    train_prompts: set[bytes] = set()
-    splits: dict[str, SplitCounts] = {}
-    problems: list[str] = []
-    wrong_kind: list[str] = []
-    data_digest.update(f"{kind}\0".encode())
-    for split in sorted(sources, key=lambda s: SPLITS.index(s) if s in SPLITS else len(SPLITS)):
-        splits[split], split_sha = _validate_split(
-            split, sources[split], out_dir, cfg, steps, kind, train_prompts, problems,
-            wrong_kind, source_digest, progress)
-        data_digest.update(split.encode() + b"\0" + split_sha)
-    return DataReport(
-        sha256=data_digest.hexdigest(), source_sha256=source_digest.hexdigest(),
-        splits=splits, problems=problems, min_kept_fraction=cfg.min_kept_fraction,
-        shapes=SHAPES[kind], first_wrong_kind=wrong_kind[0] if wrong_kind else None,
-    )
-
-
-def _validate_split(
-    split: str, split_sources: list[str], out_dir: Path, cfg: DataConfig,
-    steps: list[tuple[str, Callable[[str], str]]], kind: Kind, train_prompts: set[bytes],
-    problems: list[str], wrong_kind: list[str], source_digest: Any, progress: bool,
-) -> tuple[SplitCounts, bytes]:
-    """One split's lines, file after file: (counts, SHA-256 of the cleaned records written)."""
-    counts = SplitCounts()
-    reasons: Counter[str] = Counter()
-    rules: Counter[str] = Counter()
-    seen_exact: set[bytes] = set()
-    seen_near: set[bytes] = set()
-    quarantine = _Quarantine(out_dir, split)
-    split_digest = hashlib.sha256()
-
-    def reject(raw: Any, source: str, number: int | str, reason: str, detail: str) -> None:
-        reasons[reason] += 1
-        quarantine.add(raw, source, number, reason, detail)
-        if len(problems) < MAX_REPORTED:
-            problems.append(f"{source}:{number}: {detail} [{reason}]")
-        if reason == "sft_record" and not wrong_kind:
-            wrong_kind.append(f"{source}:{number}: {detail}")
-
-    with open(out_dir / f"{split}.jsonl", "wb") as out:
-        try:
-            for split_source in split_sources:
-                file_digest = hashlib.sha256()
-                for source, unit, chunk in _chunks(split_source, cfg, counts, file_digest,
-                                                   progress):
-                    for number, raw, line in chunk:
-                        number = unit + str(number) if unit else number
-                        try:
-                            example, changed, prompt, answers = check_line(line, cfg, steps,
-                                                                           kind)
-                        except Rejected as r:
-                            reject(raw, source, number, r.reason, r.detail)
-                            continue
-                        line_out = example.model_dump_json(exclude_none=True).encode() + b"\n"
-                        if cfg.clean.dedup != "off":
-                            exact = hashlib.blake2b(line_out, digest_size=16).digest()
-                            near = _digest(prompt + "\x1f" + answers)
-                            if exact in seen_exact:
-                                reject(raw, source, number, "duplicate",
-                                       "same as an earlier line")
-                                continue
-                            if cfg.clean.dedup != "exact" and near in seen_near:
-                                reject(raw, source, number, "near_duplicate",
-                                       "same as an earlier line up to case, spacing and "
-                                       "punctuation")
-                                continue
-                            seen_exact.add(exact)
-                            seen_near.add(near)
-                        prompt_key = _digest(prompt)
-                        if split == "train":
-                            train_prompts.add(prompt_key)
-                        elif cfg.clean.leakage and prompt_key in train_prompts:
-                            reject(raw, source, number, "leak",
-                                   "its prompt also appears in the training split")
-                            continue
-                        rules.update(changed)
-                        if changed:
-                            counts.cleaned += 1
-                        else:
-                            counts.kept += 1
-                        out.write(line_out)
-                        split_digest.update(line_out)
-                source_digest.update(f"{split}\0{split_source}\0".encode()
-                                     + file_digest.digest())
-        finally:
-            quarantine.close()
-    counts.quarantined = quarantine.count
-    counts.reasons = {r: reasons[r] for r in REASONS if reasons[r]}
-    counts.rules = {r: rules[r] for r in RULES if rules[r]}
-    return counts, split_digest.digest()
+# what a preference line may hold: its prompt, its answers and label, and output (an SFT example)
+FIELDS = (*COLUMN_NAMES, "chosen", "rejected", "label")
+PAIRS = RecordKind(
+    name="pairs", check=partial(check_preference, kind="pairs"), reasons=REASONS,
+    shapes='{"prompt": "...", "chosen": "...", "rejected": "..."} (or "instruction" + "input" '
+    'for "prompt", or "messages" ending with the user\'s turn)',
+    fields=FIELDS, digest_tag=b"pairs\0", answer_checks=False,
+)
+KTO = RecordKind(
+    name="kto", check=partial(check_preference, kind="kto"), reasons=REASONS,
+    shapes='{"prompt": "...", "completion": "...", "label": true} (label false for an '
+    "undesirable answer)",
+    fields=FIELDS, digest_tag=b"kto\0", answer_checks=False,
+)
+PREFERENCE_KINDS: dict[Kind, RecordKind] = {"pairs": PAIRS, "kto": KTO}
 
 
 def read_preferences(path: Path) -> Iterator[PreferenceExample]:
-    """The cleaned records validate_preference_splits wrote."""
+    """The cleaned records validate_splits wrote (kind PAIRS or KTO)."""
     with open(path, "rb") as f:
         for line in f:
             yield PreferenceExample.model_validate_json(line)
@@ -341,7 +229,7 @@ class PreferenceTokenReport(BaseModel):
 def tokenize_preference_splits(
     data_dir: Path, tokenizer: PreTrainedTokenizerBase, template: PromptTemplate,
     settings: TokenizeSettings, out_dir: Path, kind: Kind,
-    splits: tuple[str, ...] = ("train", "validation", "test"), progress: bool = True,
+    splits: tuple[str, ...] = SPLITS, progress: bool = True,
 ) -> PreferenceTokenReport:
     """out_dir/<split>.parquet (prompt ids + answer ids + EOS per side) and report.json. The
     prompt and each answer are encoded apart, as for SFT: the prompt's ids are those the model
@@ -358,23 +246,14 @@ def tokenize_preference_splits(
     limit = settings.max_length
     for split in splits:
         path = Path(data_dir) / f"{split}.jsonl"
-        records = list(read_preferences(path)) if path.is_file() else []
+        records = read_preferences(path) if path.is_file() else iter([])
         columns: dict[str, list[Any]] = {"prompt_ids": []} | {f"{s}_ids": [] for s in sides}
         if kind == "kto":
             columns["desirable"] = []
         n = dict.fromkeys(numbers, 0)
-        for start in tqdm(range(0, len(records), 1024), desc=f"tokenize {split}",
-                          disable=not progress, leave=False):
-            batch = records[start : start + 1024]
-            prompts = [encoder.render(r.prompt()) for r in batch]
-            none: list[list[tuple[int, int]]] = [[] for _ in batch]  # the final turn only
-            prompt_ids, first, _ = encoder.run(
-                (prompts, [getattr(r, sides[0]) for r in batch], none))
-            answers = [first] + [encoder.run(([], [getattr(r, s) for r in batch], []))[1]
-                                 for s in sides[1:]]
-            for i, record in enumerate(batch):
-                prompt = prompt_ids[i]
-                ids = [a[i] + [encoder.eos] for a in answers]
+        bar = tqdm(desc=f"tokenize {split}", unit="ex", disable=not progress, leave=False)
+        for batch in batches(records, BATCH):
+            for record, prompt, ids in zip(batch, *_encoded(encoder, batch, sides), strict=True):
                 if len(prompt) + max(map(len, ids)) > limit:
                     if settings.truncation == "drop" or len(prompt) >= limit:
                         n["too_long"] += 1
@@ -388,6 +267,8 @@ def tokenize_preference_splits(
                     columns["desirable"].append(record.desirable)
                 n["counts"] += 1
                 n["tokens"] += sum(len(prompt) + len(a) for a in ids)
+            bar.update(len(batch))
+        bar.close()
         ids_type = pa.list_(pa.int32())
         schema = pa.schema([(c, pa.bool_() if c == "desirable" else ids_type) for c in columns])
         pq.write_table(pa.table(columns, schema=schema), out_dir / f"{split}.parquet",
@@ -395,8 +276,21 @@ def tokenize_preference_splits(
         for key, value in n.items():
             numbers[key][split] = value
     report = PreferenceTokenReport(kind=kind, settings=settings, **numbers)
-    (out_dir / "report.json").write_text(report.model_dump_json(indent=2))
+    write_report(out_dir, report)
     return report
+
+
+def _encoded(
+    encoder: Encoder, batch: list[PreferenceExample], sides: tuple[str, ...]
+) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """(prompt ids, [answer ids + EOS, one list per side]) of each record of the batch: the
+    final turn's answers only (no earlier-turn spans)."""
+    prompts = [encoder.render(r.prompt()) for r in batch]
+    none: list[list[tuple[int, int]]] = [[] for _ in batch]
+    prompt_ids, first, _ = encoder.run((prompts, [getattr(r, sides[0]) for r in batch], none))
+    answers = [first] + [encoder.run(([], [getattr(r, s) for r in batch], []))[1]
+                         for s in sides[1:]]
+    return prompt_ids, [[a[i] + [encoder.eos] for a in answers] for i in range(len(batch))]
 
 
 def tokenize_preference_cached(
@@ -405,17 +299,8 @@ def tokenize_preference_cached(
     progress: bool = True,
 ) -> tuple[Path, PreferenceTokenReport, bool]:
     """(folder, report, reused): tokenize into cache_root/<content key>/ unless it is there."""
-    key = hashlib.sha256(json.dumps(
-        ["preference", FORMAT_VERSION, kind, data_sha256, tokenizer_sha, template.model_dump(),
-         settings.model_dump()], sort_keys=True).encode()).hexdigest()
-    folder = Path(cache_root) / key
-    if (folder / "report.json").is_file():
-        return folder, PreferenceTokenReport.model_validate_json(
-            (folder / "report.json").read_text()), True
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    report = tokenize_preference_splits(data_dir, tokenizer, template, settings, staging, kind,
-                                        progress=progress)
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
-    return folder, report, False
+    key = cache_key("preference", FORMAT_VERSION, kind, data_sha256, tokenizer_sha,
+                    template.model_dump(), settings.model_dump())
+    return cached(Path(cache_root) / key, PreferenceTokenReport, lambda out: (
+        tokenize_preference_splits(data_dir, tokenizer, template, settings, out, kind,
+                                   progress=progress)))

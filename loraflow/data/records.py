@@ -1,10 +1,12 @@
 """Instruction records: the shapes a line may take, the Example every stage reads, the
-errors that name file:line. Imports nothing of loraflow, so a served model can ship it.
+errors that name file:line, the split names. Imports nothing of loraflow, so a served model
+can ship it.
 
 Records come in three shapes, columns renamed through DataConfig.columns:
   {"instruction", "input"?, "output"}     the guide's
   {"messages": [{"role", "content"}...]}  chat; the last message is the assistant's answer
   {"prompt", "completion"}
+Preference records (pairs, KTO) are loraflow.data.preference's.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+SPLITS = ("train", "validation", "test")
 ROLES = ("system", "user", "assistant")
-
 
 RecordT = TypeVar("RecordT", bound=BaseModel)
 
@@ -35,6 +37,8 @@ class Example(BaseModel):
 
 
 class Rejected(Exception):
+    """A line that fails a check: `reason` is its quarantine reason, `detail` says what."""
+
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
         self.reason, self.detail = reason, detail
@@ -52,11 +56,12 @@ def _string(record: dict[str, Any], name: str, columns: dict[str, str], required
             raise Rejected("missing_field", f"missing field {key!r}")
         return ""
     if not isinstance(value, str):
-        raise Rejected("wrong_type", f"field {key!r} must be a string, found {_kind(value)}")
+        raise Rejected("wrong_type", f"field {key!r} must be a string, found {json_type(value)}")
     return value
 
 
-def _kind(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """What a decoded JSON value is, as an error message says it: "an object", "a list"..."""
     return {dict: "an object", list: "a list", bool: "a boolean", type(None): "null"}.get(
         type(value), type(value).__name__
     )
@@ -65,7 +70,7 @@ def _kind(value: Any) -> str:
 def to_example(record: Any, columns: dict[str, str]) -> Example:
     """A parsed JSON value -> Example, or raise Rejected saying what is wrong."""
     if not isinstance(record, dict):
-        raise Rejected("not_object", f"expected a JSON object, found {_kind(record)}")
+        raise Rejected("not_object", f"expected a JSON object, found {json_type(record)}")
     if "chosen" in record or "rejected" in record or (
         "label" in record and _field(record, "completion", columns) is not None
     ):
@@ -98,7 +103,9 @@ def to_example(record: Any, columns: dict[str, str]) -> Example:
     )
 
 
-def _from_messages(messages: Any, key: str) -> Example:
+def checked_messages(messages: Any, key: str) -> list[dict[str, Any]]:
+    """`messages` (the field `key`) if it is a non-empty list of {"role", "content"} objects
+    with a known role and a string content; raise Rejected."""
     if not isinstance(messages, list) or not messages:
         raise Rejected("wrong_type", f"field {key!r} must be a non-empty list of messages")
     for i, m in enumerate(messages):
@@ -106,6 +113,11 @@ def _from_messages(messages: Any, key: str) -> Example:
             raise Rejected("wrong_type", f"{key}[{i}] must be an object with a string 'content'")
         if m.get("role") not in ROLES:
             raise Rejected("wrong_type", f"{key}[{i}].role must be one of {ROLES}")
+    return messages
+
+
+def _from_messages(value: Any, key: str) -> Example:
+    messages = checked_messages(value, key)
     if messages[-1]["role"] != "assistant":
         raise Rejected("missing_field", f"the last of {key!r} must be the assistant's answer")
     if len(messages) < 2 or messages[-2]["role"] != "user":

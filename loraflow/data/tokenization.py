@@ -11,7 +11,9 @@ at serving (the same rendering, tokenized as one text), checked by a preflight. 
 row: packing is the engine's (train.batching), so it can reshuffle each epoch.
 
 The result lives under a folder named by the content hash of the cleaned data, the tokenizer,
-the template and these settings: a later run with the same inputs reuses it.
+the template and these settings: a later run with the same inputs reuses it. The folder, its
+key, its staging and its report.json are the same for preference records
+(loraflow.data.preference tokenizes them with this module's Encoder).
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from tqdm import tqdm
@@ -47,7 +50,8 @@ Encoded = tuple[list[int], int, list[int]]
 IGNORE_INDEX = -100  # the label of a token no loss is taken on (PyTorch's cross-entropy default)
 BATCH = 1024  # examples rendered and encoded together
 ROW_GROUP = 16384  # rows per Parquet row group
-
+ItemT = TypeVar("ItemT")
+ReportT = TypeVar("ReportT", bound=BaseModel)
 
 
 class TokenizeSettings(BaseModel):
@@ -69,12 +73,41 @@ class TokenizeReport(BaseModel):
     settings: TokenizeSettings
 
 
-def cache_key(
-    data_sha256: str, tokenizer_sha: str, template: PromptTemplate, settings: TokenizeSettings
-) -> str:
-    payload = [FORMAT_VERSION, data_sha256, tokenizer_sha, template.model_dump(),
-               settings.model_dump()]
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+def cache_key(*parts: Any) -> str:
+    """The name of a tokenized folder: the SHA-256 of everything that changes its files (a
+    format version, the data's and the tokenizer's digests, template and settings, as JSON)."""
+    return hashlib.sha256(json.dumps(list(parts), sort_keys=True).encode()).hexdigest()
+
+
+def cached(
+    folder: Path, report_type: type[ReportT], tokenize: Callable[[Path], ReportT]
+) -> tuple[Path, ReportT, bool]:
+    """(folder, report, reused): a folder with its report.json (written last) is complete and
+    reused; else tokenize(staging) fills a staging folder that becomes `folder` when it ends
+    well (loraflow.staging), so a failed or interrupted run leaves nothing half written."""
+    if (folder / "report.json").is_file():
+        return folder, report_type.model_validate_json((folder / "report.json").read_text()), True
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with staged_dir(folder, "tokenizing") as staging:
+        report = tokenize(staging)
+    return folder, report, False
+
+
+def write_report(out_dir: Path, report: BaseModel) -> None:
+    """out_dir/report.json, the last file of a tokenized folder (see cached)."""
+    (out_dir / "report.json").write_text(report.model_dump_json(indent=2))
+
+
+def batches(items: Iterable[ItemT], size: int) -> Iterator[list[ItemT]]:
+    """`items` in lists of `size` (the last may be shorter)."""
+    batch: list[ItemT] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 Texts = tuple[list[str], list[str], list[list[tuple[int, int]]]]
@@ -83,16 +116,16 @@ Ids = tuple[list[list[int]], list[list[int]], list[list[int]]]
 
 class Encoder:
     """Renders and encodes examples in batches: the same ids as tokenizer(...), without building
-    Python BatchEncodings; by pre-token lookup (loraflow.pretokens) where the tokenizer allows,
-    through its Rust backend otherwise.
+    Python BatchEncodings; by pre-token lookup (loraflow.data.pretokens) where the tokenizer
+    allows, through its Rust backend otherwise.
 
     encode() = texts() (render) -> run() (the ids) -> assemble() (prompt + answer + EOS);
     tokenize_splits runs run() in a second thread, so that the Rust tokenizer, which releases
     the GIL, overlaps the Python steps of the batches around it. A conversation's earlier
     assistant turns (train_on=all_assistant_turns) are found as character spans of the
-    prompt (loraflow.prompts.assistant_spans) and mapped to tokens by the tokenizer's offsets.
-    The preflight (on construction) checks on probe examples that the prompt ids are those
-    served and that every answer's end-of-turn/EOS token is labelled."""
+    prompt (loraflow.data.prompts.assistant_spans) and mapped to tokens by the tokenizer's
+    offsets. The preflight (on construction) checks on probe examples that the prompt ids are
+    those served and that every answer's end-of-turn/EOS token is labelled."""
 
     def __init__(
         self, tokenizer: PreTrainedTokenizerBase, template: PromptTemplate,
@@ -277,27 +310,16 @@ def encode_example(
     return Encoder(tokenizer, template, train_on).encode([example])[0]
 
 
-def _batches(path: Path) -> Iterator[list[Example]]:
-    batch: list[Example] = []
-    for example in read_jsonl(path):
-        batch.append(example)
-        if len(batch) == BATCH:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def _encoded(encoder: Encoder, path: Path) -> Iterator[list[tuple[list[int], int]]]:
     """The split's examples encoded, batch after batch. The tokenizer runs in a second thread
     (it releases the GIL) on batch k+1 while this one reads batch k+2 and the caller stores
     batch k, so the Rust encoding never waits for our Python and both cores are used."""
-    batches = _batches(path)
+    examples = batches(read_jsonl(path), BATCH)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as pool:
-        batch = next(batches, None)
+        batch = next(examples, None)
         running = pool.submit(encoder.run, encoder.texts(batch)) if batch else None
         while running is not None:
-            batch = next(batches, None)
+            batch = next(examples, None)
             texts = encoder.texts(batch) if batch else None
             encoded = running.result()
             running = pool.submit(encoder.run, texts) if texts else None
@@ -371,7 +393,7 @@ def tokenize_splits(
     data_dir: Path,
     tokenizer: PreTrainedTokenizerBase,
     template: PromptTemplate,
-    settings: TokenizeSettings | int,
+    settings: TokenizeSettings,
     out_dir: Path,
     splits: tuple[str, ...] = ("train", "validation"),
     progress: bool = True,
@@ -380,8 +402,6 @@ def tokenize_splits(
     histogram) and out_dir/report.json; return the report."""
     import numpy as np
 
-    if isinstance(settings, int):
-        settings = TokenizeSettings(max_length=settings)
     max_length = settings.max_length
     encoder = Encoder(tokenizer, template, settings.train_on)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -422,7 +442,7 @@ def tokenize_splits(
         lengths[split] = np.frombuffer(split_lengths, dtype=np.int32)
     np.savez_compressed(out_dir / "lengths.npz", **lengths)
     report = TokenizeReport(**numbers, settings=settings)
-    (out_dir / "report.json").write_text(report.model_dump_json(indent=2))
+    write_report(out_dir, report)
     return report
 
 
@@ -437,15 +457,10 @@ def tokenize_cached(
     progress: bool = True,
 ) -> tuple[Path, TokenizeReport, bool]:
     """(folder, report, reused): tokenize into cache_root/<content key>/ unless it is there."""
-    folder = Path(cache_root) / cache_key(data_sha256, tokenizer_sha, template, settings)
-    if (folder / "report.json").is_file():
-        report = TokenizeReport.model_validate_json((folder / "report.json").read_text())
-        return folder, report, True
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with staged_dir(folder, "tokenizing") as staging:  # a folder with report.json is complete
-        report = tokenize_splits(data_dir, tokenizer, template, settings, staging,
-                                 progress=progress)
-    return folder, report, False
+    key = cache_key(FORMAT_VERSION, data_sha256, tokenizer_sha, template.model_dump(),
+                    settings.model_dump())
+    return cached(Path(cache_root) / key, TokenizeReport, lambda out: tokenize_splits(
+        data_dir, tokenizer, template, settings, out, progress=progress))
 
 
 def plot_lengths(lengths_file: Path, max_length: int, out: Path) -> Path:

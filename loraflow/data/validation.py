@@ -1,4 +1,5 @@
-"""Validating and cleaning instruction data, streamed record by record.
+"""Validating and cleaning data, streamed record by record: one split runner for every kind
+of record (SFT examples here, preference pairs and KTO records in loraflow.data.preference).
 
 Sources are JSON Lines (plain, .gz, .zst), JSON arrays, Parquet, CSV/TSV or save_to_disk
 folders, local or on S3 (loraflow.data.formats reads them); a file that is not what its name
@@ -8,8 +9,13 @@ the rules that changed it), or quarantined with a reason. Quarantined JSON lines
 byte for byte to quarantine/<split>.jsonl, records of the other formats as one JSON line each
 (fix them and resubmit that file), and the n-th row of quarantine/<split>.tsv says where the
 n-th came from (file and line, or "row N" for Parquet, CSV and Arrow) and why. The cleaned
-examples are written as <split>.jsonl, the exact input of tokenization and evaluation, so what
-was checked is what is trained on. The shapes a record may take: loraflow.data.records.
+records are written as <split>.jsonl, the exact input of tokenization and evaluation, so what
+was checked is what is trained on.
+
+A RecordKind says how one decoded line is checked, cleaned and turned into the record written,
+and gives the keys the runner compares (the folded prompt: leakage; prompt + answers: near
+duplicates); the runner does the rest the same way for every kind: decoding, dedup, leakage,
+counters, quarantine and digests. The shapes an SFT record may take: loraflow.data.records.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ import hashlib
 import io
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal, NamedTuple
 
 import orjson
 from pydantic import BaseModel
@@ -29,14 +36,13 @@ from loraflow.config import COLUMN_NAMES, DataConfig
 from loraflow.data import formats
 from loraflow.data.cleaning import RULES, clean_example, cleaning_steps, fold, similarity
 from loraflow.data.minhash import NearDuplicates
-from loraflow.data.records import DataError, Example, Rejected, to_example
+from loraflow.data.records import SPLITS, DataError, Rejected, to_example
 from loraflow.data.sources import check_sources, dataset_files, join, open_source, source_size
 
-SPLITS = ("train", "validation", "test")
 MAX_REPORTED = 20
 CHUNK = 2048  # lines cleaned and token-counted together
 
-# Quarantine reasons, in the order the checks run.
+# SFT quarantine reasons, in the order the checks run.
 REASONS = (
     "invalid_utf8",
     "too_long",
@@ -60,8 +66,33 @@ SFT_SHAPES = (
     '{"instruction": "...", "input": "...", "output": "..."} (input may be empty), '
     '{"messages": [...]} or {"prompt": "...", "completion": "..."}'
 )
+Steps = list[tuple[str, Callable[[str], str]]]  # the cleaning rules on, as cleaning_steps gives
 
 
+class Checked(NamedTuple):
+    """A line that passed its kind's own checks, cleaned, with the keys the runner compares."""
+
+    record: BaseModel  # what <split>.jsonl gets, as one JSON line
+    changed: list[str]  # the cleaning rules that changed it
+    prompt: str  # the folded prompt: the leakage key
+    answers: str  # the folded answer(s): with the prompt, the near-duplicate key
+    answer: str = ""  # the answer as cleaned: what data.clean.min_output_tokens counts (SFT)
+
+
+@dataclass(frozen=True)
+class RecordKind:
+    """One kind of record: how a decoded line is checked (check raises Rejected) and what the
+    report says of it. Everything else is the split runner's, the same for every kind."""
+
+    name: Literal["sft", "pairs", "kto"]
+    check: Callable[[Any, DataConfig, Steps], Checked]
+    reasons: tuple[str, ...]  # its quarantine reasons in the order the checks run: the report's
+    shapes: str  # what a line must look like, for the error message
+    fields: tuple[str, ...]  # what it reads of a record: the columns read of a columnar file
+    digest_tag: bytes  # leads the data digest; none for SFT, whose digests predate the kinds
+    # data.clean.min_output_tokens and dedup=minhash's MinHash look at one answer: SFT's; a
+    # preference record is deduplicated exactly and near (dedup=minhash counts as near)
+    answer_checks: bool
 
 
 class SplitCounts(BaseModel):
@@ -90,7 +121,7 @@ class DataReport(BaseModel):
     splits: dict[str, SplitCounts]
     problems: list[str]  # the first quarantined records, "file:line: detail [reason]"
     min_kept_fraction: float
-    shapes: str = SFT_SHAPES  # what a line must look like, for the error message
+    shapes: str  # what a line must look like, for the error message
     first_wrong_kind: str | None = None  # "file:line: detail" of the first such line
 
     @property
@@ -155,19 +186,30 @@ class DataReport(BaseModel):
         )
 
 
+def check_example(record: Any, cfg: DataConfig, steps: Steps) -> Checked:
+    """Shape, clean and check one decoded SFT record on its own; raise Rejected."""
+    example, changed = clean_example(to_example(record, cfg.columns), steps)
+    for name in ("instruction", "output"):
+        if not getattr(example, name).strip():
+            raise Rejected("empty", f"{name} is empty" + (" after cleaning" if changed else ""))
+    instruction, input = fold(example.instruction), fold(example.input)
+    threshold = cfg.clean.instruction_like_input
+    if threshold is not None and example.input:
+        score = similarity(instruction, input)
+        if score >= threshold:
+            raise Rejected(
+                "instruction_like_input",
+                f"instruction and input are {score:.0%} similar "
+                f"(data.clean.instruction_like_input={threshold})",
+            )
+    history = "\x1f".join(fold(m["content"]) for m in example.messages or [])
+    prompt = f"{history}\x1e{instruction}\x1e{input}"
+    return Checked(record=example, changed=changed, prompt=prompt, answers=fold(example.output),
+                   answer=example.output)
 
 
-
-
-
-
-
-
-
-
-
-
-
+SFT = RecordKind(name="sft", check=check_example, reasons=REASONS, shapes=SFT_SHAPES,
+                 fields=COLUMN_NAMES, digest_tag=b"", answer_checks=True)
 
 
 class _Quarantine:
@@ -202,162 +244,193 @@ def validate_splits(
     sources: dict[str, list[str]],
     out_dir: Path,
     cfg: DataConfig,
+    *,
+    kind: RecordKind = SFT,
     count_tokens: Callable[[list[str]], list[int]] | None = None,
     progress: bool = True,
 ) -> DataReport:
-    """Validate and clean every line of every split (train first: the leakage check needs it).
+    """Validate and clean every line of every split (train first: the leakage check needs it)
+    as records of `kind` (SFT examples, or preference.PAIRS / preference.KTO).
 
-    Writes out_dir/<split>.jsonl (cleaned examples), out_dir/quarantine/ and returns the
+    Writes out_dir/<split>.jsonl (cleaned records), out_dir/quarantine/ and returns the
     counts; raises DataError only for missing files; call report.check() to enforce the
     thresholds. count_tokens (answers -> token counts) is needed for min_output_tokens.
     """
-    if cfg.clean.min_output_tokens and count_tokens is None:
+    if kind.answer_checks and cfg.clean.min_output_tokens and count_tokens is None:
         raise ValueError("data.clean.min_output_tokens needs the base model's tokenizer")
     check_sources(sources)
     out_dir.mkdir(parents=True, exist_ok=True)
-    steps = cleaning_steps(cfg.clean)
-    source_digest, data_digest = hashlib.sha256(), hashlib.sha256()
-    train_prompts: set[bytes] = set()
+    run = _Validation(cfg=cfg, kind=kind, out_dir=out_dir, count_tokens=count_tokens,
+                      progress=progress)
+    data_digest = hashlib.sha256(kind.digest_tag)
     splits: dict[str, SplitCounts] = {}
-    problems: list[str] = []
-    wrong_kind: list[str] = []
     for split in sorted(sources, key=lambda s: SPLITS.index(s) if s in SPLITS else len(SPLITS)):
-        splits[split], split_sha = _validate_split(
-            split, sources[split], out_dir, cfg, steps, count_tokens, train_prompts, problems,
-            source_digest, progress, wrong_kind,
-        )  # fmt: skip
+        splits[split], split_sha = _validate_split(run, split, sources[split])
         data_digest.update(split.encode() + b"\0" + split_sha)
     return DataReport(
         sha256=data_digest.hexdigest(),
-        source_sha256=source_digest.hexdigest(),
+        source_sha256=run.source_digest.hexdigest(),
         splits=splits,
-        problems=problems,
+        problems=run.problems,
         min_kept_fraction=cfg.min_kept_fraction,
-        first_wrong_kind=wrong_kind[0] if wrong_kind else None,
+        shapes=kind.shapes,
+        first_wrong_kind=run.first_wrong_kind,
     )
 
 
-def _validate_split(
-    split: str,
-    split_sources: list[str],
-    out_dir: Path,
-    cfg: DataConfig,
-    steps: list[tuple[str, Callable[[str], str]]],
-    count_tokens: Callable[[list[str]], list[int]] | None,
-    train_prompts: set[bytes],
-    problems: list[str],
-    source_digest: Any,
-    progress: bool,
-    wrong_kind: list[str],
-) -> tuple[SplitCounts, bytes]:
-    """One split's lines, file after file: (counts, SHA-256 of the cleaned examples written)."""
-    clean = cfg.clean
-    counts = SplitCounts()
-    reasons: Counter[str] = Counter()
-    rules: Counter[str] = Counter()
-    seen_exact: set[bytes] = set()
-    seen_near: set[bytes] = set()
-    similar = NearDuplicates(clean.near_threshold) if clean.dedup == "minhash" else None
-    quarantine = _Quarantine(out_dir, split)
-    out = open(out_dir / f"{split}.jsonl", "wb")  # noqa: SIM115
-    split_digest = hashlib.sha256()
+@dataclass
+class _Validation:
+    """One validation's settings and what it carries from split to split."""
+
+    cfg: DataConfig
+    kind: RecordKind
+    out_dir: Path
+    count_tokens: Callable[[list[str]], list[int]] | None
+    progress: bool
+    steps: Steps = field(init=False)
+    train_prompts: set[bytes] = field(default_factory=set)  # leakage keys of the train split
+    problems: list[str] = field(default_factory=list)  # the first MAX_REPORTED rejections
+    first_wrong_kind: str | None = None  # "file:line: detail" of the first such line
+    source_digest: Any = field(default_factory=hashlib.sha256)  # every file's bytes, as read
+
+    def __post_init__(self) -> None:
+        self.steps = cleaning_steps(self.cfg.clean)
+        if not (self.kind.answer_checks and self.cfg.clean.min_output_tokens):
+            self.count_tokens = None  # no answer is counted
+
+
+class _Split:
+    """One split being validated: its counters, dedup keys, quarantine and cleaned output."""
+
+    def __init__(self, run: _Validation, name: str) -> None:
+        clean = run.cfg.clean
+        self.run, self.name = run, name
+        self.counts = SplitCounts()
+        self.reasons: Counter[str] = Counter()
+        self.rules: Counter[str] = Counter()
+        self.seen_exact: set[bytes] = set()
+        self.seen_near: set[bytes] = set()
+        minhash = clean.dedup == "minhash" and run.kind.answer_checks
+        self.similar = NearDuplicates(clean.near_threshold) if minhash else None
+        self.quarantine = _Quarantine(run.out_dir, name)
+        self.out = open(run.out_dir / f"{name}.jsonl", "wb")  # noqa: SIM115
+        self.digest = hashlib.sha256()
 
     def reject(
-        raw: bytes | dict[str, Any], source: str, number: int | str, reason: str, detail: str
+        self, raw: bytes | dict[str, Any], source: str, number: int | str, rejected: Rejected
     ) -> None:
-        reasons[reason] += 1
-        quarantine.add(raw, source, number, reason, detail)
-        if len(problems) < MAX_REPORTED:
-            problems.append(f"{source}:{number}: {detail} [{reason}]")
-        if reason in WRONG_KIND and not wrong_kind:
-            wrong_kind.append(f"{source}:{number}: {detail}")
+        reason, detail, run = rejected.reason, rejected.detail, self.run
+        self.reasons[reason] += 1
+        self.quarantine.add(raw, source, number, reason, detail)
+        if len(run.problems) < MAX_REPORTED:
+            run.problems.append(f"{source}:{number}: {detail} [{reason}]")
+        if reason in WRONG_KIND and run.first_wrong_kind is None:
+            run.first_wrong_kind = f"{source}:{number}: {detail}"
 
+    def admit(
+        self, checked: Checked, doc: int, n_tokens: int | None, source: str, number: int | str
+    ) -> None:
+        """Write a checked record unless it is too short, a repeat or a leak (raise Rejected).
+        doc: its index among the chunk's checked records (MinHash's document)."""
+        clean = self.run.cfg.clean
+        if n_tokens is not None and n_tokens < clean.min_output_tokens:
+            raise Rejected("too_short", f"answer has {n_tokens} tokens, under "
+                           f"data.clean.min_output_tokens={clean.min_output_tokens}")
+        line = checked.record.model_dump_json(exclude_none=True).encode() + b"\n"
+        if clean.dedup != "off":
+            self._check_repeat(line, checked, doc, source, number)
+        prompt_key = _digest(checked.prompt)
+        if self.name == "train":
+            self.run.train_prompts.add(prompt_key)
+        elif clean.leakage and prompt_key in self.run.train_prompts:
+            raise Rejected("leak", "its prompt also appears in the training split")
+        self.rules.update(checked.changed)
+        if checked.changed:
+            self.counts.cleaned += 1
+        else:
+            self.counts.kept += 1
+        self.out.write(line)
+        self.digest.update(line)
+
+    def _check_repeat(
+        self, line: bytes, checked: Checked, doc: int, source: str, number: int | str
+    ) -> None:
+        """Raise Rejected for a repeat of an earlier record; else remember this one. A record
+        left out later (a leak) is remembered too: a second copy is a duplicate of the first."""
+        clean = self.run.cfg.clean
+        exact = hashlib.blake2b(line, digest_size=16).digest()
+        near = _digest(checked.prompt + "\x1f" + checked.answers)
+        if exact in self.seen_exact:
+            raise Rejected("duplicate", "same as an earlier line")
+        if clean.dedup != "exact" and near in self.seen_near:
+            raise Rejected("near_duplicate",
+                           "same as an earlier line up to case, spacing and punctuation")
+        match = self.similar.match(doc) if self.similar is not None else None
+        if match is not None:
+            raise Rejected("near_duplicate", f"near duplicate of {match[0]}: word-trigram "
+                           f"similarity ~{match[1]:.0%} (data.clean.near_threshold="
+                           f"{clean.near_threshold})")
+        self.seen_exact.add(exact)
+        self.seen_near.add(near)
+        if self.similar is not None:
+            self.similar.keep(doc, source, number)
+
+    def close(self) -> None:
+        self.out.close()
+        self.quarantine.close()
+
+    def result(self) -> tuple[SplitCounts, bytes]:
+        """(counts, SHA-256 of the cleaned records written), once closed."""
+        counts = self.counts
+        counts.quarantined = self.quarantine.count
+        counts.reasons = {r: self.reasons[r] for r in self.run.kind.reasons if self.reasons[r]}
+        counts.rules = {r: self.rules[r] for r in RULES if self.rules[r]}
+        return counts, self.digest.digest()
+
+
+def _validate_split(run: _Validation, name: str, files: list[str]) -> tuple[SplitCounts, bytes]:
+    """One split's lines, file after file: (counts, SHA-256 of the cleaned records written)."""
+    split = _Split(run, name)
     try:
-        for split_source in split_sources:
+        for file in files:
             file_digest = hashlib.sha256()
-            for source, unit, chunk in _chunks(split_source, cfg, counts, file_digest, progress):
-                checked = []  # (raw, number, example or why it was rejected, rules, prompt)
-                for number, raw, payload in chunk:
-                    try:
-                        checked.append((raw, unit + str(number) if unit else number,
-                                        *_check_item(payload, cfg, steps)))
-                    except Rejected as r:
-                        checked.append((raw, unit + str(number) if unit else number, r, [], ""))
-                usable = [c for c in checked if isinstance(c[2], Example)]
-                answers = [c[2].output for c in usable]
-                lengths = iter(count_tokens(answers) if clean.min_output_tokens and answers else [])
-                # folded answers, once: for the near key and the MinHash documents
-                outputs = [fold(c[2].output) for c in usable] if clean.dedup != "off" else []
-                if similar is not None:  # MinHash signatures of the whole chunk at once
-                    docs = zip(usable, outputs, strict=True)
-                    similar.check_chunk([c[4] + "\x1e" + output for c, output in docs])
-                doc = -1
-                for raw, number, example, changed, prompt in checked:  # in line order
-                    if isinstance(example, Rejected):
-                        reject(raw, source, number, example.reason, example.detail)
-                        continue
-                    doc += 1
-                    n_tokens = next(lengths, None)
-                    if n_tokens is not None and n_tokens < clean.min_output_tokens:
-                        reject(
-                            raw, source, number, "too_short",
-                            f"answer has {n_tokens} tokens, under "
-                            f"data.clean.min_output_tokens={clean.min_output_tokens}",
-                        )  # fmt: skip
-                        continue
-                    prompt_key = _digest(prompt)
-                    line_out = example.model_dump_json(exclude_none=True).encode() + b"\n"
-                    if clean.dedup != "off":
-                        exact = hashlib.blake2b(line_out, digest_size=16).digest()
-                        near = _digest(prompt + "\x1f" + outputs[doc])
-                        if exact in seen_exact:
-                            reject(raw, source, number, "duplicate", "same as an earlier line")
-                            continue
-                        if clean.dedup != "exact" and near in seen_near:
-                            reject(
-                                raw, source, number, "near_duplicate",
-                                "same as an earlier line up to case, spacing and punctuation",
-                            )  # fmt: skip
-                            continue
-                        match = similar.match(doc) if similar is not None else None
-                        if match is not None:
-                            reject(
-                                raw, source, number, "near_duplicate",
-                                f"near duplicate of {match[0]}: word-trigram similarity "
-                                f"~{match[1]:.0%} (data.clean.near_threshold="
-                                f"{clean.near_threshold})",
-                            )  # fmt: skip
-                            continue
-                        seen_exact.add(exact)
-                        seen_near.add(near)
-                        if similar is not None:
-                            similar.keep(doc, source, number)
-                    if split == "train":
-                        train_prompts.add(prompt_key)
-                    elif clean.leakage and prompt_key in train_prompts:
-                        reject(
-                            raw, source, number, "leak",
-                            "its prompt also appears in the training split",
-                        )  # fmt: skip
-                        continue
-                    for rule in changed:
-                        rules[rule] += 1
-                    if changed:
-                        counts.cleaned += 1
-                    else:
-                        counts.kept += 1
-                    out.write(line_out)
-                    split_digest.update(line_out)
-                if similar is not None:
-                    similar.commit()
-            source_digest.update(f"{split}\0{split_source}\0".encode() + file_digest.digest())
+            for source, unit, chunk in _chunks(run, file, split.counts, file_digest):
+                _validate_chunk(split, source, unit, chunk)
+            run.source_digest.update(f"{name}\0{file}\0".encode() + file_digest.digest())
     finally:
-        out.close()
-        quarantine.close()
-    counts.quarantined = quarantine.count
-    counts.reasons = {r: reasons[r] for r in REASONS if reasons[r]}
-    counts.rules = {r: rules[r] for r in RULES if rules[r]}
-    return counts, split_digest.digest()
+        split.close()
+    return split.result()
+
+
+def _validate_chunk(split: _Split, source: str, unit: str, chunk: list[formats.Item]) -> None:
+    """Check each line on its own, count the answers' tokens and MinHash the chunk at once,
+    then admit the records in line order."""
+    run = split.run
+    checked: list[tuple[bytes | dict[str, Any], int | str, Checked | Rejected]] = []
+    for number, raw, payload in chunk:
+        where = unit + str(number) if unit else number
+        try:
+            checked.append((raw, where, run.kind.check(_decoded(payload, run.cfg), run.cfg,
+                                                       run.steps)))
+        except Rejected as r:
+            checked.append((raw, where, r))
+    usable = [c for _, _, c in checked if isinstance(c, Checked)]
+    counted = run.count_tokens is not None and usable
+    lengths = iter(run.count_tokens([c.answer for c in usable]) if counted else [])
+    if split.similar is not None:  # MinHash signatures of the whole chunk at once
+        split.similar.check_chunk([c.prompt + "\x1e" + c.answers for c in usable])
+    doc = -1
+    for raw, number, result in checked:  # in line order
+        if isinstance(result, Rejected):
+            split.reject(raw, source, number, result)
+            continue
+        doc += 1
+        try:
+            split.admit(result, doc, next(lengths, None), source, number)
+        except Rejected as r:
+            split.reject(raw, source, number, r)
+    if split.similar is not None:
+        split.similar.commit()
 
 
 def _digest(text: str) -> bytes:
@@ -365,9 +438,9 @@ def _digest(text: str) -> bytes:
 
 
 def _chunks(
-    source: str, cfg: DataConfig, counts: SplitCounts, digest: Any, progress: bool
+    run: _Validation, source: str, counts: SplitCounts, digest: Any
 ) -> Iterator[tuple[str, str, list[formats.Item]]]:
-    """(file, "" for lines or "row ", items) in chunks of CHUNK: items as loraflow.formats
+    """(file, "" for lines or "row ", items) in chunks of CHUNK: items as loraflow.data.formats
     reads them; blank lines are counted here and not yielded. Whole-file problems found while
     reading (a broken JSON array, a CSV without our columns) raise DataError."""
     fmt = formats.source_format(source)
@@ -379,7 +452,7 @@ def _chunks(
         unit = "row " if fmt in formats.ROW_FORMATS else ""
         chunk: list[formats.Item] = []
         try:
-            for item in _items(file, fmt, cfg, digest, progress):
+            for item in _items(run, file, fmt, digest):
                 counts.read += 1
                 if isinstance(item[2], bytes) and not item[2].strip():
                     counts.blank += 1
@@ -394,12 +467,13 @@ def _chunks(
             yield file, unit, chunk
 
 
-def _items(
-    file: str, fmt: str, cfg: DataConfig, digest: Any, progress: bool
-) -> Iterator[formats.Item]:
+def _items(run: _Validation, file: str, fmt: str, digest: Any) -> Iterator[formats.Item]:
     """One file's items; its bytes hashed into `digest` as read (Parquet and Arrow, which are
-    read from their footer/schema first, are hashed in one pass before)."""
-    mapped = {cfg.columns.get(name, name) for name in COLUMN_NAMES}
+    read from their footer/schema first, are hashed in one pass before). Of a columnar file,
+    the columns of the kind's fields are read."""
+    cfg = run.cfg
+    ours = {name: cfg.columns.get(name, name) for name in run.kind.fields}  # field -> column
+    mapped = set(ours.values())
     with (
         open_source(file) as f,
         tqdm(
@@ -407,7 +481,7 @@ def _items(
             desc=f"validate {Path(file).name}",
             unit="B",
             unit_scale=True,
-            disable=not progress,
+            disable=not run.progress,
             leave=False,
         ) as bar,
     ):
@@ -423,8 +497,7 @@ def _items(
             names = list(reader.schema_arrow.names if fmt == "parquet" else reader.schema.names)
             columns = formats.wanted_columns(names, mapped)
             if columns is None:
-                raise DataError(formats.no_columns(file, names, cfg.columns | {
-                    n: n for n in COLUMN_NAMES if n not in cfg.columns}))
+                raise DataError(formats.no_columns(file, names, ours))
             batches = (reader.iter_batches(batch_size=formats.BATCH, columns=columns)
                        if fmt == "parquet" else iter(reader))
             yield from formats.arrow_batches_items(batches, None if fmt == "parquet" else columns)
@@ -439,7 +512,7 @@ def _items(
                 yield from formats.json_array_items(buffered, file)
         elif fmt in ("csv", "tsv"):
             buffered = io.BufferedReader(stream, formats.READ)
-            yield from _csv_items(buffered, file, fmt, cfg, mapped)
+            yield from _csv_items(buffered, file, fmt, cfg, ours)
         else:
             yield from formats.jsonl_items(
                 io.BufferedReader(stream, formats.READ), fmt, cfg.max_line_bytes, file
@@ -447,29 +520,19 @@ def _items(
 
 
 def _csv_items(
-    stream: IO[bytes], file: str, fmt: str, cfg: DataConfig, mapped: set[str]
+    stream: IO[bytes], file: str, fmt: str, cfg: DataConfig, ours: dict[str, str]
 ) -> Iterator[formats.Item]:
     delimiter = "\t" if fmt == "tsv" else ","
     items = formats.csv_items(stream, file, delimiter, cfg.columns.get("messages", "messages"))
     first = next(items, None)
-    if first is not None and not mapped & set(first[1]):  # type: ignore[arg-type]
-        raise DataError(formats.no_columns(file, list(first[1]), cfg.columns | {
-            n: n for n in COLUMN_NAMES if n not in cfg.columns}))
+    if first is not None and not set(ours.values()) & set(first[1]):  # type: ignore[arg-type]
+        raise DataError(formats.no_columns(file, list(first[1]), ours))
     if first is not None:
         yield first
         yield from items
 
 
-def _check_item(
-    payload: bytes | dict[str, Any] | None, cfg: DataConfig,
-    steps: list[tuple[str, Callable[[str], str]]],
-) -> tuple[Example, list[str], str]:
-    """Parse, shape, clean and check one line on its own: (example, rules that changed it,
-    its folded prompt for the dedup and leakage keys); raise Rejected."""
-    return _check_record(decoded(payload, cfg), cfg, steps)
-
-
-def decoded(payload: bytes | dict[str, Any] | None, cfg: DataConfig) -> Any:
+def _decoded(payload: bytes | dict[str, Any] | None, cfg: DataConfig) -> Any:
     """The record of a JSON line (bytes; None when it is over data.max_line_bytes), or the
     record a row format (CSV, Parquet, ...) already decoded; raise Rejected."""
     if isinstance(payload, dict):
@@ -484,25 +547,3 @@ def decoded(payload: bytes | dict[str, Any] | None, cfg: DataConfig) -> Any:
         return orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         raise Rejected("not_json", f"not JSON ({exc.msg} at column {exc.colno})") from None
-
-
-def _check_record(
-    record: Any, cfg: DataConfig, steps: list[tuple[str, Callable[[str], str]]]
-) -> tuple[Example, list[str], str]:
-    """Shape, clean and check one decoded record on its own (see _check_item)."""
-    example, changed = clean_example(to_example(record, cfg.columns), steps)
-    for name in ("instruction", "output"):
-        if not getattr(example, name).strip():
-            raise Rejected("empty", f"{name} is empty" + (" after cleaning" if changed else ""))
-    instruction, input = fold(example.instruction), fold(example.input)
-    threshold = cfg.clean.instruction_like_input
-    if threshold is not None and example.input:
-        score = similarity(instruction, input)
-        if score >= threshold:
-            raise Rejected(
-                "instruction_like_input",
-                f"instruction and input are {score:.0%} similar "
-                f"(data.clean.instruction_like_input={threshold})",
-            )
-    history = "\x1f".join(fold(m["content"]) for m in example.messages or [])
-    return example, changed, f"{history}\x1e{instruction}\x1e{input}"
