@@ -38,7 +38,14 @@ from transformers import PreTrainedTokenizerBase
 from loraflow.config import COLUMN_NAMES, DataConfig
 from loraflow.data.cleaning import fold, rule_runner
 from loraflow.data.prompts import PromptTemplate
-from loraflow.data.records import SPLITS, Example, Rejected, checked_messages, json_type
+from loraflow.data.records import (
+    SPLITS,
+    Example,
+    Rejected,
+    checked_messages,
+    json_type,
+    string_field,
+)
 from loraflow.data.tokenization import (
     BATCH,
     Encoder,
@@ -80,21 +87,16 @@ class PreferenceExample(BaseModel):
 
 
 def _text(record: dict[str, Any], name: str, columns: dict[str, str], required: bool) -> str:
+    """A string field, or TRL's conversational answer: [{"role": "assistant", "content": ...}]."""
     key = columns.get(name, name)
     value = record.get(key)
-    if value is None:
-        if required:
-            raise Rejected("missing_field", f"missing field {key!r}")
-        return ""
-    if isinstance(value, list):  # TRL's conversational answers: [{"role": "assistant", ...}]
+    if isinstance(value, list):
         if (len(value) == 1 and isinstance(value[0], dict)
                 and value[0].get("role") == "assistant"
                 and isinstance(value[0].get("content"), str)):
             return value[0]["content"]
         raise Rejected("wrong_type", f"field {key!r} must be a string or one assistant message")
-    if not isinstance(value, str):
-        raise Rejected("wrong_type", f"field {key!r} must be a string, found {json_type(value)}")
-    return value
+    return string_field(record, name, columns, required)
 
 
 def _prompt(record: dict[str, Any], columns: dict[str, str]) -> tuple[str, str, list | None]:

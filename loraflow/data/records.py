@@ -48,7 +48,11 @@ def _field(record: dict[str, Any], name: str, columns: dict[str, str]) -> Any:
     return record.get(columns.get(name, name))
 
 
-def _string(record: dict[str, Any], name: str, columns: dict[str, str], required: bool) -> str:
+def string_field(
+    record: dict[str, Any], name: str, columns: dict[str, str], required: bool
+) -> str:
+    """The string under `name` (or the column the user maps it from); "" when absent and not
+    required; Rejected (missing_field, wrong_type) otherwise."""
     key = columns.get(name, name)
     value = record.get(key)
     if value is None:
@@ -86,14 +90,14 @@ def to_example(record: Any, columns: dict[str, str]) -> Example:
         return _from_messages(messages, columns.get("messages", "messages"))
     if any(_field(record, name, columns) is not None for name in ("prompt", "completion")):
         return Example(
-            instruction=_string(record, "prompt", columns, True),
-            output=_string(record, "completion", columns, True),
+            instruction=string_field(record, "prompt", columns, True),
+            output=string_field(record, "completion", columns, True),
         )
     if any(_field(record, name, columns) is not None for name in ("instruction", "output")):
         return Example(
-            instruction=_string(record, "instruction", columns, True),
-            input=_string(record, "input", columns, False),
-            output=_string(record, "output", columns, True),
+            instruction=string_field(record, "instruction", columns, True),
+            input=string_field(record, "input", columns, False),
+            output=string_field(record, "output", columns, True),
         )
     keys = ", ".join(repr(k) for k in list(record)[:8]) or "none"
     raise Rejected(
