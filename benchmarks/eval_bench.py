@@ -1,4 +1,4 @@
-"""Evaluation speed: answer generation by loraflow.generation against the guide's way. Prints
+"""Evaluation speed: answer generation by loraflow.evaluation.generation against the guide's way. Prints
 one table and writes JSON (--out); not a test.
 
     gpu: the Llama-2-7B architecture (hidden 4096, 32 layers, 32 heads, MLP 11008, vocab 32000)
@@ -13,7 +13,7 @@ one table and writes JSON (--out); not a test.
 
          python benchmarks/eval_bench.py gpu --out eval_bench.json
 
-         Needs only torch, transformers, tokenizers and pydantic (for loraflow.generation).
+         Needs only torch, transformers, tokenizers and pydantic (for loraflow.evaluation.generation).
 
     cpu: one evaluation of the embedded default (SmolLM2-135M, the shipped 64 test prompts,
          configs/default.yaml's eval settings): seconds, and the test metrics.

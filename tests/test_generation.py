@@ -1,4 +1,4 @@
-"""The one generation path (loraflow.generation) gives the greedy answers of plain
+"""The one generation path (loraflow.evaluation.generation) gives the greedy answers of plain
 `model.generate` on each prompt alone, whatever the batching: prompts of mixed lengths, rows that
 finish at different steps (EOS, stop strings), a static cache, batch_size=auto."""
 

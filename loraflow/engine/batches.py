@@ -17,7 +17,7 @@ from loraflow.engine.distributed import Ranks
 
 
 def read_examples(data_dir: Path, split: str) -> list[Encoded]:
-    """The examples of one split (<split>.parquet, as loraflow.tokenization writes it); a split
+    """The examples of one split (<split>.parquet, as loraflow.data.tokenization writes it); a split
     without its file has none."""
     path = Path(data_dir) / f"{split}.parquet"
     return read_tokenized(path) if path.is_file() else []

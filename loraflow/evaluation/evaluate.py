@@ -298,7 +298,7 @@ def check_thresholds(metrics: dict[str, float], thresholds: dict[str, float]) ->
 
 class AnswerParity(BaseModel):
     """One model's test-set answers against another's, prompt by prompt: the merged model
-    against base + adapter (loraflow.merge)."""
+    against base + adapter (loraflow.release.merge)."""
 
     answers: int
     differing: int

@@ -12,7 +12,7 @@ KTO records (single answers labelled desirable or not) have no pairs: their logp
 mean log-likelihood of the desirable answers minus that of the undesirable ones, and
 reward_margin the same of the rewards; there is no win rate or reward accuracy.
 
-The pairs are the align stage's tokenized test split (loraflow.preference_data), so they are
+The pairs are the align stage's tokenized test split (loraflow.data.preference), so they are
 rendered with the prompt template the model was trained with (loraflow.data.preference).
 """
 
