@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from loraflow.release.significance import (
+from loraflow.evaluation.significance import (
     detectable_improvement,
     holm,
     paired_test,
