@@ -545,8 +545,31 @@ class RegistryConfig(Section):
         0.01,
         ge=0.0,
         le=1.0,
-        description="Promote only when the tuned model beats the champion (or, with no champion, "
-        "the base model) by at least this much on gate_metric.",
+        description="Promote only when the tuned model's improvement over the champion (or, "
+        "with no champion, the base model) on gate_metric is at least this much with "
+        "`confidence`: the one-sided lower confidence bound of the paired improvement (both "
+        "models answer the same prompts in the same run) must reach it.",
+    )
+    confidence: float = Field(
+        0.95,
+        ge=0.5,
+        lt=1.0,
+        description="One-sided confidence of the gate's paired tests (exact sign test / "
+        "bound on the discordant answers for 0/1 metrics, paired bootstrap otherwise) and of "
+        "its guards.",
+    )
+    guards: list[str] = Field(
+        ["json_valid", "extra_sets"],
+        description="What must not get worse: metrics of the primary test set (json_valid), "
+        "set.metric, a set's name (its gate_metric), or extra_sets (every test set after the "
+        "first). Each must be shown not worse than the reference by more than guard_tolerance, "
+        "at `confidence`; a failed guard blocks promotion and is named. A guard a set does not "
+        "report is skipped.",
+    )
+    guard_tolerance: float = Field(
+        0.05, ge=0.0, le=1.0,
+        description="How much worse a guard may be (its paired lower bound must stay above "
+        "minus this).",
     )
     stage_mirroring: Literal["none", "staging-production"] = Field(
         "none",
