@@ -1,5 +1,7 @@
 """The promotion decision on paired evaluations: what must promote, what must not."""
 
+import html
+
 from loraflow.config import EvalConfig, EvalSetConfig, RegistryConfig
 from loraflow.evaluation.evaluate import EvalResult
 from loraflow.evaluation.gate import decide, example_id, guard_names
@@ -74,3 +76,17 @@ def test_no_paired_reference_is_no_promotion_and_examples_pair_by_content():
     row = {"instruction": "a", "input": "b", "expected": "c"}
     assert example_id(row) == example_id(dict(row, answer="x")) != example_id(dict(row, input="d"))
     assert example_id(dict(row, id=7)) == "7"
+
+
+def test_the_report_opens_with_the_decision_its_interval_and_the_flips(tmp_path):
+    from loraflow.evaluation.report import build_report
+
+    reference = result("base", set(range(20)))
+    candidate = result("tuned", set(range(50)), valid=set(range(48)))
+    decision = decide(candidate, reference, "base model", REGISTRY, EVAL)
+    page = build_report({"base": reference, "tuned": candidate}, {}, tmp_path,
+                        decision=decision).read_text()
+    assert page.index("Decision: keep") < page.index("<h2>Metrics</h2>")
+    assert decision.verdict in html.unescape(page) and "<td>FAILED</td>" in page
+    assert "Examples won against base model" in page and "order 20" in page
+    assert (tmp_path / "decision.png").stat().st_size > 1000

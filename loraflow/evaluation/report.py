@@ -16,6 +16,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from loraflow.config import LOWER_IS_BETTER  # noqa: E402
 from loraflow.evaluation.evaluate import AnswerParity, EvalResult  # noqa: E402
+from loraflow.evaluation.gate import Flip, GateDecision  # noqa: E402
 
 COLOURS = {"base": "#7f7f7f", "tuned": "#1f77b4", "champion": "#ff7f0e"}
 OTHER_COLOURS = ["#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
@@ -119,6 +120,69 @@ def plot_fuzzy_distribution(
     return out
 
 
+def plot_decision(decision: GateDecision, out: Path) -> Path | None:
+    """The gate metric's and each guard's paired improvement: the estimate, its interval
+    (lower end: the one-sided bound the gate reads) and the line it must clear."""
+    tests = [t for t in [decision.primary, *decision.guards] if t is not None]
+    if not tests:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 0.7 + 0.6 * len(tests)), dpi=100)
+    for row, test in enumerate(reversed(tests)):
+        colour_ = "#2ca02c" if test.passed else "#d62728"
+        ax.plot([test.lower, test.upper], [row, row], color=colour_, linewidth=3)
+        ax.plot([test.estimate], [row], "o", color=colour_)
+        ax.plot([test.margin, test.margin], [row - 0.35, row + 0.35], color="#222",
+                linestyle="--")
+    ax.axvline(0.0, color="#999", linewidth=0.8)
+    ax.set_yticks(range(len(tests)), [t.metric for t in reversed(tests)])
+    ax.set_xlabel(f"improvement over {decision.reference_name} (paired; dashed: what the "
+                  "lower end must reach)")
+    ax.set_title(f"Promotion gate: {tests[0].confidence:.0%} one-sided bounds")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def decision_section(decision: GateDecision, figure: Path | None) -> list[str]:
+    """The verdict, the interval plot, the guards and the examples that flipped each way."""
+    esc = html.escape
+    verdict = "promote" if decision.promote else "keep"
+    parts = [f"<h2>Decision: {verdict}</h2><p id='decision' class="
+             f"'{'note' if decision.promote else 'fail'}'>{esc(decision.verdict)}</p>"]
+    if figure is not None:
+        data = base64.b64encode(figure.read_bytes()).decode()
+        parts.append(f"<img class='figure' alt='decision' src='data:image/png;base64,{data}'>")
+    if decision.detectable is not None:
+        parts.append(f"<p class='note'>With {decision.primary.examples} paired examples the "
+                     f"smallest improvement this test set can show 4 times in 5 is "
+                     f"{decision.detectable:.3f} at best (no answer lost).</p>")
+    if decision.guards:
+        parts.append("<table id='guards'><tr><th>guard</th><th>change</th><th>lower bound"
+                     "</th><th>must stay above</th><th></th></tr>")
+        parts += [f"<tr><td>{esc(g.metric)}</td><td>{g.estimate:+.3f}</td>"
+                  f"<td>{g.lower:+.3f}</td><td>{g.margin:+.3f}</td>"
+                  f"<td>{'held' if g.passed else 'FAILED'}</td></tr>" for g in decision.guards]
+        parts.append("</table>")
+    for name, flipped in (("won", decision.won), ("lost", decision.lost)):
+        parts += flips_table(name, flipped, decision.reference_name)
+    return parts
+
+
+def flips_table(name: str, flipped: list[Flip], reference_name: str) -> list[str]:
+    esc = html.escape
+    if not flipped:
+        return []
+    parts = [f"<h3>Examples {name} against {esc(reference_name)}</h3><table id='{name}'>"
+             f"<tr><th>prompt</th><th>expected</th><th>candidate</th><th>"
+             f"{esc(reference_name)}</th></tr>"]
+    parts += [f"<tr><td><pre>{esc(f.input)}</pre></td><td><pre>{esc(f.expected)}</pre></td>"
+              f"<td><pre>{esc(f.candidate)}</pre></td><td><pre>{esc(f.reference)}</pre></td>"
+              "</tr>" for f in flipped]
+    return [*parts, "</table>"]
+
+
 def render_html(
     results: dict[str, EvalResult],
     figures: list[Path],
@@ -126,6 +190,7 @@ def render_html(
     title: str = "loraflow evaluation",
     notes: tuple[str, ...] = (),
     parity: AnswerParity | None = None,
+    top: list[str] | None = None,
 ) -> str:
     """One page with everything inlined (figures as data: URIs), so it opens anywhere."""
     labels = list(results)
@@ -140,6 +205,7 @@ def render_html(
         "decoding for every model.</p>",
     ]
     parts += [f"<p class='note'>{esc(note)}</p>" for note in notes]
+    parts += top or []  # the gate's decision
     for label, result in results.items():
         if result.failed_thresholds:
             parts.append(
@@ -236,8 +302,10 @@ def build_report(
     side_by_side: int = 10,
     title: str = "loraflow evaluation",
     parity: AnswerParity | None = None,
+    decision: GateDecision | None = None,
 ) -> Path:
-    """Write the PNGs and report.html into out_dir; return the HTML's path."""
+    """Write the PNGs and report.html into out_dir; return the HTML's path. The gate's
+    decision, when given, opens the page."""
     out_dir.mkdir(parents=True, exist_ok=True)
     primary = next(iter(next(iter(results.values())).sets))
     notes: list[str] = []
@@ -249,9 +317,10 @@ def build_report(
         plot_metric_bars(results, out_dir / "metric_bars.png"),
         plot_fuzzy_distribution(results, primary, out_dir / "fuzzy_distribution.png"),
     ]
-    page = render_html(
-        results, [f for f in figures if f is not None], side_by_side, title, tuple(notes), parity
-    )
+    top = [] if decision is None else decision_section(
+        decision, plot_decision(decision, out_dir / "decision.png"))
+    page = render_html(results, [f for f in figures if f is not None], side_by_side, title,
+                       tuple(notes), parity, top)
     path = out_dir / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
