@@ -63,7 +63,7 @@ def overrides(model: str, steps: int) -> list[str]:
 
 def plain_pipeline(config_args: list[str]) -> dict[str, float]:
     """The pipeline's library steps with no Prefect and no MLflow; seconds per step."""
-    from loraflow.base_model import load_tokenizer, resolve_base_model
+    from loraflow.base_model import load_tokenizer, resolve_base_model, token_counter
     from loraflow.config import TrainConfig, load_config, loraflow_home
     from loraflow.data.prompts import prompt_template
     from loraflow.data.tokenization import TokenizeSettings, tokenize_cached
@@ -91,17 +91,15 @@ def plain_pipeline(config_args: list[str]) -> dict[str, float]:
     base_sha = sha256_tree(base.path)
     lap("prepare_base_model")
     sources = {split: list(getattr(cfg.data, split)) for split in SPLITS}
-    count_tokens = None
-    if cfg.data.clean.min_output_tokens:  # as the validate_data task does
-        tokenizer = load_tokenizer(base.path)
-        count_tokens = lambda texts: [  # noqa: E731
-            len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    # as the validate_data task does
+    count_tokens = token_counter(base.path) if cfg.data.clean.min_output_tokens else None
     data = validate_splits(sources, work / "data", cfg.data, count_tokens)
     data.check(work / "data")
     lap("validate_data")
     tokenizer = load_tokenizer(base.path)
     template = prompt_template(cfg.data.template, cfg.data.jinja_template)
-    settings = TokenizeSettings(max_length=cfg.data.max_length, truncation=cfg.data.truncation)
+    settings = TokenizeSettings(max_length=cfg.data.max_length, truncation=cfg.data.truncation,
+                                train_on=cfg.data.train_on)  # as the tokenize_data task does
     tokens, _, _ = tokenize_cached(home / "tokenized", work / "data", data.sha256, tokenizer,
                                    tokenizer_sha256(base.path), template, settings)
     lap("tokenize_data")
