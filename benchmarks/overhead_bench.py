@@ -72,7 +72,7 @@ def plain_pipeline(config_args: list[str]) -> dict[str, float]:
     from loraflow.evaluation.evaluate import ModelSource, evaluate, load_sets, write_result
     from loraflow.evaluation.report import build_report
     from loraflow.hashing import sha256_tree, tokenizer_sha256
-    from loraflow.release.lineage import LINEAGE_FILE, adapter_manifest
+    from loraflow.release.lineage import adapter_lineage
     from loraflow.release.merge import merge_and_evaluate
     from loraflow.release.storage import open_store, push_tree
 
@@ -88,7 +88,7 @@ def plain_pipeline(config_args: list[str]) -> dict[str, float]:
         clock = time.perf_counter()
 
     base = resolve_base_model(cfg.model.base, home / "models")
-    base_sha = sha256_tree(base.path)
+    sha256_tree(base.path)  # the bytes prepare_base_model's cache key reads
     lap("prepare_base_model")
     sources = {split: list(getattr(cfg.data, split)) for split in SPLITS}
     # as the validate_data task does
@@ -111,12 +111,9 @@ def plain_pipeline(config_args: list[str]) -> dict[str, float]:
     (run / "engine.json").write_text(engine.model_dump_json())
     subprocess.run([sys.executable, "-m", "loraflow.engine", "--config", str(run / "engine.json")],
                    check=True, stdout=subprocess.DEVNULL)
-    manifest = adapter_manifest(base.path, base.name, base_sha, lora=cfg.lora.model_dump(),
-                                train=train.model_dump(), data_sha256=data.sha256,
-                                template=template.model_dump(),
-                                chat_template=tokenizer.chat_template,
-                                base_source=cfg.model.base)
-    (run / "adapter" / LINEAGE_FILE).write_text(json.dumps(manifest))
+    # as the train_adapter task does (the manifest hashes the base's weight files)
+    adapter_lineage(base, lora=cfg.lora, train=train, data_sha256=data.sha256,
+                    template=template, tokenize=settings).write(run / "adapter")
     sha256_tree(run / "adapter")
     lap("train_adapter")
     sets = load_sets(cfg.eval, work / "data" / "test.jsonl")

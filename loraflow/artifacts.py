@@ -68,3 +68,20 @@ class Champion(ArtifactRef):
     """The champion version's files, when it answers the same test sets as the candidate."""
 
     version: str
+
+
+class SftParent(BaseModel):
+    """The registered SFT version an aligned model is trained on top of, as its lineage and its
+    version tags name it."""
+
+    version: str
+    adapter_sha256: str
+    model_sha256: str
+
+
+class AlignedOn(BaseModel):
+    """What an align-stage adapter's lineage adds: the SFT parent and the preference data."""
+
+    sft_parent: SftParent
+    preference_data_sha256: str
+    align_objective: str

@@ -15,13 +15,14 @@ from prefect.utilities.hashing import hash_objects
 
 from loraflow.artifacts import (
     Adapter,
+    AlignedOn,
     Champion,
     Evaluation,
     HeldoutSplit,
     MergedModel,
     TokenizedData,
 )
-from loraflow.base_model import BaseModelRef, load_tokenizer, resolve_base_model, source_location
+from loraflow.base_model import BaseModelRef, resolve_base_model, source_location
 from loraflow.config import (
     EvalConfig,
     LaunchConfig,
@@ -38,7 +39,7 @@ from loraflow.engine.launch import TrainingCrashed, TrainingOOM, after_oom
 from loraflow.evaluation import evaluate
 from loraflow.hashing import code_version, sha256_json, sha256_tree
 from loraflow.release import merge, registry
-from loraflow.release.lineage import LINEAGE_FILE, adapter_manifest
+from loraflow.release.lineage import adapter_lineage
 from tasks.caching import CONTENT, fingerprint
 from tasks.tracking import (
     fetch,
@@ -116,19 +117,16 @@ def train_adapter(
 
     adapter_dir = run_dir / "adapter"
     # The lineage manifest (issue 5): every later load checks it against its base.
-    lineage = adapter_manifest(
-        base.path,
-        base.name,
-        base.sha256,
-        lora=lora.model_dump(),
-        train=train.model_dump(),
+    lineage = adapter_lineage(
+        base,
+        lora=lora,
+        train=train,
         data_sha256=tokens.data_sha256,
-        template=tokens.template.model_dump(),
-        chat_template=load_tokenizer(base.path).chat_template,
-        base_quantization={"nf4": "4bit", "int8": "8bit"}.get(train.precision, "none"),
-        base_source=base.source,
-    ) | {"tokenize": tokens.report.settings.model_dump()} | (lineage_extra or {})
-    (adapter_dir / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True))
+        template=tokens.template,
+        tokenize=tokens.report.settings,
+        aligned_on=AlignedOn.model_validate(lineage_extra) if lineage_extra else None,
+    )
+    lineage.write(adapter_dir)
     uri = log_dir(run_id, adapter_dir, "adapter")
     log_metrics(run_id, {f"{prefix}{k}": v for k, v in result.items()})
     return Adapter(uri=uri, sha256=sha256_tree(adapter_dir), result=result)

@@ -18,6 +18,7 @@ from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
 from loraflow.config import LOWER_IS_BETTER
+from loraflow.release.lineage import Lineage
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 METRIC_TAG = "metric."  # version tags holding evaluation metrics, e.g. metric.exact_match
@@ -145,24 +146,27 @@ def version_of(client: MlflowClient, name: str, model_sha256: str) -> str | None
     return str(min(int(v.version) for v in found)) if found else None
 
 
-def lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
+def lineage_tags(lineage: Lineage) -> dict[str, str]:
     """The lineage manifest as version tags (long values as JSON, hashes as they are)."""
-    keys = (
-        "base_model",
-        "base_revision",
-        "base_sha256",
-        "base_quantization",
-        "tokenizer_sha256",
-        "chat_template_sha256",
-        "template",
-        "data_sha256",
-        "code_version",
-        "adapter_sha256",
-    )
-    tags = {f"loraflow.{k}": str(lineage[k]) for k in keys if lineage.get(k) is not None}
-    for key in ("base_files", "lora", "train", "libraries", "merge"):
-        if key in lineage:
-            tags[f"loraflow.{key}"] = json.dumps(lineage[key], sort_keys=True)[:5000]
+    values = {
+        "base_model": lineage.base_model,
+        "base_revision": lineage.base_revision,
+        "base_sha256": lineage.base_sha256,
+        "base_quantization": lineage.base_quantization,
+        "tokenizer_sha256": lineage.tokenizer_sha256,
+        "chat_template_sha256": lineage.chat_template_sha256,
+        "template": lineage.template.model_dump(),  # str() of the record, as tags always had
+        "data_sha256": lineage.data_sha256,
+        "code_version": lineage.code_version,
+        "adapter_sha256": lineage.adapter_sha256,
+    }
+    tags = {f"loraflow.{k}": str(v) for k, v in values.items() if v is not None}
+    long_values = {"base_files": lineage.base_files, "lora": lineage.lora,
+                   "train": lineage.train, "libraries": lineage.libraries,
+                   "merge": lineage.merge}
+    for key, value in long_values.items():
+        if value is not None:
+            tags[f"loraflow.{key}"] = json.dumps(value, sort_keys=True)[:5000]
     return tags
 
 
