@@ -23,19 +23,18 @@ events from `loraflow watch --feedback`): an align-only run from the current cha
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import mlflow
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from loraflow.artifacts import AlignedOn, HeldoutSplit, MergeRequest, SftModel, TrainRequest
 from loraflow.base_model import BaseModelRef
 from loraflow.config import AlignConfig, PipelineConfig
 from loraflow.environment import configure
 from loraflow.release.registry import champion_to_align
-from loraflow.summary import write_summary
+from loraflow.summary import render, write_summary
 from tasks.align import (
     child_run,
     evaluate_preferences,
@@ -125,7 +124,7 @@ def _align(
 DEFAULT_CONFIG = PipelineConfig()
 
 
-@flow(name="align")
+@flow(name="align", log_prints=True)
 def align(config: PipelineConfig = DEFAULT_CONFIG, feedback_uri: str | None = None) -> dict:
     """Align-only: a preference adapter on the current champion; feedback_uri (what a
     loraflow.feedback.landed trigger passes) replaces align.train."""
@@ -152,5 +151,5 @@ def align(config: PipelineConfig = DEFAULT_CONFIG, feedback_uri: str | None = No
                "model_name": name, "align": aligned, "tasks": step.steps,
                "seconds": round(time.perf_counter() - start, 3)}
     write_summary(summary, home)
-    print(json.dumps({k: summary[k] for k in ("model_name", "align")}, indent=2, default=str))
+    get_run_logger().info("%s", render(summary))
     return summary
