@@ -147,11 +147,6 @@ def test_feedback_trigger_starts_an_align_only_run_on_the_landed_file(tmp_path):
     assert params["feedback_uri"] == str(landed) and params["config"].align is not None
 
 
-def test_train_deployment_accepts_what_the_pipeline_sends(tiny_model_dir):
-
-    pass
-
-
 def pipeline_refs(tiny_model_dir) -> dict:
     """The references the pipeline hands its gpu-pool deployments, as they would come."""
     from loraflow.artifacts import Adapter, Champion, HeldoutSplit, TokenizedData
