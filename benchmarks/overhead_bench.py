@@ -63,7 +63,7 @@ def overrides(model: str, steps: int) -> list[str]:
 
 def plain_pipeline(config_args: list[str]) -> dict[str, float]:
     """The pipeline's library steps with no Prefect and no MLflow; seconds per step."""
-    from loraflow.base_model import load_tokenizer, resolve_base_model
+    from loraflow.base_model import load_tokenizer, resolve_base_model, token_counter
     from loraflow.config import TrainConfig, load_config, loraflow_home
     from loraflow.data.prompts import prompt_template
     from loraflow.data.records import SPLITS
@@ -73,7 +73,7 @@ def plain_pipeline(config_args: list[str]) -> dict[str, float]:
     from loraflow.evaluation.evaluate import ModelSource, evaluate, load_sets, write_result
     from loraflow.evaluation.report import build_report
     from loraflow.hashing import sha256_tree, tokenizer_sha256
-    from loraflow.release.lineage import LINEAGE_FILE, adapter_manifest
+    from loraflow.release.lineage import adapter_lineage
     from loraflow.release.merge import merge_and_evaluate
     from loraflow.release.storage import open_store, push_tree
 
@@ -89,20 +89,18 @@ def plain_pipeline(config_args: list[str]) -> dict[str, float]:
         clock = time.perf_counter()
 
     base = resolve_base_model(cfg.model.base, home / "models")
-    base_sha = sha256_tree(base.path)
+    sha256_tree(base.path)  # the bytes prepare_base_model's cache key reads
     lap("prepare_base_model")
     sources = {split: list(getattr(cfg.data, split)) for split in SPLITS}
-    count_tokens = None
-    if cfg.data.clean.min_output_tokens:  # as the validate_data task does
-        tokenizer = load_tokenizer(base.path)
-        count_tokens = lambda texts: [  # noqa: E731
-            len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    # as the validate_data task does
+    count_tokens = token_counter(base.path) if cfg.data.clean.min_output_tokens else None
     data = validate_splits(sources, work / "data", cfg.data, count_tokens=count_tokens)
     data.check(work / "data")
     lap("validate_data")
     tokenizer = load_tokenizer(base.path)
     template = prompt_template(cfg.data.template, cfg.data.jinja_template)
-    settings = TokenizeSettings(max_length=cfg.data.max_length, truncation=cfg.data.truncation)
+    settings = TokenizeSettings(max_length=cfg.data.max_length, truncation=cfg.data.truncation,
+                                train_on=cfg.data.train_on)  # as the tokenize_data task does
     tokens, _, _ = tokenize_cached(home / "tokenized", work / "data", data.sha256, tokenizer,
                                    tokenizer_sha256(base.path), template, settings)
     lap("tokenize_data")
@@ -114,12 +112,9 @@ def plain_pipeline(config_args: list[str]) -> dict[str, float]:
     (run / "engine.json").write_text(engine.model_dump_json())
     subprocess.run([sys.executable, "-m", "loraflow.engine", "--config", str(run / "engine.json")],
                    check=True, stdout=subprocess.DEVNULL)
-    manifest = adapter_manifest(base.path, base.name, base_sha, lora=cfg.lora.model_dump(),
-                                train=train.model_dump(), data_sha256=data.sha256,
-                                template=template.model_dump(),
-                                chat_template=tokenizer.chat_template,
-                                base_source=cfg.model.base)
-    (run / "adapter" / LINEAGE_FILE).write_text(json.dumps(manifest))
+    # as the train_adapter task does (the manifest hashes the base's weight files)
+    adapter_lineage(base, lora=cfg.lora, train=train, data_sha256=data.sha256,
+                    template=template, tokenize=settings).write(run / "adapter")
     sha256_tree(run / "adapter")
     lap("train_adapter")
     sets = load_sets(cfg.eval, work / "data" / "test.jsonl")

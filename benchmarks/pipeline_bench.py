@@ -194,12 +194,14 @@ def lf_data(w: Workload, work: Path) -> dict[str, Any]:
 
 
 def lf_train(w: Workload, work: Path, fraction: float) -> dict[str, Any]:
+    from loraflow.base_model import BaseModelRef
     from loraflow.config import LoraSettings, TrainConfig
+    from loraflow.data.tokenization import TokenizeSettings
     from loraflow.engine.batches import read_examples
     from loraflow.engine.config import EngineConfig
     from loraflow.engine.loop import steps_for_epochs
     from loraflow.hashing import sha256_tree
-    from loraflow.release.lineage import LINEAGE_FILE, adapter_manifest
+    from loraflow.release.lineage import adapter_lineage
 
     base, run = work / "base", work / "run"
     train = TrainConfig(batching="packed", seq_len=w.seq_len, micro_batch_size=w.micro_batch,
@@ -222,10 +224,12 @@ def lf_train(w: Workload, work: Path, fraction: float) -> dict[str, Any]:
     subprocess.run([sys.executable, "-m", "loraflow.engine", "--config", str(config)],
                    check=True)
     engine_s = time.perf_counter() - start
-    manifest = adapter_manifest(base, "random-llama", sha256_tree(base), lora=lora.model_dump(),
-                                train=train.model_dump(), data_sha256="0" * 64,
-                                template=ALPACA_TEMPLATE.model_dump(), chat_template=None)
-    (run / "adapter" / LINEAGE_FILE).write_text(json.dumps(manifest))
+    # the train_adapter task's manifest (lf_data tokenized with max_length=w.max_tokens)
+    reference = BaseModelRef(name="random-llama", path=base, sha256=sha256_tree(base),
+                             source=str(base))
+    adapter_lineage(reference, lora=lora, train=train, data_sha256="0" * 64,
+                    template=ALPACA_TEMPLATE, tokenize=TokenizeSettings(max_length=w.max_tokens)
+                    ).write(run / "adapter")
     seconds = time.perf_counter() - start
     lineage_s = seconds - engine_s  # the manifest hashes the base's weights
     result = json.loads((run / "result.json").read_text())

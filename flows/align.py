@@ -23,20 +23,18 @@ events from `loraflow watch --feedback`): an align-only run from the current cha
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import mlflow
-from prefect import flow
+from prefect import flow, get_run_logger
 
-from loraflow.artifacts import ArtifactRef, HeldoutSplit
+from loraflow.artifacts import AlignedOn, HeldoutSplit, MergeRequest, SftModel, TrainRequest
 from loraflow.base_model import BaseModelRef
 from loraflow.config import AlignConfig, PipelineConfig
-from loraflow.data.prompts import PromptTemplate
 from loraflow.environment import configure
-from loraflow.release.lineage import LINEAGE_FILE
-from loraflow.summary import write_summary
+from loraflow.release.registry import champion_to_align
+from loraflow.summary import render, write_summary
 from tasks.align import (
     child_run,
     evaluate_preferences,
@@ -65,53 +63,49 @@ class AlignError(ValueError):
 
 
 def align_stage(
-    cfg: PipelineConfig, step: StepLog, run_id: str, base: BaseModelRef, sft_model: ArtifactRef,
-    parent: dict[str, str], template: PromptTemplate, test: HeldoutSplit,
-    sft_metrics: dict[str, float],
+    cfg: PipelineConfig, step: StepLog, run_id: str, base: BaseModelRef, sft: SftModel,
+    test: HeldoutSplit,
 ) -> dict[str, Any]:
-    """Train, evaluate, register and gate the aligned model on top of `sft_model` (a merged
-    SFT model: the SFT stage's, or the champion's), in an MLflow run nested in `run_id`.
-    parent: the SFT version, adapter and model hashes its lineage names."""
+    """Train, evaluate, register and gate the aligned model on top of `sft` (a merged SFT
+    model: the SFT stage's, or the champion's), in an MLflow run nested in `run_id`."""
     align = cfg.align
     if align is None:
         raise AlignError("the align stage needs the `align` section of the config (see "
                          "configs/preference.yaml)")
     with child_run(run_id, "align") as align_run:
-        return {"run_id": align_run} | _align(cfg, align, step, align_run, base, sft_model,
-                                              parent, template, test, sft_metrics)
+        return {"run_id": align_run} | _align(cfg, align, step, align_run, base, sft, test)
 
 
 def _align(
     cfg: PipelineConfig, align: AlignConfig, step: StepLog, run_id: str, base: BaseModelRef,
-    sft_model: ArtifactRef, parent: dict[str, str], template: PromptTemplate,
-    test: HeldoutSplit, sft_metrics: dict[str, float],
+    sft: SftModel, test: HeldoutSplit,
 ) -> dict[str, Any]:
-    name = cfg.registry.model_name
-    sft_base = BaseModelRef(name=f"{name}-v{parent['version']}", path=fetch(sft_model.uri),
-                            sha256=sft_model.sha256, source=f"models:/{name}/{parent['version']}")
+    name, parent, template = cfg.registry.model_name, sft.parent, sft.template
+    sft_base = BaseModelRef(name=f"{name}-v{parent.version}", path=fetch(sft.model.uri),
+                            sha256=sft.model.sha256, source=f"models:/{name}/{parent.version}")
     preferences = step(validate_preferences, align=align, data=cfg.data, run_id=run_id)
     tokens = step(tokenize_preferences, data=preferences, base=sft_base, cfg=cfg.data,
                   template=template, kind=kind_of(align), run_id=run_id)
-    extra = {"sft_parent": parent, "preference_data_sha256": preferences.sha256,
-             "align_objective": align.objective}
+    aligned_on = AlignedOn(sft_parent=parent, preference_data_sha256=preferences.sha256,
+                           align_objective=align.objective)
     training = align.train_config(cfg.train)
-    adapter = step(train_aligned, tokens=tokens, base=sft_base, lora=cfg.lora, train=training,
-                   launch=cfg.launch, run_id=run_id, lineage_extra=extra)
+    adapter = step(train_aligned, request=TrainRequest(
+        tokens=tokens, base=sft_base, lora=cfg.lora, train=training, launch=cfg.launch,
+        aligned_on=aligned_on), run_id=run_id)
     scores = step(evaluate_preferences, base=base, sft=sft_base, adapter=adapter, tokens=tokens,
                   beta=training.preference.beta, run_id=run_id)
     # the gate reads the merged model in its serving dtype, as the SFT stage's does
-    model, aligned_eval = step(merge_aligned, base=sft_base, adapter=adapter, test=test,
-                               template=template, eval_cfg=cfg.eval, cfg=cfg.merge,
-                               run_id=run_id)
-    aligned = with_preference(aligned_eval.metrics, scores["aligned"])
-    sft = with_preference(sft_metrics, scores["sft"])
-    step(tag_parent_metrics, name=name, version=parent["version"],
-         metrics={k: v for k, v in sft.items() if k.startswith("pref_")})
+    merged = step(merge_aligned, request=MergeRequest(
+        base=sft_base, adapter=adapter, test=test, template=template, eval_cfg=cfg.eval,
+        cfg=cfg.merge), run_id=run_id)
+    model, aligned = merged.model, with_preference(merged.evaluation.metrics, scores["aligned"])
+    sft_metrics = with_preference(sft.metrics, scores["sft"])
+    step(tag_parent_metrics, name=name, version=parent.version,
+         metrics={k: v for k, v in sft_metrics.items() if k.startswith("pref_")})
     registered = step(register_aligned, model=model, adapter=adapter, metrics=aligned,
                       cfg=cfg.registry, run_id=run_id)
     version = registered.version
-    step(tag_lineage, name=name, version=version, parent=parent,
-         preference_sha256=preferences.sha256, objective=align.objective, run_id=run_id)
+    step(tag_lineage, name=name, version=version, aligned_on=aligned_on, run_id=run_id)
     try:
         storage_uri = step(push_aligned, version=version, model=model, adapter=adapter,
                            cfg=cfg.storage, model_name=name, run_id=run_id)
@@ -119,26 +113,21 @@ def _align(
         if registered.created:
             discard_version(cfg.registry, version)
         raise
-    gate = step(promote_aligned, version=version, aligned=aligned, sft=sft, align=align,
+    gate = step(promote_aligned, version=version, aligned=aligned, sft=sft_metrics, align=align,
                 cfg=cfg.registry, run_id=run_id)
-    return {"model_version": version, "parent_version": parent["version"],
+    return {"model_version": version, "parent_version": parent.version,
             "aliases": gate["aliases"], "gate": gate["reason"], "storage_uri": storage_uri,
-            "metrics": {"base": scores["base"], "sft": sft, "aligned": aligned},
+            "metrics": {"base": scores["base"], "sft": sft_metrics, "aligned": aligned},
             "preference_data_sha256": preferences.sha256}
 
 
 DEFAULT_CONFIG = PipelineConfig()
 
 
-@flow(name="align")
+@flow(name="align", log_prints=True)
 def align(config: PipelineConfig = DEFAULT_CONFIG, feedback_uri: str | None = None) -> dict:
     """Align-only: a preference adapter on the current champion; feedback_uri (what a
     loraflow.feedback.landed trigger passes) replaces align.train."""
-    from mlflow import MlflowClient
-
-    from loraflow.release.inference import registered_model
-    from loraflow.release.registry import CHAMPION, METRIC_TAG
-
     cfg, step, start = config, StepLog(), time.perf_counter()
     if cfg.align is None:
         raise AlignError("an align-only run needs the `align` section of the config (see "
@@ -149,28 +138,18 @@ def align(config: PipelineConfig = DEFAULT_CONFIG, feedback_uri: str | None = No
     home = configure()
     name = cfg.registry.model_name
     with pipeline_run(cfg) as run_id:
-        champion = registered_model(name, alias=CHAMPION)
-        if champion is None:
+        sft = champion_to_align(name)
+        if sft is None:
             raise AlignError(f"no champion of {name!r} to align from: an align-only run starts "
                              "from the registered champion. Fix: run the SFT pipeline first "
                              "(`loraflow run`), or set registry.model_name to a model that has "
                              "one")
-        version = MlflowClient().get_model_version(name, champion.version)
-        sft_model = ArtifactRef(uri=champion.source,
-                                sha256=champion.sha256 or f"{name}/{champion.version}")
-        lineage = json.loads((fetch(sft_model.uri) / LINEAGE_FILE).read_text())
-        parent = {"version": champion.version,
-                  "adapter_sha256": version.tags.get("loraflow.adapter_sha256", "unknown"),
-                  "model_sha256": sft_model.sha256}
-        sft_metrics = {k.removeprefix(METRIC_TAG): float(v)
-                       for k, v in version.tags.items() if k.startswith(METRIC_TAG)}
         base = step(prepare_base_model, source=cfg.model.base)
         data = step(validate_data, data=cfg.data, base=base, run_id=run_id)
-        aligned = align_stage(cfg, step, run_id, base, sft_model, parent,
-                              PromptTemplate.recorded(lineage), heldout_split(data), sft_metrics)
+        aligned = align_stage(cfg, step, run_id, base, sft, heldout_split(data))
     summary = {"run_id": run_id, "tracking_uri": mlflow.get_tracking_uri(),
                "model_name": name, "align": aligned, "tasks": step.steps,
                "seconds": round(time.perf_counter() - start, 3)}
     write_summary(summary, home)
-    print(json.dumps({k: summary[k] for k in ("model_name", "align")}, indent=2, default=str))
+    get_run_logger().info("%s", render(summary))
     return summary

@@ -8,8 +8,9 @@
 
 As a deployment (prefect.yaml) this flow runs on the cpu pool and every step that loads the
 full model (train, evaluate base, merge, evaluate champion) runs on the gpu pool through a
-deployment of its own (tasks/deployments.py). With skip_trained_data a run on data already
-trained on stops after validation, in a Completed state named Skipped.
+deployment of its own: the same task, told where (tasks/deployments.py). With
+skip_trained_data a run on data already trained on stops after validation, in a Completed
+state named Skipped.
 
 Every step logs to one MLflow run and hands the next a reference (artifact URI + SHA-256);
 every step is cached on the content it reads, so a re-run with nothing changed re-executes
@@ -27,15 +28,22 @@ from prefect.runtime import deployment
 from prefect.states import State
 
 from flows.align import align_stage
+from loraflow.artifacts import (
+    EvaluateRequest,
+    MergeRequest,
+    SftModel,
+    SftParent,
+    TrainRequest,
+)
 from loraflow.config import PipelineConfig
 from loraflow.credentials import check_mlflow
 from loraflow.data.watch import check_data_uri
 from loraflow.environment import configure
 from loraflow.summary import render, write_summary
 from tasks.data import heldout_split, tokenize_data, validate_data
-from tasks.deployments import IN_PROCESS, ON_GPU_POOL, record_trained_data, skip_run
-from tasks.evaluation import report_evaluation
-from tasks.model import prepare_base_model
+from tasks.deployments import Where, record_trained_data, skip_run
+from tasks.evaluation import evaluate_champion, report_evaluation
+from tasks.model import evaluate_base, merge_adapter, prepare_base_model, train_adapter
 from tasks.release import (
     discard_version,
     open_configured_store,
@@ -71,7 +79,7 @@ def finetune(
     check_mlflow()  # missing or refused credentials fail here, not after training
     open_configured_store(cfg.storage).check()  # the bucket answers these S3 keys
     # A deployment run: the steps that load the model go to the gpu pool, results via MLflow.
-    gpu = ON_GPU_POOL if deployment.id else IN_PROCESS
+    where: Where = "gpu_pool" if deployment.id else "here"
     with pipeline_run(cfg) as run_id:
         base = step(prepare_base_model, source=cfg.model.base)
         data = step(validate_data, data=cfg.data, base=base, run_id=run_id)
@@ -79,16 +87,18 @@ def finetune(
         if earlier and skip_trained_data:  # a schedule or trigger on data already trained on
             return skip_run(run_id, cfg.registry.model_name, data, earlier)
         tokens = step(tokenize_data, data=data, base=base, cfg=cfg.data, run_id=run_id)
-        adapter = step(gpu.train, tokens=tokens, base=base, lora=cfg.lora, train=cfg.train,
-                       launch=cfg.launch, run_id=run_id)
+        training = TrainRequest(tokens=tokens, base=base, lora=cfg.lora, train=cfg.train,
+                                launch=cfg.launch)
+        adapter = step(train_adapter, request=training, run_id=run_id, where=where)
         test, template, name = heldout_split(data), tokens.template, cfg.registry.model_name
-        base_eval = step(gpu.evaluate_base, model=base, adapter=None, test=test,
-                         template=template, cfg=cfg.eval, run_id=run_id)
-        model, tuned_eval = step(gpu.merge, base=base, adapter=adapter, test=test,
-                                 template=template, eval_cfg=cfg.eval, cfg=cfg.merge,
-                                 run_id=run_id)
-        rival = step(gpu.evaluate_champion, model_name=name, candidate=model, test=test,
-                     template=template, cfg=cfg.eval, run_id=run_id)
+        base_eval = step(evaluate_base, request=EvaluateRequest(
+            model=base, test=test, template=template, cfg=cfg.eval), run_id=run_id, where=where)
+        merged = step(merge_adapter, request=MergeRequest(
+            base=base, adapter=adapter, test=test, template=template, eval_cfg=cfg.eval,
+            cfg=cfg.merge), run_id=run_id, where=where)
+        model, tuned_eval = merged.model, merged.evaluation
+        rival = step(evaluate_champion, model_name=name, candidate=model, test=test,
+                     template=template, cfg=cfg.eval, run_id=run_id, where=where)
         evals = [base_eval, tuned_eval, rival]  # rival: None when there is no other champion
         report = step(report_evaluation, evaluations=evals, cfg=cfg.eval, adapter=adapter,
                       run_id=run_id)
@@ -107,25 +117,19 @@ def finetune(
                     run_id=run_id)
         aligned = None
         if cfg.align is not None:  # preference tuning on top of this SFT model
-            parent = {"version": version, "adapter_sha256": adapter.sha256,
-                      "model_sha256": model.sha256}
-            aligned = align_stage(cfg, step, run_id, base, model, parent, template, test, after)
+            parent = SftParent(version=version, adapter_sha256=adapter.sha256,
+                               model_sha256=model.sha256)
+            sft = SftModel(model=model, parent=parent, metrics=after, template=template)
+            aligned = align_stage(cfg, step, run_id, base, sft, test)
 
     summary = {
-        "run_id": run_id,
-        "tracking_uri": mlflow.get_tracking_uri(),
-        "model_name": cfg.registry.model_name,
+        "run_id": run_id, "tracking_uri": mlflow.get_tracking_uri(), "model_name": name,
         "model_version": version,
         "aliases": gate["aliases"],  # read from the registry after the gate, never cached
-        "gate": gate["reason"],
-        "metrics": {e.label: e.metrics for e in evals if e is not None},
-        "report_uri": report,
-        "storage_uri": storage_uri,
-        "tasks": step.steps,
+        "gate": gate["reason"], "metrics": {e.label: e.metrics for e in evals if e is not None},
+        "report_uri": report, "storage_uri": storage_uri, "tasks": step.steps,
         "seconds": round(time.perf_counter() - start, 3),
-    }
-    if aligned is not None:
-        summary["align"] = aligned
+    } | ({"align": aligned} if aligned is not None else {})
     write_summary(summary, home)
     get_run_logger().info("%s", render(summary))
     return summary

@@ -1,26 +1,23 @@
 """The training step as its own flow, for the `train` deployment on the `gpu` work pool.
 
-The pipeline (flows/finetune.py, running as a deployment) starts it with run_deployment and the
-references it already has: the tokenized data's ArtifactRef, the base model's ref (with its
-source), the LoRA and train settings and its MLflow run id. This flow trains in that MLflow run
-(metrics and the adapter land there) and tags the run with the adapter's ArtifactRef, which is
-how the pipeline reads it back. Several GPU workers can poll the pool; each takes one run at a
-time (`prefect worker start --pool gpu --limit 1`, infra/worker.sh). Several GPUs of a machine,
-or several machines (launch.nodes), train one adapter together through torchrun
-(loraflow/distributed.py).
+The pipeline (flows/finetune.py, running as a deployment) starts it with run_deployment, the
+TrainRequest (the tokenized data's reference, the base model's with its source, the LoRA,
+train and launch settings) and its MLflow run id. This flow runs train_adapter here, in that
+MLflow run (metrics and the adapter land there), and hands the adapter back through the run's
+tag loraflow.step.train_adapter (tasks/deployments.py). Several GPU workers can poll the pool;
+each takes one run at a time (`prefect worker start --pool gpu --limit 1`, infra/worker.sh).
+Several GPUs of a machine, or several machines (launch.nodes), train one adapter together
+through torchrun (loraflow/engine/distributed.py).
 """
 
 from __future__ import annotations
 
-from mlflow import MlflowClient
 from prefect import flow, get_run_logger
 
-from loraflow.artifacts import Adapter, TokenizedData
-from loraflow.base_model import BaseModelRef
-from loraflow.config import LaunchConfig, LoraSettings, TrainConfig
+from loraflow.artifacts import Adapter, TrainRequest
 from loraflow.credentials import check_mlflow
 from loraflow.environment import configure
-from tasks.deployments import ADAPTER_TAG, base_on_this_machine
+from tasks.deployments import hand_back
 from tasks.model import train_adapter
 
 
@@ -29,32 +26,24 @@ class GpuCountError(ValueError):
 
 
 @flow(name="train", log_prints=True)
-def train(
-    tokens: TokenizedData,
-    base: BaseModelRef,
-    lora: LoraSettings,
-    train: TrainConfig,
-    launch: LaunchConfig,
-    run_id: str,
-    gpus_per_node: int | None = None,
-) -> Adapter | None:
-    """Train a LoRA adapter into MLflow run `run_id`; tag the run with the adapter's ref.
+def train(request: TrainRequest, run_id: str, gpus_per_node: int | None = None) -> Adapter | None:
+    """Train a LoRA adapter into MLflow run `run_id`; hand the adapter back through the run.
 
     gpus_per_node (this deployment's parameter) and launch.gpus_per_node (the pipeline's
     config) are one setting: whichever is set counts (both set, they must agree); neither:
     1 if this worker sees a GPU, else 0 (one process on CPU). More than one starts the engine
     under torchrun. With launch.nodes > 1 the pipeline starts one run of this flow per machine
     and each joins torchrun's rendezvous at launch.rdzv_endpoint; only the machine that holds
-    rank 0 returns and tags the adapter."""
+    rank 0 returns and hands back the adapter."""
     configure()
     check_mlflow()  # this worker's MLflow credentials, before the model is loaded
+    launch = request.launch
     gpus = resolve_gpus(launch.gpus_per_node, gpus_per_node)
     get_run_logger().info("training on %s GPU(s) a machine, %d machine(s)", gpus, launch.nodes)
-    adapter = train_adapter(tokens=tokens, base=base_on_this_machine(base), lora=lora,
-                            train=train, launch=launch.model_copy(update={"gpus_per_node": gpus}),
-                            run_id=run_id, share_checkpoints=True)
+    here = request.model_copy(update={"launch": launch.model_copy(update={"gpus_per_node": gpus})})
+    adapter = train_adapter(request=here, run_id=run_id, share_checkpoints=True)
     if adapter is not None:
-        MlflowClient().set_tag(run_id, ADAPTER_TAG, adapter.model_dump_json())
+        hand_back(run_id, request, adapter)
     return adapter
 
 

@@ -1,14 +1,20 @@
 """What tasks hand each other: where bytes are (an MLflow artifact URI or a local path), the
 SHA-256 that identifies them, and what the next step needs to know about them, typed; never
-the objects themselves. Caches key on `sha256` alone (tasks/caching.py)."""
+the objects themselves. Caches key on `sha256` alone (tasks/caching.py).
+
+The steps that load the full model (train, evaluate, merge) take one request each and return
+one result, the same wherever they run: in the pipeline's process or on the gpu work pool,
+whose deployments receive the request as their parameter (tasks/deployments.py)."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel
 
-from loraflow.config import TrainConfig
+from loraflow.base_model import BaseModelRef
+from loraflow.config import EvalConfig, LaunchConfig, LoraSettings, MergeConfig, TrainConfig
 from loraflow.data.prompts import PromptTemplate
 from loraflow.data.tokenization import TokenizeReport
+from loraflow.hashing import sha256_json
 
 
 class ArtifactIntegrityError(RuntimeError):
@@ -70,3 +76,93 @@ class Champion(ArtifactRef):
     """The champion version's files, when it answers the same test sets as the candidate."""
 
     version: str
+
+
+class SftParent(BaseModel):
+    """The registered SFT version an aligned model is trained on top of, as its lineage and its
+    version tags name it."""
+
+    version: str
+    adapter_sha256: str
+    model_sha256: str
+
+
+class SftModel(BaseModel):
+    """The SFT model the align stage starts from: the one the pipeline just registered, or the
+    champion an align-only run looks up (loraflow.release.registry.champion_to_align)."""
+
+    model: ArtifactRef  # its merged model's files
+    parent: SftParent
+    metrics: dict[str, float]  # its task metrics, the align gate's reference
+    template: PromptTemplate  # the prompt template it was trained with
+
+
+class AlignedOn(BaseModel):
+    """What an align-stage adapter's lineage adds: the SFT parent and the preference data."""
+
+    sft_parent: SftParent
+    preference_data_sha256: str
+    align_objective: str
+
+
+class TrainRequest(BaseModel):
+    """Train a LoRA adapter: the tokenized data, the base, the settings and how to launch."""
+
+    tokens: TokenizedData
+    base: BaseModelRef
+    lora: LoraSettings
+    train: TrainConfig
+    launch: LaunchConfig
+    aligned_on: AlignedOn | None = None  # the align stage's adapter: its lineage's parent
+
+    @property
+    def step(self) -> str:
+        """The pipeline step (task) it is for; its result is handed back under this name."""
+        return "train_adapter"
+
+    def run_key(self) -> str:
+        """The training's identity, 16 hex digits: data, base and settings but not where it
+        runs (launch), so a retry or rerun on another GPU count resumes the same run
+        directory's checkpoints."""
+        return sha256_json([self.tokens.sha256, self.base.sha256, self.lora.model_dump(),
+                            self.train.model_dump()])[:16]
+
+
+class EvaluateRequest(BaseModel):
+    """A model answers the held-out test sets: the base, or the champion's files."""
+
+    model: BaseModelRef | Champion
+    test: HeldoutSplit
+    template: PromptTemplate
+    cfg: EvalConfig
+
+    @property
+    def label(self) -> str:
+        """base or champion: the prefix of its metrics and where its answers are logged."""
+        return "base" if isinstance(self.model, BaseModelRef) else "champion"
+
+    @property
+    def step(self) -> str:
+        return f"evaluate_{self.label}"
+
+
+class MergeRequest(BaseModel):
+    """Fold the adapter into the base, and score the merged model against base + adapter."""
+
+    base: BaseModelRef
+    adapter: Adapter
+    test: HeldoutSplit
+    template: PromptTemplate
+    eval_cfg: EvalConfig
+    cfg: MergeConfig
+
+    @property
+    def step(self) -> str:
+        return "merge_adapter"
+
+
+class MergeResult(BaseModel):
+    """The merged model and its evaluation (label tuned: the score the promotion gate reads)."""
+
+    model: MergedModel
+    evaluation: Evaluation

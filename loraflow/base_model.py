@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -137,6 +138,17 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
         # Padding positions are masked out of attention and labels, so any id serves here.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def token_counter(path: Path) -> Callable[[list[str]], list[int]]:
+    """Counts each text's tokens with the model's tokenizer, special tokens left out: what
+    data.clean.min_output_tokens measures an answer in."""
+    tokenizer = load_tokenizer(path)
+
+    def count_tokens(texts: list[str]) -> list[int]:
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    return count_tokens
 
 
 def inference_device() -> str:

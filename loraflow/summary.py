@@ -16,10 +16,26 @@ def write_summary(summary: dict[str, Any], home: Path) -> Path:
 
 
 def render(summary: dict[str, Any]) -> str:
-    base, tuned = summary["metrics"]["base"], summary["metrics"]["tuned"]
+    """A pipeline run's summary; an align-only run's (flows/align.py) has the align part alone."""
     lines = [
         "loraflow run summary",
         f"  MLflow run       {summary['run_id']}  ({summary['tracking_uri']})",
+    ]
+    if "model_version" in summary:
+        lines += sft_lines(summary)
+    if "align" in summary:
+        lines += align_lines(summary["align"])
+    lines += ["", f"  {'task':<22}{'state':<11}{'seconds':>9}"]
+    for name, step in summary["tasks"].items():
+        lines.append(f"  {name:<22}{step['state']:<11}{step['seconds']:>9.1f}")
+    lines.append(f"  {'total':<33}{summary['seconds']:>9.1f}")
+    return "\n".join(lines)
+
+
+def sft_lines(summary: dict[str, Any]) -> list[str]:
+    """The registered model, its gate and where it went, and base against tuned."""
+    base, tuned = summary["metrics"]["base"], summary["metrics"]["tuned"]
+    lines = [
         f"  registered model {summary['model_name']} v{summary['model_version']}"
         f"  aliases: {', '.join(summary['aliases']) or '-'}",
         f"  gate             {summary['gate']}",
@@ -32,13 +48,7 @@ def render(summary: dict[str, Any]) -> str:
     for metric in [m for m in tuned if "." not in m and m in base and m != "examples"]:
         delta = tuned[metric] - base[metric]
         lines.append(f"  {metric:<16}{base[metric]:>8.3f}{tuned[metric]:>8.3f}{delta:>+9.3f}")
-    if "align" in summary:
-        lines += align_lines(summary["align"])
-    lines += ["", f"  {'task':<22}{'state':<11}{'seconds':>9}"]
-    for name, step in summary["tasks"].items():
-        lines.append(f"  {name:<22}{step['state']:<11}{step['seconds']:>9.1f}")
-    lines.append(f"  {'total':<33}{summary['seconds']:>9.1f}")
-    return "\n".join(lines)
+    return lines
 
 
 def align_lines(align: dict[str, Any]) -> list[str]:

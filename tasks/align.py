@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from prefect import task
 from prefect.cache_policies import CacheKeyFnPolicy
 
-from loraflow.artifacts import Adapter, TokenizedData, ValidatedData
+from loraflow.artifacts import Adapter, AlignedOn, TokenizedData, ValidatedData
 from loraflow.base_model import BaseModelRef, load_tokenizer
 from loraflow.config import AlignConfig, DataConfig, RegistryConfig, loraflow_home
 from loraflow.data.preference import PREFERENCE_KINDS, tokenize_preference_cached
@@ -134,19 +134,17 @@ def with_preference(metrics: dict[str, float], scores: dict[str, float]) -> dict
 
 
 @task(**NETWORK_RETRIES)
-def tag_lineage(
-    name: str, version: str, parent: dict[str, str], preference_sha256: str, objective: str,
-    run_id: str,
-) -> None:
+def tag_lineage(name: str, version: str, aligned_on: AlignedOn, run_id: str) -> None:
     """The aligned version names its SFT parent (version, adapter and model hashes) and the
     preference data it was aligned on."""
     client = MlflowClient()
-    values = (parent["version"], parent["adapter_sha256"], parent["model_sha256"],
-              preference_sha256, objective)
+    parent = aligned_on.sft_parent
+    values = (parent.version, parent.adapter_sha256, parent.model_sha256,
+              aligned_on.preference_data_sha256, aligned_on.align_objective)
     for key, value in zip(PARENT_TAGS, values, strict=True):
         client.set_model_version_tag(name, version, key, value)
-    log_params(run_id, {"align.sft_parent_version": parent["version"],
-                        "align.preference_data_sha256": preference_sha256})
+    log_params(run_id, {"align.sft_parent_version": parent.version,
+                        "align.preference_data_sha256": aligned_on.preference_data_sha256})
 
 
 @task(**NETWORK_RETRIES)

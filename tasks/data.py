@@ -14,7 +14,7 @@ from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.utilities.hashing import hash_objects
 
 from loraflow.artifacts import HeldoutSplit, TokenizedData, ValidatedData
-from loraflow.base_model import BaseModelRef, load_tokenizer
+from loraflow.base_model import BaseModelRef, load_tokenizer, token_counter
 from loraflow.config import DataConfig, loraflow_home
 from loraflow.data.prompts import prompt_template
 from loraflow.data.records import SPLITS
@@ -47,12 +47,7 @@ source_bytes = split_sources_key("data")  # data.train/validation/test
 def validate_data(data: DataConfig, base: BaseModelRef, run_id: str) -> ValidatedData:
     """Validate and clean every line; log cleaned data, quarantine and report; fail under the
     kept-fraction threshold before anything trains."""
-    count_tokens = None
-    if data.clean.min_output_tokens:
-        tokenizer = load_tokenizer(base.path)
-        count_tokens = lambda texts: [  # noqa: E731
-            len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]
-        ]
+    count_tokens = token_counter(base.path) if data.clean.min_output_tokens else None
     sources = {split: list(getattr(data, split)) for split in SPLITS}
     with tempfile.TemporaryDirectory() as tmp:
         report = validate_splits(sources, Path(tmp), data, count_tokens=count_tokens)

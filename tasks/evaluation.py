@@ -12,29 +12,17 @@ from mlflow import MlflowClient
 from prefect import task
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 
-from loraflow.artifacts import Adapter, Champion, Evaluation, HeldoutSplit, MergedModel
+from loraflow.artifacts import Adapter, EvaluateRequest, Evaluation, HeldoutSplit, MergedModel
 from loraflow.config import EvalConfig
 from loraflow.data.prompts import PromptTemplate
 from loraflow.evaluation import evaluate, report
-from loraflow.release.inference import registered_model
-from loraflow.release.registry import CHAMPION
+from loraflow.release.registry import rival
 from tasks.caching import CONTENT, ContentInputs
+from tasks.deployments import Where
 from tasks.model import evaluate_model
 from tasks.tracking import fetch, log_dir, log_params
 
 RUN_IN_URI = re.compile(r"/([0-9a-f]{32})/artifacts/")  # MLflow's <run id>/artifacts layout
-
-
-def rival(model_name: str, candidate: MergedModel) -> Champion | None:
-    """The champion's artifacts, unless there is none or it is the candidate itself."""
-    found = registered_model(model_name, alias=CHAMPION)
-    if found is None or found.sha256 == candidate.sha256:
-        return None
-    return Champion(
-        uri=found.source,
-        sha256=found.sha256 or f"{model_name}/{found.version}",
-        version=found.version,
-    )
 
 
 def current_champion(context: Any, inputs: dict[str, Any]) -> str:
@@ -59,23 +47,17 @@ def evaluate_champion(
     template: PromptTemplate,
     cfg: EvalConfig,
     run_id: str,
+    where: Where = "here",
 ) -> Evaluation | None:
-    """The current champion answers the same test sets; None when there is no other champion."""
-    champion = champion_to_compare(model_name, candidate, cfg, run_id)
+    """The current champion (looked up here) answers the same test sets, here or on the gpu
+    pool; None when it is not compared (eval.compare_champion, or no other champion), and then
+    nothing is started."""
+    champion = rival(model_name, candidate) if cfg.compare_champion else None
     if champion is None:
         return None
-    return evaluate_model.fn(model=champion, adapter=None, test=test, template=template,
-                             cfg=cfg, run_id=run_id, label="champion")
-
-
-def champion_to_compare(
-    model_name: str, candidate: MergedModel, cfg: EvalConfig, run_id: str
-) -> Champion | None:
-    """The champion's files when it is to be compared (its version logged as a param)."""
-    champion = rival(model_name, candidate) if cfg.compare_champion else None
-    if champion is not None:
-        log_params(run_id, {"eval.champion_version": champion.version})
-    return champion
+    log_params(run_id, {"eval.champion_version": champion.version})
+    request = EvaluateRequest(model=champion, test=test, template=template, cfg=cfg)
+    return evaluate_model.fn(request=request, run_id=run_id, where=where)
 
 
 @task(cache_policy=CONTENT)

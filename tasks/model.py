@@ -1,5 +1,6 @@
 """Model tasks: resolve the base, train the adapter (the engine, launched and supervised by
-loraflow.engine.launch), evaluate, merge."""
+loraflow.engine.launch), evaluate, merge. The steps that load the full model take their typed
+request and where to run: here, or on the gpu work pool (tasks/deployments.py)."""
 
 from __future__ import annotations
 
@@ -16,30 +17,32 @@ from prefect.utilities.hashing import hash_objects
 from loraflow.artifacts import (
     Adapter,
     Champion,
+    EvaluateRequest,
     Evaluation,
-    HeldoutSplit,
     MergedModel,
-    TokenizedData,
+    MergeRequest,
+    MergeResult,
+    TrainRequest,
 )
-from loraflow.base_model import BaseModelRef, load_tokenizer, resolve_base_model, source_location
-from loraflow.config import (
-    EvalConfig,
-    LaunchConfig,
-    LoraSettings,
-    MergeConfig,
-    TrainConfig,
-    loraflow_home,
-)
-from loraflow.data.prompts import PromptTemplate
+from loraflow.base_model import BaseModelRef, resolve_base_model, source_location
+from loraflow.config import TrainConfig, loraflow_home
 from loraflow.engine import launch as engine_launch
 from loraflow.engine.checkpoints import latest_checkpoint
 from loraflow.engine.config import EngineConfig
 from loraflow.engine.launch import TrainingCrashed, TrainingOOM, after_oom
 from loraflow.evaluation import evaluate
-from loraflow.hashing import code_version, sha256_json, sha256_tree
+from loraflow.hashing import code_version, sha256_tree
 from loraflow.release import merge, registry
-from loraflow.release.lineage import LINEAGE_FILE, adapter_manifest
+from loraflow.release.lineage import adapter_lineage
 from tasks.caching import CONTENT, fingerprint
+from tasks.deployments import (
+    CRASH_ATTEMPTS,
+    EVALUATE_DEPLOYMENT,
+    MERGE_DEPLOYMENT,
+    TRAIN_DEPLOYMENT,
+    Where,
+    on_gpu_pool,
+)
 from tasks.tracking import (
     fetch,
     fetch_verified,
@@ -75,31 +78,41 @@ def prepare_base_model(source: str) -> BaseModelRef:
     return resolve_base_model(source, loraflow_home() / "models")
 
 
+def base_on_this_machine(base: BaseModelRef) -> BaseModelRef:
+    """The base model on the machine a step runs on: the pipeline's directory when it is here,
+    else model.base resolved here (a gpu worker), which must give the same bytes."""
+    if base.path.is_dir():
+        return base
+    local = prepare_base_model(base.source)
+    if local.sha256 != base.sha256:
+        raise ValueError(
+            f"model.base {base.source!r} resolves to different weights on this worker "
+            f"(sha256 {local.sha256[:12]} vs {base.sha256[:12]} on the pipeline's "
+            "machine); pin the source (a path or revision) both machines see alike"
+        )
+    return local
+
+
 @task(cache_policy=CONTENT, retries=2, retry_condition_fn=retry_training)
 def train_adapter(
-    tokens: TokenizedData,
-    base: BaseModelRef,
-    lora: LoraSettings,
-    train: TrainConfig,
-    launch: LaunchConfig,
-    run_id: str,
-    share_checkpoints: bool = False,
-    lineage_extra: dict[str, Any] | None = None,
+    request: TrainRequest, run_id: str, where: Where = "here", share_checkpoints: bool = False
 ) -> Adapter | None:
     """Run the training engine as its own process (torchrun for several GPUs or machines);
-    relay its metrics; log the adapter. None on a machine that trained without rank 0.
+    relay its metrics; log the adapter. None on a machine that trained without rank 0. On the
+    gpu pool: one run of the `train` deployment a machine (launch.nodes).
 
     share_checkpoints: also upload each new checkpoint to the MLflow run, and start from the
     one found there when this machine has none: a run retried on another worker after its
-    machine died resumes instead of starting over (the train deployment sets it).
-    lineage_extra: more fields for the adapter's lineage manifest (the align stage: its SFT
-    parent and preference data)."""
-    # The run's identity leaves out where it runs (launch): a retry or rerun on another GPU
-    # count resumes the same run directory's checkpoints.
-    key = sha256_json([tokens.sha256, base.sha256, lora.model_dump(), train.model_dump()])
-    run_dir = loraflow_home() / "runs" / key[:16]
+    machine died resumes instead of starting over (the train deployment sets it)."""
+    if where == "gpu_pool":
+        return on_gpu_pool(TRAIN_DEPLOYMENT, request, run_id, Adapter,
+                           copies=request.launch.nodes, crash_attempts=CRASH_ATTEMPTS)
+    tokens, lora, launch = request.tokens, request.lora, request.launch
+    base = base_on_this_machine(request.base)
+    key = request.run_key()  # leaves out where it runs: another GPU count resumes the run
+    run_dir = loraflow_home() / "runs" / key
     run_dir.mkdir(parents=True, exist_ok=True)
-    train = after_oom(train, run_dir)
+    train = after_oom(request.train, run_dir)
     engine = EngineConfig(base_path=base.path, base_source=base.source,
                           data_dir=fetch_verified(tokens, "tokenized data"), output_dir=run_dir,
                           lora=lora, train=train, launch=launch)
@@ -107,7 +120,7 @@ def train_adapter(
         restore_shared_checkpoint(run_dir, run_id)
     # the align stage's engine metrics apart from the SFT run's
     prefix = "train." if train.objective == "sft" else "align.train."
-    result = engine_launch.launch(engine, key[:16], run_id,
+    result = engine_launch.launch(engine, key, run_id,
                     lambda records: log_metric_records(run_id, records, prefix=prefix),
                     (lambda: share_checkpoint(run_dir, run_id)) if share_checkpoints else None)
     if result is None:  # a machine without rank 0: the adapter is on rank 0's machine
@@ -119,19 +132,16 @@ def train_adapter(
 
     adapter_dir = run_dir / "adapter"
     # The lineage manifest (issue 5): every later load checks it against its base.
-    lineage = adapter_manifest(
-        base.path,
-        base.name,
-        base.sha256,
-        lora=lora.model_dump(),
-        train=trained.model_dump(),
+    lineage = adapter_lineage(
+        base,
+        lora=lora,
+        train=trained,
         data_sha256=tokens.data_sha256,
-        template=tokens.template.model_dump(),
-        chat_template=load_tokenizer(base.path).chat_template,
-        base_quantization=train.precision if train.precision in ("nf4", "int8") else "none",
-        base_source=base.source,
-    ) | {"tokenize": tokens.report.settings.model_dump()} | (lineage_extra or {})
-    (adapter_dir / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True))
+        template=tokens.template,
+        tokenize=tokens.report.settings,
+        aligned_on=request.aligned_on,
+    )
+    lineage.write(adapter_dir)
     uri = log_dir(run_id, adapter_dir, "adapter")
     log_metrics(run_id, {f"{prefix}{k}": v for k, v in result.items()})
     return Adapter(uri=uri, sha256=sha256_tree(adapter_dir), result=result, trained=trained)
@@ -181,24 +191,18 @@ def restore_shared_checkpoint(run_dir: Path, run_id: str) -> Path | None:
 
 
 @task(cache_policy=CONTENT)
-def evaluate_model(
-    model: BaseModelRef | Champion,
-    adapter: Adapter | None,
-    test: HeldoutSplit,
-    template: PromptTemplate,
-    cfg: EvalConfig,
-    run_id: str,
-    label: str | None = None,
-) -> Evaluation:
-    """Answer every test set; log metrics and every scored answer under eval/<label>/.
+def evaluate_model(request: EvaluateRequest, run_id: str, where: Where = "here") -> Evaluation:
+    """Answer every test set; log metrics and every scored answer under eval/<label>/. On the
+    gpu pool: a run of the `evaluate` deployment.
 
-    `model` is the base model, or a registered model's artifacts (the champion); `test` the
+    The model is the base, or a registered model's files (the champion); the request holds the
     held-out split alone: the cache key holds what is read, not the training data."""
-    label = label or ("base" if adapter is None else "tuned")
-    path = model.path if isinstance(model, BaseModelRef) else fetch(model.uri)
-    adapter_dir = fetch_verified(adapter, "adapter") if adapter else None
-    source = evaluate.ModelSource(path=path, adapter=adapter_dir)
-    sets = evaluate.load_sets(cfg, fetch(test.uri) / "test.jsonl")
+    if where == "gpu_pool":
+        return on_gpu_pool(EVALUATE_DEPLOYMENT, request, run_id, Evaluation)
+    model, template, cfg, label = request.model, request.template, request.cfg, request.label
+    path = fetch(model.uri) if isinstance(model, Champion) else base_on_this_machine(model).path
+    source = evaluate.ModelSource(path=path)
+    sets = evaluate.load_sets(cfg, fetch(request.test.uri) / "test.jsonl")
     result = evaluate.evaluate(source, sets, template, cfg, label=label)
     return log_evaluation(result, run_id)
 
@@ -224,22 +228,20 @@ evaluate_base = evaluate_model.with_options(name="evaluate_base")
 
 
 @task(cache_policy=CONTENT)
-def merge_adapter(
-    base: BaseModelRef,
-    adapter: Adapter,
-    test: HeldoutSplit,
-    template: PromptTemplate,
-    eval_cfg: EvalConfig,
-    cfg: MergeConfig,
-    run_id: str,
-) -> tuple[MergedModel, Evaluation]:
+def merge_adapter(request: MergeRequest, run_id: str, where: Where = "here") -> MergeResult:
     """Check lineage; base + adapter answer the test sets; fold the adapter in; the merged
     model answers them in its serving dtype (the tuned score the gate reads); log the merged
-    model once, as an MLflow pyfunc model (READY only when every file is stored).
+    model once, as an MLflow pyfunc model (READY only when every file is stored). On the gpu
+    pool: a run of the `merge` deployment.
 
     Returns the merged model and its evaluation (label tuned, parity.json beside it)."""
+    if where == "gpu_pool":
+        return on_gpu_pool(MERGE_DEPLOYMENT, request, run_id, MergeResult)
+    adapter, template, eval_cfg, cfg = (request.adapter, request.template, request.eval_cfg,
+                                        request.cfg)
+    base = base_on_this_machine(request.base)
     adapter_dir = fetch_verified(adapter, "adapter")
-    sets = evaluate.load_sets(eval_cfg, fetch(test.uri) / "test.jsonl")
+    sets = evaluate.load_sets(eval_cfg, fetch(request.test.uri) / "test.jsonl")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "model"
         report, tuned, reference = merge.merge_and_evaluate(
@@ -268,4 +270,4 @@ def merge_adapter(
     tuned_eval = log_evaluation(tuned, run_id, {"parity.json": parity.model_dump_json(indent=2)})
     model = MergedModel(uri=uri, sha256=sha256, model_id=model_id, dtype=cfg.dtype,
                         device=report.device, note=report.note)
-    return model, tuned_eval
+    return MergeResult(model=model, evaluation=tuned_eval)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from loraflow.artifacts import Adapter, MergedModel
 from loraflow.config import RegistryConfig, StorageConfig, loraflow_home
 from loraflow.credentials import safe_url
 from loraflow.release import registry
-from loraflow.release.lineage import LINEAGE_FILE
+from loraflow.release.lineage import read_manifest
 from loraflow.release.storage import open_store, push_tree
 from tasks.caching import CONTENT
 from tasks.tracking import fetch, fetch_verified, log_metrics, log_params
@@ -70,7 +69,7 @@ def register_model(
     if existing is not None:
         log_params(run_id, {"registry.version": existing})
         return Registered(version=existing, created=False)
-    lineage = json.loads((fetch(model.uri) / LINEAGE_FILE).read_text())
+    lineage = read_manifest(fetch(model.uri))
     tags = (
         registry.lineage_tags(lineage)
         | {

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from prefect import Task
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class StepLog:
     def __init__(self) -> None:
         self.steps: dict[str, dict[str, Any]] = {}
 
-    def __call__(self, task: Task[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run the task; record `Completed` or `Cached` and seconds; re-raise its failure."""
+    def __call__(self, task: Task[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the task with these arguments (typed as the task's own); record `Completed` or
+        `Cached` and seconds; re-raise its failure."""
         start = time.perf_counter()
-        state = task(*args, return_state=True, **kwargs)
+        state = task(*args, return_state=True, **kwargs)  # type: ignore[call-overload]
         self.steps[task.name] = {
             "state": state.name,
             "seconds": round(time.perf_counter() - start, 3),

@@ -109,3 +109,16 @@ def test_align_only_starts_from_the_champion_and_says_what_is_missing(
         align(config=cfg)
     with pytest.raises(AlignError, match="align` section"):
         align(config=cfg.model_copy(update={"align": None}))
+
+    # with a champion: the aligned version names it as its parent, from its registry entry
+    from flows.finetune import finetune
+
+    sft = finetune(config=cfg.model_copy(update={"align": None}))["model_version"]
+    client = MlflowClient()
+    client.set_registered_model_alias("tiny-align-only", "champion", sft)
+    aligned = align(config=cfg)["align"]
+    assert aligned["parent_version"] == sft and aligned["model_version"] == str(int(sft) + 1)
+    version = client.get_model_version("tiny-align-only", aligned["model_version"])
+    assert version.tags["loraflow.sft_parent_version"] == sft
+    assert version.tags["loraflow.sft_parent_adapter_sha256"] == client.get_model_version(
+        "tiny-align-only", sft).tags["loraflow.adapter_sha256"]

@@ -171,7 +171,7 @@ def test_new_data_triggers_training_on_the_gpu_pool_and_the_same_bytes_do_not(
         assert summary["model_version"] == "1"
         assert aliases.get("champion") == ("1" if "champion" in summary["aliases"] else None)
         tags = client.get_run(version.run_id).data.tags
-        assert json.loads(tags["loraflow.adapter"])["uri"]  # handed back by the train flow
+        assert json.loads(tags["loraflow.step.train_adapter"])["uri"]  # the train flow's
         assert tags["loraflow.data_sha256"]
 
         runs = flow_runs(api)
@@ -179,10 +179,10 @@ def test_new_data_triggers_training_on_the_gpu_pool_and_the_same_bytes_do_not(
         training = [r for r in runs if r["deployment"] == "train"]  # one run a machine
         assert len(training) == 2 and {r["work_pool_name"] for r in training} == {"gpu"}
         assert {r["parameters"]["run_id"] for r in training} == {version.run_id}
-        assert {r["parameters"]["launch"]["nodes"] for r in training} == {2}
+        assert {r["parameters"]["request"]["launch"]["nodes"] for r in training} == {2}
         assert {r["state"] for r in training} == {"COMPLETED"}
         # the two machines trained one adapter together: rank 0's relayed two ranks' tokens
-        result = json.loads(tags["loraflow.adapter"])["result"]
+        result = json.loads(tags["loraflow.step.train_adapter"])["result"]
         assert result["world_size"] == 2
         # every step that loads the model ran in a flow run of a gpu worker; the cpu side
         # only waited for it (the task of the same name, whose child that flow run is)

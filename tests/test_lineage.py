@@ -33,7 +33,7 @@ def test_the_manifest_records_base_files_tokenizer_lora_and_versions(adapter, ti
     assert manifest["code_version"]
     # and the right base passes
     assert (
-        check_adapter_matches_base(adapter, tiny_model_dir)["base_model"] == manifest["base_model"]
+        check_adapter_matches_base(adapter, tiny_model_dir).base_model == manifest["base_model"]
     )
 
 
@@ -108,3 +108,33 @@ def test_an_adapter_without_a_manifest_is_refused_with_the_fix(adapter, tiny_mod
     (bare / LINEAGE_FILE).unlink()
     with pytest.raises(LineageError, match="has no loraflow.json.*Fix:"):
         check_adapter_matches_base(bare, tiny_model_dir)
+
+
+def test_a_manifest_reads_as_typed_fields_and_writes_back_the_same_json(adapter, tmp_path):
+    from loraflow.release.lineage import read_manifest
+
+    lineage = read_manifest(adapter)
+    assert lineage.lora["r"] == 4 and lineage.template.kind == "alpaca"
+    assert lineage.tokenize is None and lineage.merge is None  # no stage added them
+    lineage.write(tmp_path)
+    assert (tmp_path / LINEAGE_FILE).read_text() == (adapter / LINEAGE_FILE).read_text()
+
+
+def test_an_older_manifest_still_loads_and_keeps_the_keys_it_does_not_know(adapter, tmp_path):
+    """Stored manifests (format 2) from before the template record and before base_source:
+    the template's kind and text as two keys, and a key this version does not know."""
+    from loraflow.data.prompts import PromptTemplate
+    from loraflow.release.lineage import read_manifest
+
+    old = json.loads((adapter / LINEAGE_FILE).read_text())
+    old = {k: v for k, v in old.items() if k not in ("base_source", "base_path")}
+    old |= {"template": "jinja", "prompt_template": "{{ instruction }}", "made_by": "v0.1"}
+    (tmp_path / LINEAGE_FILE).write_text(json.dumps(old))
+    lineage = read_manifest(tmp_path)
+    assert lineage.template == PromptTemplate(kind="jinja", jinja="{{ instruction }}")
+    assert lineage.base_source is None and lineage.base_files == old["base_files"]
+    (tmp_path / "merged").mkdir()
+    lineage.updated(merged_dtype="float32").write(tmp_path / "merged")
+    written = json.loads((tmp_path / "merged" / LINEAGE_FILE).read_text())
+    assert written["made_by"] == "v0.1" and written["merged_dtype"] == "float32"
+    assert "merge" not in written and "sft_parent" not in written

@@ -127,7 +127,7 @@ def test_a_qlora_adapter_merges_onto_the_unquantized_base_on_gpu(tmp_path):
         base, "tiny", sha256_tree(base), lora=lora, train={}, data_sha256="0" * 64,
         template={"kind": "alpaca", "jinja": None}, chat_template=None, base_quantization="nf4",
     )  # fmt: skip
-    (adapter / LINEAGE_FILE).write_text(json.dumps(manifest))
+    manifest.write(adapter)
 
     report = merge_adapter(base, adapter, tmp_path / "merged", "bf16", PROMPTS, 8)
     assert report.device == "cuda" and report.check.passed

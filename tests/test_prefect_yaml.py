@@ -147,11 +147,6 @@ def test_feedback_trigger_starts_an_align_only_run_on_the_landed_file(tmp_path):
     assert params["feedback_uri"] == str(landed) and params["config"].align is not None
 
 
-def test_train_deployment_accepts_what_the_pipeline_sends(tiny_model_dir):
-
-    pass
-
-
 def pipeline_refs(tiny_model_dir) -> dict:
     """The references the pipeline hands its gpu-pool deployments, as they would come."""
     from loraflow.artifacts import Adapter, Champion, HeldoutSplit, TokenizedData
@@ -182,45 +177,54 @@ def test_train_deployment_accepts_what_the_pipeline_sends_and_keeps_its_own_gpu_
 ):
     import inspect
 
+    from loraflow.artifacts import TrainRequest
     from loraflow.config import LaunchConfig, LoraSettings, TrainConfig
-    from tasks.deployments import dumped, train_on_gpu_pool
+    from tasks.deployments import parameters
+    from tasks.model import train_adapter
 
     deployment = deployments()["train"]
     flow = load_flow(deployment)
     refs = pipeline_refs(tiny_model_dir)
-    sent = dumped(tokens=refs["tokens"], base=refs["base"], lora=LoraSettings(),
-                  train=TrainConfig(), launch=LaunchConfig(), run_id="r")
-    # the pipeline's task sends exactly its own parameters (run_id included)...
-    assert set(inspect.signature(train_on_gpu_pool.fn).parameters) == set(sent)
+    request = TrainRequest(tokens=refs["tokens"], base=refs["base"], lora=LoraSettings(),
+                           train=TrainConfig(), launch=LaunchConfig())
+    sent = parameters(request, "r")
+    # the pipeline's task sends its request and run id, which the flow hands the same task...
+    assert set(sent) == {"request", "run_id"}
+    assert set(sent) <= set(inspect.signature(train_adapter.fn).parameters)
     # ...and not gpus_per_node: the deployment's own value is not overwritten
-    assert "gpus_per_node" not in sent and sent["launch"]["gpus_per_node"] is None
+    assert set(inspect.signature(flow.fn).parameters) == set(sent) | {"gpus_per_node"}
+    assert "gpus_per_node" not in sent and sent["request"]["launch"]["gpus_per_node"] is None
     server_accepts(flow, deployment["parameters"] | sent)
     params = flow.validate_parameters(deployment["parameters"] | sent)
-    assert isinstance(params["train"], TrainConfig) and params["gpus_per_node"] is None
+    assert params["request"] == request and params["gpus_per_node"] is None
 
 
 def test_evaluate_and_merge_deployments_accept_what_the_pipeline_sends(tiny_model_dir):
     import inspect
 
+    from loraflow.artifacts import EvaluateRequest, MergeRequest
     from loraflow.config import EvalConfig, MergeConfig
-    from tasks.deployments import dumped, merge_on_gpu_pool
+    from tasks.deployments import parameters
+    from tasks.model import evaluate_model, merge_adapter
 
     refs = pipeline_refs(tiny_model_dir)
-    common = {"test": refs["test"], "template": refs["template"], "cfg": EvalConfig(),
-              "run_id": "r"}
+    common = {"test": refs["test"], "template": refs["template"], "cfg": EvalConfig()}
     evaluate = load_flow(deployments()["evaluate"])
-    for sent in (dumped(label="base", base=refs["base"], **common),
-                 dumped(label="champion", champion=refs["champion"], **common)):
+    assert set(inspect.signature(evaluate.fn).parameters) == {"request", "run_id"}
+    for model, label in ((refs["base"], "base"), (refs["champion"], "champion")):
+        request = EvaluateRequest(model=model, **common)
+        sent = parameters(request, "r")
+        assert set(sent) <= set(inspect.signature(evaluate_model.fn).parameters)
         server_accepts(evaluate, sent)
-        evaluate.validate_parameters(sent)
-    sent = dumped(base=refs["base"], adapter=refs["adapter"], test=refs["test"],
-                  template=refs["template"], eval_cfg=EvalConfig(), cfg=MergeConfig(),
-                  run_id="r")
+        assert evaluate.validate_parameters(sent)["request"].label == label
+    request = MergeRequest(base=refs["base"], adapter=refs["adapter"], test=refs["test"],
+                           template=refs["template"], eval_cfg=EvalConfig(), cfg=MergeConfig())
+    sent = parameters(request, "r")
     merge = load_flow(deployments()["merge"])
-    assert set(inspect.signature(merge_on_gpu_pool.fn).parameters) == set(sent)
+    assert set(inspect.signature(merge_adapter.fn).parameters) >= set(sent)
     assert set(inspect.signature(merge.fn).parameters) == set(sent)
     server_accepts(merge, sent)
-    assert isinstance(merge.validate_parameters(sent)["cfg"], MergeConfig)
+    assert isinstance(merge.validate_parameters(sent)["request"].cfg, MergeConfig)
 
 
 def test_the_gpu_count_is_one_setting_honoured_wherever_it_is_set(monkeypatch):

@@ -150,6 +150,42 @@ def test_promote_then_rollback_moves_champion_and_mirrors_stages(packaged, mlflo
         registry.rollback(client, name, "none")
 
 
+def test_the_champion_is_looked_up_for_comparison_and_as_the_align_stages_start(
+    packaged, mlflow_run
+):
+    """What the champion evaluation and an align-only run read off the registry: the merged
+    model's files (the loraflow.model_uri tag register_model sets), its hashes, its metrics
+    and the prompt template its lineage recorded."""
+    from loraflow.artifacts import MergedModel
+    from loraflow.release import registry
+    from tasks.tracking import package_path
+
+    client, experiment_id, run_id = mlflow_run
+    name = "tiny-champion-lookup"
+    assert registry.champion_files(name) is None and registry.champion_to_align(name) is None
+    model_id, location = registry.log_packaged_model(client, experiment_id, run_id, packaged,
+                                                     "model")
+    tags = registry.metric_tags({"exact_match": 0.5}) | {
+        "loraflow.model_uri": f"{location}/{package_path(packaged, 'model')}",
+        "loraflow.model_sha256": "m" * 64, "loraflow.adapter_sha256": "a" * 64}
+    version = registry.register_version(client, name, f"models:/{model_id}", run_id, tags,
+                                        model_id)
+    registry.promote(client, name, version, "first", "none")
+
+    champion = registry.champion_files(name)
+    assert champion.version == version and champion.sha256 == "m" * 64
+    candidate = MergedModel(uri="file:///x", sha256="m" * 64, model_id="m", dtype="float32",
+                            device="cpu", note="")
+    assert registry.rival(name, candidate) is None  # the champion is the candidate itself
+    other = candidate.model_copy(update={"sha256": "n" * 64})
+    assert registry.rival(name, other) == champion
+    sft = registry.champion_to_align(name)
+    assert sft.model == champion and sft.metrics == {"exact_match": 0.5}
+    assert sft.parent.model_dump() == {"version": version, "adapter_sha256": "a" * 64,
+                                       "model_sha256": "m" * 64}
+    assert sft.template.kind == "chat"  # the adapter's lineage, copied onto the merged model
+
+
 @pytest.mark.integration
 def test_mlflow_models_serve_answers_over_http_on_loopback(packaged, mlflow_run, unused_port):
     """The documented serving command (docs/serving.md) on the registered tiny model."""

@@ -23,7 +23,7 @@ from test_pipeline import tiny_config
 from test_servers import servers  # noqa: F401 - a fixture: S3 (moto) and an MLflow server
 from tiny import make_adapter
 
-from loraflow.artifacts import Adapter, ArtifactIntegrityError, HeldoutSplit
+from loraflow.artifacts import Adapter, ArtifactIntegrityError, HeldoutSplit, MergeRequest
 from loraflow.cli import main as cli
 from loraflow.data.prompts import PromptTemplate
 from loraflow.hashing import sha256_file
@@ -133,9 +133,9 @@ def release_flow(servers, tiny_model_dir: Path, tmp_path: Path, name: str, middl
                               sha256=sha256_tree(adapter_dir), result={},
                               trained=TrainConfig())
             middle(run_id, adapter)
-            model, _ = merge_adapter(base=base, adapter=adapter, test=test,
-                                     template=PromptTemplate(kind="chat"), eval_cfg=cfg.eval,
-                                     cfg=cfg.merge, run_id=run_id)
+            model = merge_adapter(request=MergeRequest(
+                base=base, adapter=adapter, test=test, template=PromptTemplate(kind="chat"),
+                eval_cfg=cfg.eval, cfg=cfg.merge), run_id=run_id).model
             middle(run_id, None)
             version = register_model(model, adapter, {"exact_match": 0.5}, cfg.registry,
                                      run_id).version
@@ -443,7 +443,7 @@ def test_the_gpu_worker_killed_during_training_is_retried_and_resumes_on_another
 
     from test_deployments import run, wait_for
 
-    from tasks.deployments import ADAPTER_TAG
+    from tasks.deployments import STEP_TAG
     from tasks.model import SHARED_CHECKPOINTS
 
     # Long enough that a shared checkpoint stays visible while the run is RUNNING for a good
@@ -491,7 +491,7 @@ def test_the_gpu_worker_killed_during_training_is_retried_and_resumes_on_another
         training = [r for r in api_flow_runs(stack.api) if r["deployment"] == "train"]
         assert sorted(r["state_type"] for r in training) == ["COMPLETED", "CRASHED"]
         run_id = first["parameters"]["run_id"]
-        adapter = json.loads(stack.client.get_run(run_id).data.tags[ADAPTER_TAG])
+        adapter = json.loads(stack.client.get_run(run_id).data.tags[STEP_TAG + "train_adapter"])
         assert adapter["result"]["resumed_from"] > 0, adapter["result"]  # not from step 0
         assert adapter["result"]["steps"] == steps
         (version,) = stack.client.search_model_versions(f"name='{MODEL_DEPLOYED}'")

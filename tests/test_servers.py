@@ -131,7 +131,7 @@ def release_with_restart(servers, tiny_model_dir: Path, tmp_path: Path, name: st
     """The release tasks of the pipeline, the tracking server restarted between two of them."""
     from prefect import flow
 
-    from loraflow.artifacts import Adapter, HeldoutSplit
+    from loraflow.artifacts import Adapter, HeldoutSplit, MergeRequest
     from loraflow.config import PipelineConfig, TrainConfig
     from loraflow.data.prompts import PromptTemplate
     from loraflow.hashing import sha256_tree
@@ -164,8 +164,9 @@ def release_with_restart(servers, tiny_model_dir: Path, tmp_path: Path, name: st
                               trained=TrainConfig())
             test = HeldoutSplit(uri=log_dir(run_id, heldout, "data"),
                                 sha256=sha256_tree(heldout))
-            model, _ = merge_adapter(base, adapter, test, PromptTemplate(), cfg.eval, cfg.merge,
-                                     run_id)
+            model = merge_adapter(MergeRequest(base=base, adapter=adapter, test=test,
+                                               template=PromptTemplate(), eval_cfg=cfg.eval,
+                                               cfg=cfg.merge), run_id).model
             version = register_model(model, adapter, tuned, cfg.registry, run_id).version
             pids.append(servers.tracking.process.pid)
             servers.tracking.stop()  # the tracking server goes away between two tasks ...

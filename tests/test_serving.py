@@ -42,3 +42,12 @@ def test_the_merged_directory_has_the_layout_serving_engines_load(merged):
     tokenizer_config = json.loads((merged / "tokenizer_config.json").read_text())
     chat_template = (merged / "chat_template.jinja")
     assert chat_template.is_file() or tokenizer_config.get("chat_template")
+
+
+def test_the_served_model_loads_weights_as_the_pipeline_does():
+    """serving.py cannot import loraflow.base_model (the packaged model ships without it), so
+    it writes the loading options out: safetensors only, no Hub kernels."""
+    from loraflow.base_model import LOAD_OPTIONS
+    from loraflow.release.serving import SERVED_LOAD_OPTIONS
+
+    assert SERVED_LOAD_OPTIONS == LOAD_OPTIONS

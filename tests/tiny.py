@@ -1,6 +1,5 @@
 """Builders of tiny random bases and adapters for tests that need more than conftest's one."""
 
-import json
 from pathlib import Path
 
 import torch
@@ -9,7 +8,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from loraflow.base_model import load_model
 from loraflow.hashing import sha256_tree
-from loraflow.release.lineage import LINEAGE_FILE, adapter_manifest
+from loraflow.release.lineage import adapter_manifest
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -66,5 +65,5 @@ def make_adapter(
         chat_template=None,
         base_quantization=base_quantization,
     )
-    (out / LINEAGE_FILE).write_text(json.dumps(manifest))
+    manifest.write(out)
     return out

@@ -8,7 +8,6 @@ exactly the way it was trained and evaluated. On a GPU the weights can be loaded
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Literal
@@ -28,9 +27,9 @@ from loraflow.config import loraflow_home
 from loraflow.data.prompts import PromptTemplate, TemplateKind
 from loraflow.data.records import read_records
 from loraflow.evaluation.generation import BatchSize, Decoding, Prompt, generate
+from loraflow.release.lineage import LINEAGE_FILE, read_manifest
 
 Quantization = Literal["none", "int8", "nf4"]  # train.precision's names for them
-LINEAGE_FILE = "loraflow.json"
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
 
@@ -139,9 +138,8 @@ def resolve_model(ref: str) -> Path:
 def recorded_template(path: Path, tokenizer: PreTrainedTokenizerBase) -> PromptTemplate:
     """The template the model was trained with (loraflow.json); for a model loraflow did not
     make, its chat template if it has one, else the guide's alpaca layout."""
-    lineage = Path(path) / LINEAGE_FILE
-    if lineage.is_file():
-        return PromptTemplate.recorded(json.loads(lineage.read_text(encoding="utf-8")))
+    if (Path(path) / LINEAGE_FILE).is_file():
+        return read_manifest(path).template
     return PromptTemplate(kind="chat" if tokenizer.chat_template else "alpaca")
 
 

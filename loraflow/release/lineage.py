@@ -8,6 +8,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from loraflow.artifacts import AlignedOn, SftParent
+from loraflow.base_model import BaseModelRef, load_tokenizer
+from loraflow.config import LoraSettings, TrainConfig
+from loraflow.data.prompts import PromptTemplate
+from loraflow.data.tokenization import TokenizeSettings
 from loraflow.hashing import code_version, library_versions, sha256_file_cached
 
 LINEAGE_FILE = "loraflow.json"
@@ -28,6 +35,72 @@ ARCHITECTURE_KEYS = (
 class LineageError(ValueError):
     """An adapter does not fit the base it is about to be loaded on; the message says why."""
 
+
+class Lineage(BaseModel):
+    """The manifest (loraflow.json) beside every adapter and merged model: the base trained on
+    (its files, architecture, tokenizer), how (LoRA, training, data, template, tokenization)
+    and with what (code and library versions); an aligned adapter's adds its SFT parent, a
+    merged model's the merge. Built by adapter_manifest only; the stages add their fields.
+
+    Every field but the template may be missing from a stored manifest (one written before
+    the field existed): it reads as not recorded. Keys this version does not know are kept
+    (extra="allow"), so a manifest copied onto a merged model loses nothing."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: int = 2
+    base_model: str | None = None  # the base's name
+    base_source: str | None = None  # model.base as configured; adapter_config.json names it too
+    base_path: str | None = None  # the local copy trained on, identified by base_sha256
+    base_sha256: str | None = None
+    base_revision: str | None = None  # the commit of a Hugging Face cache snapshot
+    base_files: dict[str, str] | None = None  # weight file -> SHA-256
+    base_config: dict[str, Any] | None = None  # ARCHITECTURE_KEYS of its config.json
+    base_quantized_on_disk: bool | None = None
+    tokenizer_sha256: str | None = None
+    chat_template_sha256: str | None = None
+    base_quantization: str = "none"  # how the base was loaded for training: none, 4bit, 8bit
+    chat_template: str | None = None
+    template: PromptTemplate  # what every render of a prompt for this model uses
+    data_sha256: str | None = None
+    lora: dict[str, Any] | None = None
+    train: dict[str, Any] | None = None
+    code_version: str | None = None
+    libraries: dict[str, str] | None = None  # package -> version trained with
+    tokenize: dict[str, Any] | None = None  # the tokenization settings
+    # an aligned adapter's (and its merged model's): what it was trained on top of
+    sft_parent: SftParent | None = None
+    preference_data_sha256: str | None = None
+    align_objective: str | None = None
+    # a merged model's: the merge's report, the adapter folded in, the dtype saved
+    merge: dict[str, Any] | None = None
+    adapter_sha256: str | None = None
+    merged_dtype: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _template_record(cls, data: Any) -> Any:
+        """Models registered before the template record kept its kind in "template" and a
+        Jinja template's text in "prompt_template"."""
+        if isinstance(data, dict) and isinstance(data.get("template"), str):
+            return data | {"template": PromptTemplate.recorded(data)}
+        return data
+
+    def updated(self, **fields: Any) -> Lineage:
+        """This manifest with a stage's fields added (validated)."""
+        return Lineage.model_validate(self.model_dump() | fields)
+
+    def write(self, directory: Path) -> Path:
+        """As directory/loraflow.json: sorted keys; a stage's fields only once it added them."""
+        absent = {name for name in STAGE_FIELDS if getattr(self, name) is None}
+        path = Path(directory) / LINEAGE_FILE
+        path.write_text(json.dumps(self.model_dump(mode="json", exclude=absent), indent=2,
+                                   sort_keys=True))
+        return path
+
+
+STAGE_FIELDS = ("tokenize", "sft_parent", "preference_data_sha256", "align_objective", "merge",
+                "adapter_sha256", "merged_dtype")
 
 
 
@@ -77,7 +150,9 @@ def adapter_manifest(
     chat_template: str | None,
     base_quantization: str = "none",
     base_source: str | None = None,
-) -> dict[str, Any]:
+    tokenize: dict[str, Any] | None = None,
+    aligned_on: AlignedOn | None = None,
+) -> Lineage:
     """The manifest written as adapter/loraflow.json beside every adapter.
 
     base_quantization: how the base was loaded for training ("none", "nf4", "int8"); a
@@ -85,7 +160,7 @@ def adapter_manifest(
     base_source: model.base as configured, which adapter_config.json names too; base_path is
     the local copy trained on, identified by base_sha256.
     """
-    return {
+    return Lineage.model_validate({
         "format": 2,
         "base_model": base_name,
         "base_source": base_source,
@@ -100,7 +175,36 @@ def adapter_manifest(
         "train": train,
         "code_version": code_version(),
         "libraries": library_versions(),
-    }
+        "tokenize": tokenize,
+    } | (aligned_on.model_dump() if aligned_on else {}))
+
+
+def adapter_lineage(
+    base: BaseModelRef,
+    *,
+    lora: LoraSettings,
+    train: TrainConfig,
+    data_sha256: str,
+    template: PromptTemplate,
+    tokenize: TokenizeSettings,
+    aligned_on: AlignedOn | None = None,
+) -> Lineage:
+    """The manifest of an adapter the pipeline trained: on `base` with these settings, on the
+    data tokenized with `tokenize` (the align stage's adapter: on top of `aligned_on`)."""
+    return adapter_manifest(
+        base.path,
+        base.name,
+        base.sha256,
+        lora=lora.model_dump(),
+        train=train.model_dump(),
+        data_sha256=data_sha256,
+        template=template.model_dump(),
+        chat_template=load_tokenizer(base.path).chat_template,
+        base_quantization=train.precision if train.precision in ("nf4", "int8") else "none",
+        base_source=base.source,
+        tokenize=tokenize.model_dump(),
+        aligned_on=aligned_on,
+    )
 
 
 def library_differences(recorded: dict[str, str]) -> list[tuple[str, str, str]]:
@@ -111,7 +215,7 @@ def library_differences(recorded: dict[str, str]) -> list[tuple[str, str, str]]:
             in recorded.items()]
 
 
-def read_manifest(model_dir: Path) -> dict[str, Any]:
+def read_manifest(model_dir: Path) -> Lineage:
     path = Path(model_dir) / LINEAGE_FILE
     if not path.is_file():
         raise LineageError(
@@ -119,7 +223,7 @@ def read_manifest(model_dir: Path) -> dict[str, Any]:
             "on, so it will not load it. Fix: use an adapter made by `loraflow run` (its MLflow "
             "artifact adapter/ carries the file), or retrain it."
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    return Lineage.model_validate_json(path.read_text(encoding="utf-8"))
 
 
 def _safetensors_shapes(files: list[Path]) -> dict[str, list[int]]:
@@ -136,7 +240,7 @@ def _safetensors_shapes(files: list[Path]) -> dict[str, list[int]]:
 
 def check_adapter_matches_base(
     adapter_dir: Path, base_dir: Path, expected_lora: dict[str, Any] | None = None
-) -> dict[str, Any]:
+) -> Lineage:
     """Stop before PEFT's tensor-shape errors: compare an adapter's manifest, config and tensor
     shapes with the base it is about to be loaded on. Every difference is reported at once,
     named (different base / vocabulary / target modules / rank). Returns the manifest.
@@ -152,7 +256,7 @@ def check_adapter_matches_base(
     # The adapter's own files against its manifest, and against what the caller expects.
     rank = peft_config.get("r")
     targets = sorted(_as_list(peft_config.get("target_modules")))
-    for source, lora in (("its manifest", manifest.get("lora")), ("the config", expected_lora)):
+    for source, lora in (("its manifest", manifest.lora), ("the config", expected_lora)):
         if not lora:
             continue
         if lora.get("r") is not None and lora["r"] != rank:
@@ -167,7 +271,7 @@ def check_adapter_matches_base(
             )
 
     # Architecture: the fields that decide tensor shapes.
-    trained_on = manifest.get("base_config") or {}
+    trained_on = manifest.base_config or {}
     for key in ARCHITECTURE_KEYS:
         if key == "vocab_size" or key not in trained_on:
             continue
@@ -187,35 +291,35 @@ def check_adapter_matches_base(
             f"adapter was trained with {trained_vocab}"
         )
     tokenizer_now = tokenizer_sha256(base_dir)
-    if manifest.get("tokenizer_sha256") and manifest["tokenizer_sha256"] != tokenizer_now:
+    if manifest.tokenizer_sha256 and manifest.tokenizer_sha256 != tokenizer_now:
         problems.append(
             f"different vocabulary: the base's tokenizer files hash to {tokenizer_now[:12]}, the "
-            f"adapter was trained with {manifest['tokenizer_sha256'][:12]}"
+            f"adapter was trained with {manifest.tokenizer_sha256[:12]}"
         )
 
     # Tensor shapes: every LoRA pair against the base weight it adapts, and against its rank.
     problems += _shape_problems(adapter_dir, base_dir, rank)
 
     # The base's weight bytes: same shapes but other weights is still another model.
-    if not problems and manifest.get("base_files"):
+    if not problems and manifest.base_files:
         now = {
             name: sha256_file_cached(base_dir / name)
-            for name in manifest["base_files"]
+            for name in manifest.base_files
             if (base_dir / name).is_file()
         }
-        if now != manifest["base_files"]:
+        if now != manifest.base_files:
             problems.append(
                 f"different base: the weight files of {base_dir} ({_short(now)}) are not those "
-                f"the adapter was trained on ({manifest.get('base_model')}: "
-                f"{_short(manifest['base_files'])})"
+                f"the adapter was trained on ({manifest.base_model}: "
+                f"{_short(manifest.base_files)})"
             )
 
     if problems:
         raise LineageError(
             f"adapter {adapter_dir} does not fit base {base_dir}:\n"
             + "\n".join(f"  - {p}" for p in problems)
-            + f"\nFix: load it on the base it was trained on ({manifest.get('base_model')}, "
-            f"sha256 {str(manifest.get('base_sha256'))[:12]}), or retrain the adapter on this "
+            + f"\nFix: load it on the base it was trained on ({manifest.base_model}, "
+            f"sha256 {str(manifest.base_sha256)[:12]}), or retrain the adapter on this "
             "base with matching lora settings."
         )
     return manifest

@@ -38,7 +38,7 @@ from loraflow.evaluation.evaluate import (
     evaluate_loaded,
 )
 from loraflow.evaluation.generation import Decoding, generate_ids
-from loraflow.release.lineage import LINEAGE_FILE, check_adapter_matches_base
+from loraflow.release.lineage import Lineage, check_adapter_matches_base
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def merge_adapter(
     tokenizer = load_tokenizer(base_path)
     model = PeftModel.from_pretrained(load_model(base_path, DTYPES[dtype], device), adapter_path)
     model.eval()
-    template = PromptTemplate.recorded(manifest)
+    template = manifest.template
     prompts = [
         torch.tensor(encode_prompt(tokenizer, template, render_prompt(tokenizer, template, p, "")))
         for p in check_prompts
@@ -120,8 +120,8 @@ def merge_adapter(
     report = MergeReport(
         dtype=dtype, device=device, base_quantization=quantization, note=note, check=check
     )
-    save_merged(merged, tokenizer, out_dir, manifest | {"merge": report.model_dump()}
-                | (lineage_extra or {}))
+    save_merged(merged, tokenizer, out_dir,
+                manifest.updated(merge=report.model_dump(), **(lineage_extra or {})))
     return report
 
 
@@ -166,13 +166,14 @@ def merge_and_evaluate(
         )
     report = MergeReport(dtype=dtype, device=device, base_quantization=quantization, note=note,
                          parity=parity)
-    lineage = manifest | {"merge": report.model_dump(exclude={"parity": {"examples"}})}
-    save_merged(merged, tokenizer, out_dir, lineage | (lineage_extra or {}))
+    lineage = manifest.updated(merge=report.model_dump(exclude={"parity": {"examples"}}),
+                               **(lineage_extra or {}))
+    save_merged(merged, tokenizer, out_dir, lineage)
     return report, result, reference
 
 
 def checked_manifest(base_path: Path, adapter_path: Path, dtype: Dtype
-                     ) -> tuple[dict[str, Any], str, str]:
+                     ) -> tuple[Lineage, str, str]:
     """The adapter's lineage manifest once it matches the base; (manifest, how its base was
     quantized for training, what is merged onto what in words)."""
     manifest = check_adapter_matches_base(adapter_path, base_path)
@@ -184,7 +185,7 @@ def checked_manifest(base_path: Path, adapter_path: Path, dtype: Dtype
             "unquantized weights only. Fix: point model.base at the original fp16/bf16/fp32 "
             "checkpoint the quantized one was made from (QLoRA quantizes it at load time)."
         )
-    quantization = manifest.get("base_quantization", "none")
+    quantization = manifest.base_quantization
     note = (
         f"adapter trained on a {quantization}-quantized base; merged onto the unquantized "
         f"{dtype} weights of the same base files"
@@ -195,13 +196,13 @@ def checked_manifest(base_path: Path, adapter_path: Path, dtype: Dtype
     return manifest, quantization, note
 
 
-def save_merged(merged: Any, tokenizer: Any, out_dir: Path, lineage: dict[str, Any]) -> None:
+def save_merged(merged: Any, tokenizer: Any, out_dir: Path, lineage: Lineage) -> None:
     """Weights, tokenizer, generation config and lineage into out_dir, atomically."""
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     merged.save_pretrained(staging, safe_serialization=True)  # also generation_config.json
     tokenizer.save_pretrained(staging)
-    (staging / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True))
+    lineage.write(staging)
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
 

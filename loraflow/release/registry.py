@@ -1,4 +1,4 @@
-"""The MLflow model registry: versions, aliases and the promotion gate.
+"""The MLflow model registry: versions, aliases, the promotion gate and the champion lookups.
 
 Every new version gets alias `challenger`; `champion` moves to it only when the gate passes
 against the current champion (or, for the first model, against the base model).
@@ -13,11 +13,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
+import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
+from loraflow.artifacts import Champion, MergedModel, SftModel, SftParent
 from loraflow.config import LOWER_IS_BETTER
+from loraflow.release.lineage import LINEAGE_FILE, Lineage, read_manifest
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 METRIC_TAG = "metric."  # version tags holding evaluation metrics, e.g. metric.exact_match
@@ -145,24 +148,27 @@ def version_of(client: MlflowClient, name: str, model_sha256: str) -> str | None
     return str(min(int(v.version) for v in found)) if found else None
 
 
-def lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
+def lineage_tags(lineage: Lineage) -> dict[str, str]:
     """The lineage manifest as version tags (long values as JSON, hashes as they are)."""
-    keys = (
-        "base_model",
-        "base_revision",
-        "base_sha256",
-        "base_quantization",
-        "tokenizer_sha256",
-        "chat_template_sha256",
-        "template",
-        "data_sha256",
-        "code_version",
-        "adapter_sha256",
-    )
-    tags = {f"loraflow.{k}": str(lineage[k]) for k in keys if lineage.get(k) is not None}
-    for key in ("base_files", "lora", "train", "libraries", "merge"):
-        if key in lineage:
-            tags[f"loraflow.{key}"] = json.dumps(lineage[key], sort_keys=True)[:5000]
+    values = {
+        "base_model": lineage.base_model,
+        "base_revision": lineage.base_revision,
+        "base_sha256": lineage.base_sha256,
+        "base_quantization": lineage.base_quantization,
+        "tokenizer_sha256": lineage.tokenizer_sha256,
+        "chat_template_sha256": lineage.chat_template_sha256,
+        "template": lineage.template.model_dump(),  # str() of the record, as tags always had
+        "data_sha256": lineage.data_sha256,
+        "code_version": lineage.code_version,
+        "adapter_sha256": lineage.adapter_sha256,
+    }
+    tags = {f"loraflow.{k}": str(v) for k, v in values.items() if v is not None}
+    long_values = {"base_files": lineage.base_files, "lora": lineage.lora,
+                   "train": lineage.train, "libraries": lineage.libraries,
+                   "merge": lineage.merge}
+    for key, value in long_values.items():
+        if value is not None:
+            tags[f"loraflow.{key}"] = json.dumps(value, sort_keys=True)[:5000]
     return tags
 
 
@@ -223,11 +229,7 @@ def list_versions(client: MlflowClient, name: str) -> list[dict[str, Any]]:
                 "version": str(v.version),
                 "aliases": sorted(v.aliases),
                 "stage": None if v.current_stage in (None, "None") else v.current_stage,
-                "metrics": {
-                    k.removeprefix(METRIC_TAG): float(x)
-                    for k, x in v.tags.items()
-                    if k.startswith(METRIC_TAG)
-                },
+                "metrics": tagged_metrics(v.tags),
                 "storage_uri": v.tags.get("loraflow.storage_uri"),
                 "created": v.creation_timestamp,
             }
@@ -241,12 +243,47 @@ def champion(client: MlflowClient, name: str) -> tuple[str, dict[str, float]] | 
         version = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
-    metrics = {
-        k.removeprefix(METRIC_TAG): float(v)
-        for k, v in version.tags.items()
-        if k.startswith(METRIC_TAG)
-    }
-    return str(version.version), metrics
+    return str(version.version), tagged_metrics(version.tags)
+
+
+def tagged_metrics(tags: dict[str, str]) -> dict[str, float]:
+    """A version's evaluation metrics, from its metric.<name> tags."""
+    return {k.removeprefix(METRIC_TAG): float(v) for k, v in tags.items()
+            if k.startswith(METRIC_TAG)}
+
+
+def champion_files(name: str) -> Champion | None:
+    """The champion's merged model (its files' URI and hash) and version; None if there is none."""
+    from loraflow.release.inference import registered_model
+
+    found = registered_model(name, alias=CHAMPION)
+    if found is None:
+        return None
+    return Champion(uri=found.source, sha256=found.sha256 or f"{name}/{found.version}",
+                    version=found.version)
+
+
+def rival(name: str, candidate: MergedModel) -> Champion | None:
+    """The champion a candidate is compared with: None when there is none, or when it is the
+    candidate itself."""
+    found = champion_files(name)
+    return None if found is None or found.sha256 == candidate.sha256 else found
+
+
+def champion_to_align(name: str) -> SftModel | None:
+    """The champion as the SFT model an align-only run starts from: its files, the hashes its
+    aligned model's lineage names, its metrics and prompt template; None if there is none."""
+    found = champion_files(name)
+    if found is None:
+        return None
+    tags = MlflowClient().get_model_version(name, found.version).tags
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.artifacts.download_artifacts(artifact_uri=f"{found.uri}/{LINEAGE_FILE}",
+                                            dst_path=tmp)
+        template = read_manifest(Path(tmp)).template
+    parent = SftParent(version=found.version, model_sha256=found.sha256,
+                       adapter_sha256=tags.get("loraflow.adapter_sha256", "unknown"))
+    return SftModel(model=found, parent=parent, metrics=tagged_metrics(tags), template=template)
 
 
 def decide(

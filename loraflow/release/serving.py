@@ -21,6 +21,9 @@ import mlflow
 from mlflow.pyfunc import PythonModel
 
 MAX_NEW_TOKENS = 64
+# base_model.LOAD_OPTIONS, written out: the served model ships without loraflow.base_model
+# (tests/test_serving.py holds the two equal)
+SERVED_LOAD_OPTIONS = {"use_safetensors": True, "use_kernels": False}
 INPUT_HELP = (
     "pass a DataFrame with an 'instruction' column (and optionally 'input'), a list of "
     "instruction strings, or a list of {'instruction': ..., 'input': ...} records"
@@ -68,14 +71,13 @@ class TextGenerator(PythonModel):
     def load_context(self, context: Any) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from loraflow.base_model import LOAD_OPTIONS
         from loraflow.data.prompts import PromptTemplate
 
         path = Path(context.artifacts["model"])
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(path, **LOAD_OPTIONS).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, **SERVED_LOAD_OPTIONS).eval()
         lineage = json.loads((path / "loraflow.json").read_text(encoding="utf-8"))
         self.template = PromptTemplate.recorded(lineage)
 
