@@ -29,14 +29,23 @@ from typing import Any
 import mlflow
 from prefect import flow, get_run_logger
 
-from loraflow.artifacts import AlignedOn, HeldoutSplit, MergeRequest, SftModel, TrainRequest
+from loraflow.artifacts import (
+    AlignedOn,
+    EvaluateRequest,
+    Evaluation,
+    HeldoutSplit,
+    MergeRequest,
+    SftModel,
+    TrainRequest,
+)
 from loraflow.base_model import BaseModelRef
 from loraflow.config import AlignConfig, PipelineConfig
 from loraflow.environment import configure
-from loraflow.release.registry import champion_to_align
+from loraflow.release.registry import champion_files, champion_to_align
 from loraflow.summary import render, write_summary
 from tasks.align import (
     child_run,
+    decide_aligned,
     evaluate_preferences,
     kind_of,
     promote_aligned,
@@ -47,13 +56,14 @@ from tasks.align import (
     with_preference,
 )
 from tasks.data import heldout_split, validate_data
-from tasks.model import merge_adapter, prepare_base_model, train_adapter
+from tasks.model import evaluate_model, merge_adapter, prepare_base_model, train_adapter
 from tasks.release import discard_version, push_model, register_model
 from tasks.steps import StepLog
 from tasks.tracking import fetch, pipeline_run
 
 train_aligned = train_adapter.with_options(name="train_aligned")
 merge_aligned = merge_adapter.with_options(name="merge_aligned")
+evaluate_sft = evaluate_model.with_options(name="evaluate_champion")
 register_aligned = register_model.with_options(name="register_aligned")
 push_aligned = push_model.with_options(name="push_aligned")
 
@@ -64,21 +74,23 @@ class AlignError(ValueError):
 
 def align_stage(
     cfg: PipelineConfig, step: StepLog, run_id: str, base: BaseModelRef, sft: SftModel,
-    test: HeldoutSplit,
+    test: HeldoutSplit, champion: Evaluation | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate, register and gate the aligned model on top of `sft` (a merged SFT
-    model: the SFT stage's, or the champion's), in an MLflow run nested in `run_id`."""
+    model: the SFT stage's, or the champion's), in an MLflow run nested in `run_id`;
+    `champion`: another champion's answers in this run, the gate's reference then."""
     align = cfg.align
     if align is None:
         raise AlignError("the align stage needs the `align` section of the config (see "
                          "configs/preference.yaml)")
     with child_run(run_id, "align") as align_run:
-        return {"run_id": align_run} | _align(cfg, align, step, align_run, base, sft, test)
+        return {"run_id": align_run} | _align(cfg, align, step, align_run, base, sft, test,
+                                              champion)
 
 
 def _align(
     cfg: PipelineConfig, align: AlignConfig, step: StepLog, run_id: str, base: BaseModelRef,
-    sft: SftModel, test: HeldoutSplit,
+    sft: SftModel, test: HeldoutSplit, champion: Evaluation | None,
 ) -> dict[str, Any]:
     name, parent, template = cfg.registry.model_name, sft.parent, sft.template
     sft_base = BaseModelRef(name=f"{name}-v{parent.version}", path=fetch(sft.model.uri),
@@ -113,8 +125,11 @@ def _align(
         if registered.created:
             discard_version(cfg.registry, version)
         raise
-    gate = step(promote_aligned, version=version, aligned=aligned, sft=sft_metrics, align=align,
-                cfg=cfg.registry, run_id=run_id)
+    decision = step(decide_aligned, aligned=merged.evaluation, sft=sft, champion=champion,
+                    pairs=scores["pairs"], align=align, registry_cfg=cfg.registry, cfg=cfg.eval,
+                    run_id=run_id)
+    gate = step(promote_aligned, version=version, decision=decision, cfg=cfg.registry,
+                run_id=run_id)
     return {"model_version": version, "parent_version": parent.version,
             "aliases": gate["aliases"], "gate": gate["reason"], "storage_uri": storage_uri,
             "metrics": {"base": scores["base"], "sft": sft_metrics, "aligned": aligned},
@@ -146,7 +161,13 @@ def align(config: PipelineConfig = DEFAULT_CONFIG, feedback_uri: str | None = No
                              "one")
         base = step(prepare_base_model, source=cfg.model.base)
         data = step(validate_data, data=cfg.data, base=base, run_id=run_id)
-        aligned = align_stage(cfg, step, run_id, base, sft, heldout_split(data))
+        test = heldout_split(data)
+        # the champion answers the test sets in this run: the gate's paired reference
+        sft_eval = step(evaluate_sft, request=EvaluateRequest(
+            model=champion_files(name), test=test, template=sft.template, cfg=cfg.eval),
+            run_id=run_id)
+        sft = sft.model_copy(update={"evaluation": sft_eval})
+        aligned = align_stage(cfg, step, run_id, base, sft, test)
     summary = {"run_id": run_id, "tracking_uri": mlflow.get_tracking_uri(),
                "model_name": name, "align": aligned, "tasks": step.steps,
                "seconds": round(time.perf_counter() - start, 3)}

@@ -39,10 +39,11 @@ from loraflow.config import PipelineConfig
 from loraflow.credentials import check_mlflow
 from loraflow.data.watch import check_data_uri
 from loraflow.environment import configure
+from loraflow.evaluation.gate import detectable_note
 from loraflow.summary import render, write_summary
 from tasks.data import heldout_split, tokenize_data, validate_data
 from tasks.deployments import Where, record_trained_data, skip_run
-from tasks.evaluation import evaluate_champion, report_evaluation
+from tasks.evaluation import decide_promotion, evaluate_champion, report_evaluation
 from tasks.model import evaluate_base, merge_adapter, prepare_base_model, train_adapter
 from tasks.release import (
     discard_version,
@@ -86,6 +87,7 @@ def finetune(
         earlier = record_trained_data(data, cfg.registry.model_name, run_id=run_id)
         if earlier and skip_trained_data:  # a schedule or trigger on data already trained on
             return skip_run(run_id, cfg.registry.model_name, data, earlier)
+        print(f"loraflow: {detectable_note(data.counts['test'], cfg.registry)}")
         tokens = step(tokenize_data, data=data, base=base, cfg=cfg.data, run_id=run_id)
         training = TrainRequest(tokens=tokens, base=base, lora=cfg.lora, train=cfg.train,
                                 launch=cfg.launch)
@@ -100,9 +102,12 @@ def finetune(
         rival = step(evaluate_champion, model_name=name, candidate=model, test=test,
                      template=template, cfg=cfg.eval, run_id=run_id, where=where)
         evals = [base_eval, tuned_eval, rival]  # rival: None when there is no other champion
+        decision = step(decide_promotion, model=model, tuned=tuned_eval, base=base_eval,
+                        champion=rival, model_name=name, registry=cfg.registry, cfg=cfg.eval,
+                        run_id=run_id)
         report = step(report_evaluation, evaluations=evals, cfg=cfg.eval, adapter=adapter,
-                      run_id=run_id)
-        before, after = base_eval.metrics, tuned_eval.metrics
+                      run_id=run_id, decision=decision)
+        after = tuned_eval.metrics
         registered = step(register_model, model=model, adapter=adapter, metrics=after,
                           cfg=cfg.registry, run_id=run_id)
         version = registered.version
@@ -113,20 +118,22 @@ def finetune(
             if registered.created:
                 discard_version(cfg.registry, version)  # no new version without its files
             raise
-        gate = step(promote_model, version=version, tuned=after, base=before, cfg=cfg.registry,
+        gate = step(promote_model, version=version, decision=decision, cfg=cfg.registry,
                     run_id=run_id)
         aligned = None
         if cfg.align is not None:  # preference tuning on top of this SFT model
             parent = SftParent(version=version, adapter_sha256=adapter.sha256,
                                model_sha256=model.sha256)
-            sft = SftModel(model=model, parent=parent, metrics=after, template=template)
-            aligned = align_stage(cfg, step, run_id, base, sft, test)
+            sft = SftModel(model=model, parent=parent, metrics=after, template=template,
+                           evaluation=tuned_eval)
+            aligned = align_stage(cfg, step, run_id, base, sft, test, champion=rival)
 
     summary = {
         "run_id": run_id, "tracking_uri": mlflow.get_tracking_uri(), "model_name": name,
         "model_version": version,
         "aliases": gate["aliases"],  # read from the registry after the gate, never cached
-        "gate": gate["reason"], "metrics": {e.label: e.metrics for e in evals if e is not None},
+        "gate": gate["reason"], "decision": decision.primary and decision.primary.model_dump(),
+        "metrics": {e.label: e.metrics for e in evals if e is not None},
         "report_uri": report, "storage_uri": storage_uri, "tasks": step.steps,
         "seconds": round(time.perf_counter() - start, 3),
     } | ({"align": aligned} if aligned is not None else {})

@@ -93,8 +93,9 @@ class SftModel(BaseModel):
 
     model: ArtifactRef  # its merged model's files
     parent: SftParent
-    metrics: dict[str, float]  # its task metrics, the align gate's reference
+    metrics: dict[str, float]  # its task metrics
     template: PromptTemplate  # the prompt template it was trained with
+    evaluation: Evaluation | None = None  # its answers to the test sets in this run (the gate)
 
 
 class AlignedOn(BaseModel):

@@ -9,26 +9,35 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from mlflow import MlflowClient
 from prefect import task
-from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
 
-from loraflow.artifacts import Adapter, AlignedOn, TokenizedData, ValidatedData
+from loraflow.artifacts import (
+    Adapter,
+    AlignedOn,
+    Evaluation,
+    SftModel,
+    TokenizedData,
+    ValidatedData,
+)
 from loraflow.base_model import BaseModelRef, load_tokenizer
-from loraflow.config import AlignConfig, DataConfig, RegistryConfig, loraflow_home
+from loraflow.config import AlignConfig, DataConfig, EvalConfig, RegistryConfig, loraflow_home
 from loraflow.data.preference import PREFERENCE_KINDS, tokenize_preference_cached
 from loraflow.data.prompts import PromptTemplate
 from loraflow.data.records import SPLITS
 from loraflow.data.tokenization import TokenizeReport, TokenizeSettings
 from loraflow.data.validation import validate_splits
+from loraflow.evaluation import evaluate, gate
+from loraflow.evaluation.gate import GateDecision
 from loraflow.evaluation.preference import evaluate_pairs
 from loraflow.hashing import sha256_file, sha256_tree, tokenizer_sha256
 from loraflow.release import registry
 from tasks.caching import CONTENT
 from tasks.data import split_sources_key
-from tasks.release import NETWORK_RETRIES
+from tasks.evaluation import log_decision
+from tasks.release import NETWORK_RETRIES, promote_model
 from tasks.tracking import fetch, log_dir, log_metrics, log_params
 
 PARENT_TAGS = ("loraflow.sft_parent_version", "loraflow.sft_parent_adapter_sha256",
@@ -125,7 +134,9 @@ def evaluate_preferences(
     result = {"base": base_scores, "sft": scores["model"], "aligned": scores["adapted"]}
     log_metrics(run_id, {f"{label}.pref_{k}": v for label, m in result.items()
                          for k, v in m.items()})
-    return result
+    # each pair's own scores, for a paired gate on a pref_ metric (none for kto records)
+    return result | {"pairs": {"sft": scores.get("model_pairs", []),
+                               "aligned": scores.get("adapted_pairs", [])}}
 
 
 def with_preference(metrics: dict[str, float], scores: dict[str, float]) -> dict[str, float]:
@@ -156,22 +167,45 @@ def tag_parent_metrics(name: str, version: str, metrics: dict[str, float]) -> No
         client.set_model_version_tag(name, version, key, value)
 
 
-@task(cache_policy=CONTENT, **NETWORK_RETRIES)
-def promote_aligned(
-    version: str, aligned: dict[str, float], sft: dict[str, float], align: AlignConfig,
-    cfg: RegistryConfig, run_id: str,
-) -> dict[str, Any]:
-    """Move `champion` to the aligned version only if it beats the current champion (or, with
-    none, the SFT model) on align.gate_metric."""
-    client = MlflowClient()
-    current = registry.champion(client, cfg.model_name)
-    decision = registry.decide(align.gate_metric, aligned, sft, current, align.min_improvement)
-    if decision.promote:
-        registry.promote(client, cfg.model_name, version, decision.reason, cfg.stage_mirroring)
-    client.set_model_version_tag(cfg.model_name, version, "loraflow.gate", decision.reason)
-    log_params(run_id, {"align.gate.decision": "promoted" if decision.promote else "kept",
-                        "align.gate.reason": decision.reason})
-    log_metrics(run_id, {"align.gate.promoted": float(decision.promote),
-                         "align.gate.candidate": decision.candidate,
-                         "align.gate.reference": decision.reference})
-    return decision.model_dump() | {"aliases": registry.aliases(client, cfg.model_name, version)}
+@task(cache_policy=NO_CACHE)
+def decide_aligned(
+    aligned: Evaluation, sft: SftModel, champion: Evaluation | None,
+    pairs: dict[str, list[dict[str, float]]], align: AlignConfig, registry_cfg: RegistryConfig,
+    cfg: EvalConfig, run_id: str,
+) -> GateDecision:
+    """The paired decision for the aligned model: against the champion's answers in this run
+    (the SFT model's when it is the champion or there is none), on align.gate_metric: a task
+    metric of the test sets, or a held-out pair metric (pref_win_rate, pref_logp_margin)
+    compared pair by pair with the SFT model."""
+    current = registry.champion_files(registry_cfg.model_name)
+    if current is None:
+        reference, name, version = sft.evaluation, f"SFT model v{sft.parent.version}", None
+    else:
+        version, name = current.version, f"champion v{current.version}"
+        reference = sft.evaluation if current.sha256 == sft.model.sha256 else champion
+    candidate = evaluate.read_result(fetch(aligned.uri))
+    known = evaluate.read_result(fetch(reference.uri)) if reference is not None else None
+    pref = align.gate_metric.startswith("pref_")
+    if pref:
+        candidate = with_pairs(candidate, pairs["aligned"])
+        ours = reference is not None and reference == sft.evaluation and pairs["sft"]
+        known = with_pairs(known, pairs["sft"]) if ours else None
+    decision = gate.decide(candidate, known, name, registry_cfg, cfg, metric=align.gate_metric,
+                           margin=align.min_improvement, set_name="pairs" if pref else None,
+                           reference_version=version)
+    log_decision(decision, run_id)
+    return decision
+
+
+def with_pairs(result: evaluate.EvalResult, rows: list[dict[str, float]]
+               ) -> evaluate.EvalResult:
+    """An evaluation with the held-out preference pairs as one more set, "pairs", each pair a
+    row (its id: its position in the shipped test split)."""
+    examples = [{"id": i, "instruction": "", "input": f"pair {i + 1}", "expected": "",
+                 "answer": "", "scores": scores} for i, scores in enumerate(rows)]
+    means = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]} if rows else {}
+    return result.model_copy(update={"sets": result.sets | {"pairs": means},
+                                     "examples": result.examples | {"pairs": examples}})
+
+
+promote_aligned = promote_model.with_options(name="promote_aligned")

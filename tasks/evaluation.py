@@ -13,14 +13,14 @@ from prefect import task
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 
 from loraflow.artifacts import Adapter, EvaluateRequest, Evaluation, HeldoutSplit, MergedModel
-from loraflow.config import EvalConfig
+from loraflow.config import EvalConfig, RegistryConfig
 from loraflow.data.prompts import PromptTemplate
-from loraflow.evaluation import evaluate, report
+from loraflow.evaluation import evaluate, gate, report
 from loraflow.release.registry import rival
 from tasks.caching import CONTENT, ContentInputs
 from tasks.deployments import Where
 from tasks.model import evaluate_model
-from tasks.tracking import fetch, log_dir, log_params
+from tasks.tracking import fetch, log_dir, log_metrics, log_params
 
 RUN_IN_URI = re.compile(r"/([0-9a-f]{32})/artifacts/")  # MLflow's <run id>/artifacts layout
 
@@ -60,9 +60,58 @@ def evaluate_champion(
     return evaluate_model.fn(request=request, run_id=run_id, where=where)
 
 
+def other_champion(context: Any, inputs: dict[str, Any]) -> str:
+    """The champion the decision is made against (none, or the candidate itself: the base)."""
+    found = rival(inputs["model_name"], inputs["model"])
+    return found.sha256 if found else "no other champion"
+
+
+@task(cache_policy=TASK_SOURCE + ContentInputs() + CacheKeyFnPolicy(cache_key_fn=other_champion))
+def decide_promotion(
+    model: MergedModel,
+    tuned: Evaluation,
+    base: Evaluation,
+    champion: Evaluation | None,
+    model_name: str,
+    registry: RegistryConfig,
+    cfg: EvalConfig,
+    run_id: str,
+) -> gate.GateDecision:
+    """The paired decision: the merged model's answers against the champion's in this run
+    (against the base model's when there is no other champion); logged as gate.* and
+    eval/decision.json. promote_model applies it."""
+    other = rival(model_name, model)
+    reference, name = (base, "base model") if other is None else (
+        champion, f"champion v{other.version}")  # champion: None when not compared
+    decision = gate.decide(
+        evaluate.read_result(fetch(tuned.uri)),
+        evaluate.read_result(fetch(reference.uri)) if reference is not None else None,
+        name, registry, cfg, reference_version=other and other.version)
+    log_decision(decision, run_id)
+    return decision
+
+
+def log_decision(decision: gate.GateDecision, run_id: str, prefix: str = "gate") -> None:
+    """The decision's words as params, its numbers as metrics, all of it as decision.json."""
+    log_params(run_id, {f"{prefix}.verdict": decision.verdict[:6000],
+                        f"{prefix}.reference": decision.reference_name})
+    if decision.primary is not None:
+        p = decision.primary
+        log_metrics(run_id, {f"{prefix}.{k}": float(v) for k, v in {
+            "estimate": p.estimate, "lower": p.lower, "upper": p.upper, "p_value": p.p_value,
+            "wins": p.wins, "losses": p.losses, "ties": p.ties, "confidence": p.confidence,
+            "failed_guards": len(decision.failed_guards),
+            "detectable": decision.detectable if decision.detectable is not None else -1.0,
+        }.items()})
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "decision.json").write_text(decision.model_dump_json(indent=2))
+        log_dir(run_id, Path(tmp), f"eval/{prefix}")
+
+
 @task(cache_policy=CONTENT)
 def report_evaluation(
-    evaluations: list[Evaluation | None], cfg: EvalConfig, adapter: Adapter, run_id: str
+    evaluations: list[Evaluation | None], cfg: EvalConfig, adapter: Adapter, run_id: str,
+    decision: gate.GateDecision | None = None,
 ) -> str:
     """Loss curves, metric bars and the side-by-side table as one HTML page, logged to the run."""
     results, parity = {}, None
@@ -76,7 +125,8 @@ def report_evaluation(
     curves = training_curves(adapter)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "report"
-        report.build_report(results, curves, out, side_by_side=cfg.side_by_side, parity=parity)
+        report.build_report(results, curves, out, side_by_side=cfg.side_by_side, parity=parity,
+                            decision=decision)
         uri = log_dir(run_id, out, "report")
         MlflowClient().log_table(run_id, side_by_side_table(results), "eval/side_by_side.json")
     return f"{uri}/report.html"

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from loraflow.artifacts import Adapter, MergedModel
 from loraflow.config import RegistryConfig, StorageConfig, loraflow_home
 from loraflow.credentials import safe_url
+from loraflow.evaluation.gate import GateDecision
 from loraflow.release import registry
 from loraflow.release.lineage import read_manifest
 from loraflow.release.storage import open_store, push_tree
@@ -146,44 +147,19 @@ def push_model(
 
 @task(cache_policy=NO_CACHE, **NETWORK_RETRIES)
 def promote_model(
-    version: str,
-    tuned: dict[str, float],
-    base: dict[str, float],
-    cfg: RegistryConfig,
-    run_id: str,
+    version: str, decision: GateDecision, cfg: RegistryConfig, run_id: str
 ) -> dict[str, Any]:
-    """Move `champion` to this version only if it beats the current champion (or the base)."""
+    """Move `champion` to this version if the paired decision says so and the registry still
+    holds what it was decided against; tag the version with the decision either way."""
     client = MlflowClient()
-    current = registry.champion(client, cfg.model_name)
-    if current and current[0] == version:
-        decision = registry.Decision(
-            promote=False,
-            metric=cfg.gate_metric,
-            candidate=tuned[cfg.gate_metric],
-            reference=tuned[cfg.gate_metric],
-            reference_name="itself",
-            margin=cfg.min_improvement,
-            reason=f"v{version} is already the champion",
-        )
-    else:
-        decision = registry.decide(cfg.gate_metric, tuned, base, current, cfg.min_improvement)
-        if decision.promote:
-            registry.promote(client, cfg.model_name, version, decision.reason, cfg.stage_mirroring)
-    client.set_model_version_tag(cfg.model_name, version, "loraflow.gate", decision.reason)
-    log_params(
-        run_id,
-        {
-            "gate.decision": "promoted" if decision.promote else "kept",
-            "gate.reason": decision.reason,
-        },
-    )
-    log_metrics(
-        run_id,
-        {
-            "gate.promoted": float(decision.promote),
-            "gate.candidate": decision.candidate,
-            "gate.reference": decision.reference,
-            "gate.margin": decision.margin,
-        },
-    )
-    return decision.model_dump() | {"aliases": registry.aliases(client, cfg.model_name, version)}
+    verdict = registry.applicable(client, cfg.model_name, version, decision)
+    promoted = verdict == decision.verdict and decision.promote
+    if promoted:
+        registry.promote(client, cfg.model_name, version, verdict, cfg.stage_mirroring)
+    for key, value in registry.decision_tags(decision, verdict).items():
+        client.set_model_version_tag(cfg.model_name, version, key, value)
+    log_params(run_id, {"gate.decision": "promoted" if promoted else "kept",
+                        "gate.reason": verdict})
+    log_metrics(run_id, {"gate.promoted": float(promoted)})
+    return {"promote": promoted, "reason": verdict,
+            "aliases": registry.aliases(client, cfg.model_name, version)}

@@ -38,7 +38,8 @@ class GateDecision(BaseModel):
     verdict: str  # the decision in words, for the summary, the run and the version's tags
     metric: str
     set_name: str
-    reference_name: str  # "champion v3" or "base model"
+    reference_name: str  # "champion v3", "base model", "SFT model v2"
+    reference_version: str | None = None  # the champion's version it was decided against
     primary: PairedTest | None  # None when there was nothing to pair (the reason says why)
     guards: list[PairedTest] = []
     failed_guards: list[str] = []
@@ -108,12 +109,17 @@ def decide(
     evaluation: EvalConfig,
     metric: str | None = None,
     margin: float | None = None,
+    set_name: str | None = None,
+    reference_version: str | None = None,
 ) -> GateDecision:
-    """The promotion decision (the align stage passes its own metric and margin)."""
+    """The promotion decision against `reference` (champion `reference_version`, or None for
+    the base or SFT model); the align stage passes its own metric, margin and, for held-out
+    preference metrics, the set of pairs."""
     metric = metric or registry.gate_metric
     margin = registry.min_improvement if margin is None else margin
-    set_name = evaluation.sets[0].name
-    base = {"metric": metric, "set_name": set_name, "reference_name": reference_name}
+    set_name = set_name or evaluation.sets[0].name
+    base = {"metric": metric, "set_name": set_name, "reference_name": reference_name,
+            "reference_version": reference_version}
     if reference is None:
         return GateDecision(promote=False, primary=None, verdict=(
             f"not promoted: {reference_name} did not answer the test prompts in this run, so "
@@ -154,6 +160,24 @@ def flips(rows: list[tuple[dict, dict]], metric: str) -> tuple[list[Flip], list[
                         expected=c["expected"], candidate=c["answer"], reference=r["answer"])
             (won if gain > 0 else lost).append(flip)
     return won, lost
+
+
+def detectable_note(examples: int, registry: RegistryConfig) -> str:
+    """Before training: the smallest improvement of a 0/1 gate metric `examples` test prompts
+    can show, and whether registry.min_improvement is below it."""
+    if registry.gate_metric not in ("exact_match", "json_valid", "json_structure"):
+        return (f"{registry.gate_metric} is continuous: what its {examples} test examples can "
+                "show depends on the spread of the paired differences (the gate's interval "
+                "says it after evaluation)")
+    best = detectable_improvement(examples, 0.0, registry.min_improvement, registry.confidence)
+    note = (f"the {examples} test examples can show an improvement in {registry.gate_metric} of "
+            f"{best:.3f} or more at {registry.confidence:.0%} confidence (4 times in 5, at best: "
+            "no answer lost)")
+    if best > registry.min_improvement:
+        note += (f"; smaller true improvements (registry.min_improvement is "
+                 f"{registry.min_improvement}) will mostly not be promoted: a larger test split "
+                 "sees smaller ones")
+    return note
 
 
 def verdict(primary: PairedTest, reference_name: str, failed: list[str], met: bool,

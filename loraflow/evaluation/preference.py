@@ -71,6 +71,13 @@ def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor,
     return metrics
 
 
+def pair_scores(chosen: torch.Tensor, rejected: torch.Tensor) -> list[dict[str, float]]:
+    """Each held-out pair's own scores (the paired promotion gate compares them pair by
+    pair): whether the chosen answer is the more likely one, and by how much."""
+    return [{"pref_win_rate": float(c > r), "pref_logp_margin": float(c - r)}
+            for c, r in zip(chosen.tolist(), rejected.tolist(), strict=True)]
+
+
 def record_metrics(first: torch.Tensor, desirable: torch.Tensor,
                    ref: torch.Tensor | None = None, beta: float = 0.1) -> dict[str, float]:
     """KTO records: desirable minus undesirable answers' mean log-likelihood (and rewards)."""
@@ -112,4 +119,5 @@ def evaluate_pairs(model_dir: Path, tokens_dir: Path, pad_id: int, adapter: Path
         return {"model": record_metrics(reference[0], flags),
                 "adapted": record_metrics(adapted[0], flags, reference[0], beta)}
     return {"model": pair_metrics(*reference),
-            "adapted": pair_metrics(*adapted, ref=reference, beta=beta)}
+            "adapted": pair_metrics(*adapted, ref=reference, beta=beta),
+            "model_pairs": pair_scores(*reference), "adapted_pairs": pair_scores(*adapted)}

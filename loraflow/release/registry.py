@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from loraflow.artifacts import Champion, MergedModel, SftModel, SftParent
 from loraflow.config import LOWER_IS_BETTER
+from loraflow.evaluation.gate import GateDecision
 from loraflow.release.lineage import LINEAGE_FILE, Lineage, read_manifest
 
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -320,6 +321,42 @@ def decide(
         margin=margin,
         reason=reason,
     )
+
+
+def applicable(client: MlflowClient, name: str, version: str, decision: GateDecision) -> str:
+    """The decision's verdict, or why it does not apply to the registry as it is now: the
+    version is the champion already, it holds the champion's very adapter (merged or scored
+    differently: nothing new), or the champion is not the model it was decided against."""
+    current = champion(client, name)
+    if current is not None and current[0] == version:
+        return f"v{version} is already the champion"
+    tag = "loraflow.adapter_sha256"
+    if current is not None:
+        ours = client.get_model_version(name, version).tags.get(tag)
+        if ours and ours == client.get_model_version(name, current[0]).tags.get(tag):
+            return (f"not promoted: v{version} holds the very adapter of champion "
+                    f"v{current[0]} (merged in another dtype or scored differently): nothing "
+                    "new to promote")
+    if decision.reference_version != (current[0] if current else None):
+        now = f"champion v{current[0]}" if current else "no champion"
+        return (f"not promoted: decided against {decision.reference_name}, but the registry "
+                f"holds {now} now. Run again to decide against it")
+    return decision.verdict
+
+
+def decision_tags(decision: GateDecision, verdict: str) -> dict[str, str]:
+    """The version's record of its gate: the verdict and, when there was a paired test, its
+    estimate, interval, p-value and counts."""
+    tags = {"loraflow.gate": verdict[:5000]}
+    if decision.primary is not None:
+        p = decision.primary
+        tags |= {f"loraflow.gate.{k}": f"{v:.6g}" if isinstance(v, float) else str(v)
+                 for k, v in {"metric": p.metric, "estimate": p.estimate, "lower": p.lower,
+                              "upper": p.upper, "p_value": p.p_value, "wins": p.wins,
+                              "losses": p.losses, "ties": p.ties, "confidence": p.confidence,
+                              "reference": decision.reference_name}.items()}
+        tags["loraflow.gate.failed_guards"] = ",".join(decision.failed_guards) or "none"
+    return tags
 
 
 def aliases(client: MlflowClient, name: str, version: str) -> list[str]:
