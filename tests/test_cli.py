@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -155,3 +157,13 @@ def test_loraflow_gives_prefects_temporary_server_minutes_to_start():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=env, check=True, timeout=120)
     assert done.stdout.split()[-1] == str(EPHEMERAL_STARTUP_SECONDS)
+
+
+def test_validate_says_what_improvement_the_test_split_can_show():
+    """The shipped 64 test prompts cannot show a 1-point improvement: validate says so before
+    any GPU time is spent; a 2,000-example split would see far less."""
+    test = str(ROOT / "data" / "orders" / "test.jsonl")
+    done = run_cli("validate", str(ROOT / "data" / "orders" / "train.jsonl"), "--test", test)
+    assert done.returncode == 0, done.stderr
+    assert "gate: the 64 test examples can show an improvement in exact_match of 0.1" in done.stdout
+    assert "will mostly not be promoted" in done.stdout

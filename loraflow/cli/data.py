@@ -40,7 +40,8 @@ def validate_command(args: argparse.Namespace) -> int:
     from loraflow.data.validation import validate_splits
 
     try:
-        cfg = load_config(args.config, args.set).data
+        pipeline = load_config(args.config, args.set)
+        cfg = pipeline.data
     except ConfigError as exc:
         print(f"loraflow: {exc}", file=sys.stderr)
         return 2
@@ -56,10 +57,15 @@ def validate_command(args: argparse.Namespace) -> int:
     except (DataError, ModelNotFoundError) as exc:
         print(f"loraflow: {exc}", file=sys.stderr)
         return 2
+    detectable = None
+    if "test" in report.counts:  # what the promotion gate can see with this test split
+        from loraflow.evaluation.gate import detectable_note
+
+        detectable = detectable_note(report.counts["test"], pipeline.registry)
     if args.json:
-        print(json.dumps(report.totals() | {"out": str(out)}, indent=2))
+        print(json.dumps(report.totals() | {"out": str(out), "gate": detectable}, indent=2))
     else:
-        print(render_report(report, out))
+        print(render_report(report, out) + (f"\ngate: {detectable}" if detectable else ""))
     try:
         report.check(out)
     except DataError as exc:
