@@ -90,3 +90,17 @@ def test_the_report_opens_with_the_decision_its_interval_and_the_flips(tmp_path)
     assert decision.verdict in html.unescape(page) and "<td>FAILED</td>" in page
     assert "Examples won against base model" in page and "order 20" in page
     assert (tmp_path / "decision.png").stat().st_size > 1000
+
+
+def test_the_shipped_keep_set_guards_against_forgetting_in_the_curated_config():
+    from pathlib import Path
+
+    from loraflow.config import load_config
+    from loraflow.evaluation.evaluate import load_sets
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "curated.yaml")
+    sets = {s.cfg.name: s for s in load_sets(cfg.eval, root / "data/orders/test.jsonl")}
+    keep = sets["keep"].examples
+    assert len(keep) == 16 and all(e.output for e in keep)  # the base model's answers
+    assert "keep.exact_match" in guard_names(cfg.registry, cfg.eval)
