@@ -139,7 +139,7 @@ def test_eval_config_errors_name_the_field_and_the_fix():
     assert cfg.eval.thresholds == {"json_valid": 0.9, "test.perplexity": 20}
 
 
-def test_the_curated_config_ships_valid_and_evaluates_two_sets():
+def test_the_curated_config_ships_valid_and_evaluates_three_sets():
     cfg = load_config("configs/curated.yaml")
-    assert [s.name for s in cfg.eval.sets] == ["test", "curated"]
+    assert [s.name for s in cfg.eval.sets] == ["test", "curated", "keep"]
     assert isinstance(cfg.eval, EvalConfig) and cfg.eval.thresholds["json_valid"] == 0.9

@@ -47,7 +47,8 @@ def test_the_flow_logs_scored_answers_and_a_report_and_compares_the_champion(
     assert {"base_answer", "tuned_answer", "tuned_fuzzy"} <= set(table["columns"])
 
     page = local(first["report_uri"]).read_text()
-    assert page.count("data:image/png;base64,") == 3  # loss curves, metric bars, fuzzy
+    # the gate's intervals, loss curves, metric bars, fuzzy
+    assert page.count("data:image/png;base64,") == 4 and "<h2>Decision: " in page
     assert "<th>base</th>\n<th>tuned</th>\n</tr>" in page
     assert (artifacts / "report" / "loss_curves.png").is_file()
 

@@ -65,8 +65,7 @@ def test_a_run_that_cannot_fit_is_refused_with_the_numbers_and_the_fix():
 def test_fsdp_lets_a_70b_model_fit_where_one_gpu_cannot_hold_its_weights():
     llama3_70b = {"vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672,
                   "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8}
-    train = TrainConfig(precision="bf16", gradient_checkpointing=True, micro_batch_size=2,
-                        parallelism="fsdp")
+    train = TrainConfig(precision="bf16", gradient_checkpointing=True, micro_batch_size=2)
     with pytest.raises(PreflightError):
         fit_micro_batch(llama3_70b, train, QV, True, 2048, free_gib=139.0)
     fitted, guess = fit_micro_batch(llama3_70b, train, QV, True, 2048, free_gib=139.0, shards=8)

@@ -152,7 +152,12 @@ def release_with_restart(servers, tiny_model_dir: Path, tmp_path: Path, name: st
             "storage": {"root": "s3://models/loraflow", "endpoint_url": servers.s3.url},
         }
     )
-    tuned, base_metrics = {"exact_match": 0.5, "json_valid": 1.0}, {"exact_match": 0.0}
+    from loraflow.evaluation.gate import GateDecision
+
+    tuned = {"exact_match": 0.5, "json_valid": 1.0}
+    decision = GateDecision(promote=True, verdict="promoted: the paired test passed (planted)",
+                            metric="exact_match", set_name="test", reference_name="base model",
+                            primary=None)
     pids = []
 
     @flow
@@ -173,7 +178,7 @@ def release_with_restart(servers, tiny_model_dir: Path, tmp_path: Path, name: st
             servers.tracking.start("/health", timeout=180)  # ... and comes back (same db, S3)
             pids.append(servers.tracking.process.pid)
             push_model(version, model, adapter, cfg.storage, name, run_id)
-            promote_model(version, tuned, base_metrics, cfg.registry, run_id)
+            promote_model(version, decision, cfg.registry, run_id)
         return run_id
 
     return release(), pids
