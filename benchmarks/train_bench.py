@@ -483,6 +483,9 @@ def main() -> None:
     parser.add_argument("--gpus", default="", help="e.g. 1,2,4: the scaling run (torchrun)")
     parser.add_argument("--seq-lens", default="4096,8192,16384",
                         help="nf4-70b: the packed row lengths to train, one row a step")
+    parser.add_argument("--memory-cap-gib", type=float, default=0.0,
+                        help="let the allocator hold at most this many GiB, as a smaller card "
+                             "would (torch.cuda.set_per_process_memory_fraction); 0: the GPU's")
     parser.add_argument("--out", type=Path, default=Path("train_bench.json"))
     args = parser.parse_args()
     if args.gpus:
@@ -494,9 +497,13 @@ def main() -> None:
     examples = make_examples(4000)
     mean_len = sum(len(ids) for ids, _ in examples) / len(examples)
     ceiling = matmul_tflops()
+    if args.memory_cap_gib:  # e.g. a 48 GB card: 47.5 GiB after its CUDA context
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * 2**30 / total)
     say = print if ranks.main else (lambda *a, **k: None)
     say(f"bf16 matmul ceiling {ceiling:.0f} TFLOP/s; mean example {mean_len:.0f} tokens; "
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {ranks.world_size} GPU(s)",
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {ranks.world_size} GPU(s)"
+        + (f"; allocator capped at {args.memory_cap_gib} GiB" if args.memory_cap_gib else ""),
         flush=True)
     plans = {
         "guide": lambda: run_guide(examples, args.steps),
@@ -512,7 +519,8 @@ def main() -> None:
     plans["fsdp70b"] = lambda: run_fsdp_random(
         examples, args.steps, ranks, LLAMA2_70B, args.micro_batch or FSDP70B_MICRO_BATCH,
         args.accum or 1)
-    results: dict[str, Any] = {"ceiling_tflops": ceiling, "mean_len": mean_len}
+    results: dict[str, Any] = {"ceiling_tflops": ceiling, "mean_len": mean_len,
+                               "memory_cap_gib": args.memory_cap_gib}
     for name in args.variants.split(","):
         start = time.perf_counter()
         try:

@@ -131,6 +131,8 @@ def test_the_nf4_stand_in_quantizes_as_bitsandbytes_does():
 
 
 @pytest.mark.gpu
+# torch 2.11's flex_attention input check reads .grad of a non-leaf while dynamo traces it
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
 def test_a_layerwise_base_with_bitsandbytes_trains_on_a_gpu(tmp_path, tokenized):
     bnb = pytest.importorskip("bitsandbytes")
     if not torch.cuda.is_available():
