@@ -4,15 +4,19 @@ engine on 1, 2 and 4 GPUs (data-parallel under torchrun) with the loss curves co
     python benchmarks/train_bench.py [--variants guide,packed,packed-compile,nf4] [--steps 8]
     python benchmarks/train_bench.py --gpus 1,2,4 --variants packed-compile --accum 2
     python benchmarks/train_bench.py --gpus 4 --variants fsdp70b --steps 3
+    python benchmarks/train_bench.py --variants nf4-70b --seq-lens 4096,8192,16384 --steps 3
 
 Llama-2-7B architecture with random bf16 weights built on the GPU (throughput does not depend
 on the weight values); fsdp70b: Llama-2-70B under launch.parallelism=fsdp, built on the meta
 device and filled with random weights shard by shard on each GPU (never whole anywhere; needs
-torchrun, i.e. --gpus, and 2 GPUs or more). Instruction examples with log-normal lengths
-(median ~220 tokens, clipped to 32..1024), 40-80% of each example prompt. Counts only real
-(non-padding) tokens. MFU is real tokens/s x (4N + attention FLOPs per token) / (the bf16
-matmul rate measured in this run (an 8192^3 product) x GPUs), N the variant's architecture's
-weights. Prints a table and writes it as JSON to --out.
+torchrun, i.e. --gpus, and 2 GPUs or more); nf4-70b: Llama-2-70B in memory mode on one GPU,
+built layer by layer and quantized to NF4 as it is made (loraflow.engine.layerwise: the bf16
+model never exists whole), one packed row of each --seq-lens length a step, the preflight's
+estimate printed before each and compared with the measured peak. Instruction examples with
+log-normal lengths (median ~220 tokens, clipped to 32..1024), 40-80% of each example prompt.
+Counts only real (non-padding) tokens. MFU is real tokens/s x (4N + attention FLOPs per
+token) / (the bf16 matmul rate measured in this run (an 8192^3 product) x GPUs), N the
+variant's architecture's weights. Prints a table and writes it as JSON to --out.
 """
 
 from __future__ import annotations
@@ -296,6 +300,83 @@ def run_fsdp_random(
                      "micro_batch_size": micro_batch, "grad_accum_steps": accum}
 
 
+def reset_lora(model: torch.nn.Module, seed: int = 0) -> None:
+    """LoRA as PEFT starts it (A Kaiming-uniform, B zero), no gradients: each nf4-70b sequence
+    length trains from the same start on the one model built."""
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.grad = None
+            if "lora_A" in name:
+                torch.nn.init.kaiming_uniform_(param, a=5**0.5, generator=generator)
+            elif "lora_B" in name:
+                param.zero_()
+
+
+def run_nf4_70b(examples: list[tuple[list[int], int]], steps: int, seq_lens: list[int],
+                ceiling_tflops: float, arch: dict[str, Any] = LLAMA2_70B,
+                device: str = "cuda") -> dict[str, Any]:
+    """Memory mode on the Llama-2-70B architecture on one GPU: the base built once, layer by
+    layer, each layer quantized to NF4 as it is made (loraflow.engine.layerwise); then, for each
+    sequence length, the preflight's estimate and the engine's loop (fit) on one packed row of
+    that length a step, checkpointing, each layer compiled. A length that runs out of memory is
+    reported as such and the next is tried. On CPU (fp32, the NF4 stand-in, no compile, no
+    memory figures) for the tests, with a tiny `arch`."""
+    from transformers import LlamaConfig
+
+    from loraflow.config import LoraSettings, TrainConfig
+    from loraflow.engine.layerwise import build_random_nf4
+    from loraflow.engine.loop import fit
+    from loraflow.engine.preflight import GIB, estimate
+
+    cuda = device == "cuda"
+    dtype, attn = (torch.bfloat16, "flex_attention") if cuda else (torch.float32, "sdpa")
+    lora = LoraSettings(dropout=0.0)
+    base = TrainConfig(max_steps=steps + 2, warmup_steps=0, learning_rate=1e-4,
+                       watchdog_seconds=0, **NF4_70B | {"compile": cuda})
+    if cuda:
+        reset_memory()
+    model, built = build_random_nf4(LlamaConfig(**arch), base, lora, device, dtype, attn)
+    result: dict[str, Any] = {
+        "build_s": built.seconds, "built_gib": built.held_bytes / GIB,
+        "build_peak_gib": built.peak_bytes / GIB, "layer_gib": built.layer_bytes / GIB,
+        "config": base.model_dump(mode="json") | {"lora": lora.model_dump()}, "by_seq_len": {}}
+    if cuda:  # what the allocator saw, beside the model's own tensors
+        result |= {"cuda_build_peak_gib": torch.cuda.max_memory_allocated() / GIB,
+                   "cuda_built_gib": torch.cuda.memory_allocated() / GIB}
+    print(f"nf4-70b: built layer by layer in {built.seconds:.1f} s: {result['built_gib']:.2f} GiB "
+          f"held, at most {result['build_peak_gib']:.2f} GiB while building (one layer "
+          f"unquantized: {result['layer_gib']:.2f} GiB)", flush=True)
+    per_token = flops_per_token(arch, sum(len(e[0]) for e in examples) / len(examples))
+    for seq_len in seq_lens:
+        cfg = base.model_copy(update={"seq_len": seq_len})
+        guess = estimate(arch, cfg, lora, seq_len)
+        print(f"nf4-70b seq_len {seq_len}: preflight estimate {guess.total_gib:.1f} GiB (weights "
+              f"{guess.weights_gib:.1f}, LoRA state {guess.lora_gib:.2f}, activations "
+              f"{guess.activations_gib:.1f}, overhead {guess.overhead_gib:.1f})", flush=True)
+        reset_lora(model)
+        torch._dynamo.reset()  # each length compiles its own graphs, as a fresh run would
+        if cuda:
+            reset_memory()
+        out = Path(tempfile.mkdtemp())
+        start = time.perf_counter()
+        try:
+            fit(model, train_set=examples, val_set=[], t=cfg, out=out, pad_id=0, dtype=dtype,
+                attn_impl=attn, packed=True)
+            run = timed_metrics(out)
+            run["mfu"] = run["real_tokens_per_s"] * per_token / (ceiling_tflops * 1e12)
+        except torch.OutOfMemoryError as exc:
+            run = {"error": f"OutOfMemoryError: {str(exc)[:300]}"}
+        run |= {"peak_gib": torch.cuda.max_memory_allocated() / GIB if cuda else 0.0,
+                "reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else 0.0,
+                "estimate_gib": guess.total_gib, "wall_s": time.perf_counter() - start}
+        result["by_seq_len"][seq_len] = run
+        print(f"nf4-70b seq_len {seq_len}:", json.dumps(run), flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    del model
+    return result
+
+
 def isolation_check(examples: list[tuple[list[int], int]]) -> float:
     """Largest relative gap between each example's loss alone and inside a packed row."""
     from loraflow.config import LoraSettings
@@ -323,7 +404,7 @@ def isolation_check(examples: list[tuple[list[int], int]]) -> float:
 
 # fsdp70b: 2 rows of 2048 a GPU under checkpointing; about 32 GiB of weight shards a GPU on 4.
 FSDP70B_MICRO_BATCH = 2
-ARCHITECTURES = {"fsdp70b": LLAMA2_70B}  # the others are Llama-2-7B
+ARCHITECTURES = {"fsdp70b": LLAMA2_70B, "nf4-70b": LLAMA2_70B}  # the others are Llama-2-7B
 
 # The engine's variants: speed mode (bf16 weights, 8 packed rows of 2048, no checkpointing)
 # and memory mode (QLoRA nf4 with checkpointing); mbN = N rows per micro-batch.
@@ -345,6 +426,8 @@ ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
     "nf4-compile-mb2": QLORA | {"micro_batch_size": 2, "grad_accum_steps": 4, "compile": True},
     "nf4-compile-mb4": QLORA | {"micro_batch_size": 4, "grad_accum_steps": 2, "compile": True},
 }
+# nf4-70b: memory mode as measured at 7B (run 9), one row of --seq-lens tokens a step.
+NF4_70B = QLORA | {"micro_batch_size": 1, "grad_accum_steps": 1, "compile": True}
 
 
 def scaling(args: argparse.Namespace) -> None:
@@ -398,6 +481,11 @@ def main() -> None:
                         help="micro_batch_size (rows a GPU) for the engine's variants (0: each "
                              f"variant's; fsdp70b: {FSDP70B_MICRO_BATCH})")
     parser.add_argument("--gpus", default="", help="e.g. 1,2,4: the scaling run (torchrun)")
+    parser.add_argument("--seq-lens", default="4096,8192,16384",
+                        help="nf4-70b: the packed row lengths to train, one row a step")
+    parser.add_argument("--memory-cap-gib", type=float, default=0.0,
+                        help="let the allocator hold at most this many GiB, as a smaller card "
+                             "would (torch.cuda.set_per_process_memory_fraction); 0: the GPU's")
     parser.add_argument("--out", type=Path, default=Path("train_bench.json"))
     args = parser.parse_args()
     if args.gpus:
@@ -409,9 +497,13 @@ def main() -> None:
     examples = make_examples(4000)
     mean_len = sum(len(ids) for ids, _ in examples) / len(examples)
     ceiling = matmul_tflops()
+    if args.memory_cap_gib:  # e.g. a 48 GB card: 47.5 GiB after its CUDA context
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * 2**30 / total)
     say = print if ranks.main else (lambda *a, **k: None)
     say(f"bf16 matmul ceiling {ceiling:.0f} TFLOP/s; mean example {mean_len:.0f} tokens; "
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {ranks.world_size} GPU(s)",
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {ranks.world_size} GPU(s)"
+        + (f"; allocator capped at {args.memory_cap_gib} GiB" if args.memory_cap_gib else ""),
         flush=True)
     plans = {
         "guide": lambda: run_guide(examples, args.steps),
@@ -422,10 +514,13 @@ def main() -> None:
     for name, train in ENGINE_VARIANTS.items():
         plans[name] = lambda train=train: run_engine(examples, args.steps, ranks,
                                                      **(train | overrides))
+    plans["nf4-70b"] = lambda: run_nf4_70b(examples, args.steps,
+                                           [int(n) for n in args.seq_lens.split(",")], ceiling)
     plans["fsdp70b"] = lambda: run_fsdp_random(
         examples, args.steps, ranks, LLAMA2_70B, args.micro_batch or FSDP70B_MICRO_BATCH,
         args.accum or 1)
-    results: dict[str, Any] = {"ceiling_tflops": ceiling, "mean_len": mean_len}
+    results: dict[str, Any] = {"ceiling_tflops": ceiling, "mean_len": mean_len,
+                               "memory_cap_gib": args.memory_cap_gib}
     for name in args.variants.split(","):
         start = time.perf_counter()
         try:
@@ -453,6 +548,16 @@ def main() -> None:
         tps = r["real_tokens_per_s"]
         ratio = f"{tps / guide:.2f}x" if guide and name in ENGINE_VARIANTS else "-"
         say(f"| {name} | {tps:,.0f} | {r['mfu']:.0%} | {r['peak_gib']:.1f} | {ratio} |")
+    if "by_seq_len" in results.get("nf4-70b", {}):
+        say("\nnf4-70b (Llama-2-70B, NF4 built layer by layer, one packed row a step)\n"
+            "| seq len | real tokens/s | MFU | peak GiB (reserved) | preflight estimate GiB | "
+            "loss per step |\n|---|---|---|---|---|---|")
+        for seq_len, r in results["nf4-70b"]["by_seq_len"].items():
+            speed = (f"{r['real_tokens_per_s']:,.0f} | {r['mfu']:.0%}" if "mfu" in r
+                     else f"{r['error'][:40]} | -")
+            losses = " ".join(f"{x:.4f}" for x in r.get("losses", []))
+            say(f"| {seq_len} | {speed} | {r['peak_gib']:.1f} ({r['reserved_gib']:.1f}) | "
+                f"{r['estimate_gib']:.1f} | {losses} |")
 
 
 if __name__ == "__main__":

@@ -2,14 +2,17 @@
 CUDA works, the precision is supported, and the run's peak memory fits.
 
 The peak-memory estimate is weights + LoRA state + activations + a fixed overhead, with the
-activation coefficients fitted to peaks measured on an H200 (docs/benchmarks.md):
+activation coefficients fitted to peaks measured on an H200 and an H100 (docs/benchmarks.md):
 - no activation checkpointing: ~42 bytes x hidden per token per layer (bf16, eager);
   torch.compile fuses enough to need ~25;
-- with checkpointing: ~6 bytes x hidden per token per layer (the stored layer inputs, one
-  layer's recomputed activations and the loss chunk, spread over the layers); ~3.5 with each
-  layer compiled inside its checkpoint (nf4 7B, run 9: 6.9 and 7.2 GiB at 2 and 4 rows).
+- with checkpointing: ~5 bytes x hidden per token per layer (the stored layer inputs, 2 of
+  them, and one layer's recomputed activations spread over the layers); ~2.3 with each layer
+  compiled inside its checkpoint; plus one loss chunk's fp32 logits and their gradient
+  (8 bytes x vocab x LOSS_CHUNK tokens), which does not grow with the layers. Without that
+  term one coefficient could not fit both the 7B (6.9 / 7.2 GiB at 4k / 8k tokens) and the
+  Llama-2-70B (40.9 / 47.0 GiB, nf4 on one H100).
 The coefficients are fitted to those peaks (tests hold the estimate within 15% of each); the
-guide's 7B/13B table is the independent check: the estimate is 7-18% above it.
+guide's 7B/13B table is the independent check: the estimate is 9-20% above it.
 """
 
 from __future__ import annotations
@@ -18,12 +21,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from loraflow.config import LoraSettings, TrainConfig
+from loraflow.engine.config import LOSS_CHUNK
 
 GIB = 2**30
 # fp8 keeps two FP8 copies of each frozen weight (one laid out for each GEMM): 2 bytes.
-BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 2.0, "int8": 1.0, "nf4": 0.6}
-ACTIVATION_BYTES_PER_HIDDEN = {"plain": 42.0, "compiled": 25.0, "checkpointed": 6.0,
-                               "checkpointed-compiled": 3.5}
+# nf4: 4-bit codes plus double-quantized block scales (1/64 + 4/16384 bytes): 0.516, as the
+# Llama-2-70B's 68.4B quantized weights measured (32.9 GiB).
+BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 2.0, "int8": 1.0,
+                    "nf4": 0.52}
+ACTIVATION_BYTES_PER_HIDDEN = {"plain": 42.0, "compiled": 25.0, "checkpointed": 5.0,
+                               "checkpointed-compiled": 2.3}
+LOSS_CHUNK_BYTES_PER_VOCAB = 8.0  # fp32 logits and their gradient, per loss-chunk token
 OVERHEAD_GIB = 0.5  # CUDA context, allocator slack, cuBLAS workspaces
 HEADROOM = 0.92  # never plan to fill the card
 
@@ -90,6 +98,9 @@ def estimate(config: dict[str, Any], train: TrainConfig, lora: LoraSettings,
         mode = "compiled" if train.compile is True else "plain"
     activations = (tokens_per_micro_batch * config["num_hidden_layers"] * config["hidden_size"]
                    * ACTIVATION_BYTES_PER_HIDDEN[mode])
+    if train.gradient_checkpointing:  # the fitted coefficients without it include the logits
+        activations += (min(tokens_per_micro_batch, LOSS_CHUNK) * config["vocab_size"]
+                        * LOSS_CHUNK_BYTES_PER_VOCAB)
     return Estimate(weights / GIB, lora_bytes / GIB, activations / GIB, OVERHEAD_GIB)
 
 
