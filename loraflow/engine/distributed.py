@@ -259,6 +259,19 @@ def fill_from_rank0(model: torch.nn.Module, full: dict[str, torch.Tensor], ranks
                 module._buffers[name] = rank0s
 
 
+def fill_parameter(name: str, tensor: torch.Tensor, generator: torch.Generator) -> None:
+    """A random weight as a fresh LoRA model's: LoRA A Kaiming-uniform, B zero, norm weights 1
+    (a Llama has no biases), every other matrix normal(0, 0.02)."""
+    if "lora_A" in name:
+        torch.nn.init.kaiming_uniform_(tensor, a=5**0.5, generator=generator)
+    elif "lora_B" in name:
+        tensor.zero_()
+    elif tensor.dim() == 1:
+        tensor.fill_(1.0)
+    else:
+        tensor.normal_(0.0, 0.02, generator=generator)
+
+
 @torch.no_grad()
 def fill_random(model: torch.nn.Module, ranks: Ranks, seed: int = 0) -> None:
     """Benchmarks: a model built on the meta device and sharded (shard_layers) gets its memory
@@ -275,14 +288,7 @@ def fill_random(model: torch.nn.Module, ranks: Ranks, seed: int = 0) -> None:
         generator = shards if isinstance(param, DTensor) else same
         if local.numel() == 0:  # a rank's share of a small tensor can be empty
             continue
-        if "lora_A" in name:
-            torch.nn.init.kaiming_uniform_(local, a=5**0.5, generator=generator)
-        elif "lora_B" in name:
-            local.zero_()
-        elif local.dim() == 1:  # norm weights (a Llama has no biases)
-            local.fill_(1.0)
-        else:
-            local.normal_(0.0, 0.02, generator=generator)
+        fill_parameter(name, local, generator)
     for module in model.modules():
         if any(b is not None for b in module._buffers.values()):
             # Only computed buffers (a Llama's rotary inv_freq): rebuild their module on the

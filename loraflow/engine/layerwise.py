@@ -29,6 +29,7 @@ from peft import PeftModel
 from torch import nn
 
 from loraflow.config import LoraSettings, TrainConfig
+from loraflow.engine.distributed import fill_parameter
 from loraflow.engine.model import add_lora, meta_base, prepare_for_training
 
 # The NormalFloat4 levels (QLoRA, arXiv 2305.14314): quantiles of N(0, 1) scaled to [-1, 1],
@@ -153,14 +154,7 @@ def materialize(module: nn.Module, device: str, generator: torch.Generator) -> N
     a sharded model's."""
     module.to_empty(device=device)
     for name, param in module.named_parameters():
-        if "lora_A" in name:
-            nn.init.kaiming_uniform_(param, a=5**0.5, generator=generator)
-        elif "lora_B" in name:
-            param.zero_()
-        elif param.dim() == 1:  # norm weights (a Llama has no biases)
-            param.fill_(1.0)
-        else:
-            param.normal_(0.0, 0.02, generator=generator)
+        fill_parameter(name, param, generator)
 
 
 def quantize_frozen_linears(module: nn.Module, quantize: Quantize) -> int:
