@@ -8,6 +8,8 @@ export LORAFLOW_CREDENTIALS_FILE="${LORAFLOW_CREDENTIALS_FILE:-$LORAFLOW_HOME/se
 # Prefect: a running server (infra/prefect-server.sh). Unset -> a temporary server per run.
 # The ports are infra/local-stack.sh's (PREFECT_PORT, MLFLOW_PORT, S3_PORT if you moved them).
 export PREFECT_API_URL="${PREFECT_API_URL:-http://127.0.0.1:${PREFECT_PORT:-4200}/api}"
+# The Prefect CLI's and the workers' settings and task results: in the home (make clean).
+export PREFECT_HOME="${PREFECT_HOME:-$LORAFLOW_HOME/prefect}"
 # No usage data from the Prefect server, the Prefect client and CLI (its first-run notice
 # included: DO_NOT_TRACK), or MLflow.
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
