@@ -19,7 +19,9 @@ cd "$(dirname "$0")/.."
 WATCH_LOCATION="${WATCH_LOCATION:-${LORAFLOW_HOME:-$PWD/.loraflow}/incoming}"
 case "$WATCH_LOCATION" in s3://* | /*) ;; *) WATCH_LOCATION="$PWD/$WATCH_LOCATION" ;; esac
 export WATCH_LOCATION
-case "$WATCH_LOCATION" in s3://*) ;; *) mkdir -p "$WATCH_LOCATION" ;; esac  # files may land now
+# a local one now, so files may land before the watcher's first poll (best effort: in compose
+# the deploy container does not hold the watched folder)
+case "$WATCH_LOCATION" in s3://*) ;; *) mkdir -p "$WATCH_LOCATION" 2>/dev/null || true ;; esac
 echo "deploy: data_uri allowed under $WATCH_LOCATION"
 # Prefect's own output (and its hints, which lack the credentials) goes to a log file; shown
 # when a step fails.
