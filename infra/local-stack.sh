@@ -84,23 +84,20 @@ wait_for() {  # wait_for NAME PID URL WANT: until URL answers (WANT: any HTTP st
 
 echo "starting the stack on 127.0.0.1 (logs: $logs/{s3,mlflow,prefect}.log) ..."
 S3_PORT="$s3_port" S3_BUCKETS="mlflow models data" start s3 infra/s3-server.sh
-s3_pid=$!
-wait_for s3 "$s3_pid" "http://127.0.0.1:$s3_port/" any  # anonymous: 403, i.e. it answers
+wait_for s3 $! "http://127.0.0.1:$s3_port/" any  # anonymous: 403, i.e. it answers
 MLFLOW_PORT="$mlflow_port" MLFLOW_S3_ENDPOINT_URL="http://127.0.0.1:$s3_port" \
 MLFLOW_ARTIFACTS_DESTINATION=s3://mlflow/artifacts start mlflow infra/mlflow-server.sh
-mlflow_pid=$!
-if [ "${WITH_PREFECT:-1}" = 1 ]; then  # starts beside MLflow: both take a while
-  PREFECT_PORT="$prefect_port" start prefect infra/prefect-server.sh
-  prefect_pid=$!
-fi
-wait_for mlflow "$mlflow_pid" "http://127.0.0.1:$mlflow_port/health" 200
+wait_for mlflow $! "http://127.0.0.1:$mlflow_port/health" 200
 MLFLOW_TRACKING_URI="http://127.0.0.1:$mlflow_port" python infra/mlflow-users.py \
   >>"$logs/mlflow.log" 2>&1 || { echo "infra/local-stack.sh: infra/mlflow-users.py failed;" \
     "see $logs/mlflow.log" >&2; exit 1; }
 ready="S3 http://127.0.0.1:$s3_port, MLflow http://127.0.0.1:$mlflow_port (users admin,"
 ready+=" pipeline, reader)"
+# Prefect last: once it answers, everything is ready (deploy.sh and the workers wait for it,
+# and the workers' MLflow user exists by then)
 if [ "${WITH_PREFECT:-1}" = 1 ]; then
-  wait_for prefect "$prefect_pid" "http://127.0.0.1:$prefect_port/api/health" 200
+  PREFECT_PORT="$prefect_port" start prefect infra/prefect-server.sh
+  wait_for prefect $! "http://127.0.0.1:$prefect_port/api/health" 200
   ready+=", Prefect http://127.0.0.1:$prefect_port/api"
 fi
 echo "stack ready: $ready"
