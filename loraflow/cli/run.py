@@ -2,7 +2,8 @@
 
 Everything that can be checked before the run starts is (the config, the credentials, every
 data file), and a user error ends the run with one message and no traceback: Prefect's own
-report of it (its traceback, the failed states quoting it) is kept off the terminal.
+report of it (its traceback, the failed states quoting it) is left out of the run's log (the
+terminal and the Prefect server's copy; the flow run's state message still holds the error).
 """
 
 from __future__ import annotations
