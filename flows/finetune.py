@@ -37,6 +37,7 @@ from loraflow.artifacts import (
 )
 from loraflow.config import PipelineConfig
 from loraflow.credentials import check_mlflow
+from loraflow.data.sources import check_splits
 from loraflow.data.watch import check_data_uri
 from loraflow.environment import configure
 from loraflow.evaluation.gate import detectable_note
@@ -79,6 +80,7 @@ def finetune(
     home = configure()  # MLflow, models and caches under LORAFLOW_HOME unless set otherwise
     check_mlflow()  # missing or refused credentials fail here, not after training
     open_configured_store(cfg.storage).check()  # the bucket answers these S3 keys
+    check_splits(cfg.data)  # every data file exists and is what its name says: before any step
     # A deployment run: the steps that load the model go to the gpu pool, results via MLflow.
     where: Where = "gpu_pool" if deployment.id else "here"
     with pipeline_run(cfg) as run_id:

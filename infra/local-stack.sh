@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The production-like stack on one machine, all on 127.0.0.1 and all with authentication:
-# S3 (moto, port 9000, buckets mlflow/models/data), an MLflow tracking server with its
-# basic-auth app (port 5000, SQLite, artifacts in s3://mlflow/artifacts), its users (admin,
-# pipeline, reader: infra/mlflow-users.py) and, unless WITH_PREFECT=0, a Prefect server with API
-# auth (port 4200). Credentials: $LORAFLOW_HOME/secrets/server.env, made once by
-# infra/new-credentials.sh (this script refuses to start without it). Ctrl-C stops them all.
-# Then, in another shell: `. infra/env.sh` and infra/README.md "The stack, end to end".
+# S3 (infra/s3-server.sh: signed requests only, port S3_PORT=9000, buckets mlflow/models/data),
+# an MLflow tracking server with its basic-auth app (port MLFLOW_PORT=5000, SQLite unless
+# MLFLOW_BACKEND_STORE_URI / MLFLOW_AUTH_DATABASE_URI say otherwise, artifacts in
+# s3://mlflow/artifacts), its users (admin, pipeline, reader: infra/mlflow-users.py) and, unless
+# WITH_PREFECT=0, a Prefect server with API auth (port PREFECT_PORT=4200; SQLite unless
+# PREFECT_API_DATABASE_CONNECTION_URL says otherwise). Credentials:
+# $LORAFLOW_HOME/secrets/server.env, made once by infra/new-credentials.sh (this script refuses
+# to start without it). The servers write to $LORAFLOW_HOME/logs/*.log, not to this terminal.
+# Prints `stack ready: ...` once every server answers. Stops them all on Ctrl-C, SIGTERM or
+# infra/stop.sh (which stops the watcher and the workers first), or when one of them exits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export LORAFLOW_HOME="${LORAFLOW_HOME:-$PWD/.loraflow}"
@@ -15,17 +19,90 @@ if [ ! -s "$secrets/server.env" ]; then
   exit 2
 fi
 set -a; . "$secrets/server.env"; set +a
-# the servers' own S3 keys (moto accepts any key; MinIO and AWS check them)
+# the servers' own S3 keys: the S3 server accepts only these, the MLflow server signs with them
 export AWS_ACCESS_KEY_ID="$S3_ACCESS_KEY" AWS_SECRET_ACCESS_KEY="$S3_SECRET_KEY"
 export AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-us-east-1}"
+export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true
 unset MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD PREFECT_API_URL PREFECT_API_AUTH_STRING
+s3_port="${S3_PORT:-9000}" mlflow_port="${MLFLOW_PORT:-5000}" prefect_port="${PREFECT_PORT:-4200}"
+ports=("$s3_port" "$mlflow_port")
+if [ "${WITH_PREFECT:-1}" = 1 ]; then ports+=("$prefect_port"); fi
+for port in "${ports[@]}"; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "infra/local-stack.sh: port $port on 127.0.0.1 is taken (another stack?); stop it" \
+      "or choose other ports: S3_PORT, MLFLOW_PORT, PREFECT_PORT (and infra/env.sh reads them)" >&2
+    exit 2
+  fi
+done
+logs="$LORAFLOW_HOME/logs"
+run="$LORAFLOW_HOME/run"
+mkdir -p "$logs" "$run"
+echo "$$" > "$run/stack.pid"  # infra/stop.sh stops the watcher and workers, then this
+
 pids=()
-trap 'kill "${pids[@]}" 2>/dev/null; wait' EXIT
-S3_PORT=9000 S3_BUCKETS="mlflow models data" infra/s3-server.sh & pids+=($!)
-until curl -sf -o /dev/null "http://127.0.0.1:9000/data" 2>/dev/null; do sleep 0.5; done
-MLFLOW_S3_ENDPOINT_URL=http://127.0.0.1:9000 \
-MLFLOW_ARTIFACTS_DESTINATION=s3://mlflow/artifacts infra/mlflow-server.sh & pids+=($!)
-until curl -sf -o /dev/null "http://127.0.0.1:${MLFLOW_PORT:-5000}/health"; do sleep 1; done
-MLFLOW_TRACKING_URI="http://127.0.0.1:${MLFLOW_PORT:-5000}" python infra/mlflow-users.py
-if [ "${WITH_PREFECT:-1}" = 1 ]; then infra/prefect-server.sh & pids+=($!); fi
-wait -n
+stop_servers() {
+  # each server is its own process group (setsid): MLflow's and Prefect's children stop too
+  for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
+  for _ in $(seq 50); do
+    alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.2
+  done
+  for pid in "${pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -f "$run/stack.pid"
+  echo "stack stopped"
+}
+trap stop_servers EXIT
+trap 'exit 143' TERM
+trap 'exit 130' INT
+
+start() {  # start NAME COMMAND...: in its own process group, its output to logs/NAME.log
+  local name="$1"; shift
+  setsid "$@" >>"$logs/$name.log" 2>&1 < /dev/null &
+  pids+=($!)
+}
+
+wait_for() {  # wait_for NAME PID URL WANT: until URL answers (WANT: any HTTP status, or 200)
+  local name="$1" pid="$2" url="$3" want="$4" code
+  for _ in $(seq "${STACK_START_SECONDS:-300}"); do
+    code="$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$url" || true)"
+    if [ "$want" = any ] && [ "$code" != 000 ]; then return 0; fi
+    if [ "$code" = "$want" ]; then return 0; fi
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "infra/local-stack.sh: the $name server exited; the end of $logs/$name.log:" >&2
+      tail -n 20 "$logs/$name.log" >&2
+      exit 1
+    fi
+    sleep 1
+  done
+  echo "infra/local-stack.sh: the $name server did not answer at $url in" \
+    "${STACK_START_SECONDS:-300} s; see $logs/$name.log" >&2
+  exit 1
+}
+
+echo "starting the stack on 127.0.0.1 (logs: $logs/{s3,mlflow,prefect}.log) ..."
+S3_PORT="$s3_port" S3_BUCKETS="mlflow models data" start s3 infra/s3-server.sh
+wait_for s3 $! "http://127.0.0.1:$s3_port/" any  # anonymous: 403, i.e. it answers
+MLFLOW_PORT="$mlflow_port" MLFLOW_S3_ENDPOINT_URL="http://127.0.0.1:$s3_port" \
+MLFLOW_ARTIFACTS_DESTINATION=s3://mlflow/artifacts start mlflow infra/mlflow-server.sh
+wait_for mlflow $! "http://127.0.0.1:$mlflow_port/health" 200
+MLFLOW_TRACKING_URI="http://127.0.0.1:$mlflow_port" python infra/mlflow-users.py \
+  >>"$logs/mlflow.log" 2>&1 || { echo "infra/local-stack.sh: infra/mlflow-users.py failed;" \
+    "see $logs/mlflow.log" >&2; exit 1; }
+ready="S3 http://127.0.0.1:$s3_port, MLflow http://127.0.0.1:$mlflow_port (users admin,"
+ready+=" pipeline, reader)"
+# Prefect last: once it answers, everything is ready (deploy.sh and the workers wait for it,
+# and the workers' MLflow user exists by then)
+if [ "${WITH_PREFECT:-1}" = 1 ]; then
+  PREFECT_PORT="$prefect_port" start prefect infra/prefect-server.sh
+  wait_for prefect $! "http://127.0.0.1:$prefect_port/api/health" 200
+  ready+=", Prefect http://127.0.0.1:$prefect_port/api"
+fi
+echo "stack ready: $ready"
+echo "next, in this shell or another: . infra/env.sh; infra/deploy.sh (infra/README.md)"
+set +e
+wait -n "${pids[@]}"
+echo "infra/local-stack.sh: a server exited; stopping the others (see $logs)" >&2
+exit 1

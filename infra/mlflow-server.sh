@@ -28,16 +28,14 @@ if [ -z "${MLFLOW_FLASK_SERVER_SECRET_KEY:-}" ]; then
   export MLFLOW_FLASK_SERVER_SECRET_KEY
 fi
 config="$home/mlflow-auth.ini"
-(umask 077; cat > "$config" <<INI
-[mlflow]
-# Every signed-in user may read (dashboards); writing needs a grant or ownership: a user owns
-# (MANAGE) what it creates, the admin everything. Anonymous requests are refused (401).
-default_permission = READ
-database_uri = $auth_db
-authorization_function = mlflow.server.auth:authenticate_request_basic_auth
-grant_default_workspace_access = false
-INI
-)
+(umask 077; printf '%s\n' \
+  "[mlflow]" \
+  "# Every signed-in user may read (dashboards); writing needs a grant or ownership: a user" \
+  "# owns (MANAGE) what it creates, the admin everything. Anonymous requests are refused (401)." \
+  "default_permission = READ" \
+  "database_uri = $auth_db" \
+  "authorization_function = mlflow.server.auth:authenticate_request_basic_auth" \
+  "grant_default_workspace_access = false" > "$config")
 export MLFLOW_AUTH_CONFIG_PATH="$config"
 exec mlflow server --app-name basic-auth \
   --host "${MLFLOW_HOST:-127.0.0.1}" --port "${MLFLOW_PORT:-5000}" \

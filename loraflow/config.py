@@ -743,9 +743,11 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
 
 
 def load_config(
-    path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+    path: Path | None = None, overrides: list[str] | tuple[str, ...] = (), flag: str = ""
 ) -> PipelineConfig:
-    """Read a YAML config, apply overrides, validate; raise ConfigError listing every problem."""
+    """Read a YAML config, apply overrides, validate; raise ConfigError listing every problem.
+    flag: how the command takes an override, in the fixes it suggests (`loraflow run` takes a
+    bare key=value, the other commands `--set key=value`)."""
     raw: dict[str, Any] = {}
     source = str(path) if path else "<defaults>"
     if path is not None:
@@ -762,7 +764,7 @@ def load_config(
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(format_errors(source, exc)) from None
+        raise ConfigError(format_errors(source, exc, flag)) from None
 
 
 # Keys that moved, with what replaces them: an old config gets the fix, not "unknown key".
@@ -781,7 +783,7 @@ MOVED = {
 }
 
 
-def format_errors(source: str, exc: ValidationError) -> str:
+def format_errors(source: str, exc: ValidationError, flag: str = "") -> str:
     lines = [f"{source}: {exc.error_count()} problem(s) in the configuration:"]
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "<root>"
@@ -799,8 +801,8 @@ def format_errors(source: str, exc: ValidationError) -> str:
             bad = err.get("input")
             lines.append(
                 f"  - {field} = {bad!r}: {err['msg']}. Fix: set a valid value "
-                f"(e.g. {field}=... after the config on the command line) or remove it to "
-                "take the default."
+                f"(e.g. {flag}{field}=... on the command line) or remove it to take the "
+                "default."
             )
     return "\n".join(lines)
 

@@ -23,6 +23,7 @@ import os
 import signal
 import stat
 import sys
+import time
 from collections.abc import MutableMapping
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -52,6 +53,10 @@ TIMEOUT = 15.0  # seconds for each check: a loaded server still answers, a dead 
 
 class CredentialsError(RuntimeError):
     """Credentials are missing, unreadable or refused; the message names what to set."""
+
+
+class UnreachableError(CredentialsError):
+    """A server did not answer at all (not started yet, or the URL is wrong)."""
 
 
 def load_credentials(env: MutableMapping[str, str] | None = None) -> Path | None:
@@ -137,7 +142,7 @@ def _get(  # noqa: ANN202 - a requests.Response
             "MLFLOW_TRACKING_SERVER_CERT_PATH, for Prefect SSL_CERT_FILE)."
         ) from None
     except requests.exceptions.RequestException as exc:
-        raise CredentialsError(
+        raise UnreachableError(
             f"{what} at {variable}={safe_url(base)} cannot be reached ({type(exc).__name__}). "
             f"Fix: start the server (infra/README.md) or correct {variable}."
         ) from None
@@ -242,17 +247,33 @@ def check_services(mlflow: bool = True, prefect: bool = True) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m loraflow.credentials [--no-mlflow] [--no-prefect] [-- COMMAND ...]`: check,
-    then (if given) replace this process with COMMAND, the credentials file loaded into its
-    environment (infra/worker.sh starts the Prefect worker so)."""
+    """`python -m loraflow.credentials [--no-mlflow] [--no-prefect] [--wait S] [-- COMMAND ...]`:
+    check, then (if given) replace this process with COMMAND, the credentials file loaded into
+    its environment (infra/worker.sh starts the Prefect worker so). --wait S: a server that does
+    not answer yet (a stack still starting) is asked again for up to S seconds."""
     args = list(sys.argv[1:] if argv is None else argv)
     command = args[args.index("--") + 1 :] if "--" in args else []
     flags = args[: args.index("--")] if "--" in args else args
-    try:
-        check_services(mlflow="--no-mlflow" not in flags, prefect="--no-prefect" not in flags)
-    except CredentialsError as exc:
-        print(f"loraflow: {exc}", file=sys.stderr)
-        return 3
+    wait = float(flags[flags.index("--wait") + 1]) if "--wait" in flags else 0.0
+    deadline, waiting = time.monotonic() + wait, False
+    while True:
+        try:
+            check_services(mlflow="--no-mlflow" not in flags, prefect="--no-prefect" not in flags)
+            break
+        except UnreachableError as exc:
+            if time.monotonic() >= deadline:
+                waited = f" (asked for {wait:g} s)" if wait else ""
+                print(f"loraflow: {exc}{waited}", file=sys.stderr)
+                return 3
+            if not waiting:
+                print(f"loraflow: waiting up to {wait:g} s for the servers to answer "
+                      f"({str(exc).split(' cannot be reached')[0]} does not yet)",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                waiting = True
+            time.sleep(2)
+        except CredentialsError as exc:
+            print(f"loraflow: {exc}", file=sys.stderr)
+            return 3
     if command:
         sys.stdout.flush()
         # A job started with `&` from a script inherits SIGINT ignored, and a Python program

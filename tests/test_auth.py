@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 import requests
 import yaml
-from servers import Server, free_port, moto
+from servers import free_port
 
 pytestmark = pytest.mark.stack
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,9 +50,9 @@ def clean_env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
+    """infra/new-credentials.sh, then infra/local-stack.sh on free ports, as infra/README.md
+    starts them; stopped with SIGTERM, as infra/stop.sh stops it."""
     tmp = tmp_path_factory.mktemp("stack")
-    logs = tmp / "logs"
-    logs.mkdir()
     secrets = tmp / "secrets"
     done = subprocess.run(
         ["infra/new-credentials.sh", str(secrets)], cwd=ROOT, env=clean_env(),
@@ -62,49 +62,31 @@ def stack(tmp_path_factory):
     server_env = read_env(secrets / "server.env")
     assert all(server_env.values()), "every credential has a value"
     assert oct((secrets / "pipeline.env").stat().st_mode & 0o777) == "0o600"
-    s3_keys = {
-        "AWS_ACCESS_KEY_ID": server_env["S3_ACCESS_KEY"],
-        "AWS_SECRET_ACCESS_KEY": server_env["S3_SECRET_KEY"],
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    servers: list[Server] = []
+    server_home = tmp / "server-home"
+    ports = {"S3_PORT": free_port(), "MLFLOW_PORT": free_port(), "PREFECT_PORT": free_port()}
+    terminal = tmp / "local-stack.out"  # what the user's terminal shows
+    with open(terminal, "wb") as out:
+        process = subprocess.Popen(
+            ["infra/local-stack.sh"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            env=clean_env() | {k: str(v) for k, v in ports.items()} | {
+                "LORAFLOW_HOME": str(server_home), "LORAFLOW_SECRETS": str(secrets),
+                "MLFLOW_WORKERS": "1"},
+            start_new_session=True,
+        )  # fmt: skip
     try:
-        s3 = moto(logs, **s3_keys)
-        servers.append(s3)
-        s3.start()
-        import boto3
-
-        client = boto3.client("s3", endpoint_url=s3.url, **{k.lower(): v for k, v in s3_keys.items()
-                                                            if k != "AWS_DEFAULT_REGION"},
-                              region_name="us-east-1")  # fmt: skip
-        for bucket in ("mlflow", "models"):
-            client.create_bucket(Bucket=bucket)
-        server_home = tmp / "server-home"
-        base = clean_env() | server_env | s3_keys | {"LORAFLOW_HOME": str(server_home)}
-        mport, pport = free_port(), free_port()
-        mlflow = Server(
-            "mlflow server (basic auth)", ["infra/mlflow-server.sh"], mport,
-            base | {"MLFLOW_PORT": str(mport), "MLFLOW_WORKERS": "1",
-                    "MLFLOW_S3_ENDPOINT_URL": s3.url,
-                    "MLFLOW_ARTIFACTS_DESTINATION": "s3://mlflow/artifacts"},
-            logs / "mlflow.log",
-        )  # fmt: skip
-        prefect = Server(
-            "prefect server (auth)", ["infra/prefect-server.sh"], pport,
-            base | {"PREFECT_PORT": str(pport), "PREFECT_HOME": str(tmp / "prefect-server")},
-            logs / "prefect.log",
-        )  # fmt: skip
-        for server in (mlflow, prefect):
-            servers.append(server)
-            start(server)
-        wait_ready(mlflow, "/health", 180)
-        wait_ready(prefect, "/api/health", 180)
-        users = subprocess.run(
-            [sys.executable, "infra/mlflow-users.py"], cwd=ROOT,
-            env=base | {"MLFLOW_TRACKING_URI": mlflow.url}, capture_output=True, text=True,
-        )  # fmt: skip
-        assert users.returncode == 0, users.stderr
-        assert "pipeline: created" in users.stdout and "reader: created" in users.stdout
+        deadline = time.monotonic() + 400
+        while "stack ready:" not in terminal.read_text():
+            assert process.poll() is None, terminal.read_text()
+            assert time.monotonic() < deadline, terminal.read_text()
+            time.sleep(1)
+        s3, mlflow, prefect = (SimpleNamespace(url=f"http://127.0.0.1:{ports[k]}")
+                               for k in ("S3_PORT", "MLFLOW_PORT", "PREFECT_PORT"))  # fmt: skip
+        ready = terminal.read_text()
+        assert f"stack ready: S3 {s3.url}, MLflow {mlflow.url}" in ready
+        assert f"Prefect {prefect.url}/api" in ready
+        assert len(ready.splitlines()) == 3, ready  # start, ready, next: no server's own log
+        logs = server_home / "logs"
+        assert {"s3.log", "mlflow.log", "prefect.log"} <= {f.name for f in logs.iterdir()}
         home = tmp / "client-home"
         client_env = clean_env() | {
             "LORAFLOW_HOME": str(home),
@@ -116,37 +98,17 @@ def stack(tmp_path_factory):
         }
         yield SimpleNamespace(
             tmp=tmp, logs=logs, secrets=secrets, server_env=server_env, s3=s3, mlflow=mlflow,
-            prefect=prefect, env=client_env, home=home, outputs=[],
+            prefect=prefect, env=client_env, home=home, outputs=[], terminal=terminal,
             pipeline=read_env(secrets / "pipeline.env"), reader=read_env(secrets / "reader.env"),
         )
     finally:
-        for server in reversed(servers):
-            server.stop()
-
-
-def start(server: Server) -> None:
-    """Start a server's script from the repo root (Server.start waits in one go; here the
-    two slow servers start side by side, then each is waited for)."""
-    with open(server.log, "ab") as log:
-        server.process = subprocess.Popen(
-            server.args, cwd=ROOT, env=server.env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-
-
-def wait_ready(server: Server, path: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise AssertionError(f"{server.name} exited:\n{server.log.read_text()[-3000:]}")
+        process.send_signal(signal.SIGTERM)  # its trap stops every server it started
         try:
-            if requests.get(server.url + path, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    tail = server.log.read_text()[-3000:]
-    raise AssertionError(f"{server.name} not ready in {timeout} s:\n{tail}")
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        assert "stack stopped" in terminal.read_text()
 
 
 def cli(stack, args: list[str], env: dict[str, str] | None = None, timeout: float = 300):
@@ -212,6 +174,27 @@ def test_anonymous_and_wrong_password_requests_are_refused(stack):
     assert requests.post(papi + "/deployments/filter", json={}, headers=basic(user, password),
                          timeout=30).status_code == 200  # fmt: skip
 
+    # S3: anonymous writes and reads, and another key, refused like the other two servers
+    for method in ("put", "get", "delete"):
+        answer = requests.request(method, f"{stack.s3.url}/models/anonymous", data=b"x",
+                                  timeout=30)  # fmt: skip
+        assert answer.status_code == 403 and "AccessDenied" in answer.text, (method, answer.text)
+    import boto3
+    from botocore.exceptions import ClientError
+
+    for key_id, secret in ((stack.pipeline["AWS_ACCESS_KEY_ID"], "not-the-secret-key"),
+                           ("someone-else", stack.pipeline["AWS_SECRET_ACCESS_KEY"])):
+        s3 = boto3.client("s3", endpoint_url=stack.s3.url, aws_access_key_id=key_id,
+                          aws_secret_access_key=secret, region_name="us-east-1")  # fmt: skip
+        with pytest.raises(ClientError) as refused:
+            s3.put_object(Bucket="models", Key="intruder", Body=b"x")
+        assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    s3 = boto3.client("s3", endpoint_url=stack.s3.url, region_name="us-east-1",
+                      aws_access_key_id=stack.pipeline["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=stack.pipeline["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
+    assert "Contents" not in s3.list_objects_v2(Bucket="models", Prefix="anonymous")
+    assert "Contents" not in s3.list_objects_v2(Bucket="models", Prefix="intruder")
+
 
 def test_a_missing_or_wrong_credential_stops_a_command_naming_the_variable(stack):
     no_file = {k: v for k, v in stack.env.items() if k != "LORAFLOW_CREDENTIALS_FILE"}
@@ -237,6 +220,16 @@ def test_a_missing_or_wrong_credential_stops_a_command_naming_the_variable(stack
 
     done = cli(stack, ["watch", str(stack.tmp / "inbox"), "--once"], env=no_file)
     assert done.returncode == 3 and "PREFECT_API_AUTH_STRING is not set" in done.stderr
+
+    # the prefect CLI as infra/README.md runs it (a run by hand): infra/prefect.sh loads and
+    # checks the credentials file; plain prefect answered with a 401 traceback
+    for env, code in ((stack.env, 0), (no_file, 3)):
+        done = subprocess.run(["infra/prefect.sh", "work-pool", "ls"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=180)  # fmt: skip
+        stack.outputs.append(done.stdout + done.stderr)
+        assert done.returncode == code, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
+    assert "PREFECT_API_AUTH_STRING is not set" in done.stderr
 
 
 def test_pipeline_promote_rollback_and_pull_work_with_the_right_credentials(
@@ -284,6 +277,9 @@ def test_pipeline_promote_rollback_and_pull_work_with_the_right_credentials(
     for args in (["promote", MODEL, "--version", "1"], ["promote", MODEL, "--rollback"]):
         done = cli(stack, args, env=reader)
         assert done.returncode == 1 and "refused user 'reader' (403" in done.stderr, done.stderr
+    done = cli(stack, ["promote", MODEL, "--version", v2.version], env=reader)  # no change
+    assert done.returncode == 0
+    assert done.stdout == f"{MODEL}: v{v2.version} is already the champion; nothing changed\n"
     assert pipeline.get_model_version_by_alias(MODEL, "champion").version == v2.version
     answer = requests.post(
         f"{stack.mlflow.url}/api/2.0/mlflow/registered-models/alias",
@@ -343,6 +339,76 @@ def test_a_worker_stops_within_seconds_of_sigterm_or_sigint(stack, signum):
         stack.outputs.append(log.read_text())
 
 
+HEARTBEAT_FLOW = """
+import sys, time
+from loraflow.environment import configure
+configure()
+from prefect import flow, tags, task
+from tasks.steps import StepLog
+
+@task
+def wait(seconds: float) -> None:
+    time.sleep(seconds)
+
+@flow(name="heartbeat-check")
+def check(seconds: float) -> None:
+    step = StepLog()
+    step(wait, seconds)  # training: one heartbeat at the start, the next due at Prefect's 180 s
+    step(wait, 0)  # what registering would be: a run the server declared dead stops before it
+
+with tags(*sys.argv[2:]):
+    check(float(sys.argv[1]))
+"""
+
+
+def test_the_crash_automation_leaves_runs_alone_that_are_not_the_deployments(stack, tmp_path):
+    """An in-process `loraflow run` against the stack was marked Crashed at +92 s while it
+    trained (Prefect 3.9 heartbeats every 180 s unless told otherwise; the automation waited
+    90 s) and went on to register. infra/automations.yaml, its window cut to 40 s here: an
+    untagged run (in-process) that outlives the window completes; a run tagged loraflow (a
+    deployment's) whose heartbeats stop is marked Crashed, and its next step stops."""
+    from prefect.events.schemas.automations import AutomationCore
+
+    spec = yaml.safe_load((ROOT / "infra" / "automations.yaml").read_text())["automations"][0]
+    spec |= {"name": "crash-zombie-flow-runs-test"}
+    spec["trigger"]["within"] = 40
+    user, _, password = stack.pipeline["PREFECT_API_AUTH_STRING"].partition(":")
+    papi, auth = f"{stack.prefect.url}/api", basic(user, password)
+    body = AutomationCore.model_validate(spec).model_dump(mode="json")
+    created = requests.post(f"{papi}/automations/", json=body, headers=auth, timeout=30)
+    assert created.status_code == 201, created.text
+    script = tmp_path / "heartbeat_check.py"
+    script.write_text(HEARTBEAT_FLOW)
+    try:
+        runs = {
+            name: subprocess.Popen(
+                [sys.executable, str(script), "75", *tags], cwd=ROOT, env=stack.env,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            )
+            for name, tags in (("in-process", []), ("deployment", ["loraflow"]))
+        }  # fmt: skip
+        output = {name: run.communicate(timeout=300)[0] for name, run in runs.items()}
+    finally:
+        requests.delete(f"{papi}/automations/{created.json()['id']}", headers=auth, timeout=30)
+    stack.outputs.extend(output.values())
+    assert runs["in-process"].returncode == 0, output["in-process"][-3000:]
+    assert runs["deployment"].returncode != 0
+    assert "marked this flow run Crashed (no heartbeat for 120 s" in output["deployment"]
+    flow_runs = requests.post(f"{papi}/flow_runs/filter", headers=auth, timeout=30, json={
+        "flows": {"name": {"any_": ["heartbeat-check"]}}}).json()  # fmt: skip
+    crashed = {}
+    for run in flow_runs:
+        since = {"since": "2020-01-01T00:00:00Z"}
+        events = requests.post(f"{papi}/events/filter", headers=auth, timeout=30, json={
+            "filter": {"resource": {"id": [f"prefect.flow-run.{run['id']}"]}, "occurred": since}
+        }).json()["events"]  # fmt: skip
+        crashed[tuple(run["tags"])] = any(e["event"] == "prefect.flow-run.Crashed" for e in events)
+    assert crashed == {(): False, ("loraflow",): True}
+    # the declared-dead run raised and ended Failed; the other one completed
+    assert {tuple(r["tags"]): r["state_type"] for r in flow_runs} == {
+        (): "COMPLETED", ("loraflow",): "FAILED"}
+
+
 def test_no_secret_anywhere_after_the_authenticated_run(stack, as_admin, tmp_path):
     """Runs last in this module: everything the run above left behind, scanned."""
     import boto3
@@ -370,6 +436,9 @@ def test_no_secret_anywhere_after_the_authenticated_run(stack, as_admin, tmp_pat
         scan(f"command output #{i}", text)
     for log in stack.logs.iterdir():
         scan(f"server log {log.name}", log.read_bytes())
+    scan("local-stack.sh's terminal", stack.terminal.read_bytes())
+    # the S3 log names method, path and status: not even the access key id of a presigned URL
+    assert stack.server_env["S3_ACCESS_KEY"] not in (stack.logs / "s3.log").read_text()
     # MLflow: every run's params, tags and artifacts; every version's tags
     runs = as_admin.search_runs(
         [e.experiment_id for e in as_admin.search_experiments()], max_results=1000

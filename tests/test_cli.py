@@ -167,3 +167,66 @@ def test_validate_says_what_improvement_the_test_split_can_show():
     assert done.returncode == 0, done.stderr
     assert "gate: the 64 test examples can show an improvement in exact_match of 0.1" in done.stdout
     assert "will mostly not be promoted" in done.stdout
+
+
+def test_a_bad_value_names_the_form_of_override_each_command_takes(tmp_path):
+    """`loraflow run` takes bare key=value (it rejects --set); validate and the release
+    commands take --set key=value. Each fix names the form its own command takes."""
+    done = run_cli("run", "train.max_steps=zero")
+    assert done.returncode == 2
+    assert "e.g. train.max_steps=... on the command line" in done.stderr
+    assert "--set" not in done.stderr
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+    done = run_cli("validate", str(data), "--set", "data.min_kept_fraction=2")
+    assert done.returncode == 2
+    assert "e.g. --set data.min_kept_fraction=... on the command line" in done.stderr
+
+
+def test_data_files_that_cannot_be_read_stop_the_run_before_anything_starts(tmp_path):
+    """A missing file was found only after prepare_base_model ran, under two Prefect
+    tracebacks; a CSV file named .jsonl was quarantined line by line as "not JSON"."""
+    import os
+
+    table = tmp_path / "orders.jsonl"
+    table.write_text("instruction,input,output\nAdd.,1 + 1,2\nAdd.,2 + 2,4\n")
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    done = subprocess.run(
+        [sys.executable, "-m", "loraflow.cli", "run", f"data.train=[{table}]",
+         f"data.test=[{tmp_path / 'missing.jsonl'}]"],
+        capture_output=True, text=True, timeout=120, env=env | {"LORAFLOW_HOME": str(home)},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.startswith("loraflow: nothing ran: data files cannot be read:")
+    assert f"train: {table} is a CSV table (header row: instruction, input, output)" in done.stderr
+    assert f"Fix: mv {table} {tmp_path / 'orders.csv'}" in done.stderr
+    assert f"test: {tmp_path / 'missing.jsonl'} does not exist" in done.stderr
+    assert "Traceback" not in done.stderr and "Flow run" not in done.stdout + done.stderr
+    assert not (home / "models").exists()  # the base model was not prepared
+
+
+def test_a_user_error_found_during_the_run_is_one_message_without_a_traceback(
+    tmp_path, tiny_model_dir
+):
+    """What only the run can find (here: too few usable training examples) ends it with
+    loraflow's message alone: Prefect's traceback and its failed states quoting the same
+    message stay off the terminal."""
+    import os
+
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"instruction": "Add.", "input": "1 + 1", "output": "2"}\n'
+                     + "".join(f"not json {i}\n" for i in range(9)))  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    done = subprocess.run(
+        [sys.executable, "-m", "loraflow.cli", "run", f"model.base={tiny_model_dir}",
+         f"data.train=[{train}]", "registry.model_name=cli-user-error"],
+        capture_output=True, text=True, timeout=600,
+        env=env | {"LORAFLOW_HOME": str(tmp_path / "home")},
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output[-3000:]
+    assert "loraflow: the run stopped, nothing was registered:" in done.stderr
+    assert "Traceback" not in output
+    assert output.count("the data is not usable") == 1, output[-3000:]
+    assert "Beginning flow run" in output  # Prefect's other lines still show

@@ -153,6 +153,10 @@ BROKEN = {
     "array.jsonl": (json.dumps([{"instruction": "q", "output": "a"}] * 2, indent=2).encode(),
                     r"JSON array of records.*mv \S+ \S+array.json "),
     "table.jsonl": (b"PAR1" + bytes(64), r"Parquet file.*\S+table.parquet"),
+    "sheet.jsonl": (b"instruction,input,output\nAdd.,\"1, 1\",2\nSay hi.,,hi\n",
+                    r"CSV table \(header row: instruction, input, output\).*mv \S+sheet.jsonl "
+                    r"\S+sheet.csv "),
+    "sheet.ndjson": (b"instruction\tinput\toutput\nAdd.\t1 + 1\t2\n", r"TSV table.*\S+sheet.tsv "),
     "text.parquet": (GOOD.encode(), r"no PAR1 magic.*\S+text.jsonl \(it looks like JSON Lines"),
 }  # fmt: skip
 

@@ -3,6 +3,8 @@
 import os
 import re
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -150,5 +152,219 @@ def test_scripts_parse_and_refuse_to_run_without_a_server():
     worker = (INFRA / "worker.sh").read_text()  # one training run per gpu worker
     assert re.search(r"gpu\) limit=1 ", worker) and '--limit "$limit"' in worker
 
-    assert "exec python -m loraflow.credentials -- \\\n  prefect" in worker  # the same pid
+    assert re.search(r"exec python -m loraflow.credentials --wait \S+ -- \\\n  prefect", worker)
     assert 'PREFECT_HOME="${PREFECT_HOME:-$LORAFLOW_HOME/prefect}"' in worker
+
+
+def test_new_credentials_runs_nothing_that_its_files_hold(tmp_path):
+    """Its files' comments name commands in backticks (`loraflow models`): written through an
+    unquoted heredoc, the shell ran them (a registry error and a stray mlflow.db)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    ran = tmp_path / "ran"
+    for command in ("loraflow", "mlflow", "prefect"):
+        (bin_dir / command).write_text(f"#!/bin/sh\necho {command} >> {ran}\n")
+        (bin_dir / command).chmod(0o755)
+    env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    subprocess.run(["infra/new-credentials.sh", str(tmp_path / "secrets")], cwd=ROOT, env=env,
+                   check=True, capture_output=True)  # fmt: skip
+    assert not ran.exists(), f"new-credentials.sh ran {ran.read_text()}"
+    assert "(dashboards, `loraflow models`)" in (tmp_path / "secrets" / "reader.env").read_text()
+    for script in INFRA.glob("*.sh"):  # no script writes through a heredoc the shell expands
+        for line in script.read_text().splitlines():
+            if "<<" in line and not line.lstrip().startswith("#"):
+                assert re.search(r"<<-?\s*'\w+'", line), f"{script.name}: {line.strip()}"
+
+
+def test_every_infra_file_the_docs_and_scripts_name_exists():
+    """new-credentials.sh pointed at an infra/rotate-credentials.sh that never existed."""
+    texts = [*INFRA.glob("*.sh"), *INFRA.glob("*.py"), INFRA / "README.md", INFRA / "compose.yaml",
+             ROOT / "README.md", ROOT / "prefect.yaml", ROOT / "Makefile"]  # fmt: skip
+    named = {(t.name, m) for t in texts for m in re.findall(r"\binfra/[\w.-]*\w", t.read_text())}
+    assert len(named) > 20
+    missing = sorted((where, m) for where, m in named if not (ROOT / m).exists())
+    assert not missing, missing
+
+
+def test_the_stack_environment_turns_prefect_telemetry_off_for_the_cli_too():
+    """env.sh set PREFECT_SERVER_ANALYTICS_ENABLED=false, which the Prefect CLI and client do
+    not read: their first-run telemetry notice still printed. DO_NOT_TRACK is theirs."""
+    code = ("from prefect._internal.analytics.enabled import is_telemetry_enabled; "
+            "print(is_telemetry_enabled())")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("DO_NOT_TRACK", "CI")}
+    command = f'. infra/env.sh && {sys.executable} -c "{code}"'
+    done = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    assert done.stdout.split()[-1] == "False"
+    for script in ("deploy.sh", "worker.sh", "watch.sh", "prefect.sh", "local-stack.sh"):
+        assert "DO_NOT_TRACK" in (INFRA / script).read_text(), script
+
+
+def _stub_prefect(port: int, delay: float):
+    """After `delay` s, a server on `port` that answers like Prefect with API auth: /health
+    200, everything else 401 without credentials."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(200 if self.path.endswith("/health") else 401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    servers = []
+
+    def serve() -> None:
+        time.sleep(delay)
+        server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        servers.append(server)
+        server.serve_forever()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return servers
+
+
+def test_deploy_waits_for_a_prefect_server_that_is_still_starting(unused_port):
+    """Run right after `infra/local-stack.sh &`, deploy.sh failed at once ("cannot be
+    reached"): it now waits for the server, then goes on (here to the credential check)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PREFECT_", "LORAFLOW_CREDENTIALS"))} | {
+        "PREFECT_API_URL": f"http://127.0.0.1:{unused_port}/api"}  # fmt: skip
+    servers = _stub_prefect(unused_port, delay=4)
+    try:
+        start = time.monotonic()
+        done = subprocess.run(["infra/deploy.sh"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+        took = time.monotonic() - start
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    assert "waiting up to 300 s for the servers to answer" in done.stderr
+    assert done.returncode == 3 and "PREFECT_API_AUTH_STRING is not set" in done.stderr, (
+        done.stderr)
+    assert took >= 3
+    done = subprocess.run(["infra/deploy.sh"], cwd=ROOT, env=env | {"STACK_WAIT_SECONDS": "1"},
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 3 and "cannot be reached" in done.stderr
+    assert "(asked for 1 s)" in done.stderr
+
+
+def test_stop_stops_the_watcher_then_the_workers_and_only_then_the_stack(tmp_path):
+    """The documented `kill %4 %3 %2; kill %1` signalled the servers before the workers had
+    stopped, and they logged connection errors on their way out. infra/stop.sh waits for each
+    group to end before it signals the next."""
+    home = tmp_path / "home"
+    (home / "run").mkdir(parents=True)
+    log = tmp_path / "events"
+    stand_in = tmp_path / "stand_in.py"  # records when it got SIGTERM and when it ended
+    stand_in.write_text(
+        "import signal, sys, time\n"
+        "name, linger = sys.argv[1], float(sys.argv[2])\n"  # argv[3:]: names for stop.sh
+        "def note(what):\n"
+        f"    open({str(log)!r}, 'a').write(f'{{time.monotonic():.3f}} {{name}} {{what}}\\n')\n"
+        "def stop(*_):\n"
+        "    note('term'); time.sleep(linger); note('exit'); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "print('ready', flush=True)\n"
+        "while True: time.sleep(1)\n"
+    )
+    stack_script = tmp_path / "local-stack.sh"  # its command line names local-stack.sh
+    stack_script.write_text(f'#!/bin/sh\nexec {sys.executable} {stand_in} "$@" local-stack.sh\n')
+    stack_script.chmod(0o755)
+    started = {
+        "watch": [sys.executable, str(stand_in), "watch", "0.5"],
+        "worker-cpu": [sys.executable, str(stand_in), "worker-cpu", "2"],
+        "worker-gpu": [sys.executable, str(stand_in), "worker-gpu", "1"],
+        "stack": [str(stack_script), "stack", "0.5"],
+    }
+    processes = {}
+    try:
+        for name, args in started.items():
+            processes[name] = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+            assert processes[name].stdout.readline().strip() == "ready"
+            (home / "run" / f"{name}.pid").write_text(f"{processes[name].pid}\n")
+        (home / "run" / "worker-gone.pid").write_text("999999\n")  # stale: skipped
+        done = subprocess.run(["infra/stop.sh"], cwd=ROOT, capture_output=True, text=True,
+                              env=os.environ | {"LORAFLOW_HOME": str(home)}, timeout=60)
+        assert done.returncode == 0, done.stderr
+    finally:
+        for process in processes.values():
+            process.kill()
+            process.wait()
+            process.stdout.close()
+    events = [line.split() for line in log.read_text().splitlines()]
+    when = {(name, what): float(t) for t, name, what in events}
+    assert when["watch", "exit"] <= when["worker-cpu", "term"]
+    assert max(when["worker-cpu", "exit"], when["worker-gpu", "exit"]) <= when["stack", "term"]
+    assert ("stack", "exit") in when
+    assert list((home / "run").iterdir()) == []
+    assert done.stdout.index("the watcher stopped") < done.stdout.index("the workers stopped") \
+        < done.stdout.index("the stack (S3, MLflow, Prefect) stopped")
+
+
+def test_the_local_s3_server_takes_only_requests_signed_with_the_stacks_key(tmp_path, unused_port):
+    """moto alone took anonymous writes (PUT 200 with no credentials), and its request log
+    printed every presigned URL with the access key id in it."""
+    import boto3
+    import botocore.config
+    import requests
+    from botocore.exceptions import ClientError
+
+    key, secret = "loraflow-test-key", "test-secret-never-logged"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {
+        "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "S3_PORT": str(unused_port),
+        "S3_BUCKETS": "models data", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }  # fmt: skip
+    log = tmp_path / "s3.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(["infra/s3-server.sh"], cwd=ROOT, env=env, stdout=out,
+                                  stderr=subprocess.STDOUT)  # fmt: skip
+    url = f"http://127.0.0.1:{unused_port}"
+    try:
+        deadline = time.monotonic() + 60
+        while "S3 ready at" not in log.read_text():
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+
+        def client(key_id: str, key_secret: str):
+            return boto3.client(
+                "s3", endpoint_url=url, aws_access_key_id=key_id,
+                aws_secret_access_key=key_secret, region_name="us-east-1",
+                config=botocore.config.Config(signature_version="s3v4",
+                                              retries={"max_attempts": 1}),
+            )  # fmt: skip
+
+        stack = client(key, secret)
+        stack.put_object(Bucket="models", Key="a/b c.txt", Body=b"hello")
+        assert stack.get_object(Bucket="models", Key="a/b c.txt")["Body"].read() == b"hello"
+        big = tmp_path / "big.bin"
+        big.write_bytes(os.urandom(12 << 20))  # multipart with boto3's defaults
+        stack.upload_file(str(big), "data", "big.bin")
+        assert stack.head_object(Bucket="data", Key="big.bin")["ContentLength"] == 12 << 20
+        signed = stack.generate_presigned_url("get_object", ExpiresIn=60,
+                                              Params={"Bucket": "models", "Key": "a/b c.txt"})
+        assert requests.get(signed, timeout=30).content == b"hello"
+        assert requests.get(signed.replace("/models/", "/data/"), timeout=30).status_code == 403
+
+        for method in ("put", "get", "delete"):  # anonymous, not even moto's own API
+            assert requests.request(method, f"{url}/models/anon", data=b"x",
+                                    timeout=30).status_code == 403  # fmt: skip
+        assert requests.post(f"{url}/moto-api/reset", timeout=30).status_code == 403
+        for key_id, key_secret, code in ((key, "wrong-secret", "SignatureDoesNotMatch"),
+                                         ("someone-else", secret, "InvalidAccessKeyId")):
+            try:
+                client(key_id, key_secret).put_object(Bucket="models", Key="x", Body=b"1")
+                raise AssertionError(f"{key_id} may write")
+            except ClientError as exc:
+                assert exc.response["Error"]["Code"] == code
+        assert [o["Key"] for o in stack.list_objects_v2(Bucket="models")["Contents"]] == \
+            ["a/b c.txt"]  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    text = log.read_text()
+    assert '"PUT /models/anon" 403' in text  # method, path, status ...
+    assert key not in text and secret not in text and "X-Amz-" not in text  # ... nothing else

@@ -60,15 +60,34 @@ def test_the_pipeline_sits_on_the_cpu_pool_and_every_step_that_loads_the_model_o
         assert int(env["PREFECT_CLIENT_MAX_RETRIES"]) >= 7
 
 
-def test_the_automation_that_crashes_silent_runs_is_valid_and_outlasts_three_heartbeats():
+def test_the_automation_that_crashes_silent_runs_watches_only_runs_that_heartbeat_often():
+    """A run is declared dead after `within` seconds without a heartbeat. Runs of our
+    deployments heartbeat every 30 s (the job env); every other flow run at Prefect's default,
+    180 s, which is longer than the window: an in-process `loraflow run` against the stack was
+    marked Crashed at +92 s while it trained. So the automation watches only runs tagged
+    loraflow, and every deployment carries that tag."""
     import yaml
     from prefect.events.schemas.automations import AutomationCore
+    from prefect.settings.models.flows import FlowsSettings
 
     spec = yaml.safe_load((ROOT / "infra" / "automations.yaml").read_text())
     (automation,) = [AutomationCore.model_validate(a) for a in spec["automations"]]
     assert automation.name == "crash-zombie-flow-runs"
-    assert automation.trigger.posture == "Proactive"
-    assert automation.trigger.within.total_seconds() >= 3 * 30  # three missed heartbeats
+    trigger = automation.trigger
+    assert trigger.posture == "Proactive"
+    within = trigger.within.total_seconds()
+    for deployment in deployments().values():
+        frequency = int(deployment["work_pool"]["job_variables"]["env"][
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"])  # fmt: skip
+        assert within >= 4 * frequency, deployment["name"]  # four missed heartbeats
+        assert "loraflow" in deployment["tags"], deployment["name"]
+    default = FlowsSettings.model_fields["heartbeat_frequency"].default
+    assert default is None or default > within  # so untagged runs must stay out of it:
+    related = trigger.match_related
+    related = related if isinstance(related, list) else [related]
+    assert [getattr(r, "root", r) for r in related] == [
+        {"prefect.resource.role": "tag", "prefect.resource.id": "prefect.tag.loraflow"}
+    ]
     assert automation.actions[0].type == "change-flow-run-state"
     assert "crash-zombie-flow-runs" in (ROOT / "infra" / "deploy.sh").read_text()
 

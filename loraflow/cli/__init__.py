@@ -3,7 +3,7 @@
 loraflow run [--config FILE] [section.field=value ...]   run the whole pipeline
 loraflow models [NAME]                                    list versions, aliases and metrics
 loraflow promote [NAME] --version N | --rollback          move alias champion by hand
-loraflow pull [NAME] [--alias A | --version N] --dest DIR download a version, verify checksums
+loraflow pull [NAME] [--alias A | --version N] [--dest D] download a version, verify checksums
 loraflow versions [NAME] [--alias A | --version N]       libraries it was trained with vs here
 
 NAME defaults to registry.model_name of --config (or the built-in default). The registry is

@@ -40,7 +40,7 @@ def validate_command(args: argparse.Namespace) -> int:
     from loraflow.data.validation import validate_splits
 
     try:
-        pipeline = load_config(args.config, args.set)
+        pipeline = load_config(args.config, args.set, flag="--set ")
         cfg = pipeline.data
     except ConfigError as exc:
         print(f"loraflow: {exc}", file=sys.stderr)
@@ -79,7 +79,8 @@ def _token_counter(config: Path | None, overrides: list[str]):  # noqa: ANN202
     from loraflow.base_model import load_tokenizer, resolve_base_model
     from loraflow.config import loraflow_home
 
-    base = resolve_base_model(load_config(config, overrides).model.base, loraflow_home() / "models")
+    base = resolve_base_model(load_config(config, overrides, flag="--set ").model.base,
+                              loraflow_home() / "models")
     tokenizer = load_tokenizer(base.path)
     return lambda texts: [
         len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import textwrap
 from pathlib import Path
 
-from loraflow.config import ConfigError, load_config
+from loraflow.config import ConfigError, load_config, loraflow_home
 from loraflow.environment import configure
 
 
@@ -65,7 +67,11 @@ def add_pull_command(commands: argparse._SubParsersAction) -> None:
     which = pull.add_mutually_exclusive_group()
     which.add_argument("--alias", default="champion", help="alias to pull (default: champion)")
     which.add_argument("--version", help="version number to pull instead of an alias")
-    pull.add_argument("--dest", type=Path, required=True, help="directory to download into")
+    pull.add_argument(
+        "--dest", type=Path,
+        help="directory to download into (default: $LORAFLOW_HOME/pulled/NAME-vVERSION, which "
+        "`make clean` removes; a folder in the checkout would sit untracked in git status)",
+    )  # fmt: skip
     pull.set_defaults(handler=run_release_command, release=pull_command)
 
 
@@ -106,7 +112,7 @@ def _explain(exc: Exception) -> str:
 def _release_context(args: argparse.Namespace):  # -> (cfg, name, MlflowClient)
     from loraflow.credentials import check_mlflow
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, flag="--set ")
     configure()  # loads $LORAFLOW_CREDENTIALS_FILE
     check_mlflow()  # missing or refused credentials: one clear message, before anything
     from mlflow import MlflowClient
@@ -143,27 +149,50 @@ def _release_errors():  # the errors a release command reports as a message, exi
 
 
 def models_command(args: argparse.Namespace) -> int:
+    """The versions, newest first, in a table as wide as the terminal: aliases, the primary
+    test set's metrics (the gate metric first; `<set>.<metric>` tags repeat them per set and
+    are left out) and where each version was pushed."""
     cfg, name, client = _release_context(args)
     from loraflow.release import registry
 
     rows = registry.list_versions(client, name)
-    metric_names = sorted({m for r in rows for m in r["metrics"]})
+    gate = cfg.registry.gate_metric
+    metrics = sorted({m for r in rows for m in r["metrics"] if "." not in m},
+                     key=lambda m: (m != gate, m))  # fmt: skip
+    pushed = {r["storage_uri"].rpartition("/")[0] for r in rows if r["storage_uri"]}
+    one_root = len(pushed) == 1 and all(
+        r["storage_uri"] is None or r["storage_uri"].endswith(f"/{r['version']}") for r in rows
+    )
+    columns = {"version": [r["version"] for r in rows],
+               "aliases": [",".join(r["aliases"]) or "-" for r in rows]}  # fmt: skip
+    if any(r["stage"] for r in rows):
+        columns["stage"] = [r["stage"] or "-" for r in rows]
+    if not one_root:
+        columns["storage"] = [r["storage_uri"] or "-" for r in rows]
+    room = shutil.get_terminal_size((100, 24)).columns
+    left_out = []
+    for metric in metrics:
+        values = [f"{r['metrics'][metric]:.3f}" if metric in r["metrics"] else "-" for r in rows]
+        if _table_width({**columns, metric: values}) <= room or not left_out and metric == gate:
+            columns[metric] = values
+        else:
+            left_out.append(metric)
+    if not one_root:  # storage last
+        columns["storage"] = columns.pop("storage")
     print(f"{name}  ({client.tracking_uri})")
-    header = ["version", "aliases", "stage", *metric_names, "storage"]
-    table = [
-        [
-            r["version"],
-            ",".join(r["aliases"]) or "-",
-            r["stage"] or "-",
-            *(f"{r['metrics'][m]:.3f}" if m in r["metrics"] else "-" for m in metric_names),
-            r["storage_uri"] or "-",
-        ]
-        for r in rows
-    ]
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *table, strict=True)]
-    for line in [header, *table]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+    widths = {k: max(len(k), *(len(v) for v in values)) for k, values in columns.items()}
+    for line in [list(columns), *zip(*columns.values(), strict=True)]:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths.values(), strict=True)).rstrip())
+    if one_root:
+        print(f"pushed to {pushed.pop()}/<version>")
+    if left_out:
+        print(textwrap.fill(f"not shown (too wide): {', '.join(left_out)}; every metric, per "
+                            "test set: the version's metric.* tags in MLflow", room))
     return 0
+
+
+def _table_width(columns: dict[str, list[str]]) -> int:
+    return sum(max(len(k), *(len(v) for v in values)) + 2 for k, values in columns.items()) - 2
 
 
 def promote_command(args: argparse.Namespace) -> int:
@@ -176,6 +205,10 @@ def promote_command(args: argparse.Namespace) -> int:
         print(f"{name}: champion rolled back from v{old} to v{new}")
     else:
         client.get_model_version(name, args.version)  # a clear error if it does not exist
+        current = registry.champion(client, name)
+        if current is not None and current[0] == str(args.version):
+            print(f"{name}: v{args.version} is already the champion; nothing changed")
+            return 0
         previous = registry.promote(
             client, name, args.version, "promoted by hand (loraflow promote)", mirroring
         )
@@ -238,10 +271,11 @@ def pull_command(args: argparse.Namespace) -> int:
     store = open_store(
         uri, endpoint, cfg.storage.multipart_threshold_mb, cfg.storage.multipart_chunk_mb
     )
-    pulled = pull_tree(store, "", args.dest)
+    dest = args.dest or loraflow_home() / "pulled" / f"{name}-v{version.version}"
+    pulled = pull_tree(store, "", dest)
     files = len(pulled["manifest"]["files"])
     print(
-        f"{name} v{version.version}: {files} files verified in {args.dest} "
+        f"{name} v{version.version}: {files} files verified in {dest} "
         f"({pulled['downloaded']} downloaded) from {uri}"
     )
     return 0

@@ -1,9 +1,15 @@
 """loraflow run: the whole pipeline on one config.
+
+Everything that can be checked before the run starts is (the config, the credentials, every
+data file), and a user error ends the run with one message and no traceback: Prefect's own
+report of it (its traceback, the failed states quoting it) is left out of the run's log (the
+terminal and the Prefect server's copy; the flow run's state message still holds the error).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -38,24 +44,58 @@ def run_command(args: argparse.Namespace) -> int:
         return 2
     configure()  # loads $LORAFLOW_CREDENTIALS_FILE
     from loraflow.credentials import CredentialsError, check_services
+    from loraflow.data.sources import check_splits
 
     try:
         check_services()  # a server that refuses the credentials: say so before any work
     except CredentialsError as exc:
         print(f"loraflow: {exc}", file=sys.stderr)
         return 3
+    try:  # every data file exists and is what its name says, before the base model is read
+        check_splits(cfg.data)
+        if cfg.align is not None:
+            check_splits(cfg.align, "align")
+    except DataError as exc:
+        print(f"loraflow: nothing ran: {exc}", file=sys.stderr)
+        return 2
     problem = start_prefect()
     if problem:
         print(f"loraflow: {problem}", file=sys.stderr)
         return 1
     from flows.finetune import finetune  # imports prefect/mlflow after the env is set
+    from tasks.steps import DeclaredDeadError
 
+    stopped = USER_ERRORS + (DeclaredDeadError,)
+    quiet = QuietErrors(stopped)
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(quiet)
     try:
         finetune(config=cfg)
-    except USER_ERRORS as exc:
+    except stopped as exc:
         print(f"\nloraflow: the run stopped, nothing was registered:\n{exc}", file=sys.stderr)
         return 1
+    finally:
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).removeFilter(quiet)
     return 0
+
+
+class QuietErrors(logging.Filter):
+    """Drops Prefect's records of the errors `loraflow run` reports itself: the one carrying
+    the traceback, and the later ones quoting the same message (the failed task's and flow's
+    final states). Other records pass."""
+
+    def __init__(self, kinds: tuple[type[BaseException], ...]) -> None:
+        super().__init__()
+        self.kinds, self.quoted = kinds, set[str]()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, self.kinds):
+            self.quoted.add(str(error).strip().splitlines()[0] if str(error).strip() else "")
+            return False
+        message = record.getMessage()
+        return not any(text and text in message for text in self.quoted)
 
 
 def start_prefect() -> str | None:

@@ -11,7 +11,7 @@ stored), which is what caching and lineage key on.
 
 Before any item, `diagnose` looks at the first bytes of a file and names, in one message, a
 file that cannot be what its name says: empty, UTF-16/32, binary, compressed under another
-name, a JSON array named .jsonl; with the command that fixes it.
+name, a JSON array or a CSV/TSV table named .jsonl; with the command that fixes it.
 """
 
 from __future__ import annotations
@@ -136,6 +136,11 @@ def diagnose(source: str, head: bytes, size: int, fmt: str) -> str | None:
         return f"{source} is a JSON array of records, not JSON Lines (one object per line). " \
             f"Fix: mv {source} {_renamed(source, '.json')} (read as an array), or " \
             f"jq -c '.[]' {source} > {_renamed(source, '.lines.jsonl')}"
+    if fmt.startswith("jsonl") and (table := _table_kind(head)):
+        suffix, header = table
+        return f"{source} is a {suffix[1:].upper()} table (header row: {header}), not JSON " \
+            f"Lines (one object per line). Fix: mv {source} {_renamed(source, suffix)} (read " \
+            "as a table with a header row)"
     return None
 
 
@@ -214,6 +219,25 @@ def _not_utf8_share(sample: bytes) -> float:
 def _looks_like_array(head: bytes) -> bool:
     first = head.lstrip(b"\xef\xbb\xbf \t\r\n").split(b"\n", 1)[0].strip()
     return first == b"[" or first.startswith((b"[{", b"[ {"))
+
+
+def _table_kind(head: bytes) -> tuple[str, str] | None:
+    """(".csv" or ".tsv", the header's first cells) when the first lines are a table with a
+    header row rather than JSON objects: no line starts with `{` and every line splits into
+    the header's number (2 or more) of cells."""
+    lines = head.decode("utf-8", "replace").lstrip("\ufeff").splitlines()
+    if len(head) >= HEAD:  # the last line may be cut short
+        lines = lines[:-1]
+    lines = [ln for ln in lines if ln.strip()][:20]
+    if len(lines) < 2 or any(ln.lstrip().startswith(("{", "[")) for ln in lines):
+        return None
+    for delimiter, suffix in (("\t", ".tsv"), (",", ".csv")):
+        rows = list(csv.reader(lines, delimiter=delimiter))
+        width = len(rows[0])
+        if width >= 2 and all(len(row) == width for row in rows):
+            header = ", ".join(rows[0][:4]) + (", ..." if width > 4 else "")
+            return suffix, header
+    return None
 
 
 def _decompressed_head(head: bytes, fmt: str) -> tuple[bytes, bool]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from loraflow.data import formats
-from loraflow.data.records import DataError
+from loraflow.data.records import SPLITS, DataError
 from loraflow.hashing import sha256_file, sha256_tree
 
 
@@ -104,6 +104,13 @@ def head_of(source: str) -> tuple[bytes, int]:
         return body["Body"].read(), size
     with open(source, "rb") as f:
         return f.read(formats.HEAD), Path(source).stat().st_size
+
+
+def check_splits(section: Any, name: str = "data") -> None:
+    """check_sources on a config section's train/validation/test (`data`, or `align`): what a
+    run checks before it starts any work."""
+    prefix = "" if name == "data" else f"{name}."
+    check_sources({prefix + split: list(getattr(section, split)) for split in SPLITS})
 
 
 def check_sources(sources: dict[str, list[str]]) -> None:
