@@ -176,8 +176,9 @@ def child(args: argparse.Namespace) -> None:
     if args.child == "guide":
         import datasets  # noqa: F401
     else:
-        import loraflow.data.tokenization  # noqa: F401
         import pyarrow.parquet  # noqa: F401 - imported by loraflow on first write
+
+        import loraflow.data.tokenization  # noqa: F401
     cpu_before, busy_before = _cpu_seconds(), _machine_busy_seconds()
     start = time.perf_counter()
     if args.child == "guide":

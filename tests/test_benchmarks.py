@@ -47,3 +47,25 @@ def test_quality_bench_trains_and_scores_each_mode(tmp_path):
     assert modes["fp32"]["steps"] >= 1 and 0.0 <= modes["fp32"]["exact_match"] <= 1.0
     assert "json_valid" in modes["base"]
     assert "| fp32 |" in done.stdout
+
+
+def test_gate_bench_judges_each_scenario_with_both_gates(tmp_path):
+    out = tmp_path / "gate.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gate_bench.py"), "--small", "--seeds", "2",
+         "--real-seeds", "11", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    summary = results["summary"]
+    scenarios = " ".join(summary)
+    assert "true nulls" in scenarios and "recipe nulls" in scenarios and "planted" in scenarios
+    # a true null is the same weights: the new gate never promotes one
+    nulls = [row for name, row in summary.items() if name.startswith("true nulls")]
+    assert nulls and all(row["new"] == 0 for row in nulls)
+    # every trial was judged by both gates on the same two evaluations
+    for trial in results["trials"]:
+        assert {"promote", "delta"} <= trial["old"].keys()
+        assert {"promote", "lower", "p_value", "wins", "losses"} <= trial["new"].keys()
+    assert "| scenario | trials | old gate promoted | new gate promoted |" in done.stdout

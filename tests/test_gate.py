@@ -4,7 +4,7 @@ import html
 
 from loraflow.config import EvalConfig, EvalSetConfig, RegistryConfig
 from loraflow.evaluation.evaluate import EvalResult
-from loraflow.evaluation.gate import decide, example_id, guard_names
+from loraflow.evaluation.gate import decide, detectable_note, example_id, guard_names
 
 N = 64
 
@@ -104,3 +104,11 @@ def test_the_shipped_keep_set_guards_against_forgetting_in_the_curated_config():
     keep = sets["keep"].examples
     assert len(keep) == 16 and all(e.output for e in keep)  # the base model's answers
     assert "keep.exact_match" in guard_names(cfg.registry, cfg.eval)
+
+
+def test_the_detectable_note_says_plainly_when_a_test_split_is_too_small():
+    registry = RegistryConfig()
+    small = detectable_note(4, registry)
+    assert "cannot show any improvement" in small and "nan" not in small
+    shipped = detectable_note(64, registry)
+    assert "can show an improvement in exact_match of 0." in shipped

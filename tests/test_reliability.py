@@ -370,9 +370,10 @@ def test_the_prefect_server_restarted_during_a_pipeline_run_loses_nothing(
 @contextlib.contextmanager
 def deployed_stack(tmp_path: Path, model_dir: Path, data: dict[str, Path], train: dict,
                    gpu_workers: tuple[str, ...] = ("gpu-a", "gpu-b"), gpu_slots: int | None = None,
-                   watch_location: Path | None = None):
+                   watch_location: Path | None = None, nodes: int = 1):
     """A Prefect server, prefect.yaml deployed for the tiny model (infra/deploy.sh), a cpu
     worker and gpu workers with homes of their own (two machines); all stopped at the end.
+    Each training runs on `nodes` of them (launch.nodes; tiny_prefect_yaml's 2 otherwise).
     watch_location: where the deployment accepts data from (deploy.sh's WATCH_LOCATION;
     default $LORAFLOW_HOME/incoming)."""
     from servers import Server, free_port
@@ -392,6 +393,7 @@ def deployed_stack(tmp_path: Path, model_dir: Path, data: dict[str, Path], train
             if deployment["name"] == "finetune":
                 for holder in [deployment, *deployment["schedules"]]:
                     holder["parameters"]["config"]["train"] |= train
+                    holder["parameters"]["config"]["launch"]["nodes"] = nodes
         prefect_file.write_text(yaml.safe_dump(spec, sort_keys=False))
         slots = {"GPU_SLOTS": str(gpu_slots)} if gpu_slots else {}
         watch = {"WATCH_LOCATION": str(watch_location)} if watch_location else {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any
 
 from pydantic import BaseModel
@@ -170,6 +171,11 @@ def detectable_note(examples: int, registry: RegistryConfig) -> str:
                 "show depends on the spread of the paired differences (the gate's interval "
                 "says it after evaluation)")
     best = detectable_improvement(examples, 0.0, registry.min_improvement, registry.confidence)
+    if math.isnan(best):
+        return (f"the {examples} test examples cannot show any improvement in "
+                f"{registry.gate_metric} at {registry.confidence:.0%} confidence, even with "
+                "every answer gained: no model trained on this data will be promoted; a larger "
+                "test split is needed")
     note = (f"the {examples} test examples can show an improvement in {registry.gate_metric} of "
             f"{best:.3f} or more at {registry.confidence:.0%} confidence (4 times in 5, at best: "
             "no answer lost)")

@@ -16,10 +16,8 @@ from typing import Any, Literal
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from pydantic import BaseModel
 
 from loraflow.artifacts import Champion, MergedModel, SftModel, SftParent
-from loraflow.config import LOWER_IS_BETTER
 from loraflow.evaluation.gate import GateDecision
 from loraflow.release.lineage import LINEAGE_FILE, Lineage, read_manifest
 
@@ -36,16 +34,6 @@ SERVING_PACKAGES = ("mlflow", "torch", "transformers", "safetensors", "pandas", 
 
 class RegistryError(RuntimeError):
     """A registry operation cannot be done as asked; the message says why and what to do."""
-
-
-class Decision(BaseModel):
-    promote: bool
-    metric: str
-    candidate: float
-    reference: float
-    reference_name: str  # "champion v3" or "base model"
-    margin: float
-    reason: str
 
 
 def package_model(merged_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
@@ -285,42 +273,6 @@ def champion_to_align(name: str) -> SftModel | None:
     parent = SftParent(version=found.version, model_sha256=found.sha256,
                        adapter_sha256=tags.get("loraflow.adapter_sha256", "unknown"))
     return SftModel(model=found, parent=parent, metrics=tagged_metrics(tags), template=template)
-
-
-def decide(
-    metric: str,
-    candidate: dict[str, float],
-    base: dict[str, float],
-    current: tuple[str, dict[str, float]] | None,
-    margin: float,
-) -> Decision:
-    """The promotion gate: the candidate must meet eval.thresholds (when set) and beat the
-    reference by at least `margin` (for loss and perplexity: be lower by that much)."""
-    if current is None:
-        reference, reference_name = base[metric], "base model"
-    else:
-        worst = float("inf") if metric in LOWER_IS_BETTER else 0.0
-        reference, reference_name = current[1].get(metric, worst), f"champion v{current[0]}"
-    delta = candidate[metric] - reference
-    improvement = -delta if metric in LOWER_IS_BETTER else delta
-    promote = improvement >= margin and improvement > 0
-    verdict = "beats" if promote else "does not beat"
-    reason = (
-        f"{metric} {candidate[metric]:.3f} {verdict} {reference_name} "
-        f"{reference:.3f} by the margin {margin:.3f} (delta {delta:+.3f})"
-    )
-    if candidate.get("thresholds_met", 1.0) < 1.0:
-        promote = False
-        reason = f"misses eval.thresholds, so it is not promoted; {reason}"
-    return Decision(
-        promote=promote,
-        metric=metric,
-        candidate=candidate[metric],
-        reference=reference,
-        reference_name=reference_name,
-        margin=margin,
-        reason=reason,
-    )
 
 
 def applicable(client: MlflowClient, name: str, version: str, decision: GateDecision) -> str:
