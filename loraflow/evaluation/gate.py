@@ -148,7 +148,7 @@ def decide(
     return GateDecision(
         promote=promote, primary=primary, guards=guards, failed_guards=failed,
         won=won[:FLIPS_SHOWN], lost=lost[:FLIPS_SHOWN], detectable=detectable,
-        verdict=verdict(primary, reference_name, failed, met, promote), **base)
+        verdict=verdict(primary, reference_name, failed, met, promote, detectable), **base)
 
 
 def flips(rows: list[tuple[dict, dict]], metric: str) -> tuple[list[Flip], list[Flip]]:
@@ -187,8 +187,9 @@ def detectable_note(examples: int, registry: RegistryConfig) -> str:
 
 
 def verdict(primary: PairedTest, reference_name: str, failed: list[str], met: bool,
-            promote: bool) -> str:
-    """The decision in one sentence a person can check against the numbers."""
+            promote: bool, detectable: float | None = None) -> str:
+    """The decision in one sentence a person can check against the numbers; when the
+    improvement is not shown, whether this test split could have shown it at all."""
     level = f"{primary.confidence:.0%}"
     evidence = (
         f"{primary.metric} {primary.estimate:+.3f} against {reference_name} on "
@@ -202,6 +203,14 @@ def verdict(primary: PairedTest, reference_name: str, failed: list[str], met: bo
     why = []
     if not primary.passed:
         why.append("the improvement is not shown at this confidence")
+        if detectable is None:
+            pass  # a continuous metric: its interval says it
+        elif math.isnan(detectable):
+            why.append(f"no improvement is detectable on {primary.examples} examples: a larger "
+                       "test split is needed")
+        elif primary.estimate > 0 and detectable > primary.estimate:
+            why.append(f"{primary.examples} examples show {detectable:.3f} or more at best; a "
+                       f"gain of {primary.estimate:+.3f} needs a larger test split")
     if failed:
         why.append(f"guard(s) {', '.join(failed)} may have regressed")
     if not met:
