@@ -56,6 +56,7 @@ from loraflow.search import (
     requeue_interrupted,
     study_storage,
     trial_config,
+    trials_to_run,
 )
 from loraflow.summary import render, write_summary
 from tasks.data import tokenize_data, validate_data
@@ -119,7 +120,7 @@ def search(
         print(f"loraflow: sweep {name}: trial(s) {requeued} stopped with the killed sweep; "
               "their settings are tried again (resuming from their checkpoints)")
     log_params(run_id, {"sweep.study": name, "sweep.storage": storage.split("?")[0]})
-    while (left := space.n_trials - len(finished(study))) > 0:
+    while (left := trials_to_run(space) - len(finished(study))) > 0:
         batch = [start_trial(cfg, space, study, storage, study.ask(), base, tokens,
                              run_id, where)
                  for _ in range(min(space.parallel, left))]

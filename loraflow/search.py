@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -68,10 +69,27 @@ def study_storage(home: Path) -> str:
     return os.environ.get("LORAFLOW_SWEEP_STORAGE") or f"sqlite:///{home / 'sweeps.db'}"
 
 
+class AskedGrid(optuna.samplers.GridSampler):
+    """GridSampler for ask-and-tell: its after_trial stops an `optimize()` loop when the grid is
+    used up, which raises outside one; the sweep stops at the grid's size itself (n_trials)."""
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Any) -> None:
+        return None
+
+
+def trials_to_run(sweep: SweepConfig) -> int:
+    """n_trials, or the grid's size when that is smaller (a grid tries each point once)."""
+    if sweep.sampler != "grid":
+        return sweep.n_trials
+    return min(sweep.n_trials, math.prod(len(space) for space in sweep.parameters.values()
+                                         if isinstance(space, list)))
+
+
 def open_study(sweep: SweepConfig, name: str, storage: str) -> optuna.Study:
     """Create the study, or load the one a killed or finished sweep of the same search left."""
     sampler: optuna.samplers.BaseSampler = (
-        optuna.samplers.GridSampler(
+        AskedGrid(
             {key: [choice_name(c) for c in space] for key, space in sweep.parameters.items()
              if isinstance(space, list)}, seed=sweep.seed)
         if sweep.sampler == "grid" else optuna.samplers.TPESampler(seed=sweep.seed))
