@@ -116,9 +116,12 @@ def search(
     name = f"{cfg.registry.model_name}-" + study_key(cfg, space, base, tokens)
     storage = study_storage(configure())
     study = open_study(space, name, storage)
-    if requeued := requeue_interrupted(study):
-        print(f"loraflow: sweep {name}: trial(s) {requeued} stopped with the killed sweep; "
-              "their settings are tried again (resuming from their checkpoints)")
+    for stale in requeue_interrupted(study):
+        print(f"loraflow: sweep {name}: trial {stale.number} stopped with the killed sweep; "
+              "its settings are tried again (resuming from its checkpoint)")
+        if RUN_ID in stale.user_attrs:
+            close_trial_run(stale.user_attrs[RUN_ID], "interrupted: the sweep was killed; "
+                            "a later trial trains these settings")
     log_params(run_id, {"sweep.study": name, "sweep.storage": storage.split("?")[0]})
     while (left := trials_to_run(space) - len(finished(study))) > 0:
         batch = [start_trial(cfg, space, study, storage, study.ask(), base, tokens,

@@ -113,16 +113,16 @@ def finished(study: optuna.Study) -> list[FrozenTrial]:
             or (t.state == TrialState.FAIL and INTERRUPTED not in t.user_attrs)]
 
 
-def requeue_interrupted(study: optuna.Study) -> list[int]:
+def requeue_interrupted(study: optuna.Study) -> list[FrozenTrial]:
     """Trials a killed sweep left RUNNING: marked failed (interrupted) and their settings queued
     again, so the next trial trains them (resuming from the engine's checkpoint, or taken
-    from the cache if the training had finished). Their numbers."""
-    stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    from the cache if the training had finished). Those trials."""
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in stale:
         study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
         study.tell(trial.number, state=TrialState.FAIL)
         study.enqueue_trial(trial.params, skip_if_exists=False)
-    return [t.number for t in stale]
+    return stale
 
 
 def choice_name(value: Any) -> Any:

@@ -120,7 +120,8 @@ def test_a_sweep_records_a_failing_trial_reads_the_test_split_once_and_gates_its
     report = client.download_artifacts(summary["run_id"], "report/report.html")
     page = Path(report).read_text()
     assert "Sweep: 3 trials" in page and "validation split only" in page
-    assert (Path(report).parent / "sweep.png").is_file()
+    logged = {f.path for f in client.list_artifacts(summary["run_id"], "report")}
+    assert "report/sweep.png" in logged
     from loraflow.summary import render
 
     text = render(summary)
