@@ -35,7 +35,7 @@ from flows.finetune import release_stage
 from loraflow.artifacts import Adapter, TokenizedData, TrainRequest, ValidatedData
 from loraflow.base_model import BaseModelRef
 from loraflow.config import PipelineConfig, SweepConfig
-from loraflow.credentials import check_mlflow
+from loraflow.credentials import check_mlflow, safe_url
 from loraflow.data.sources import check_splits
 from loraflow.engine.launch import TrainingError
 from loraflow.environment import configure
@@ -94,7 +94,8 @@ def sweep(config: PipelineConfig = DEFAULT_CONFIG) -> dict[str, Any]:
         data = step(validate_data, data=cfg.data, base=base, run_id=run_id)
         record_trained_data(data, cfg.registry.model_name, run_id=run_id)
         tokens = step(tokenize_data, data=data, base=base, cfg=cfg.data, run_id=run_id)
-        outcome, adapter = search(cfg, space, base, data, tokens, run_id, where)
+        outcome, adapter = search(cfg, space, base, data, tokens, run_id, where,
+                                  storage=study_storage(home))
         release = release_stage(cfg, step, run_id, base, data, tokens, adapter, where,
                                 sweep=outcome)
     summary = {
@@ -109,12 +110,11 @@ def sweep(config: PipelineConfig = DEFAULT_CONFIG) -> dict[str, Any]:
 
 def search(
     cfg: PipelineConfig, space: SweepConfig, base: BaseModelRef, data: ValidatedData,
-    tokens: TokenizedData, run_id: str, where: Where,
+    tokens: TokenizedData, run_id: str, where: Where, storage: str,
 ) -> tuple[SweepOutcome, Adapter]:
     """Run trials until sweep.n_trials have finished (those of an earlier, killed run of the
-    same search count); the outcome and the winner's adapter."""
+    same search, in the study at `storage`, count); the outcome and the winner's adapter."""
     name = f"{cfg.registry.model_name}-" + study_key(cfg, space, base, tokens)
-    storage = study_storage(configure())
     study = open_study(space, name, storage)
     for stale in requeue_interrupted(study):
         print(f"loraflow: sweep {name}: trial {stale.number} stopped with the killed sweep; "
@@ -122,7 +122,7 @@ def search(
         if RUN_ID in stale.user_attrs:
             close_trial_run(stale.user_attrs[RUN_ID], "interrupted: the sweep was killed; "
                             "a later trial trains these settings")
-    log_params(run_id, {"sweep.study": name, "sweep.storage": storage.split("?")[0]})
+    log_params(run_id, {"sweep.study": name, "sweep.storage": safe_url(storage)})
     while (left := trials_to_run(space) - len(finished(study))) > 0:
         batch = [start_trial(cfg, space, study, storage, study.ask(), base, tokens,
                              run_id, where)
