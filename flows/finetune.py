@@ -4,6 +4,7 @@
     the merged model answer the test sets: the merged model's score is the tuned one) ->
     evaluate the current champion -> report (figures + HTML) -> register (alias challenger) ->
     push to object storage -> promote (alias champion, if the gate passes)
+    (everything after training is release_stage, which a sweep's winner goes through too)
     [-> with an `align` section: the preference stage on top of that SFT model, flows/align.py]
 
 As a deployment (prefect.yaml) this flow runs on the cpu pool and every step that loads the
@@ -29,18 +30,23 @@ from prefect.states import State
 
 from flows.align import align_stage
 from loraflow.artifacts import (
+    Adapter,
     EvaluateRequest,
     MergeRequest,
     SftModel,
     SftParent,
+    TokenizedData,
     TrainRequest,
+    ValidatedData,
 )
+from loraflow.base_model import BaseModelRef
 from loraflow.config import PipelineConfig
 from loraflow.credentials import check_mlflow
 from loraflow.data.sources import check_splits
 from loraflow.data.watch import check_data_uri
 from loraflow.environment import configure
 from loraflow.evaluation.gate import detectable_note
+from loraflow.search import SweepOutcome
 from loraflow.summary import render, write_summary
 from tasks.data import heldout_split, tokenize_data, validate_data
 from tasks.deployments import Where, record_trained_data, skip_run
@@ -94,51 +100,65 @@ def finetune(
         training = TrainRequest(tokens=tokens, base=base, lora=cfg.lora, train=cfg.train,
                                 launch=cfg.launch)
         adapter = step(train_adapter, request=training, run_id=run_id, where=where)
-        test, template, name = heldout_split(data), tokens.template, cfg.registry.model_name
-        base_eval = step(evaluate_base, request=EvaluateRequest(
-            model=base, test=test, template=template, cfg=cfg.eval), run_id=run_id, where=where)
-        merged = step(merge_adapter, request=MergeRequest(
-            base=base, adapter=adapter, test=test, template=template, eval_cfg=cfg.eval,
-            cfg=cfg.merge), run_id=run_id, where=where)
-        model, tuned_eval = merged.model, merged.evaluation
-        rival = step(evaluate_champion, model_name=name, candidate=model, test=test,
-                     template=template, cfg=cfg.eval, run_id=run_id, where=where)
-        evals = [base_eval, tuned_eval, rival]  # rival: None when there is no other champion
-        decision = step(decide_promotion, model=model, tuned=tuned_eval, base=base_eval,
-                        champion=rival, model_name=name, registry=cfg.registry, cfg=cfg.eval,
-                        run_id=run_id)
-        report = step(report_evaluation, evaluations=evals, cfg=cfg.eval, adapter=adapter,
-                      run_id=run_id, decision=decision)
-        after = tuned_eval.metrics
-        registered = step(register_model, model=model, adapter=adapter, metrics=after,
-                          cfg=cfg.registry, run_id=run_id)
-        version = registered.version
-        try:
-            storage_uri = step(push_model, version=version, model=model, adapter=adapter,
-                               cfg=cfg.storage, model_name=name, run_id=run_id)
-        except Exception:
-            if registered.created:
-                discard_version(cfg.registry, version)  # no new version without its files
-            raise
-        gate = step(promote_model, version=version, decision=decision, cfg=cfg.registry,
-                    run_id=run_id)
-        aligned = None
-        if cfg.align is not None:  # preference tuning on top of this SFT model
-            parent = SftParent(version=version, adapter_sha256=adapter.sha256,
-                               model_sha256=model.sha256)
-            sft = SftModel(model=model, parent=parent, metrics=after, template=template,
-                           evaluation=tuned_eval)
-            aligned = align_stage(cfg, step, run_id, base, sft, test, champion=rival)
+        release = release_stage(cfg, step, run_id, base, data, tokens, adapter, where)
 
     summary = {
-        "run_id": run_id, "tracking_uri": mlflow.get_tracking_uri(), "model_name": name,
+        "run_id": run_id, "tracking_uri": mlflow.get_tracking_uri(),
+        "model_name": cfg.registry.model_name, **release, "tasks": step.steps,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    write_summary(summary, home)
+    get_run_logger().info("%s", render(summary))
+    return summary
+
+
+def release_stage(
+    cfg: PipelineConfig, step: StepLog, run_id: str, base: BaseModelRef, data: ValidatedData,
+    tokens: TokenizedData, adapter: Adapter, where: Where, sweep: SweepOutcome | None = None,
+) -> dict[str, Any]:
+    """Everything after training, for a retraining and a sweep's winner alike: the test split
+    is read here only (base, merged model, champion), the gate decides, and the model is
+    registered, pushed and maybe promoted; the summary's part for it. `sweep`: the trials the
+    adapter won among, which the report plots."""
+    test, template, name = heldout_split(data), tokens.template, cfg.registry.model_name
+    base_eval = step(evaluate_base, request=EvaluateRequest(
+        model=base, test=test, template=template, cfg=cfg.eval), run_id=run_id, where=where)
+    merged = step(merge_adapter, request=MergeRequest(
+        base=base, adapter=adapter, test=test, template=template, eval_cfg=cfg.eval,
+        cfg=cfg.merge), run_id=run_id, where=where)
+    model, tuned_eval = merged.model, merged.evaluation
+    rival = step(evaluate_champion, model_name=name, candidate=model, test=test,
+                 template=template, cfg=cfg.eval, run_id=run_id, where=where)
+    evals = [base_eval, tuned_eval, rival]  # rival: None when there is no other champion
+    decision = step(decide_promotion, model=model, tuned=tuned_eval, base=base_eval,
+                    champion=rival, model_name=name, registry=cfg.registry, cfg=cfg.eval,
+                    run_id=run_id)
+    report = step(report_evaluation, evaluations=evals, cfg=cfg.eval, adapter=adapter,
+                  run_id=run_id, decision=decision, sweep=sweep)
+    after = tuned_eval.metrics
+    registered = step(register_model, model=model, adapter=adapter, metrics=after,
+                      cfg=cfg.registry, run_id=run_id)
+    version = registered.version
+    try:
+        storage_uri = step(push_model, version=version, model=model, adapter=adapter,
+                           cfg=cfg.storage, model_name=name, run_id=run_id)
+    except Exception:
+        if registered.created:
+            discard_version(cfg.registry, version)  # no new version without its files
+        raise
+    gate = step(promote_model, version=version, decision=decision, cfg=cfg.registry,
+                run_id=run_id)
+    aligned = None
+    if cfg.align is not None:  # preference tuning on top of this SFT model
+        parent = SftParent(version=version, adapter_sha256=adapter.sha256,
+                           model_sha256=model.sha256)
+        sft = SftModel(model=model, parent=parent, metrics=after, template=template,
+                       evaluation=tuned_eval)
+        aligned = align_stage(cfg, step, run_id, base, sft, test, champion=rival)
+    return {
         "model_version": version,
         "aliases": gate["aliases"],  # read from the registry after the gate, never cached
         "gate": gate["reason"], "decision": decision.primary and decision.primary.model_dump(),
         "metrics": {e.label: e.metrics for e in evals if e is not None},
-        "report_uri": report, "storage_uri": storage_uri, "tasks": step.steps,
-        "seconds": round(time.perf_counter() - start, 3),
+        "report_uri": report, "storage_uri": storage_uri,
     } | ({"align": aligned} if aligned is not None else {})
-    write_summary(summary, home)
-    get_run_logger().info("%s", render(summary))
-    return summary

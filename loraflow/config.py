@@ -692,6 +692,85 @@ def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+# What a sweep may search: fields of these sections (not how or where the engine runs).
+SWEEPABLE: dict[str, type[Section]] = {"train": TrainConfig, "lora": LoraSettings}
+SWEEP_FIELDS = ("learning_rate", "max_steps", "epochs", "warmup_steps", "weight_decay",
+                "r", "alpha", "dropout", "target_modules")
+
+
+class SearchRange(Section):
+    """A numeric interval a trial samples from; integers for an integer field (lora.r)."""
+
+    low: float = Field(description="Smallest value.")
+    high: float = Field(description="Largest value.")
+    log: bool = Field(False, description="Sample on a log scale (learning rates).")
+
+
+class SweepConfig(Section):
+    """A hyperparameter search whose trials are scored on the validation split only; its
+    winner alone goes through the test-split gate (flows/sweep.py, `loraflow sweep`)."""
+
+    parameters: dict[str, SearchRange | list[Any]] = Field(
+        {"train.learning_rate": SearchRange(low=3e-4, high=3e-3, log=True),
+         "lora.r": [4, 8, 16]},
+        min_length=1,
+        description="section.field -> {low, high, log} or a list of choices. Searchable: "
+        + ", ".join(f"{s}.{f}" for s, m in SWEEPABLE.items() for f in m.model_fields
+                    if f in SWEEP_FIELDS)
+        + "; every other setting is the config's own.",
+    )
+    n_trials: int = Field(6, ge=1, le=1000, description="Trials to finish (completed, pruned "
+                          "or failed); a resumed sweep counts those of its earlier runs.")
+    objective: Literal["val_loss"] | TaskGateMetric = Field(
+        "val_loss",
+        description="What picks the winner, on the validation split only: the engine's "
+        "validation loss at the end of training, or a task metric of the model with the "
+        "trial's adapter answering the validation prompts (slower: it generates).",
+    )
+    parallel: int = Field(1, ge=1, description="Trials trained at once (on the gpu pool, "
+                          "within its concurrency limit; in one process they share its CPUs).")
+    sampler: Literal["tpe", "grid"] = Field(
+        "tpe", description="tpe: Optuna's Bayesian sampler, seeded; grid: every combination of "
+        "the choices once (lists only; n_trials at most the grid's size counts).")
+    pruner: bool = Field(
+        True, description="Stop a trial whose validation loss at a reported step is worse than "
+        "the median of earlier trials at that step (needs train.eval_every > 0).")
+    seed: int = Field(0, description="Seed of the sampler.")
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepConfig:
+        problems = []
+        for key, space in self.parameters.items():
+            section, _, name = key.partition(".")
+            model = SWEEPABLE.get(section)
+            if model is None or name not in model.model_fields or name not in SWEEP_FIELDS:
+                problems.append(f"{key!r} cannot be searched; searchable: "
+                                + ", ".join(f"{s}.{f}" for s, m in SWEEPABLE.items()
+                                            for f in m.model_fields if f in SWEEP_FIELDS))
+                continue
+            if isinstance(space, SearchRange):
+                if self.sampler == "grid":
+                    problems.append(f"{key}: sampler=grid needs a list of choices, not a range")
+                if space.low > space.high or (space.log and space.low <= 0):
+                    problems.append(f"{key}: need 0 < low <= high for a log range, low <= high "
+                                    f"otherwise (got {space.low}..{space.high})")
+                values = [space.low, space.high]
+                if model.model_fields[name].annotation is int:
+                    values = [int(v) for v in values]
+            else:
+                values = space
+                if not values:
+                    problems.append(f"{key}: an empty list of choices")
+            for value in values:  # each value must be one the field accepts
+                try:
+                    model.model_validate({name: value})
+                except ValidationError as exc:
+                    problems.append(f"{key}={value!r}: {exc.errors()[0]['msg']}")
+        if problems:
+            raise ValueError("sweep.parameters: " + "; ".join(problems))
+        return self
+
+
 class PipelineConfig(Section):
     align: AlignConfig | None = Field(
         None, description="Preference tuning after SFT; off unless set (configs/preference.yaml)."
@@ -705,9 +784,17 @@ class PipelineConfig(Section):
     merge: MergeConfig = MergeConfig()
     registry: RegistryConfig = RegistryConfig()
     storage: StorageConfig = StorageConfig()
+    sweep: SweepConfig | None = Field(
+        None, description="A hyperparameter search for `loraflow sweep`; `loraflow run` trains "
+        "the config as it is. Off unless set (see README, Sweeps).")
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
+        if self.sweep is not None and self.sweep.pruner and self.train.eval_every == 0:
+            raise ValueError(
+                "sweep.pruner=true needs validation losses during training to compare trials "
+                "by, but train.eval_every=0 reports one at the end only. Fix: train.eval_every="
+                f"{max(self.train.max_steps // 4, 1)} (or sweep.pruner=false)")
         precisions = {self.train.precision} | (
             {self.align.train_config(self.train).precision} if self.align else set())
         quantized = sorted(precisions & {"fp8", "int8", "nf4", "fp16"})

@@ -21,6 +21,8 @@ def render(summary: dict[str, Any]) -> str:
         "loraflow run summary",
         f"  MLflow run       {summary['run_id']}  ({summary['tracking_uri']})",
     ]
+    if "sweep" in summary:
+        lines += sweep_lines(summary["sweep"], summary["metrics"]["tuned"])
     if "model_version" in summary:
         lines += sft_lines(summary)
     if "align" in summary:
@@ -48,6 +50,35 @@ def sft_lines(summary: dict[str, Any]) -> list[str]:
     for metric in [m for m in tuned if "." not in m and m in base and m != "examples"]:
         delta = tuned[metric] - base[metric]
         lines.append(f"  {metric:<16}{base[metric]:>8.3f}{tuned[metric]:>8.3f}{delta:>+9.3f}")
+    return lines
+
+
+def sweep_lines(sweep: dict[str, Any], test: dict[str, float]) -> list[str]:
+    """The trials, and the winner's validation score beside its test scores: the winner was
+    chosen on the validation split and the test split was read for it alone, by the gate."""
+    trials = sweep["trials"]
+    winner = next(t for t in trials if t["number"] == sweep["winner"])
+    completed = sum(t["state"] == "COMPLETE" for t in trials)
+    pruned = sum(t["state"] == "PRUNED" for t in trials)
+    objective = sweep["objective"]
+    settings = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in winner["params"].items())
+    lines = [
+        f"  sweep            {len(trials)} trials: {completed} completed, {pruned} pruned, "
+        f"{len(trials) - completed - pruned} failed  (study {sweep['study']})",
+        f"  winner           trial {winner['number']}: {settings}",
+        "                   chosen on the validation split only; the test split was read "
+        "once, for the winner, by the gate",
+        "",
+        f"  {'winner':<16}{'validation':>11}{'test':>8}",
+    ]
+    test_name = "loss" if objective == "val_loss" else objective
+    same = f"{test[test_name]:>8.3f}" if test_name in test else f"{'-':>8}"
+    lines.append(f"  {objective:<16}{winner['value']:>11.4f}{same}")
+    for trial in trials:
+        if trial["state"] != "COMPLETE":
+            lines.append(f"  trial {trial['number']:<3} {trial['state'].lower():<8} "
+                         f"{(trial['reason'] or '')[:90]}")
     return lines
 
 

@@ -4,7 +4,8 @@ A task's key is its own source, loraflow's code version and its inputs, where
 - a `pathlib.Path` counts by the bytes of the file or directory it names,
 - a reference carrying a `sha256` (a dataset, model or adapter) counts by that hash alone,
 - `run_id` does not count (each pipeline run has its own MLflow run), nor `where` a GPU step
-  runs (in process or on the gpu pool: the same work, logged to the same tracking store),
+  runs (in process or on the gpu pool: the same work, logged to the same tracking store), nor
+  the sweep `trial` a training reports its progress to (the training is the same),
 - the MLflow tracking store does: cached results point at artifacts and logged models in it, so
   a run against another tracking server must not reuse them.
 So renaming or moving a file changes nothing; changing one byte re-runs what depends on it.
@@ -24,7 +25,7 @@ from pydantic import BaseModel
 
 from loraflow.hashing import code_version, sha256_tree
 
-IGNORED = frozenset({"run_id", "where"})
+IGNORED = frozenset({"run_id", "where", "trial"})
 
 
 def fingerprint(value: Any) -> Any:

@@ -17,6 +17,7 @@ from loraflow.config import EvalConfig, RegistryConfig
 from loraflow.data.prompts import PromptTemplate
 from loraflow.evaluation import evaluate, gate, report
 from loraflow.release.registry import rival
+from loraflow.search import SweepOutcome
 from tasks.caching import CONTENT, ContentInputs
 from tasks.deployments import Where
 from tasks.model import evaluate_model
@@ -111,9 +112,10 @@ def log_decision(decision: gate.GateDecision, run_id: str, prefix: str = "gate")
 @task(cache_policy=CONTENT)
 def report_evaluation(
     evaluations: list[Evaluation | None], cfg: EvalConfig, adapter: Adapter, run_id: str,
-    decision: gate.GateDecision | None = None,
+    decision: gate.GateDecision | None = None, sweep: SweepOutcome | None = None,
 ) -> str:
-    """Loss curves, metric bars and the side-by-side table as one HTML page, logged to the run."""
+    """Loss curves, metric bars and the side-by-side table as one HTML page, logged to the run;
+    a sweep's trials (parallel coordinates, importances) open it when given."""
     results, parity = {}, None
     for ref in evaluations:
         if ref is not None:
@@ -126,7 +128,7 @@ def report_evaluation(
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "report"
         report.build_report(results, curves, out, side_by_side=cfg.side_by_side, parity=parity,
-                            decision=decision)
+                            decision=decision, sweep=sweep)
         uri = log_dir(run_id, out, "report")
         MlflowClient().log_table(run_id, side_by_side_table(results), "eval/side_by_side.json")
     return f"{uri}/report.html"

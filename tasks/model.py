@@ -34,6 +34,7 @@ from loraflow.evaluation import evaluate
 from loraflow.hashing import code_version, sha256_tree
 from loraflow.release import merge, registry
 from loraflow.release.lineage import adapter_lineage
+from loraflow.search import TrialRef, report_progress
 from tasks.caching import CONTENT, fingerprint
 from tasks.deployments import (
     CRASH_ATTEMPTS,
@@ -95,7 +96,8 @@ def base_on_this_machine(base: BaseModelRef) -> BaseModelRef:
 
 @task(cache_policy=CONTENT, retries=2, retry_condition_fn=retry_training)
 def train_adapter(
-    request: TrainRequest, run_id: str, where: Where = "here", share_checkpoints: bool = False
+    request: TrainRequest, run_id: str, where: Where = "here", share_checkpoints: bool = False,
+    trial: TrialRef | None = None,
 ) -> Adapter | None:
     """Run the training engine as its own process (torchrun for several GPUs or machines);
     relay its metrics; log the adapter. None on a machine that trained without rank 0. On the
@@ -103,7 +105,11 @@ def train_adapter(
 
     share_checkpoints: also upload each new checkpoint to the MLflow run, and start from the
     one found there when this machine has none: a run retried on another worker after its
-    machine died resumes instead of starting over (the train deployment sets it)."""
+    machine died resumes instead of starting over (the train deployment sets it).
+
+    trial: a sweep's trial, told each validation loss as it comes; its pruner may stop the
+    engine (optuna.TrialPruned). On the gpu pool the trial is told the curve afterwards
+    (flows/sweep.py): the engine runs on another machine and is not stopped early."""
     if where == "gpu_pool":
         return on_gpu_pool(TRAIN_DEPLOYMENT, request, run_id, Adapter,
                            copies=request.launch.nodes, crash_attempts=CRASH_ATTEMPTS)
@@ -120,8 +126,13 @@ def train_adapter(
         restore_shared_checkpoint(run_dir, run_id)
     # the align stage's engine metrics apart from the SFT run's
     prefix = "train." if train.objective == "sft" else "align.train."
-    result = engine_launch.launch(engine, key, run_id,
-                    lambda records: log_metric_records(run_id, records, prefix=prefix),
+
+    def relay(records: list[dict[str, Any]]) -> None:
+        log_metric_records(run_id, records, prefix=prefix)
+        if trial is not None:
+            report_progress(trial, records)
+
+    result = engine_launch.launch(engine, key, run_id, relay,
                     (lambda: share_checkpoint(run_dir, run_id)) if share_checkpoints else None)
     if result is None:  # a machine without rank 0: the adapter is on rank 0's machine
         return None

@@ -21,8 +21,8 @@ BATCH = 1000  # MLflow's log_batch limit for metrics
 
 
 @contextmanager
-def pipeline_run(cfg: PipelineConfig) -> Iterator[str]:
-    """One MLflow run per pipeline run; ends FAILED if the pipeline raises."""
+def pipeline_run(cfg: PipelineConfig, name: str = "finetune") -> Iterator[str]:
+    """One MLflow run per pipeline run (or sweep); ends FAILED if the pipeline raises."""
     client = MlflowClient()
     experiment = client.get_experiment_by_name(cfg.registry.experiment)
     experiment_id = (
@@ -36,7 +36,7 @@ def pipeline_run(cfg: PipelineConfig) -> Iterator[str]:
         )
     )
     run = client.create_run(
-        experiment_id, tags={"loraflow.code_version": code_version()}, run_name="finetune"
+        experiment_id, tags={"loraflow.code_version": code_version()}, run_name=name
     )
     run_id = run.info.run_id
     log_params(run_id, flatten(cfg.model_dump(mode="json")))

@@ -24,6 +24,13 @@ def test_unknown_config_key_exits_2_with_every_problem_and_runs_nothing(tmp_path
     assert "Flow run" not in done.stdout + done.stderr  # nothing started
 
 
+def test_sweep_without_a_sweep_section_says_what_to_add_and_runs_nothing():
+    done = run_cli("sweep", "--config", str(ROOT / "configs" / "default.yaml"))
+    assert done.returncode == 2
+    assert "no `sweep` section" in done.stderr and "README, Sweeps" in done.stderr
+    assert "Flow run" not in done.stdout + done.stderr
+
+
 def test_help_lists_the_run_command():
     done = run_cli("--help")
     assert done.returncode == 0 and "run" in done.stdout

@@ -103,3 +103,25 @@ def test_one_vocabulary_for_precision_old_merge_dtypes_name_their_replacement():
     with pytest.raises(ConfigError, match=r"merge.dtype = 'bfloat16'.*bf16, not bfloat16 "
                                           r"\(Fix: merge.dtype=bf16\)"):
         load_config(None, ["merge.dtype=bfloat16"])
+
+
+def test_the_shipped_sweep_config_searches_on_validation_losses_it_reports():
+    cfg = load_config(ROOT / "configs" / "sweep.yaml")
+    assert cfg.sweep is not None and cfg.sweep.objective == "val_loss"
+    assert cfg.train.eval_every > 0 and cfg.sweep.pruner
+    assert cfg.lora == PipelineConfig().lora  # only what the sweep searches differs
+
+
+def test_a_sweep_config_reports_every_bad_parameter_at_once():
+    with pytest.raises(ConfigError) as caught:
+        load_config(overrides=["train.eval_every=0", "sweep.sampler=grid",
+                               "sweep.parameters={lora.r: [0, 8], train.seed: [1], "
+                               "train.learning_rate: {low: 0.001, high: 0.01}}"])
+    message = str(caught.value)
+    assert "lora.r=0" in message and "'train.seed' cannot be searched" in message
+    assert "sampler=grid needs a list of choices" in message
+
+
+def test_the_pruner_needs_validation_losses_during_training():
+    with pytest.raises(ConfigError, match="Fix: train.eval_every="):
+        load_config(overrides=["sweep.n_trials=2"])

@@ -46,9 +46,9 @@ def check_pipeline_params(params: dict) -> PipelineConfig:
 
 def test_the_pipeline_sits_on_the_cpu_pool_and_every_step_that_loads_the_model_on_gpu():
     found = deployments()
-    assert set(found) == {"finetune", "align", "train", "evaluate", "merge"}
-    assert found["finetune"]["work_pool"]["name"] == "cpu"
-    assert found["align"]["work_pool"]["name"] == "cpu"
+    assert set(found) == {"finetune", "align", "sweep", "train", "evaluate", "merge"}
+    for name in ("finetune", "align", "sweep"):
+        assert found[name]["work_pool"]["name"] == "cpu", name
     for name in ("train", "evaluate", "merge"):
         assert found[name]["work_pool"]["name"] == "gpu", name
     for deployment in found.values():  # the shared env reaches every job
@@ -92,7 +92,7 @@ def test_the_automation_that_crashes_silent_runs_watches_only_runs_that_heartbea
     assert "crash-zombie-flow-runs" in (ROOT / "infra" / "deploy.sh").read_text()
 
 
-@pytest.mark.parametrize("name", ["finetune", "align", "train", "evaluate", "merge"])
+@pytest.mark.parametrize("name", ["finetune", "align", "sweep", "train", "evaluate", "merge"])
 def test_deployment_loads_and_its_default_parameters_validate(name):
     deployment = deployments()[name]
     flow = load_flow(deployment)
@@ -107,6 +107,9 @@ def test_deployment_loads_and_its_default_parameters_validate(name):
         assert cfg.align is not None
         for split in ("train", "validation", "test"):
             assert all((ROOT / src).is_file() for src in getattr(cfg.align, split)), split
+    elif name == "sweep":  # a search whose pruner has validation losses to compare
+        cfg = check_pipeline_params(flow.validate_parameters(params))
+        assert cfg.sweep is not None and cfg.sweep.pruner and cfg.train.eval_every > 0
     elif name == "train":  # the pipeline supplies the references; the deployment the GPUs
         assert params == {"gpus_per_node": None}  # null: 1 if the worker sees a GPU, else 0
     else:  # everything comes from the pipeline

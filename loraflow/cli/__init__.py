@@ -1,6 +1,7 @@
 """The `loraflow` command.
 
 loraflow run [--config FILE] [section.field=value ...]   run the whole pipeline
+loraflow sweep --config FILE [section.field=value ...]   search hyperparameters, release winner
 loraflow models [NAME]                                    list versions, aliases and metrics
 loraflow promote [NAME] --version N | --rollback          move alias champion by hand
 loraflow pull [NAME] [--alias A | --version N] [--dest D] download a version, verify checksums
@@ -25,15 +26,16 @@ from loraflow.cli.release import (
     add_pull_command,
     add_versions_command,
 )
-from loraflow.cli.run import add_run_command
+from loraflow.cli.run import add_run_command, add_sweep_command
 from loraflow.cli.watch import add_watch_command
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="loraflow", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (add_run_command, add_validate_command, add_models_command, add_promote_command,
-                add_pull_command, add_versions_command, add_generate_command, add_watch_command):
+    for add in (add_run_command, add_sweep_command, add_validate_command, add_models_command,
+                add_promote_command, add_pull_command, add_versions_command, add_generate_command,
+                add_watch_command):
         add(commands)
     args = parser.parse_args(argv)
     return args.handler(args)

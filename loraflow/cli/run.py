@@ -1,4 +1,5 @@
-"""loraflow run: the whole pipeline on one config.
+"""loraflow run: the whole pipeline on one config; loraflow sweep: the same, its training a
+hyperparameter search whose winner goes through the gate (flows/sweep.py).
 
 Everything that can be checked before the run starts is (the config, the credentials, every
 data file), and a user error ends the run with one message and no traceback: Prefect's own
@@ -33,7 +34,17 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
         metavar="section.field=value",
         help="override one config value, e.g. train.max_steps=20",
     )
-    run.set_defaults(handler=run_command)
+    run.set_defaults(handler=run_command, sweep=False)
+
+
+def add_sweep_command(commands: argparse._SubParsersAction) -> None:
+    sweep = commands.add_parser(
+        "sweep", help="search hyperparameters on the validation split; release the winner")
+    sweep.add_argument("--config", type=Path, required=True,
+                       help="YAML config with a `sweep` section (see README, Sweeps)")
+    sweep.add_argument("overrides", nargs="*", metavar="section.field=value",
+                       help="override one config value, e.g. sweep.n_trials=8")
+    sweep.set_defaults(handler=run_command, sweep=True)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -41,6 +52,10 @@ def run_command(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)  # every config problem, before any work
     except ConfigError as exc:
         print(f"loraflow: {exc}", file=sys.stderr)
+        return 2
+    if args.sweep and cfg.sweep is None:
+        print(f"loraflow: {args.config} has no `sweep` section: nothing to search. Fix: add "
+              "one (parameters, n_trials, objective; see README, Sweeps)", file=sys.stderr)
         return 2
     configure()  # loads $LORAFLOW_CREDENTIALS_FILE
     from loraflow.credentials import CredentialsError, check_services
@@ -63,14 +78,16 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"loraflow: {problem}", file=sys.stderr)
         return 1
     from flows.finetune import finetune  # imports prefect/mlflow after the env is set
+    from flows.sweep import sweep
+    from loraflow.search import NoTrialSucceeded
     from tasks.steps import DeclaredDeadError
 
-    stopped = USER_ERRORS + (DeclaredDeadError,)
+    stopped = USER_ERRORS + (DeclaredDeadError, NoTrialSucceeded)
     quiet = QuietErrors(stopped)
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(quiet)
     try:
-        finetune(config=cfg)
+        (sweep if args.sweep else finetune)(config=cfg)
     except stopped as exc:
         print(f"\nloraflow: the run stopped, nothing was registered:\n{exc}", file=sys.stderr)
         return 1

@@ -89,17 +89,22 @@ def run_engine(
     """Start the engine (launch_command), hand metrics.jsonl's new steps to `relay` every few
     seconds (and call `while_running`, e.g. to share new checkpoints); turn how it ended into
     an error that says whether a retry can help. `relay_to` names where the metrics go (an
-    MLflow run id), so a rerun relays to a new one."""
+    MLflow run id), so a rerun relays to a new one. A relay that raises (a sweep's pruner
+    stopping the trial) ends the engine and passes the error on."""
     (run_dir / "result.json").unlink(missing_ok=True)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    while True:
-        finished = process.poll() is not None
-        relay_metrics(run_dir, relay_to, relay)
-        if while_running is not None and not finished:
-            while_running()
-        if finished:
-            break
-        time.sleep(2.0)
+    try:
+        while True:
+            finished = process.poll() is not None
+            relay_metrics(run_dir, relay_to, relay)
+            if while_running is not None and not finished:
+                while_running()
+            if finished:
+                break
+            time.sleep(2.0)
+    except BaseException:  # the relay stopped the run (a sweep's pruner) or we were interrupted
+        stop(process)
+        raise
     if process.returncode == 0:  # rank 0 writes the result; other machines have none
         result = run_dir / "result.json"
         return json.loads(result.read_text()) if result.is_file() else None
@@ -118,6 +123,18 @@ def run_engine(
         f"the training engine exited with code {process.returncode}; its "
         f"output is above {where}; a retry resumes from the last checkpoint"
     )
+
+
+def stop(process: subprocess.Popen, grace_seconds: float = 10.0) -> None:
+    """End the engine (torchrun passes SIGTERM on to its workers): a run whose relay raised
+    leaves no process training behind it. Its checkpoints stay for a resume."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace_seconds)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def first_failure(run_dir: Path) -> dict[str, Any]:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -17,6 +19,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from loraflow.config import LOWER_IS_BETTER  # noqa: E402
 from loraflow.evaluation.evaluate import AnswerParity, EvalResult  # noqa: E402
 from loraflow.evaluation.gate import Flip, GateDecision  # noqa: E402
+from loraflow.search import SweepOutcome  # noqa: E402
 
 COLOURS = {"base": "#7f7f7f", "tuned": "#1f77b4", "champion": "#ff7f0e"}
 OTHER_COLOURS = ["#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
@@ -295,6 +298,102 @@ img.figure { max-width: 100%; border: 1px solid #ddd; }
 """
 
 
+def plot_sweep(sweep: SweepOutcome, out: Path) -> Path | None:
+    """Parallel coordinates of the completed trials (each a line through its parameters,
+    scaled to their ranges, coloured by the validation objective; the winner bold) beside
+    each parameter's importance. None with no completed trial."""
+    done = [t for t in sweep.trials if t.value is not None]
+    if not done:
+        return None
+    names = list(done[0].params)
+    axes_names = [*names, sweep.objective]
+    values = [t.value for t in done]
+    columns = [[position(t.params[n], [d.params[n] for d in done]) for t in done]
+               for n in names] + [[position(v, values) for v in values]]
+    fig, (lines, bars) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100,
+                                      gridspec_kw={"width_ratios": [3, 1.2]})
+    low, high = min(values), max(values)
+    cmap = plt.get_cmap("viridis")
+    for row, trial in enumerate(done):
+        shade = 0.5 if high == low else (trial.value - low) / (high - low)
+        winner = trial.number == sweep.winner
+        lines.plot(range(len(axes_names)), [c[row] for c in columns], "o-",
+                   color="#d62728" if winner else cmap(shade), linewidth=3 if winner else 1.2,
+                   label=f"winner: trial {trial.number}" if winner else None, zorder=3 if winner
+                   else 2)
+    for x, name in enumerate(names):  # each axis's extreme values, as the trials had them
+        seen = sorted({str(t.params[name]) for t in done}, key=sort_key)
+        lines.annotate(f"{seen[0]}", (x, -0.08), ha="center", fontsize=7, color="#555")
+        lines.annotate(f"{seen[-1]}", (x, 1.04), ha="center", fontsize=7, color="#555")
+    lines.annotate(f"{low:.4g}", (len(names), -0.08), ha="center", fontsize=7, color="#555")
+    lines.annotate(f"{high:.4g}", (len(names), 1.04), ha="center", fontsize=7, color="#555")
+    lines.set_xticks(range(len(axes_names)), axes_names, fontsize=8)
+    lines.set_yticks([])
+    lines.set_ylim(-0.15, 1.12)
+    lines.set_title(f"Trials ({len(done)} completed of {len(sweep.trials)})")
+    lines.legend(loc="lower right", fontsize=8)
+    lines.grid(alpha=0.3, axis="x")
+    if sweep.importances:
+        ranked = sorted(sweep.importances.items(), key=lambda item: item[1])
+        bars.barh([k for k, _ in ranked], [v for _, v in ranked], color="#1f77b4")
+        bars.set_xlim(0, 1)
+        bars.set_title("Importance (fANOVA)")
+        bars.tick_params(axis="y", labelsize=8)
+    else:
+        bars.axis("off")
+        bars.text(0.5, 0.5, "importance needs two or more\ncompleted trials that differ",
+                  ha="center", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def sort_key(text: str) -> tuple[int, float | str]:
+    try:
+        return (0, float(text))
+    except ValueError:
+        return (1, text)
+
+
+def position(value: Any, seen: list[Any]) -> float:
+    """Where a value sits on its axis (0..1): numbers by value (log-spaced when all positive
+    and wide apart), anything else by its rank among the values seen."""
+    if all(isinstance(v, int | float) for v in seen):
+        low, high = min(seen), max(seen)
+        if high == low:
+            return 0.5
+        if low > 0 and high / low >= 10:
+            return (math.log(value) - math.log(low)) / (math.log(high) - math.log(low))
+        return (value - low) / (high - low)
+    ranks = sorted({str(v) for v in seen})
+    return 0.5 if len(ranks) == 1 else ranks.index(str(value)) / (len(ranks) - 1)
+
+
+def sweep_section(sweep: SweepOutcome, figure: Path | None) -> list[str]:
+    """Every trial: its settings, validation score or why it stopped; the winner marked."""
+    esc = html.escape
+    parts = [f"<h2>Sweep: {len(sweep.trials)} trials, winner trial {sweep.winner}</h2>"
+             f"<p class='note'>Trials were compared on the validation split only "
+             f"({esc(sweep.objective)}); the test split was read for the winner alone, by "
+             "the gate below.</p>"]
+    if figure is not None:
+        data = base64.b64encode(figure.read_bytes()).decode()
+        parts.append(f"<img class='figure' alt='sweep' src='data:image/png;base64,{data}'>")
+    names = list(sweep.trials[0].params) if sweep.trials else []
+    parts.append("<table id='trials'><tr><th>trial</th><th>state</th>"
+                 + "".join(f"<th>{esc(n)}</th>" for n in names)
+                 + f"<th>{esc(sweep.objective)} (validation)</th><th>note</th></tr>")
+    for t in sweep.trials:
+        value = "" if t.value is None else f"{t.value:.4f}"
+        mark = " (winner)" if t.number == sweep.winner else ""
+        parts.append(f"<tr><td>{t.number}{mark}</td><td>{esc(t.state)}</td>"
+                     + "".join(f"<td>{esc(str(t.params.get(n, '')))}</td>" for n in names)
+                     + f"<td>{value}</td><td>{esc(t.reason or '')}</td></tr>")
+    parts.append("</table>")
+    return parts
+
+
 def build_report(
     results: dict[str, EvalResult],
     curves: dict[str, Curve],
@@ -303,9 +402,10 @@ def build_report(
     title: str = "loraflow evaluation",
     parity: AnswerParity | None = None,
     decision: GateDecision | None = None,
+    sweep: SweepOutcome | None = None,
 ) -> Path:
-    """Write the PNGs and report.html into out_dir; return the HTML's path. The gate's
-    decision, when given, opens the page."""
+    """Write the PNGs and report.html into out_dir; return the HTML's path. A sweep's trials
+    and the gate's decision, when given, open the page."""
     out_dir.mkdir(parents=True, exist_ok=True)
     primary = next(iter(next(iter(results.values())).sets))
     notes: list[str] = []
@@ -317,7 +417,8 @@ def build_report(
         plot_metric_bars(results, out_dir / "metric_bars.png"),
         plot_fuzzy_distribution(results, primary, out_dir / "fuzzy_distribution.png"),
     ]
-    top = [] if decision is None else decision_section(
+    top = [] if sweep is None else sweep_section(sweep, plot_sweep(sweep, out_dir / "sweep.png"))
+    top += [] if decision is None else decision_section(
         decision, plot_decision(decision, out_dir / "decision.png"))
     page = render_html(results, [f for f in figures if f is not None], side_by_side, title,
                        tuple(notes), parity, top)
