@@ -758,6 +758,13 @@ class PipelineConfig(Section):
                 "loss scaling would differ between ranks. Fix: train.precision=bf16 (or auto) "
                 "with fsdp, or launch.parallelism=ddp."
             )
+        gguf = [f for f in self.export.formats if f.startswith("gguf")]
+        if gguf and self.data.template != "chat":
+            raise ValueError(
+                f"export.formats {gguf} carry the chat template a server renders prompts with, "
+                f"and data.template={self.data.template} has none a server can reproduce from "
+                "chat messages. Fix: export.formats=[vllm] (or []), or data.template=chat."
+            )
         return self
 
 

@@ -6,10 +6,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from tiny import make_adapter
 
 from loraflow.config import EvalConfig, ExportConfig
 from loraflow.data.prompts import PromptTemplate
-from tiny import make_adapter
 
 CHAT = PromptTemplate(kind="chat")
 OTHER_TEMPLATE = ("{% for message in messages %}{{ '### ' + message['role'] + ':\n' + "
@@ -47,16 +47,17 @@ def export(evaluated, out: Path, formats: list[str], merged: Path | None = None)
 def test_each_export_read_back_by_another_runtime_answers_like_the_evaluated_model(
     evaluated, tmp_path
 ):
-    reports = {r.format: r for r in export(evaluated, tmp_path, ["gguf-f16", "gguf-q8_0",
-                                                                 "vllm"])}
-    assert reports["gguf-f16"].parity.answers == 6
+    formats = ["gguf-f16", "gguf-q8_0", "vllm"]
+    reports = {r.check.format: r.check for r in export(evaluated, tmp_path, formats)}
+    assert reports["gguf-f16"].answers == 6
     assert reports["gguf-f16"].agreement == 1.0 and reports["gguf-f16"].passed
     assert "GGUF reader" in reports["gguf-f16"].runtime
-    assert reports["vllm"].agreement == 1.0 and "AutoPeftModelForCausalLM" in reports["vllm"].runtime
+    assert reports["vllm"].agreement == 1.0
+    assert "AutoPeftModelForCausalLM" in reports["vllm"].runtime
     # q8_0 rounds every weight: on a random model (near-ties everywhere) half the answers
     # flip (measured: 3 of 6); the gate reads the rate against its own, lower, bar
     q8 = reports["gguf-q8_0"]
-    assert q8.parity.answers == 6 and q8.passed == (q8.agreement >= q8.min_agreement == 0.8)
+    assert q8.answers == 6 and q8.passed == (q8.agreement >= q8.min_agreement == 0.8)
     assert set(reports["gguf-f16"].files) == {"tiny-f16.gguf", "Modelfile"}
     assert reports["gguf-q8_0"].files["tiny-q8_0.gguf"] < reports["gguf-f16"].files["tiny-f16.gguf"]
 
@@ -87,8 +88,34 @@ def test_an_export_with_another_chat_template_fails_its_parity_check(evaluated, 
     shutil.copytree(evaluated[0], planted)
     (planted / "chat_template.jinja").write_text(OTHER_TEMPLATE)
     [report] = export(evaluated, tmp_path / "out", ["gguf-f16"], merged=planted)
-    assert not report.passed and report.agreement < 0.95
-    assert report.parity.differing == report.parity.answers - round(report.agreement * 6)
+    assert not report.check.passed and report.check.agreement < 0.95
+    assert report.parity.differing == 6 - round(report.check.agreement * 6)
+
+    # ... and blocks a promotion the paired test allowed, naming the export
+    from loraflow.evaluation.gate import GateDecision, with_exports
+    from loraflow.release.registry import decision_tags
+
+    allowed = GateDecision(promote=True, verdict="promoted: exact_match +0.500 against base "
+                           "model", metric="exact_match", set_name="test",
+                           reference_name="base model", primary=None)
+    blocked = with_exports(allowed, [report.check])
+    assert not blocked.promote and blocked.failed_exports == ["gguf-f16"]
+    assert blocked.verdict.startswith("not promoted (export gguf-f16 answered ")
+    assert "export.min_agreement 0.95" in blocked.verdict
+    assert blocked.verdict.endswith("exact_match +0.500 against base model")
+    tags = decision_tags(blocked, blocked.verdict)
+    assert tags["loraflow.export.gguf-f16.agreement"] == f"{report.check.agreement:.6g}"
+    assert tags["loraflow.gate.failed_exports"] == "gguf-f16"
+    assert with_exports(allowed, []).promote
+
+
+def test_a_gguf_export_of_a_model_trained_without_a_chat_template_is_refused_at_config():
+    from loraflow.config import PipelineConfig
+
+    with pytest.raises(ValueError, match="export.formats=\\[vllm\\]"):
+        PipelineConfig.model_validate({"data": {"template": "alpaca"}})
+    PipelineConfig.model_validate({"data": {"template": "alpaca"},
+                                   "export": {"formats": ["vllm"]}})
 
 
 def test_the_vllm_bundle_names_its_base_and_the_serve_command(evaluated, tmp_path):

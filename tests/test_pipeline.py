@@ -278,7 +278,8 @@ def test_a_jinja_template_is_what_the_merge_check_generate_and_the_served_model_
     render = prompts.render_prompt  # what every answer's prompt goes through (generation)
     monkeypatch.setattr(prompts, "render_prompt", spy)
     cfg = tiny_config(small_data, tiny_model_dir, "tiny-jinja",
-                      data={"template": "jinja", "jinja_template": str(jinja_file)})
+                      data={"template": "jinja", "jinja_template": str(jinja_file)},
+                      export={"formats": ["vllm"]})
     finetune(config=cfg)
     # base, base + adapter and the merged model (the merge's check) answered the test split
     instruction = json.loads(small_data["test"].read_text().splitlines()[0])["instruction"]

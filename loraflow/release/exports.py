@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from loraflow.artifacts import ExportCheck
 from loraflow.base_model import inference_device
 from loraflow.config import EvalConfig, ExportConfig, ExportFormat
 from loraflow.data.prompts import PromptTemplate
@@ -32,17 +33,10 @@ from loraflow.release.vllm_bundle import write_bundle
 
 
 class ExportReport(BaseModel):
-    """One format: its files, what answered for it, and how often it answered as evaluated."""
+    """One format checked, and the answers that differed."""
 
-    format: ExportFormat
-    files: dict[str, int]  # file -> bytes, relative to the format's folder
-    write_seconds: float
-    check_seconds: float
-    runtime: str  # what answered the test prompts
+    check: ExportCheck
     parity: AnswerParity  # "adapter": the evaluated model's answer, "merged": the export's
-    agreement: float
-    min_agreement: float
-    passed: bool
 
 
 def export_version(
@@ -85,10 +79,11 @@ def report(fmt: ExportFormat, folder: Path, evaluated: EvalResult, answers: Eval
     agreement = 1.0 - parity.differing / parity.answers if parity.answers else 1.0
     files = {str(p.relative_to(folder)): p.stat().st_size
              for p in sorted(folder.rglob("*")) if p.is_file()}
-    return ExportReport(format=fmt, files=files, write_seconds=round(write_seconds, 3),
-                        check_seconds=round(check_seconds, 3), runtime=runtime, parity=parity,
-                        agreement=agreement, min_agreement=min_agreement,
-                        passed=agreement >= min_agreement)
+    check = ExportCheck(format=fmt, agreement=agreement, min_agreement=min_agreement,
+                        answers=parity.answers, runtime=runtime, files=files,
+                        write_seconds=round(write_seconds, 3),
+                        check_seconds=round(check_seconds, 3))
+    return ExportReport(check=check, parity=parity)
 
 
 def gguf_answers(gguf_file: Path, sets: list[EvalSet], eval_cfg: EvalConfig

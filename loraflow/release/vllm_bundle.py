@@ -136,7 +136,8 @@ In this folder:
 
 Ask it (greedy, as it was evaluated):
 
-    curl http://127.0.0.1:8000/v1/{endpoint} -H 'Content-Type: application/json' -d '{json.dumps(body)}'
+    curl http://127.0.0.1:8000/v1/{endpoint} -H 'Content-Type: application/json' \\
+      -d '{json.dumps(body)}'
 
 Prompt template: {lineage.template.kind} (loraflow.json holds it). Rank r={config["r"]}, target
 modules {sorted(config.get("target_modules") or [])}.
