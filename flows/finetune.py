@@ -2,7 +2,8 @@
 
     validate_data -> tokenize -> train (LoRA) -> evaluate base -> merge (base + adapter and
     the merged model answer the test sets: the merged model's score is the tuned one) ->
-    evaluate the current champion -> report (figures + HTML) -> register (alias challenger) ->
+    export (GGUF, vLLM bundle: each answers the test sets in another runtime) -> evaluate the
+    current champion -> decide -> report (figures + HTML) -> register (alias challenger) ->
     push to object storage -> promote (alias champion, if the gate passes)
     (everything after training is release_stage, which a sweep's winner goes through too)
     [-> with an `align` section: the preference stage on top of that SFT model, flows/align.py]
@@ -54,6 +55,7 @@ from tasks.evaluation import decide_promotion, evaluate_champion, report_evaluat
 from tasks.model import evaluate_base, merge_adapter, prepare_base_model, train_adapter
 from tasks.release import (
     discard_version,
+    export_model,
     open_configured_store,
     promote_model,
     push_model,
@@ -127,12 +129,14 @@ def release_stage(
         base=base, adapter=adapter, test=test, template=template, eval_cfg=cfg.eval,
         cfg=cfg.merge), run_id=run_id, where=where)
     model, tuned_eval = merged.model, merged.evaluation
+    exports = step(export_model, model=model, adapter=adapter, tuned=tuned_eval, test=test,
+                   cfg=cfg.export, eval_cfg=cfg.eval, model_name=name, run_id=run_id)
     rival = step(evaluate_champion, model_name=name, candidate=model, test=test,
                  template=template, cfg=cfg.eval, run_id=run_id, where=where)
     evals = [base_eval, tuned_eval, rival]  # rival: None when there is no other champion
     decision = step(decide_promotion, model=model, tuned=tuned_eval, base=base_eval,
                     champion=rival, model_name=name, registry=cfg.registry, cfg=cfg.eval,
-                    run_id=run_id)
+                    run_id=run_id, exports=exports)
     report = step(report_evaluation, evaluations=evals, cfg=cfg.eval, adapter=adapter,
                   run_id=run_id, decision=decision, sweep=sweep)
     after = tuned_eval.metrics
@@ -141,7 +145,7 @@ def release_stage(
     version = registered.version
     try:
         storage_uri = step(push_model, version=version, model=model, adapter=adapter,
-                           cfg=cfg.storage, model_name=name, run_id=run_id)
+                           cfg=cfg.storage, model_name=name, run_id=run_id, exports=exports)
     except Exception:
         if registered.created:
             discard_version(cfg.registry, version)  # no new version without its files
@@ -161,4 +165,5 @@ def release_stage(
         "gate": gate["reason"], "decision": decision.primary and decision.primary.model_dump(),
         "metrics": {e.label: e.metrics for e in evals if e is not None},
         "report_uri": report, "storage_uri": storage_uri,
+        "exports": [c.model_dump() for c in exports.checks],
     } | ({"align": aligned} if aligned is not None else {})

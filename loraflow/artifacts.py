@@ -72,6 +72,30 @@ class MergedModel(ArtifactRef):
     note: str  # what was merged onto what, in words
 
 
+class ExportCheck(BaseModel):
+    """One export format and how often it answered the test prompts as the evaluated model did,
+    in a runtime loraflow did not write (loraflow.release.exports)."""
+
+    format: str  # export.formats: gguf-f16, gguf-q8_0, vllm
+    agreement: float  # the fraction of test answers identical to the evaluated model's
+    min_agreement: float  # export.min_agreement for the format
+    answers: int
+    runtime: str  # what answered: "transformers 5.25.0 GGUF reader", "peft 0.21.2 ..."
+    files: dict[str, int]  # file -> bytes, in the format's folder
+    write_seconds: float
+    check_seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return self.agreement >= self.min_agreement
+
+
+class Exports(ArtifactRef):
+    """Every export of a merged model (artifact exports/<format>/), checked."""
+
+    checks: list[ExportCheck]
+
+
 class Champion(ArtifactRef):
     """The champion version's files, when it answers the same test sets as the candidate."""
 

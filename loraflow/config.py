@@ -604,6 +604,45 @@ class StorageConfig(Section):
         return self
 
 
+ExportFormat = Literal["gguf-f16", "gguf-q8_0", "vllm"]
+# f16 rounds the merged weights once more (bf16 -> f16 is exact in range; fp32 -> f16 is not),
+# q8_0 keeps 8 bits a weight: a few near-tie answers may flip. The vLLM bundle is the adapter
+# itself, so its answers should be the merge's (merge.max_differing already bounds that).
+DEFAULT_MIN_AGREEMENT: dict[str, float] = {"gguf-f16": 0.95, "gguf-q8_0": 0.8, "vllm": 0.95}
+
+
+class ExportConfig(Section):
+    formats: list[ExportFormat] = Field(
+        ["gguf-f16"],
+        description="What each registered version ships besides the transformers directory: "
+        "gguf-f16 / gguf-q8_0 (llama.cpp, Ollama: weights, tokenizer, chat template and stop "
+        "ids in one file, plus a Modelfile), vllm (the adapter in PEFT layout with the serve "
+        "command). Each answers the test prompts in a runtime loraflow did not write and is "
+        "compared with the evaluated model. Default: what is cheap on the embedded CPU default.",
+    )
+    min_agreement: dict[ExportFormat, float] = Field(
+        DEFAULT_MIN_AGREEMENT,
+        description="Per format, the fraction of test answers the export must give exactly as "
+        "the evaluated model did; a format below it blocks promotion and is named in the "
+        "verdict. Formats not listed take the default (gguf-f16 0.95, gguf-q8_0 0.8, vllm 0.95).",
+    )
+
+    @field_validator("formats")
+    @classmethod
+    def _once_each(cls, formats: list[str]) -> list[str]:
+        if len(set(formats)) != len(formats):
+            raise ValueError(f"formats {formats} names a format twice; list each once")
+        return formats
+
+    @field_validator("min_agreement")
+    @classmethod
+    def _fractions(cls, given: dict[str, float]) -> dict[str, float]:
+        wrong = {k: v for k, v in given.items() if not 0.0 <= v <= 1.0}
+        if wrong:
+            raise ValueError(f"min_agreement {wrong}: each is a fraction of answers, 0 to 1")
+        return DEFAULT_MIN_AGREEMENT | given
+
+
 # The align stage's training, where it differs from the SFT run's train section.
 ALIGN_TRAINING = {"objective": "dpo", "max_steps": 30, "learning_rate": 5e-4,
                   "micro_batch_size": 4, "grad_accum_steps": 1, "epochs": 0}
@@ -784,6 +823,7 @@ class PipelineConfig(Section):
     merge: MergeConfig = MergeConfig()
     registry: RegistryConfig = RegistryConfig()
     storage: StorageConfig = StorageConfig()
+    export: ExportConfig = ExportConfig()
     sweep: SweepConfig | None = Field(
         None, description="A hyperparameter search for `loraflow sweep`; `loraflow run` trains "
         "the config as it is. Off unless set (see README, Sweeps).")
@@ -804,6 +844,13 @@ class PipelineConfig(Section):
                 "(bitsandbytes' int8/nf4, loraflow's fp8 copies) cannot be sharded and fp16's "
                 "loss scaling would differ between ranks. Fix: train.precision=bf16 (or auto) "
                 "with fsdp, or launch.parallelism=ddp."
+            )
+        gguf = [f for f in self.export.formats if f.startswith("gguf")]
+        if gguf and self.data.template != "chat":
+            raise ValueError(
+                f"export.formats {gguf} carry the chat template a server renders prompts with, "
+                f"and data.template={self.data.template} has none a server can reproduce from "
+                "chat messages. Fix: export.formats=[vllm] (or []), or data.template=chat."
             )
         return self
 

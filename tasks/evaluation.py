@@ -12,7 +12,14 @@ from mlflow import MlflowClient
 from prefect import task
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 
-from loraflow.artifacts import Adapter, EvaluateRequest, Evaluation, HeldoutSplit, MergedModel
+from loraflow.artifacts import (
+    Adapter,
+    EvaluateRequest,
+    Evaluation,
+    Exports,
+    HeldoutSplit,
+    MergedModel,
+)
 from loraflow.config import EvalConfig, RegistryConfig
 from loraflow.data.prompts import PromptTemplate
 from loraflow.evaluation import evaluate, gate, report
@@ -77,10 +84,12 @@ def decide_promotion(
     registry: RegistryConfig,
     cfg: EvalConfig,
     run_id: str,
+    exports: Exports | None = None,
 ) -> gate.GateDecision:
     """The paired decision: the merged model's answers against the champion's in this run
-    (against the base model's when there is no other champion); logged as gate.* and
-    eval/decision.json. promote_model applies it."""
+    (against the base model's when there is no other champion), and every export answering as
+    the merged model did (export.min_agreement); logged as gate.* and eval/decision.json.
+    promote_model applies it."""
     other = rival(model_name, model)
     reference, name = (base, "base model") if other is None else (
         champion, f"champion v{other.version}")  # champion: None when not compared
@@ -88,6 +97,7 @@ def decide_promotion(
         evaluate.read_result(fetch(tuned.uri)),
         evaluate.read_result(fetch(reference.uri)) if reference is not None else None,
         name, registry, cfg, reference_version=other and other.version)
+    decision = gate.with_exports(decision, exports.checks if exports else [])
     log_decision(decision, run_id)
     return decision
 

@@ -1,7 +1,10 @@
-"""Release tasks: register the merged model in MLflow, push it to object storage, promote it."""
+"""Release tasks: export the merged model in the formats users serve (each checked against the
+evaluated model's answers), register it in MLflow, push it to object storage, promote it."""
 
 from __future__ import annotations
 
+import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +17,24 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 from tqdm import tqdm
 
-from loraflow.artifacts import Adapter, MergedModel
-from loraflow.config import RegistryConfig, StorageConfig, loraflow_home
+from loraflow.artifacts import Adapter, Evaluation, Exports, HeldoutSplit, MergedModel
+from loraflow.config import (
+    EvalConfig,
+    ExportConfig,
+    RegistryConfig,
+    StorageConfig,
+    loraflow_home,
+)
 from loraflow.credentials import safe_url
+from loraflow.evaluation import evaluate
 from loraflow.evaluation.gate import GateDecision
+from loraflow.hashing import sha256_tree
 from loraflow.release import registry
+from loraflow.release.exports import export_version
 from loraflow.release.lineage import read_manifest
 from loraflow.release.storage import open_store, push_tree
 from tasks.caching import CONTENT
-from tasks.tracking import fetch, fetch_verified, log_metrics, log_params
+from tasks.tracking import fetch, fetch_verified, log_dir, log_metrics, log_params
 
 ENDPOINT_TAG = "loraflow.storage_endpoint"
 TRANSIENT = (OSError, ConnectionError, BotoCoreError, ClientError, MlflowException)
@@ -44,6 +56,39 @@ NETWORK_RETRIES = {
     "retry_delay_seconds": exponential_backoff(backoff_factor=2),
     "retry_condition_fn": retry_transient,
 }
+
+
+@task(cache_policy=CONTENT)
+def export_model(
+    model: MergedModel,
+    adapter: Adapter,
+    tuned: Evaluation,
+    test: HeldoutSplit,
+    cfg: ExportConfig,
+    eval_cfg: EvalConfig,
+    model_name: str,
+    run_id: str,
+) -> Exports:
+    """Write export.formats from the merged model and its adapter (artifact exports/<format>/);
+    each answers the test sets in a runtime loraflow did not write, compared with the tuned
+    (evaluated) answers: agreement per format as export.<format>.agreement, the differing
+    answers in eval/exports/exports.json. The gate reads the agreement (decide_promotion)."""
+    sets = evaluate.load_sets(eval_cfg, fetch(test.uri) / "test.jsonl")
+    evaluated = evaluate.read_result(fetch(tuned.uri))
+    with tempfile.TemporaryDirectory() as tmp:
+        out, details = Path(tmp) / "exports", Path(tmp) / "details"
+        reports = export_version(fetch(model.uri), fetch_verified(adapter, "adapter"), out, cfg,
+                                 sets, eval_cfg, evaluated, model_name)
+        details.mkdir()
+        (details / "exports.json").write_text(
+            json.dumps([r.model_dump() for r in reports], indent=2))
+        log_dir(run_id, details, "eval/exports")
+        uri, sha256 = log_dir(run_id, out, "exports"), sha256_tree(out)
+    checks = [r.check for r in reports]
+    log_metrics(run_id, {f"export.{c.format}.{k}": float(v) for c in checks for k, v in {
+        "agreement": c.agreement, "bytes": sum(c.files.values()),
+        "write_seconds": c.write_seconds, "check_seconds": c.check_seconds}.items()})
+    return Exports(uri=uri, sha256=sha256, checks=checks)
 
 
 class Registered(BaseModel):
@@ -115,10 +160,14 @@ def push_model(
     cfg: StorageConfig,
     model_name: str,
     run_id: str,
+    exports: Exports | None = None,
 ) -> str:
-    """Upload merged model + adapter + SHA-256 manifest to <root>/<model-name>/<version>/."""
+    """Upload merged model + adapter (+ exports/<format>/) + SHA-256 manifest to
+    <root>/<model-name>/<version>/."""
     store = open_configured_store(cfg)
     dirs = {"model": fetch(model.uri), "adapter": fetch_verified(adapter, "adapter")}
+    if exports is not None and exports.checks:
+        dirs["exports"] = fetch_verified(exports, "exports")
     total = sum(p.stat().st_size for d in dirs.values() for p in Path(d).rglob("*") if p.is_file())
     with tqdm(total=total, desc="push", unit="B", unit_scale=True) as bar:
         pushed = push_tree(

@@ -67,6 +67,12 @@ def test_pipeline_registers_pushes_and_reruns_fully_cached(
     } <= set(manifest["files"])
     for key, digest in manifest["files"].items():
         assert sha256_file(root / key) == digest, key
+    # the default export, checked through transformers' GGUF reader, pushed beside the model
+    assert {"exports/gguf-f16/tiny-e2e-f16.gguf", "exports/gguf-f16/Modelfile"} <= set(
+        manifest["files"])
+    [export] = first["exports"]
+    assert export["format"] == "gguf-f16" and export["agreement"] >= 0.95
+    assert version.tags["loraflow.export.gguf-f16.agreement"] == f"{export['agreement']:.6g}"
     lineage = json.loads((root / "adapter" / "loraflow.json").read_text())
     assert lineage["lora"]["r"] == 8 and lineage["lora"]["target_modules"] == ["q_proj", "v_proj"]
     assert lineage["chat_template"].startswith("{% for message")
@@ -278,7 +284,8 @@ def test_a_jinja_template_is_what_the_merge_check_generate_and_the_served_model_
     render = prompts.render_prompt  # what every answer's prompt goes through (generation)
     monkeypatch.setattr(prompts, "render_prompt", spy)
     cfg = tiny_config(small_data, tiny_model_dir, "tiny-jinja",
-                      data={"template": "jinja", "jinja_template": str(jinja_file)})
+                      data={"template": "jinja", "jinja_template": str(jinja_file)},
+                      export={"formats": ["vllm"]})
     finetune(config=cfg)
     # base, base + adapter and the merged model (the merge's check) answered the test split
     instruction = json.loads(small_data["test"].read_text().splitlines()[0])["instruction"]

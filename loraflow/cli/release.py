@@ -72,6 +72,11 @@ def add_pull_command(commands: argparse._SubParsersAction) -> None:
         help="directory to download into (default: $LORAFLOW_HOME/pulled/NAME-vVERSION, which "
         "`make clean` removes; a folder in the checkout would sit untracked in git status)",
     )  # fmt: skip
+    pull.add_argument(
+        "--format", choices=("gguf-f16", "gguf-q8_0", "vllm"),
+        help="pull only this export (exports/FORMAT/: the GGUF file and its Ollama Modelfile, "
+        "or the vLLM bundle with its README) instead of the transformers model and adapter",
+    )  # fmt: skip
     pull.set_defaults(handler=run_release_command, release=pull_command)
 
 
@@ -272,10 +277,25 @@ def pull_command(args: argparse.Namespace) -> int:
         uri, endpoint, cfg.storage.multipart_threshold_mb, cfg.storage.multipart_chunk_mb
     )
     dest = args.dest or loraflow_home() / "pulled" / f"{name}-v{version.version}"
-    pulled = pull_tree(store, "", dest)
-    files = len(pulled["manifest"]["files"])
+    under = f"exports/{args.format}/" if args.format else ""
+    if args.format and f"loraflow.export.{args.format}.agreement" not in version.tags:
+        print(f"loraflow pull: {name} v{version.version} has no {args.format} export (exported: "
+              f"{_exported(version.tags) or 'none'}). Fix: add it to export.formats and run the "
+              "pipeline again.", file=sys.stderr)
+        return 1
+    pulled = pull_tree(store, "", dest, under)
+    files = sum(key.startswith(under) for key in pulled["manifest"]["files"])
     print(
-        f"{name} v{version.version}: {files} files verified in {dest} "
+        f"{name} v{version.version}: {files} files verified in {dest / under} "
         f"({pulled['downloaded']} downloaded) from {uri}"
     )
+    if args.format:
+        agreement = version.tags[f"loraflow.export.{args.format}.agreement"]
+        print(f"{args.format} answered {float(agreement):.1%} of the test prompts as the "
+              "evaluated model did; how to serve it: docs/serving.md")
     return 0
+
+
+def _exported(tags: dict[str, str]) -> str:
+    return ", ".join(sorted(k.split(".")[2] for k in tags
+                            if k.startswith("loraflow.export.") and k.endswith(".agreement")))

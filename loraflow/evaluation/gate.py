@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from loraflow.artifacts import ExportCheck
 from loraflow.config import LOWER_IS_BETTER, EvalConfig, RegistryConfig
 from loraflow.evaluation.evaluate import EvalResult
 from loraflow.evaluation.significance import PairedTest, detectable_improvement, paired_test
@@ -47,6 +48,8 @@ class GateDecision(BaseModel):
     won: list[Flip] = []  # the candidate right (better) where the reference was not
     lost: list[Flip] = []
     detectable: float | None = None  # the smallest improvement this set can show (0/1 metrics)
+    exports: list[ExportCheck] = []  # each export's agreement with the evaluated model
+    failed_exports: list[str] = []  # formats below export.min_agreement
 
 
 def example_id(row: dict[str, Any]) -> str:
@@ -149,6 +152,22 @@ def decide(
         promote=promote, primary=primary, guards=guards, failed_guards=failed,
         won=won[:FLIPS_SHOWN], lost=lost[:FLIPS_SHOWN], detectable=detectable,
         verdict=verdict(primary, reference_name, failed, met, promote, detectable), **base)
+
+
+def with_exports(decision: GateDecision, checks: list[ExportCheck]) -> GateDecision:
+    """The decision once the exports are checked: what ships must be what was measured, so an
+    export that answers unlike the evaluated model blocks promotion and is named."""
+    failed = [c for c in checks if not c.passed]
+    if not failed:
+        return decision.model_copy(update={"exports": checks})
+    named = "; ".join(
+        f"export {c.format} answered {round(c.agreement * c.answers)} of {c.answers} test "
+        f"prompts as the evaluated model did ({c.runtime}): agreement {c.agreement:.3f} < "
+        f"export.min_agreement {c.min_agreement}" for c in failed)
+    verdict = (f"not promoted ({named}): {decision.verdict.removeprefix('promoted: ')}"
+               if decision.promote else f"{decision.verdict}; and {named}")
+    return decision.model_copy(update={"promote": False, "exports": checks, "verdict": verdict,
+                                       "failed_exports": [c.format for c in failed]})
 
 
 def flips(rows: list[tuple[dict, dict]], metric: str) -> tuple[list[Flip], list[Flip]]:

@@ -104,7 +104,18 @@ def _lora_request(adapter: Path | None) -> Any:
     return LoRARequest("adapter", 1, str(adapter))
 
 
+# The values vLLM's --max-lora-rank accepts (its LoRAConfig); the adapter's r must not exceed it.
+MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def max_lora_rank(rank: int) -> int | None:
+    """The smallest --max-lora-rank that covers rank r; None above vLLM's largest."""
+    return next((size for size in MAX_LORA_RANKS if size >= rank), None)
+
+
 def _rank(adapter: Path) -> int:
-    """vLLM's max_lora_rank must cover the adapter's r; it accepts 8, 16, 32, 64, ..."""
-    rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
-    return next(size for size in (8, 16, 32, 64, 128, 256, 320, 512) if size >= rank)
+    rank = max_lora_rank(json.loads((Path(adapter) / "adapter_config.json").read_text())["r"])
+    if rank is None:
+        raise ValueError(f"adapter {adapter}: r is above vLLM's largest --max-lora-rank "
+                         f"({MAX_LORA_RANKS[-1]}). Fix: lora.r={MAX_LORA_RANKS[-1]} or lower.")
+    return rank

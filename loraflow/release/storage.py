@@ -364,9 +364,10 @@ def push_tree(
     return {"manifest": manifest, "uploaded": uploaded, "uri": f"{store.root}/{prefix}"}
 
 
-def pull_tree(store: ObjectStore, prefix: str, dest: Path) -> dict[str, Any]:
+def pull_tree(store: ObjectStore, prefix: str, dest: Path, under: str = "") -> dict[str, Any]:
     """Download a pushed version into dest and verify every file against its manifest's SHA-256.
-    Files already in dest with the right hash are kept; a mismatch stops with the file named."""
+    Files already in dest with the right hash are kept; a mismatch stops with the file named.
+    under: only the files whose key starts with it (one export, "exports/gguf-f16/")."""
     if prefix:
         check_key(prefix, f"pull from {store.root}")
     manifest = store.read_json(_join(prefix, MANIFEST))
@@ -375,6 +376,9 @@ def pull_tree(store: ObjectStore, prefix: str, dest: Path) -> dict[str, Any]:
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict):
         raise StorageIntegrityError(f"{where}: no 'files' mapping; push the version again")
+    files = {key: digest for key, digest in files.items() if key.startswith(under)}
+    if not files:
+        raise StorageIntegrityError(f"{where}: no file under {under!r} in this version")
     for key in files:  # every key checked before any byte is written
         inside(dest, key, where)
     downloaded = 0

@@ -1,0 +1,160 @@
+"""Exports answer like the evaluated model, read back by runtimes loraflow did not write:
+transformers' GGUF reader for the GGUF files, plain PEFT for the vLLM bundle."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from tiny import make_adapter
+
+from loraflow.config import EvalConfig, ExportConfig
+from loraflow.data.prompts import PromptTemplate
+
+CHAT = PromptTemplate(kind="chat")
+OTHER_TEMPLATE = ("{% for message in messages %}{{ '### ' + message['role'] + ':\n' + "
+                  "message['content'] + '\n' }}{% endfor %}{% if add_generation_prompt %}"
+                  "{{ '### assistant:\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def evaluated(chatty_model_dir, tmp_path_factory):
+    """The chatty tiny Llama with a chat-template adapter, merged and evaluated as the pipeline
+    does: (merged dir, adapter dir, test sets, eval config, the evaluated result)."""
+    from loraflow.evaluation.evaluate import load_sets
+    from loraflow.release.merge import merge_and_evaluate
+
+    root = tmp_path_factory.mktemp("export")
+    adapter = make_adapter(chatty_model_dir, root / "adapter", template="chat")
+    data = Path(__file__).resolve().parents[1] / "data" / "orders" / "test.jsonl"
+    test = root / "test.jsonl"
+    test.write_text("".join(data.read_text().splitlines(keepends=True)[:6]))
+    cfg = EvalConfig(max_new_tokens=8, batch_size=6)
+    sets = load_sets(cfg, test)
+    _, tuned, _ = merge_and_evaluate(chatty_model_dir, adapter, root / "merged", sets, CHAT,
+                                     cfg, "fp32")
+    return root / "merged", adapter, sets, cfg, tuned
+
+
+def export(evaluated, out: Path, formats: list[str], merged: Path | None = None):
+    from loraflow.release.exports import export_version
+
+    merged_dir, adapter, sets, cfg, tuned = evaluated
+    return export_version(merged or merged_dir, adapter, out, ExportConfig(formats=formats),
+                          sets, cfg, tuned, "tiny")
+
+
+def test_each_export_read_back_by_another_runtime_answers_like_the_evaluated_model(
+    evaluated, tmp_path
+):
+    formats = ["gguf-f16", "gguf-q8_0", "vllm"]
+    reports = {r.check.format: r.check for r in export(evaluated, tmp_path, formats)}
+    assert reports["gguf-f16"].answers == 6
+    assert reports["gguf-f16"].agreement == 1.0 and reports["gguf-f16"].passed
+    assert "GGUF reader" in reports["gguf-f16"].runtime
+    assert reports["vllm"].agreement == 1.0
+    assert "AutoPeftModelForCausalLM" in reports["vllm"].runtime
+    # q8_0 rounds every weight: on a random model (near-ties everywhere) half the answers
+    # flip (measured: 3 of 6); the gate reads the rate against its own, lower, bar
+    q8 = reports["gguf-q8_0"]
+    assert q8.answers == 6 and q8.passed == (q8.agreement >= q8.min_agreement == 0.8)
+    assert set(reports["gguf-f16"].files) == {"tiny-f16.gguf", "Modelfile"}
+    assert reports["gguf-q8_0"].files["tiny-q8_0.gguf"] < reports["gguf-f16"].files["tiny-f16.gguf"]
+
+
+def test_the_gguf_file_carries_the_trained_chat_template_and_stop_ids(evaluated, tmp_path):
+    import gguf
+    from transformers import AutoTokenizer
+
+    merged_dir = evaluated[0]
+    export(evaluated, tmp_path, ["gguf-f16"])
+    reader = gguf.GGUFReader(tmp_path / "gguf-f16" / "tiny-f16.gguf")
+    trained = AutoTokenizer.from_pretrained(merged_dir)
+    assert reader.fields["tokenizer.chat_template"].contents() == trained.chat_template
+    assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == trained.eos_token_id
+    assert reader.fields["general.architecture"].contents() == "llama"
+    modelfile = (tmp_path / "gguf-f16" / "Modelfile").read_text()
+    assert "FROM ./tiny-f16.gguf" in modelfile
+    assert f'PARAMETER stop "{trained.eos_token}"' in modelfile
+    # TEMPLATE is the trained template's own layout around the prompt
+    before, _, rest = modelfile.partition('TEMPLATE """')[2].partition("{{ .Prompt }}")
+    rendered = trained.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                           add_generation_prompt=True)
+    assert rendered == before + "hi" + rest.partition('"""')[0]
+
+
+def test_an_export_with_another_chat_template_fails_its_parity_check(evaluated, tmp_path):
+    planted = tmp_path / "planted"
+    shutil.copytree(evaluated[0], planted)
+    (planted / "chat_template.jinja").write_text(OTHER_TEMPLATE)
+    [report] = export(evaluated, tmp_path / "out", ["gguf-f16"], merged=planted)
+    assert not report.check.passed and report.check.agreement < 0.95
+    assert report.parity.differing == 6 - round(report.check.agreement * 6)
+
+    # ... and blocks a promotion the paired test allowed, naming the export
+    from loraflow.evaluation.gate import GateDecision, with_exports
+    from loraflow.release.registry import decision_tags
+
+    allowed = GateDecision(promote=True, verdict="promoted: exact_match +0.500 against base "
+                           "model", metric="exact_match", set_name="test",
+                           reference_name="base model", primary=None)
+    blocked = with_exports(allowed, [report.check])
+    assert not blocked.promote and blocked.failed_exports == ["gguf-f16"]
+    assert blocked.verdict.startswith("not promoted (export gguf-f16 answered ")
+    assert "export.min_agreement 0.95" in blocked.verdict
+    assert blocked.verdict.endswith("exact_match +0.500 against base model")
+    tags = decision_tags(blocked, blocked.verdict)
+    assert tags["loraflow.export.gguf-f16.agreement"] == f"{report.check.agreement:.6g}"
+    assert tags["loraflow.gate.failed_exports"] == "gguf-f16"
+    assert with_exports(allowed, []).promote
+
+
+def test_a_gguf_export_of_a_model_trained_without_a_chat_template_is_refused_at_config():
+    from loraflow.config import PipelineConfig
+
+    with pytest.raises(ValueError, match="export.formats=\\[vllm\\]"):
+        PipelineConfig.model_validate({"data": {"template": "alpaca"}})
+    PipelineConfig.model_validate({"data": {"template": "alpaca"},
+                                   "export": {"formats": ["vllm"]}})
+
+
+def test_the_vllm_bundle_names_its_base_and_the_serve_command(evaluated, tmp_path):
+    from loraflow.release.vllm_bundle import write_bundle
+
+    _, adapter, *_ = evaluated
+    bundle = write_bundle(adapter, tmp_path / "vllm", "tiny", 8)
+    config = json.loads((bundle / "adapter_config.json").read_text())
+    lineage = json.loads((adapter / "loraflow.json").read_text())
+    assert config["base_model_name_or_path"] == lineage["base_path"]
+    readme = (bundle / "README.md").read_text()
+    assert (f"vllm serve {lineage['base_path']} --enable-lora --lora-modules tiny=$PWD "
+            "--max-lora-rank 8") in readme
+    assert '"temperature": 0' in readme
+
+
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning",
+                            "ignore:Setting `save_embedding_layers`:UserWarning")
+def test_the_vllm_lint_refuses_modules_to_save_and_embedding_deltas(evaluated, tmp_path):
+    from loraflow.release.vllm_bundle import VllmLintError, write_bundle
+
+    _, adapter, *_ = evaluated
+    saving = tmp_path / "saving"
+    shutil.copytree(adapter, saving)
+    config = json.loads((saving / "adapter_config.json").read_text())
+    config["modules_to_save"] = ["lm_head"]
+    (saving / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(VllmLintError, match="modules_to_save"):
+        write_bundle(saving, tmp_path / "out", "tiny", 8)
+    assert not (tmp_path / "out").exists()
+
+    embedding = make_adapter(evaluated[0], tmp_path / "emb", targets=("q_proj", "embed_tokens"))
+    with pytest.raises(VllmLintError, match="embed_tokens"):
+        write_bundle(embedding, tmp_path / "out", "tiny", 8)
+
+
+def test_a_template_servers_cannot_reproduce_is_refused_with_the_fix(evaluated, tmp_path):
+    from loraflow.release.gguf_export import ExportError, write_gguf
+
+    with pytest.raises(ExportError, match="data.template=chat"):
+        write_gguf(evaluated[0], tmp_path / "x.gguf", "gguf-f16", PromptTemplate(kind="alpaca"),
+                   "tiny")
