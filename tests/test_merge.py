@@ -177,9 +177,12 @@ def test_the_merged_model_is_evaluated_and_checked_against_base_plus_adapter_ans
     assert "examples" not in lineage["merge"]["parity"]
 
 
-def test_on_cpu_base_plus_adapter_answer_in_float32_and_the_merged_model_in_its_dtype(
+def test_on_cpu_the_merged_model_is_saved_in_its_dtype_and_answers_as_cpu_scores_any_model(
     chatty_model_dir, chatty_adapter, small_data, tmp_path
 ):
+    """Saved in bf16; scored from those bf16 weights in fp32 arithmetic, as evaluate_champion
+    and the export checks score a model on CPU, so one model has one score on this device."""
+    from loraflow.evaluation.evaluate import ModelSource, evaluate
     from loraflow.release.merge import merge_and_evaluate
 
     sets, cfg = heldout(small_data)
@@ -187,8 +190,11 @@ def test_on_cpu_base_plus_adapter_answer_in_float32_and_the_merged_model_in_its_
         chatty_model_dir, chatty_adapter, tmp_path / "m", sets, ALPACA, cfg, "bf16",
         max_differing=1.0,
     )
-    assert reference.dtype == "fp32" and tuned.dtype == "bf16"  # no CUDA here
+    assert reference.dtype == tuned.dtype == "fp32"  # no CUDA here
     assert report.parity.reference_dtype == "fp32"
+    again = evaluate(ModelSource(path=tmp_path / "m"), sets, ALPACA, cfg, label="champion")
+    assert [e["answer"] for e in again.examples["test"]] == \
+        [e["answer"] for e in tuned.examples["test"]]
     with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118
 
