@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import BaseModel
@@ -132,8 +133,9 @@ def _from_hf_cache(model_id: str) -> BaseModelRef:
     return BaseModelRef(name=model_id, path=path, sha256=sha256_tree(path))
 
 
-def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(path)
+def load_tokenizer(path: Path | str, **options: Any) -> PreTrainedTokenizerBase:
+    """The model's tokenizer (`options` to from_pretrained, e.g. gguf_file), with a pad id."""
+    tokenizer = AutoTokenizer.from_pretrained(path, **options)
     if tokenizer.pad_token is None:
         # Padding positions are masked out of attention and labels, so any id serves here.
         tokenizer.pad_token = tokenizer.eos_token

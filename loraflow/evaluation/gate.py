@@ -222,12 +222,11 @@ def verdict(primary: PairedTest, reference_name: str, failed: list[str], met: bo
     why = []
     if not primary.passed:
         why.append("the improvement is not shown at this confidence")
-        if detectable is None:
-            pass  # a continuous metric: its interval says it
-        elif math.isnan(detectable):
+        # (detectable is None for a continuous metric: its interval says it)
+        if detectable is not None and math.isnan(detectable):
             why.append(f"no improvement is detectable on {primary.examples} examples: a larger "
                        "test split is needed")
-        elif primary.estimate > 0 and detectable > primary.estimate:
+        elif detectable is not None and 0 < primary.estimate < detectable:
             why.append(f"{primary.examples} examples show {detectable:.3f} or more at best; a "
                        f"gain of {primary.estimate:+.3f} needs a larger test split")
     if failed:

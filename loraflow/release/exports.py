@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from loraflow.artifacts import ExportCheck
-from loraflow.base_model import inference_device
+from loraflow.base_model import inference_device, load_tokenizer
 from loraflow.config import EvalConfig, ExportConfig, ExportFormat
 from loraflow.data.prompts import PromptTemplate
 from loraflow.evaluation.evaluate import (
@@ -63,7 +63,7 @@ def export_version(
             gguf_file = write_gguf(merged_dir, folder / f"{name}-{fmt.removeprefix('gguf-')}.gguf",
                                    fmt, template, name)
             (folder / "Modelfile").write_text(ollama_modelfile(
-                gguf_file.name, AutoTokenizer.from_pretrained(merged_dir), template,
+                gguf_file.name, load_tokenizer(merged_dir), template,
                 eval_cfg.max_new_tokens))
             written = time.perf_counter()
             answers, runtime = gguf_answers(gguf_file, sets, eval_cfg)
@@ -90,9 +90,9 @@ def gguf_answers(gguf_file: Path, sets: list[EvalSet], eval_cfg: EvalConfig
                  ) -> tuple[EvalResult, str]:
     """The test sets answered by the GGUF file as transformers reads it: weights dequantized,
     tokenizer and chat template from the file's metadata (a server's view of it)."""
-    where = {"pretrained_model_name_or_path": gguf_file.parent, "gguf_file": gguf_file.name}
-    tokenizer = _padded(AutoTokenizer.from_pretrained(**where))
-    model = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32, use_kernels=False)
+    tokenizer = load_tokenizer(gguf_file.parent, gguf_file=gguf_file.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,
+                                                 dtype=torch.float32, use_kernels=False)
     answers = _answer(model, tokenizer, sets, PromptTemplate(kind="chat"), eval_cfg)
     return answers, f"transformers {metadata.version('transformers')} GGUF reader"
 
@@ -105,17 +105,11 @@ def bundle_answers(bundle: Path, sets: list[EvalSet], eval_cfg: EvalConfig
     from peft import AutoPeftModelForCausalLM, PeftConfig
 
     base = PeftConfig.from_pretrained(bundle).base_model_name_or_path
-    tokenizer = _padded(AutoTokenizer.from_pretrained(base))
+    tokenizer = load_tokenizer(base)
     model = AutoPeftModelForCausalLM.from_pretrained(bundle, dtype=torch.float32,
                                                      use_safetensors=True)
     answers = _answer(model, tokenizer, sets, read_manifest(bundle).template, eval_cfg)
     return answers, f"peft {metadata.version('peft')} AutoPeftModelForCausalLM"
-
-
-def _padded(tokenizer: Any) -> Any:
-    if tokenizer.pad_token is None:  # padding positions are masked: any id serves
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def _answer(model: Any, tokenizer: Any, sets: list[EvalSet], template: PromptTemplate,
