@@ -162,3 +162,46 @@ def wait_until_final(flow_run_id: Any, poll_seconds: float = 2.0) -> Any:
             if flow_run.state is not None and flow_run.state.is_final():
                 return flow_run
             time.sleep(poll_seconds)
+
+
+IN_FLIGHT = ("PENDING", "RUNNING", "CANCELLING")  # a worker (or a process) is on it
+
+
+def runs_in_flight() -> list[Any]:
+    """The Prefect server's flow runs that some process is working on now: pipelines, their
+    GPU steps and `loraflow run`s in process against the server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    in_flight = FlowRunFilter(state=FlowRunFilterState(
+        type=FlowRunFilterStateType(any_=[StateType(kind) for kind in IN_FLIGHT])))
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_run_filter=in_flight)
+
+
+def wait_for_runs_in_flight(timeout_s: float, poll_s: float = 5.0, report_s: float = 60.0,
+                            say: Any = print) -> list[Any]:
+    """Wait until no flow run is in flight, up to timeout_s; what is still in flight then.
+    Says which runs it waits for when it starts, and again every report_s (infra/stop.sh calls
+    this before it stops the workers, whose SIGTERM would cut a training off)."""
+    start = last_said = time.monotonic()
+    left = runs_in_flight()
+    if left:
+        say(f"waiting up to {timeout_s:g} s for {_listed(left)} to finish (Ctrl-C stops waiting)")
+    while left and time.monotonic() - start < timeout_s:
+        time.sleep(poll_s)
+        left = runs_in_flight()
+        if left and time.monotonic() - last_said >= report_s:
+            say(f"{time.monotonic() - start:.0f} s: still in flight: {_listed(left)}")
+            last_said = time.monotonic()
+    return left
+
+
+def _listed(runs: list[Any]) -> str:
+    names = ", ".join(f"{run.name} ({run.state.name})" for run in runs)
+    return f"{len(runs)} flow run{'s' if len(runs) > 1 else ''}: {names}"

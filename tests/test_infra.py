@@ -287,9 +287,12 @@ def test_stop_stops_the_watcher_then_the_workers_and_only_then_the_stack(tmp_pat
             assert processes[name].stdout.readline().strip() == "ready"
             (home / "run" / f"{name}.pid").write_text(f"{processes[name].pid}\n")
         (home / "run" / "worker-gone.pid").write_text("999999\n")  # stale: skipped
+        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
         done = subprocess.run(["infra/stop.sh"], cwd=ROOT, capture_output=True, text=True,
-                              env=os.environ | {"LORAFLOW_HOME": str(home)}, timeout=60)
+                              env=env | {"LORAFLOW_HOME": str(home)}, timeout=60)
         assert done.returncode == 0, done.stderr
+        # no server to ask which runs are in flight: said, not waited for
+        assert "PREFECT_API_URL is not set (. infra/env.sh): cannot see the runs" in done.stderr
     finally:
         for process in processes.values():
             process.kill()
@@ -303,6 +306,45 @@ def test_stop_stops_the_watcher_then_the_workers_and_only_then_the_stack(tmp_pat
     assert list((home / "run").iterdir()) == []
     assert done.stdout.index("the watcher stopped") < done.stdout.index("the workers stopped") \
         < done.stdout.index("the stack (S3, MLflow, Prefect) stopped")
+
+
+def test_stop_waits_for_the_flow_runs_in_flight_before_it_stops_the_workers(prefect_server):
+    """A newcomer's trial: infra/stop.sh signalled the workers while one trained, and a Prefect
+    worker's SIGTERM cuts off the runs it started. stop.sh now waits (infra/drain.py) until no
+    flow run is pending, running or cancelling, up to a limit, and says which runs it waits for."""
+    import threading
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Running
+
+    from tasks.deployments import wait_for_runs_in_flight
+
+    @flow(name="stand-in-training")
+    def training() -> None:
+        pass
+
+    with get_client(sync_client=True) as client:
+        finishing = client.create_flow_run(training, name="finishing", state=Running())
+        said: list[str] = []
+        threading.Timer(2.0, lambda: client.set_flow_run_state(
+            finishing.id, Completed(), force=True)).start()
+        start = time.monotonic()
+        left = wait_for_runs_in_flight(60, poll_s=0.5, report_s=1, say=said.append)
+        took = time.monotonic() - start
+        assert left == [] and 2.0 <= took < 30, (left, took)
+        assert said[0].startswith("waiting up to 60 s for 1 flow run: finishing (Running)"), said
+        assert any("still in flight: 1 flow run: finishing" in line for line in said), said
+
+        stuck = client.create_flow_run(training, name="stuck", state=Running())
+        try:
+            start = time.monotonic()
+            left = wait_for_runs_in_flight(1.5, poll_s=0.5, say=said.append)
+            assert [run.id for run in left] == [stuck.id]
+            assert 1.5 <= time.monotonic() - start < 15
+        finally:
+            client.set_flow_run_state(stuck.id, Completed(), force=True)
+        assert wait_for_runs_in_flight(1, say=said.append) == []
 
 
 def test_the_local_s3_server_takes_only_requests_signed_with_the_stacks_key(tmp_path, unused_port):
