@@ -11,9 +11,12 @@ LoRA r=8 alpha=32 dropout 0.05 on q_proj/v_proj; data and evaluation as configs/
 ships them (chat template, max_length 512; greedy, 96 new tokens, normalize strip + json).
 Library functions only (no Prefect, no MLflow): resolve_base_model, validate_splits,
 tokenize_splits, the engine (`python -m loraflow.engine`, as the pipeline starts it) and
-evaluate. Every adapter is scored on the unquantized base, as the pipeline's evaluate_tuned
-scores it (and as the merged model ships). --small: a tiny random Llama on CPU, fp32, 3 steps,
-four test examples: the same code, so that it cannot rot.
+evaluate. Every adapter is scored on the unquantized base (bf16); an adapter trained on an
+int8/nf4 base also as the pipeline ships it now (merge_and_evaluate, merge.onto=as_trained:
+merged onto the quantized weights dequantized), in two rows: base-as-trained + adapter, and the
+merged model. A mode NAME:qlora trains with the QLoRA paper's recipe instead (LoRA on every
+linear layer, r=64, alpha=16, dropout 0.1, lr 2e-4). --small: a tiny random Llama on CPU,
+fp32, 3 steps, four test examples: the same code, so that it cannot rot.
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ def settings(small: bool) -> list[str]:
         return [*common, "train.max_steps=3", "train.seq_len=256", "eval.limit=4",
                 "eval.max_new_tokens=16", "train.threads=2"]
     return [*common, "train.epochs=3", "train.seq_len=1024"]
+
+
+QLORA = ["lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
+         "lora.r=64", "lora.alpha=16", "lora.dropout=0.1", "train.learning_rate=2e-4"]
 
 
 def train(base: Path, tokens: Path, out: Path, cfg: Any, precision: str) -> dict[str, Any]:
@@ -119,15 +126,38 @@ def main(argv: list[str] | None = None) -> int:
 
     results["modes"]["base"] = score("base", None)
     print("base", json.dumps(results["modes"]["base"]), flush=True)
-    for precision in precisions:
+    printed = {"base"}
+    def as_shipped(mode: str, adapter: Path) -> None:
+        """An int8/nf4 adapter merged as the pipeline merges it (onto the dequantized
+        quantized weights): base-as-trained + adapter, and the merged model in bf16."""
+        from loraflow.release.merge import merge_and_evaluate
+
+        start = time.perf_counter()
+        report, merged, reference = merge_and_evaluate(
+            base.path, adapter, work / f"merged-{mode.replace(':', '-')}", sets, template,
+            mode_cfg.eval, "bf16", 1.0, onto="as_trained")
+        seconds = time.perf_counter() - start
+        for label, result in (("base as trained + adapter", reference), ("merged", merged)):
+            results["modes"][f"{mode} {label}"] = {
+                m: result.metrics[m] for m in METRICS if m in result.metrics} | {
+                "eval_s": seconds, "note": report.note}
+
+    for mode in precisions:
+        precision, _, recipe = mode.partition(":")
+        mode_cfg = load_config(ROOT / "configs" / "default.yaml",
+                               settings(args.small) + (QLORA if recipe == "qlora" else []))
+        run = work / f"run-{mode.replace(':', '-')}"
         try:
-            trained = train(base.path, work / "tokens", work / f"run-{precision}", cfg,
-                            precision)
-            results["modes"][precision] = trained | score(precision,
-                                                          work / f"run-{precision}" / "adapter")
+            trained = train(base.path, work / "tokens", run, mode_cfg, precision)
+            results["modes"][mode] = trained | score(mode, run / "adapter")
+            if precision in ("int8", "nf4"):
+                as_shipped(mode, run / "adapter")
         except subprocess.CalledProcessError as exc:  # one mode failing is a row, not the end
-            results["modes"][precision] = {"error": f"engine exited {exc.returncode}"}
-        print(precision, json.dumps(results["modes"][precision]), flush=True)
+            results["modes"][mode] = {"error": f"engine exited {exc.returncode}"}
+        for name, row in results["modes"].items():
+            if name.startswith(mode) and name not in printed:
+                print(name, json.dumps(row), flush=True)
+                printed.add(name)
         args.out.write_text(json.dumps(results, indent=2))
     args.out.write_text(json.dumps(results, indent=2))
 

@@ -179,3 +179,36 @@ def load_model(
 ) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **LOAD_OPTIONS)
     return model.to(device)
+
+
+def quantization_config(precision: str, compute_dtype: torch.dtype) -> Any:
+    """bitsandbytes' settings for a base held in int8 (LLM.int8) or nf4 (QLoRA: NF4,
+    double-quantized, computing in compute_dtype): the one definition that training loads the
+    base with and that merging reproduces."""
+    from transformers import BitsAndBytesConfig
+
+    if precision == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if precision == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    raise ValueError(f"no quantization for precision {precision!r} (int8 or nf4)")
+
+
+def load_as_trained(path: Path, quantization: str, dtype: torch.dtype) -> PreTrainedModel:
+    """The base's weights as an adapter trained on its int8/nf4 quantization saw them: loaded
+    and quantized as training loads it (in the GPU's compute dtype), then dequantized into
+    plain linears in `dtype`, on the GPU, so that a LoRA adapter merges into the very weights it
+    learned against. bitsandbytes quantizes on a CUDA GPU, as the training did."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"the adapter was trained on a {quantization}-quantized base, and its quantized "
+            "weights are made on a CUDA GPU (bitsandbytes); none is here. Fix: run this step on "
+            "a GPU worker, or set merge.onto=original to merge onto the unquantized weights "
+            f"(measured: nf4 adapters lose quality so)")
+    compute = inference_dtype("cuda")
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=compute, quantization_config=quantization_config(quantization, compute),
+        device_map={"": torch.cuda.current_device()}, **LOAD_OPTIONS)
+    return model.dequantize(dtype=dtype).to(dtype)

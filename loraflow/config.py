@@ -507,8 +507,15 @@ class MergeConfig(Section):
         "bf16",
         description="Precision the merged model is saved, served and evaluated in (the gate "
         "scores it in this dtype). The base is loaded in it when the device answers in it "
-        "(bf16 on a GPU), else in fp32 and rounded once after merging. An adapter "
-        "trained on a 4/8-bit base is merged onto the unquantized weights of the same base.",
+        "(bf16 on a GPU), else in fp32 and rounded once after merging.",
+    )
+    onto: Literal["as_trained", "original"] = Field(
+        "as_trained",
+        description="For an adapter trained on a quantized base (train.precision int8 or "
+        "nf4): as_trained merges it onto that base's quantized weights dequantized to "
+        "merge.dtype, the weights it learned against (needs a CUDA GPU, as its training did); "
+        "original onto the unquantized weights of the same files (an nf4 adapter lost 11 of "
+        "64 exact answers so, docs/benchmarks.md). The gate scores what is merged.",
     )
     max_differing: float = Field(
         0.2,

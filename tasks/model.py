@@ -265,6 +265,7 @@ def merge_adapter(request: MergeRequest, run_id: str, where: Where = "here") -> 
             cfg.dtype,
             cfg.max_differing,
             lineage_extra={"adapter_sha256": adapter.sha256, "merged_dtype": cfg.dtype},
+            onto=cfg.onto,
         )
         sha256 = sha256_tree(out)
         package = registry.package_model(out, adapter_dir, Path(tmp) / "pyfunc")

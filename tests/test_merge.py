@@ -64,14 +64,21 @@ def test_a_wrong_base_stops_the_merge_before_anything_is_saved(adapter, tmp_path
     assert not (tmp_path / "merged").exists()
 
 
-def test_an_adapter_trained_on_a_4bit_base_merges_onto_the_unquantized_base(
+def test_an_adapter_trained_on_a_4bit_base_merges_onto_the_unquantized_base_when_asked(
     tiny_model_dir, tmp_path
 ):
+    """merge.onto=original merges anywhere; the default (the nf4 weights it learned against)
+    needs bitsandbytes on a GPU, and says so without saving anything."""
     adapter = make_adapter(tiny_model_dir, tmp_path / "qlora", base_quantization="nf4")
-    report = merge_adapter(tiny_model_dir, adapter, tmp_path / "m", "fp32", PROMPTS[:1], 4)
+    report = merge_adapter(tiny_model_dir, adapter, tmp_path / "m", "fp32", PROMPTS[:1], 4,
+                           onto="original")
     assert "nf4-quantized base; merged onto the unquantized fp32 weights" in report.note
     lineage = json.loads((tmp_path / "m" / LINEAGE_FILE).read_text())
     assert lineage["merge"]["base_quantization"] == "nf4"
+    if not torch.cuda.is_available():
+        with pytest.raises(MergeError, match="on a CUDA GPU.*none is here.*Fix: .*merge.onto=original"):
+            merge_adapter(tiny_model_dir, adapter, tmp_path / "m2", "fp32", PROMPTS[:1], 4)
+        assert not (tmp_path / "m2").exists()
 
 
 def test_a_base_stored_quantized_is_refused_with_the_fix(adapter, tiny_model_dir, tmp_path):
@@ -94,26 +101,24 @@ def test_the_check_fails_a_merge_that_changed_the_answers(adapter, tiny_model_di
 
 
 @pytest.mark.gpu
-def test_a_qlora_adapter_merges_onto_the_unquantized_base_on_gpu(tmp_path):
-    """On a GPU with bitsandbytes: LoRA saved from a 4-bit NF4 base, merged onto the same base
-    files loaded unquantized in bf16; the merged model answers like base + adapter."""
+def test_a_qlora_adapter_merges_onto_the_nf4_weights_it_learned_against_on_gpu(tmp_path):
+    """On a GPU with bitsandbytes: LoRA saved from a 4-bit NF4 base (loaded as training loads
+    it), merged by default onto those NF4 weights dequantized to bf16: the merged model answers
+    like the quantized base + adapter it was trained as, closer than the same adapter merged
+    onto the unquantized weights (merge.onto=original), and its files hold no quantization."""
     pytest.importorskip("bitsandbytes")
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from peft import LoraConfig, get_peft_model
-    from transformers import BitsAndBytesConfig
 
+    from loraflow.base_model import quantization_config
     from loraflow.hashing import sha256_tree
     from loraflow.release.lineage import adapter_manifest
 
     base = make_base(tmp_path / "base", hidden=256)
     quantized = AutoModelForCausalLM.from_pretrained(
-        base,
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
-        ),
-        device_map={"": 0},
-    )
+        base, dtype=torch.bfloat16, device_map={"": 0},
+        quantization_config=quantization_config("nf4", torch.bfloat16))
     lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
     model = get_peft_model(
         quantized, LoraConfig(r=4, lora_alpha=8, target_modules=lora["target_modules"])
@@ -131,9 +136,21 @@ def test_a_qlora_adapter_merges_onto_the_unquantized_base_on_gpu(tmp_path):
 
     report = merge_adapter(base, adapter, tmp_path / "merged", "bf16", PROMPTS, 8)
     assert report.device == "cuda" and report.check.passed
-    assert report.base_quantization == "nf4" and "unquantized bf16" in report.note
+    assert report.base_quantization == "nf4"
+    assert "merged onto those nf4 weights dequantized to bf16" in report.note
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert "quantization_config" not in config
+    merge_adapter(base, adapter, tmp_path / "original", "bf16", PROMPTS, 8, onto="original")
+
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]], device="cuda")
+    gaps = {}
+    with torch.no_grad():
+        trained = model.eval()(ids).logits.float()
+        for name in ("merged", "original"):
+            merged = AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.bfloat16)
+            gaps[name] = (merged.cuda()(ids).logits.float() - trained).abs().max().item()
+    assert gaps["merged"] < gaps["original"], gaps
+    assert gaps["merged"] < 0.5, gaps  # bf16 rounding of the merged weights only
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from peft import (
     get_peft_model,
 )
 
-from loraflow.base_model import LOAD_OPTIONS
+from loraflow.base_model import LOAD_OPTIONS, quantization_config
 from loraflow.config import LoraSettings, TrainConfig
 from loraflow.engine import distributed
 from loraflow.engine.distributed import Ranks
@@ -33,16 +33,13 @@ def pick_precision(cfg: TrainConfig, device: str) -> torch.dtype:
 
 
 def load_base(path: Path, cfg: TrainConfig, device: str, attn_impl: str) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     dtype = pick_precision(cfg, device)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_impl,
                               **LOAD_OPTIONS}
     if cfg.precision in ("int8", "nf4"):
-        kwargs["quantization_config"] = (
-            BitsAndBytesConfig(load_in_8bit=True) if cfg.precision == "int8" else
-            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
+        kwargs["quantization_config"] = quantization_config(cfg.precision, dtype)
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if cfg.precision not in ("int8", "nf4"):

@@ -25,6 +25,7 @@ from loraflow.base_model import (
     DTYPES,
     inference_device,
     inference_dtype,
+    load_as_trained,
     load_model,
     load_tokenizer,
 )
@@ -43,6 +44,7 @@ from loraflow.release.lineage import Lineage, check_adapter_matches_base
 log = logging.getLogger(__name__)
 
 Dtype = Literal["bf16", "fp16", "fp32"]
+Onto = Literal["as_trained", "original"]  # merge.onto: for an adapter trained on int8/nf4
 # Logit gap under which two tokens count as a tie: merged weights are rounded once more than
 # base + adapter, so near-ties may flip; anything wider is a broken merge. Measured on
 # SmolLM2-135M with an r=8 adapter (3 prompts x 16 tokens, all identical): the largest
@@ -82,16 +84,18 @@ def merge_adapter(
     check_prompts: list[str] | tuple[str, ...] = (),
     check_new_tokens: int = 16,
     lineage_extra: dict[str, Any] | None = None,
+    onto: Onto = "as_trained",
 ) -> MergeReport:
     """Fold the adapter into the base in `dtype`; check; save to out_dir (atomically).
 
     Loads one copy of the base in the requested precision (on the GPU when there is one): the
     reference answers are taken from base + adapter before merging, in place, then compared.
     """
-    manifest, quantization, note = checked_manifest(base_path, adapter_path, dtype)
+    manifest, quantization, note = checked_manifest(base_path, adapter_path, dtype, onto)
     device = inference_device()
     tokenizer = load_tokenizer(base_path)
-    model = PeftModel.from_pretrained(load_model(base_path, DTYPES[dtype], device), adapter_path)
+    base = load_base(base_path, quantization, onto, DTYPES[dtype], device)
+    model = PeftModel.from_pretrained(base, adapter_path)
     model.eval()
     template = manifest.template
     prompts = [
@@ -135,6 +139,7 @@ def merge_and_evaluate(
     dtype: Dtype = "bf16",
     max_differing: float = 0.2,
     lineage_extra: dict[str, Any] | None = None,
+    onto: Onto = "as_trained",
 ) -> tuple[MergeReport, EvalResult, EvalResult]:
     """Base + adapter answer the test sets; the adapter is folded in; the merged model, in
     `dtype` (what is saved and served), answers them again; the merge is saved to out_dir
@@ -183,7 +188,21 @@ def merge_and_evaluate(
     return report, result, reference
 
 
-def checked_manifest(base_path: Path, adapter_path: Path, dtype: Dtype
+def load_base(base_path: Path, quantization: str, onto: Onto, dtype: torch.dtype,
+              device: str) -> Any:
+    """The base weights the adapter is merged into: for an adapter trained on an int8/nf4 base
+    and onto=as_trained, those quantized weights dequantized (what it learned against; an nf4
+    adapter merged onto the unquantized weights scored 0.719 exact match where bf16 training
+    scored 0.891, docs/benchmarks.md); else the base files as they are."""
+    if quantization in ("int8", "nf4") and onto == "as_trained":
+        try:
+            return load_as_trained(base_path, quantization, dtype)
+        except RuntimeError as exc:
+            raise MergeError(str(exc)) from exc
+    return load_model(base_path, dtype, device)
+
+
+def checked_manifest(base_path: Path, adapter_path: Path, dtype: Dtype, onto: Onto = "as_trained"
                      ) -> tuple[Lineage, str, str]:
     """The adapter's lineage manifest once it matches the base; (manifest, how its base was
     quantized for training, what is merged onto what in words)."""
@@ -197,12 +216,14 @@ def checked_manifest(base_path: Path, adapter_path: Path, dtype: Dtype
             "checkpoint the quantized one was made from (QLoRA quantizes it at load time)."
         )
     quantization = manifest.base_quantization
-    note = (
-        f"adapter trained on a {quantization}-quantized base; merged onto the unquantized "
-        f"{dtype} weights of the same base files"
-        if quantization != "none"
-        else f"merged onto the base in {dtype}"
-    )
+    if quantization == "none":
+        note = f"merged onto the base in {dtype}"
+    elif onto == "as_trained":
+        note = (f"adapter trained on a {quantization}-quantized base; merged onto those "
+                f"{quantization} weights dequantized to {dtype} (what it learned against)")
+    else:
+        note = (f"adapter trained on a {quantization}-quantized base; merged onto the "
+                f"unquantized {dtype} weights of the same base files (merge.onto=original)")
     log.info("merge: %s", note)
     return manifest, quantization, note
 
