@@ -139,3 +139,38 @@ def test_pull_without_dest_downloads_into_the_home_not_the_checkout(capsys, tmp_
     dest = home / "pulled" / f"{name}-v1"
     assert f"1 files verified in {dest}" in capsys.readouterr().out
     assert (dest / "model" / "config.json").read_text() == "{}"
+
+
+def test_pull_format_downloads_that_export_alone_and_names_the_missing_ones(capsys, tmp_path,
+                                                                           home):
+    """`loraflow pull --format gguf-f16` fetches the version's GGUF export (checked against the
+    manifest) and not the model beside it; a format the version was not exported in is refused
+    with the formats it has."""
+    from mlflow import MlflowClient
+
+    from loraflow.release.storage import open_store, push_tree
+
+    model, export = tmp_path / "model", tmp_path / "gguf"
+    model.mkdir()
+    export.mkdir()
+    (model / "config.json").write_text("{}")
+    (export / "model.gguf").write_bytes(b"GGUF" + bytes(64))
+    (export / "Modelfile").write_text("FROM ./model.gguf\n")
+    name = "pull-format"
+    root = (tmp_path / "store").as_uri()
+    push_tree(open_store(f"{root}/{name}/1"), {"model": model, "exports/gguf-f16": export}, "",
+              {"version": "1"})
+    client = MlflowClient()
+    _version(client, name, tmp_path, {"loraflow.storage_uri": f"{root}/{name}/1",
+                                      "loraflow.export.gguf-f16.agreement": "0.984375"})
+    dest = tmp_path / "pulled"
+    assert cli(["pull", name, "--version", "1", "--format", "gguf-f16", "--dest", str(dest)]) == 0
+    out = capsys.readouterr().out
+    assert f"2 files verified in {dest / 'exports/gguf-f16'}" in out
+    assert "gguf-f16 answered 98.4% of the test prompts as the evaluated model did" in out
+    assert (dest / "exports" / "gguf-f16" / "model.gguf").read_bytes() == b"GGUF" + bytes(64)
+    assert not (dest / "model").exists()  # only the export asked for
+
+    assert cli(["pull", name, "--version", "1", "--format", "vllm", "--dest", str(dest)]) == 1
+    err = capsys.readouterr().err
+    assert "has no vllm export (exported: gguf-f16). Fix: add it to export.formats" in err
