@@ -62,6 +62,27 @@ def test_each_export_read_back_by_another_runtime_answers_like_the_evaluated_mod
     assert reports["gguf-q8_0"].files["tiny-q8_0.gguf"] < reports["gguf-f16"].files["tiny-f16.gguf"]
 
 
+def test_answers_evaluated_in_another_arithmetic_are_made_again_here_as_the_reference(
+    evaluated, tmp_path
+):
+    """In a deployment the merge is evaluated on a GPU worker (bf16) and the exports are checked
+    on a CPU worker (fp32): near-ties round apart there without any fault of the export. The
+    merged model then answers here first and is what the exports are compared with. Planted:
+    answers recorded as made in bf16 on cuda, every one of them wrong; the f16 export still
+    agrees with the merged model answered here, and the same wrong answers said to be made here
+    are taken as they are (and disagree)."""
+    merged_dir, adapter, sets, cfg, tuned = evaluated
+    wrong = tuned.model_copy(deep=True)
+    for examples in wrong.examples.values():
+        for example in examples:
+            example["answer"] = "not what the model says"
+    elsewhere = wrong.model_copy(update={"device": "cuda", "dtype": "bf16"})
+    here = export((merged_dir, adapter, sets, cfg, elsewhere), tmp_path / "a", ["gguf-f16"])
+    assert here[0].check.agreement == 1.0
+    taken = export((merged_dir, adapter, sets, cfg, wrong), tmp_path / "b", ["gguf-f16"])
+    assert taken[0].check.agreement == 0.0
+
+
 def test_the_gguf_file_carries_the_trained_chat_template_and_stop_ids(evaluated, tmp_path):
     import gguf
     from transformers import AutoTokenizer

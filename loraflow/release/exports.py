@@ -2,7 +2,11 @@
 not write: the GGUF files through transformers' own GGUF reader (its tokenizer and chat template
 from the file), the vLLM bundle through plain PEFT (AutoPeftModelForCausalLM, the base named in
 its adapter_config.json). Greedy answers are compared, prompt by prompt, with those of the
-evaluated model (the one the gate scored); export.min_agreement per format decides.
+evaluated model (the one the gate scored); export.min_agreement per format decides. Exports answer
+in this machine's arithmetic (bf16 on a GPU, fp32 on CPU); where the evaluated answers were made
+in another (the merge on a GPU worker, this check on a CPU worker), the merged model answers here
+first and is the reference: a near-tie that rounds one way in bf16 and the other in fp32 is not
+an export's fault.
 """
 
 from __future__ import annotations
@@ -17,7 +21,13 @@ from pydantic import BaseModel
 from transformers import AutoModelForCausalLM
 
 from loraflow.artifacts import ExportCheck
-from loraflow.base_model import inference_device, load_tokenizer
+from loraflow.base_model import (
+    dtype_name,
+    inference_device,
+    inference_dtype,
+    load_model,
+    load_tokenizer,
+)
 from loraflow.config import EvalConfig, ExportConfig, ExportFormat
 from loraflow.data.prompts import PromptTemplate
 from loraflow.evaluation.evaluate import (
@@ -51,6 +61,7 @@ def export_version(
 ) -> list[ExportReport]:
     """Write every format of cfg.formats under out_dir/<format>/ and check each one."""
     template = read_manifest(merged_dir).template
+    evaluated = answered_here(merged_dir, evaluated, sets, template, eval_cfg)
     reports = []
     for fmt in cfg.formats:
         folder = Path(out_dir) / fmt
@@ -86,13 +97,24 @@ def report(fmt: ExportFormat, folder: Path, evaluated: EvalResult, answers: Eval
     return ExportReport(check=check, parity=parity)
 
 
+def answered_here(merged_dir: Path, evaluated: EvalResult, sets: list[EvalSet],
+                  template: PromptTemplate, eval_cfg: EvalConfig) -> EvalResult:
+    """The evaluated answers if they were made in this machine's arithmetic, else the merged
+    model's answers made here (the exports are answered here)."""
+    device = inference_device()
+    if (evaluated.device, evaluated.dtype) == (device, dtype_name(inference_dtype(device))):
+        return evaluated
+    merged = load_model(merged_dir, inference_dtype(device), device)
+    return _answer(merged, load_tokenizer(merged_dir), sets, template, eval_cfg)
+
+
 def gguf_answers(gguf_file: Path, sets: list[EvalSet], eval_cfg: EvalConfig
                  ) -> tuple[EvalResult, str]:
     """The test sets answered by the GGUF file as transformers reads it: weights dequantized,
     tokenizer and chat template from the file's metadata (a server's view of it)."""
     tokenizer = load_tokenizer(gguf_file.parent, gguf_file=gguf_file.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,
-                                                 dtype=torch.float32, use_kernels=False)
+                                                 dtype=_here_dtype(), use_kernels=False)
     answers = _answer(model, tokenizer, sets, PromptTemplate(kind="chat"), eval_cfg)
     return answers, f"transformers {metadata.version('transformers')} GGUF reader"
 
@@ -106,10 +128,14 @@ def bundle_answers(bundle: Path, sets: list[EvalSet], eval_cfg: EvalConfig
 
     base = PeftConfig.from_pretrained(bundle).base_model_name_or_path
     tokenizer = load_tokenizer(base)
-    model = AutoPeftModelForCausalLM.from_pretrained(bundle, dtype=torch.float32,
+    model = AutoPeftModelForCausalLM.from_pretrained(bundle, dtype=_here_dtype(),
                                                      use_safetensors=True)
     answers = _answer(model, tokenizer, sets, read_manifest(bundle).template, eval_cfg)
     return answers, f"peft {metadata.version('peft')} AutoPeftModelForCausalLM"
+
+
+def _here_dtype() -> torch.dtype:
+    return inference_dtype(inference_device())
 
 
 def _answer(model: Any, tokenizer: Any, sets: list[EvalSet], template: PromptTemplate,
