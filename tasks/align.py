@@ -18,6 +18,7 @@ from loraflow.artifacts import (
     Adapter,
     AlignedOn,
     Evaluation,
+    Exports,
     SftModel,
     TokenizedData,
     ValidatedData,
@@ -171,12 +172,13 @@ def tag_parent_metrics(name: str, version: str, metrics: dict[str, float]) -> No
 def decide_aligned(
     aligned: Evaluation, sft: SftModel, champion: Evaluation | None,
     pairs: dict[str, list[dict[str, float]]], align: AlignConfig, registry_cfg: RegistryConfig,
-    cfg: EvalConfig, run_id: str,
+    cfg: EvalConfig, run_id: str, exports: Exports | None = None,
 ) -> GateDecision:
     """The paired decision for the aligned model: against the champion's answers in this run
     (the SFT model's when it is the champion or there is none), on align.gate_metric: a task
     metric of the test sets, or a held-out pair metric (pref_win_rate, pref_logp_margin)
-    compared pair by pair with the SFT model."""
+    compared pair by pair with the SFT model; an export below its export.min_agreement blocks
+    it, as in the SFT stage's gate."""
     current = registry.champion_files(registry_cfg.model_name)
     if current is None:
         reference, name, version = sft.evaluation, f"SFT model v{sft.parent.version}", None
@@ -193,6 +195,7 @@ def decide_aligned(
     decision = gate.decide(candidate, known, name, registry_cfg, cfg, metric=align.gate_metric,
                            margin=align.min_improvement, set_name="pairs" if pref else None,
                            reference_version=version)
+    decision = gate.with_exports(decision, exports.checks if exports else [])
     log_decision(decision, run_id)
     return decision
 

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 ALIGN_STEPS = {"validate_preferences", "tokenize_preferences", "train_aligned",
                "evaluate_preferences", "merge_aligned", "register_aligned",
-               "push_aligned", "promote_aligned", "tag_lineage", "tag_parent_metrics"}
+               "push_aligned", "promote_aligned", "tag_lineage", "tag_parent_metrics",
+               "export_aligned"}
 
 
 @pytest.fixture
@@ -73,6 +74,10 @@ def test_align_after_sft_registers_the_aligned_model_with_its_parent_and_caches(
         "loraflow.adapter_sha256"]
     assert version.tags["loraflow.preference_data_sha256"] == aligned["preference_data_sha256"]
     assert version.tags["loraflow.align_objective"] == "dpo"
+    # the aligned model ships its exports too, checked against its own evaluated answers
+    assert [c["format"] for c in aligned["exports"]] == ["gguf-f16"]
+    assert version.tags["loraflow.export.gguf-f16.agreement"] == (
+        f"{aligned['exports'][0]['agreement']:.6g}")
     assert "metric.pref_win_rate" in sft.tags  # the parent scored on the same pairs
     lineage = json.loads((home / "storage" / "tiny-align" / "2" / "adapter" / "loraflow.json")
                          .read_text())

@@ -76,7 +76,8 @@ def test_an_adapter_trained_on_a_4bit_base_merges_onto_the_unquantized_base_when
     lineage = json.loads((tmp_path / "m" / LINEAGE_FILE).read_text())
     assert lineage["merge"]["base_quantization"] == "nf4"
     if not torch.cuda.is_available():
-        with pytest.raises(MergeError, match="on a CUDA GPU.*none is here.*Fix: .*merge.onto=original"):
+        fix = "on a CUDA GPU.*none is here.*Fix: .*merge.onto=original"
+        with pytest.raises(MergeError, match=fix):
             merge_adapter(tiny_model_dir, adapter, tmp_path / "m2", "fp32", PROMPTS[:1], 4)
         assert not (tmp_path / "m2").exists()
 
