@@ -301,6 +301,24 @@ def test_after_out_of_memory_the_micro_batch_halves_and_the_effective_batch_stay
         halve_micro_batch(TrainConfig(micro_batch_size=1), 1)
 
 
+def test_out_of_memory_at_micro_batch_one_is_a_training_failure_that_is_not_retried(tmp_path):
+    """A sweep records a failed trial and goes on for a TrainingError; a ValueError from the
+    halving stopped the whole sweep. It is not retried either (nothing left to halve)."""
+    from loraflow.engine.launch import TrainingError, TrainingOOM, after_oom
+    from tasks.model import retry_training
+
+    (tmp_path / "adapt.json").write_text(json.dumps({"halvings": 1}))
+    with pytest.raises(TrainingError, match="even at micro_batch_size=1") as caught:
+        after_oom(TrainConfig(micro_batch_size=1), tmp_path)
+    assert not isinstance(caught.value, TrainingOOM)
+
+    class State:
+        def result(self):
+            raise caught.value
+
+    assert retry_training(None, None, State()) is False
+
+
 def test_recomputing_the_logits_in_backward_gives_the_same_loss_and_gradients(
     tiny_model_dir, tokenized
 ):

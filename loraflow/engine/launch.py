@@ -65,7 +65,10 @@ def after_oom(train: TrainConfig, run_dir: Path) -> TrainConfig:
     adapt = run_dir / "adapt.json"
     if not adapt.is_file():
         return train
-    return halve_micro_batch(train, json.loads(adapt.read_text())["halvings"])
+    try:
+        return halve_micro_batch(train, json.loads(adapt.read_text())["halvings"])
+    except ValueError as exc:  # nothing left to halve: a training failure, not a bad config
+        raise TrainingError(str(exc)) from exc
 
 
 def launch(engine: EngineConfig, run_key: str, relay_to: str, relay: MetricRelay,
