@@ -211,4 +211,4 @@ def load_as_trained(path: Path, quantization: str, dtype: torch.dtype) -> PreTra
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=compute, quantization_config=quantization_config(quantization, compute),
         device_map={"": torch.cuda.current_device()}, **LOAD_OPTIONS)
-    return model.dequantize(dtype=dtype).to(dtype)
+    return model.dequantize().to(dtype)  # in the compute dtype it was quantized from
