@@ -75,10 +75,10 @@ def test_a_sweep_records_a_failing_trial_reads_the_test_split_once_and_gates_its
 
     monkeypatch.setattr(engine_launch, "launch_command", nan_for_one_rate)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
-    reads: list[str] = []  # every held-out file evaluation reads
+    reads: list[tuple[str, float]] = []  # every held-out file evaluation reads, and when
     real_read = evaluate.read_test_set
-    monkeypatch.setattr(evaluate, "read_test_set",
-                        lambda path: reads.append(Path(path).name) or real_read(path))
+    monkeypatch.setattr(evaluate, "read_test_set", lambda path: reads.append(
+        (Path(path).name, time.time())) or real_read(path))
 
     summary = sweep(config=PipelineConfig.model_validate(
         sweep_raw(small_data, tiny_model_dir, "tiny-sweep")))
@@ -111,11 +111,15 @@ def test_a_sweep_records_a_failing_trial_reads_the_test_split_once_and_gates_its
             assert "loraflow.trial.failure" in run.data.tags
 
     # the winner went through the gate and was registered; the test split was read for it
-    # alone: once by the base model's evaluation, once by the merged winner's
+    # alone, after every trial had ended: by the base model's evaluation, the merged winner's
+    # and its export check (each at most once; a step cached by an earlier test reads nothing)
     assert summary["model_version"] == "1" and "challenger" in summary["aliases"]
     version = client.get_model_version_by_alias("tiny-sweep", "challenger")
     assert version.run_id == summary["run_id"]
-    assert reads.count("test.jsonl") == 2, reads
+    last_trial_ended = max(client.get_run(t["run_id"]).info.end_time for t in trials.values())
+    test_reads = [when for name, when in reads if name == "test.jsonl"]
+    assert 1 <= len(test_reads) <= 3, reads
+    assert min(test_reads) * 1000 >= last_trial_ended, (reads, last_trial_ended)
     assert summary["metrics"]["tuned"]["exact_match"] >= 0
     report = client.download_artifacts(summary["run_id"], "report/report.html")
     page = Path(report).read_text()
