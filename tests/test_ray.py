@@ -225,3 +225,72 @@ def test_a_lost_machine_restarts_the_group_from_the_last_checkpoint(
     assert trained_before - result["resumed_from"] <= 2
     assert [r["step"] for r in records(out)] == list(range(1, steps + 1))
     assert [r["step"] for r in relayed] == list(range(1, steps + 1))  # each step relayed once
+
+
+BUSY_JOB = """
+import sys
+from loraflow.engine.config import EngineConfig
+from loraflow.engine.ray_job import RayClusterError, launch_on_ray
+
+cfg = EngineConfig.model_validate_json(sys.argv[1])
+try:
+    launch_on_ray(cfg, "second", "mlflow-run", lambda records: None)
+except RayClusterError as exc:
+    print(f"refused: {exc}")
+"""
+
+
+@pytest.mark.ray
+def test_a_second_training_on_a_full_cluster_fails_clearly_and_the_first_one_finishes(
+    tmp_path, tiny_model_dir, tokenized, ray_cluster
+):
+    first = ray_engine(tmp_path, tiny_model_dir, tokenized, "first", ray_cluster.address,
+                       max_steps=40)
+    outcome: dict = {}
+    job = threading.Thread(target=lambda: outcome.update(
+        result=launch_on_ray(first, "first-run", "mlflow-run", lambda records: None)))
+    job.start()
+    deadline = time.monotonic() + 300
+    while not (Path(first.output_dir) / "metrics.jsonl").is_file():  # it holds both machines
+        assert job.is_alive() and time.monotonic() < deadline
+        time.sleep(0.2)
+    second = ray_engine(tmp_path, tiny_model_dir, tokenized, "second", ray_cluster.address,
+                        max_steps=4)
+    second = second.model_copy(update={"launch": second.launch.model_copy(
+        update={"ray_wait_seconds": 5})})
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", BUSY_JOB, second.model_dump_json()],
+                          capture_output=True, text=True, timeout=300, env=ray_cluster.env)
+    waited = time.monotonic() - start
+    refused = [line for line in done.stdout.splitlines() if line.startswith("refused: ")]
+    assert refused, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "did not free 2 machine(s)" in refused[0]
+    assert "launch.ray_wait_seconds=5" in refused[0] and "Fix:" in refused[0]
+    assert waited < 90  # its own start and 5 s of waiting, not the first training's length
+    assert not (Path(second.output_dir) / "metrics.jsonl").exists()
+    job.join(600)
+    assert outcome["result"]["steps"] == 40 and outcome["result"]["world_size"] == 2
+
+
+@pytest.mark.ray
+def test_the_pipeline_trains_on_the_ray_cluster_in_one_train_run(
+    prefect_server, small_data, tiny_model_dir, ray_cluster
+):
+    """The whole finetune flow with launch.backend=ray: metrics reach MLflow from the job,
+    the adapter comes back through the pipeline's run and is evaluated, merged, registered."""
+    from mlflow import MlflowClient
+    from test_pipeline import tiny_config
+
+    from flows.finetune import finetune
+
+    cfg = tiny_config(small_data, tiny_model_dir, "tiny-ray",
+                      launch={"backend": "ray", "nodes": 2, "gpus_per_node": 0,
+                              "ray_address": ray_cluster.address})
+    summary = finetune(config=cfg)
+    assert summary["model_version"] == "1"
+    client = MlflowClient()
+    run = client.get_run(summary["run_id"])
+    assert run.data.metrics["train.world_size"] == 2
+    losses = client.get_metric_history(summary["run_id"], "train.loss")
+    assert [m.step for m in losses] == [1, 2, 3]  # relayed from the job, each step once
+    assert client.list_artifacts(summary["run_id"], "adapter")
