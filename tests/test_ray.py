@@ -27,7 +27,8 @@ from test_distributed import engine, records, run
 from loraflow.config import LaunchConfig, LoraSettings, TrainConfig
 from loraflow.engine.checkpoints import latest_checkpoint
 from loraflow.engine.config import EngineConfig
-from loraflow.engine.ray_job import RayClusterError, check_fits, launch_on_ray
+from loraflow.engine.launch import TrainingCrashed
+from loraflow.engine.ray_job import RayClusterError, check_fits, explain, launch_on_ray
 
 pytest.importorskip("ray")
 RAY = Path(sys.executable).parent / "ray"
@@ -188,6 +189,30 @@ def test_machines_too_small_for_a_share_do_not_count():
     with pytest.raises(RayClusterError, match=r"has 3 node\(s\), 1 of them with that much "
                                               r"\(10.0.0.1: CPU 8, GPU 8; 10.0.0.2: CPU 8, GPU 4"):
         check_fits(nodes, share, 2, "head:6379")
+
+
+def test_a_job_that_ran_out_of_restarts_says_whether_a_machine_was_lost():
+    from ray.exceptions import ActorUnavailableError
+    from ray.train import ControllerError, WorkerGroupError
+    from ray.train.v2._internal.exceptions import (
+        WorkerGroupStartupTimeoutError,
+        WorkerHealthCheckFailedError,
+    )
+
+    launch = LaunchConfig(backend="ray", nodes=2, ray_address="head:6379", ray_max_failures=2)
+    unreachable = ActorUnavailableError("failed to connect to 127.0.0.3:17183", None)
+    lost = WorkerGroupError("...", {1: WorkerHealthCheckFailedError(
+        "A worker health check failed.", unreachable)})
+    error = explain(lost, launch, {"CPU": 1.0})
+    assert isinstance(error, TrainingCrashed)  # the pipeline's retry resumes from a checkpoint
+    assert str(error).startswith("a Ray worker's machine was lost (worker 1: A worker health")
+    assert "after 2 restart(s) of the group" in str(error)
+    crashed = explain(WorkerGroupError("...", {0: RuntimeError("exited with code 1")}), launch,
+                      {"CPU": 1.0})
+    assert isinstance(crashed, TrainingCrashed)
+    assert str(crashed).startswith("the engine crashed on Ray worker 0: exited with code 1")
+    busy = explain(ControllerError(WorkerGroupStartupTimeoutError(2)), launch, {"CPU": 1.0})
+    assert isinstance(busy, RayClusterError) and "did not free 2 machine(s)" in str(busy)
 
 
 @pytest.mark.ray

@@ -176,7 +176,7 @@ def start_timeout(seconds: float | None) -> Iterator[None]:
 def explain(error: Exception, launch: LaunchConfig, share: dict[str, float]) -> Exception:
     """The job's failure in words, as the launch's errors: a busy cluster, a machine lost, an
     engine that crashed (both retried by the pipeline from the last checkpoint)."""
-    from ray.exceptions import ActorDiedError, RayActorError
+    from ray.exceptions import NodeDiedError, RayActorError
     from ray.train import ControllerError, WorkerGroupError
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
@@ -190,8 +190,10 @@ def explain(error: Exception, launch: LaunchConfig, share: dict[str, float]) -> 
     restarts = f"after {launch.ray_max_failures} restart(s) of the group (launch.ray_max_failures)"
     if isinstance(error, WorkerGroupError):
         failures = error.worker_failures
-        lost = {rank: e for rank, e in failures.items()
-                if isinstance(e, ActorDiedError | RayActorError)}
+        # A worker whose machine went away: its actor died, or the controller's health check
+        # could no longer reach it.
+        lost = {rank: e for rank, e in failures.items() if isinstance(
+            getattr(e, "health_check_failure", e), RayActorError | NodeDiedError)}
         if lost:
             return TrainingCrashed(
                 f"a Ray worker's machine was lost (worker {', '.join(map(str, lost))}: "
