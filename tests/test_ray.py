@@ -28,7 +28,13 @@ from loraflow.config import LaunchConfig, LoraSettings, TrainConfig
 from loraflow.engine.checkpoints import latest_checkpoint
 from loraflow.engine.config import EngineConfig
 from loraflow.engine.launch import TrainingCrashed
-from loraflow.engine.ray_job import RayClusterError, check_fits, explain, launch_on_ray
+from loraflow.engine.ray_job import (
+    EngineCrashed,
+    RayClusterError,
+    check_fits,
+    explain,
+    launch_on_ray,
+)
 
 pytest.importorskip("ray")
 RAY = Path(sys.executable).parent / "ray"
@@ -195,6 +201,7 @@ def test_a_job_that_ran_out_of_restarts_says_whether_a_machine_was_lost():
     from ray.exceptions import ActorUnavailableError
     from ray.train import ControllerError, WorkerGroupError
     from ray.train.v2._internal.exceptions import (
+        UserExceptionWithTraceback,
         WorkerGroupStartupTimeoutError,
         WorkerHealthCheckFailedError,
     )
@@ -207,10 +214,15 @@ def test_a_job_that_ran_out_of_restarts_says_whether_a_machine_was_lost():
     assert isinstance(error, TrainingCrashed)  # the pipeline's retry resumes from a checkpoint
     assert str(error).startswith("a Ray worker's machine was lost (worker 1: A worker health")
     assert "after 2 restart(s) of the group" in str(error)
-    crashed = explain(WorkerGroupError("...", {0: RuntimeError("exited with code 1")}), launch,
-                      {"CPU": 1.0})
+    raised = UserExceptionWithTraceback(EngineCrashed("exited"), (
+        'Traceback (most recent call last):\n  File "ray_job.py", line 1\n'
+        "loraflow.engine.ray_job.EngineCrashed: the engine on Ray node 127.0.0.2 exited with "
+        "code 1"))
+    crashed = explain(WorkerGroupError("...", {0: raised}), launch, {"CPU": 1.0})
     assert isinstance(crashed, TrainingCrashed)
-    assert str(crashed).startswith("the engine crashed on Ray worker 0: exited with code 1")
+    assert str(crashed).startswith("the engine crashed on Ray worker 0: loraflow.engine."
+                                   "ray_job.EngineCrashed: the engine on Ray node 127.0.0.2 "
+                                   "exited with code 1 after 2 restart(s)")
     busy = explain(ControllerError(WorkerGroupStartupTimeoutError(2)), launch, {"CPU": 1.0})
     assert isinstance(busy, RayClusterError) and "did not free 2 machine(s)" in str(busy)
 

@@ -206,7 +206,11 @@ def explain(error: Exception, launch: LaunchConfig, share: dict[str, float]) -> 
 
 
 def first_line(error: BaseException) -> str:
+    """The error's sentence: its first line, or the last line of the traceback Ray hands back
+    for an exception raised in a worker (the exception itself)."""
     text = str(error).strip()
+    if text.startswith("Traceback"):
+        return text.splitlines()[-1]
     return text.splitlines()[0] if text else type(error).__name__
 
 
