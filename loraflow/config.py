@@ -329,9 +329,10 @@ class LaunchConfig(Section):
     )
     ray_address: str = Field(
         "auto",
-        description="launch.backend=ray: the cluster's address, HOST:PORT of its head (the "
-        "port `ray start --head --port` gave), or 'auto' for the cluster this machine is a "
-        "node of.",
+        description="launch.backend=ray: the cluster's address. On a machine that is a node "
+        "of the cluster (`ray start --address HEAD:PORT` ran there): HEAD:PORT, the port `ray "
+        "start --head --port` gave, or 'auto'. From any other machine (a Prefect worker "
+        "outside the cluster, a Kubernetes job): ray://HEAD:10001, Ray Client's port.",
     )
     ray_max_failures: int = Field(
         2, ge=0, description="launch.backend=ray: how many times the group is restarted "
