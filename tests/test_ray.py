@@ -55,7 +55,11 @@ class LocalCluster:
         self.head = self.start(["--head", f"--port={self.port}", "--include-dashboard=false"],
                                HEAD_IP)
         self.worker = self.start([f"--address={self.address}"], WORKER_IP)
-        self.wait_for_nodes(2)
+        try:
+            self.wait_for_nodes(2)
+        except BaseException:
+            self.stop()
+            raise
 
     def start(self, role: list[str], ip: str) -> subprocess.Popen:
         ports = [f"--{name}={self.free_port()}" for name in (
