@@ -332,8 +332,7 @@ class LaunchConfig(Section):
         description="launch.backend=ray: the cluster's address. On a machine that is a node "
         "of the cluster (`ray start --address HEAD:PORT` ran there): HEAD:PORT, the port `ray "
         "start --head --port` gave, or 'auto'. From any other machine (a Prefect worker "
-        "outside the cluster, a Kubernetes job): ray://HEAD:10001, Ray Client's port (needs "
-        "`pip install 'ray[client]'` there too).",
+        "outside the cluster, a Kubernetes job): ray://HEAD:10001, Ray Client's port.",
     )
     ray_max_failures: int = Field(
         2, ge=0, description="launch.backend=ray: how many times the group is restarted "

@@ -47,13 +47,14 @@ class LocalCluster:
     def __init__(self, free_port) -> None:
         self.free_port = free_port
         self.temp = tempfile.mkdtemp(prefix="lf-ray-")  # short: Ray's sockets live under it
-        self.port = free_port()
-        self.address = f"{HEAD_IP}:{self.port}"
+        self.port, client_port = free_port(), free_port()
+        self.address = f"{HEAD_IP}:{self.port}"  # for a driver on a node of the cluster
+        self.client_address = f"ray://{HEAD_IP}:{client_port}"  # Ray Client, from outside
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
                     "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
                                                    os.environ.get("PYTHONPATH", "")])}
-        self.head = self.start(["--head", f"--port={self.port}", "--include-dashboard=false"],
-                               HEAD_IP)
+        self.head = self.start(["--head", f"--port={self.port}", "--include-dashboard=false",
+                                f"--ray-client-server-port={client_port}"], HEAD_IP)
         self.worker = self.start([f"--address={self.address}"], WORKER_IP)
         try:
             self.wait_for_nodes(2)
@@ -180,12 +181,14 @@ def test_a_request_the_cluster_cannot_hold_fails_at_once_in_words(
         assert not (Path(cfg.output_dir) / "metrics.jsonl").exists()  # nothing started
 
 
-def test_an_unreachable_cluster_fails_at_once_in_words(tmp_path, unused_port):
+@pytest.mark.parametrize("scheme", ["", "ray://"])
+def test_an_unreachable_cluster_fails_at_once_in_words(tmp_path, unused_port, scheme):
+    address = f"{scheme}127.0.0.1:{unused_port}"
     cfg = EngineConfig(base_path=tmp_path, data_dir=tmp_path, output_dir=tmp_path / "run",
-                       launch=LaunchConfig(backend="ray", ray_address=f"127.0.0.1:{unused_port}"))
+                       launch=LaunchConfig(backend="ray", ray_address=address))
     (tmp_path / "run").mkdir()
     start = time.monotonic()
-    with pytest.raises(RayClusterError, match=f"at 127.0.0.1:{unused_port} .* is unreachable"):
+    with pytest.raises(RayClusterError, match=f"at {address} .* is unreachable"):
         launch_on_ray(cfg, "key", "mlflow-run", lambda records: None)
     assert time.monotonic() - start < 10
 
@@ -317,8 +320,10 @@ def test_a_second_training_on_a_full_cluster_fails_clearly_and_the_first_one_fin
 def test_the_pipeline_trains_on_the_ray_cluster_in_one_train_run(
     prefect_server, small_data, tiny_model_dir, ray_cluster
 ):
-    """The whole finetune flow with launch.backend=ray: metrics reach MLflow from the job,
-    the adapter comes back through the pipeline's run and is evaluated, merged, registered."""
+    """The whole finetune flow with launch.backend=ray, its train run outside the cluster
+    (Ray Client, as a Prefect worker or a Kubernetes job would be): metrics reach MLflow from
+    the job, the adapter comes back through the pipeline's run and is evaluated, merged,
+    registered."""
     from mlflow import MlflowClient
     from test_pipeline import tiny_config
 
@@ -326,7 +331,7 @@ def test_the_pipeline_trains_on_the_ray_cluster_in_one_train_run(
 
     cfg = tiny_config(small_data, tiny_model_dir, "tiny-ray",
                       launch={"backend": "ray", "nodes": 2, "gpus_per_node": 0,
-                              "ray_address": ray_cluster.address})
+                              "ray_address": ray_cluster.client_address})
     summary = finetune(config=cfg)
     assert summary["model_version"] == "1"
     client = MlflowClient()

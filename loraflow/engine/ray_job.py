@@ -112,12 +112,13 @@ def launch_on_ray(
 
 
 def connect(address: str) -> None:
-    """ray.init on the cluster, or an error that says it is unreachable (a HOST:PORT that
-    takes no connection fails in seconds; Ray's own client would retry for a minute)."""
+    """ray.init on the cluster (HOST:PORT from one of its nodes, ray://HOST:PORT through Ray
+    Client from anywhere), or an error that says it is unreachable (a port that takes no
+    connection fails in seconds; Ray would retry for a minute)."""
     import ray
 
-    if ":" in address and not address.startswith("ray://"):
-        host, _, port = address.rpartition(":")
+    if ":" in address.removeprefix("ray://"):
+        host, _, port = address.removeprefix("ray://").rpartition(":")
         try:
             socket.create_connection((host, int(port)), timeout=5).close()
         except (OSError, ValueError) as exc:
