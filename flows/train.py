@@ -34,13 +34,22 @@ def train(request: TrainRequest, run_id: str, gpus_per_node: int | None = None) 
     1 if this worker sees a GPU, else 0 (one process on CPU). More than one starts the engine
     under torchrun. With launch.nodes > 1 the pipeline starts one run of this flow per machine
     and each joins torchrun's rendezvous at launch.rdzv_endpoint; only the machine that holds
-    rank 0 returns and hands back the adapter."""
+    rank 0 returns and hands back the adapter. With launch.backend=ray this one run submits
+    the training to the Ray cluster (launch.ray_address; its machines, not this worker's
+    GPUs, train) and hands back the adapter."""
     configure()
     check_mlflow()  # this worker's MLflow credentials, before the model is loaded
     launch = request.launch
-    gpus = resolve_gpus(launch.gpus_per_node, gpus_per_node)
-    get_run_logger().info("training on %s GPU(s) a machine, %d machine(s)", gpus, launch.nodes)
-    here = request.model_copy(update={"launch": launch.model_copy(update={"gpus_per_node": gpus})})
+    if launch.backend == "ray":  # the cluster's machines train; this one submits and relays
+        get_run_logger().info("training on the Ray cluster at %s, %d machine(s)",
+                              launch.ray_address, launch.nodes)
+        here = request
+    else:
+        gpus = resolve_gpus(launch.gpus_per_node, gpus_per_node)
+        get_run_logger().info("training on %s GPU(s) a machine, %d machine(s)", gpus,
+                              launch.nodes)
+        here = request.model_copy(
+            update={"launch": launch.model_copy(update={"gpus_per_node": gpus})})
     adapter = train_adapter(request=here, run_id=run_id, share_checkpoints=True)
     if adapter is not None:
         hand_back(run_id, request, adapter)

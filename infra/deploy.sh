@@ -4,6 +4,7 @@
 # infra/prefect-server.sh); one still starting is waited for, up to STACK_WAIT_SECONDS (300).
 # GPU_SLOTS=N caps the gpu pool at N concurrent training runs in all (e.g. the GPUs you have);
 # each gpu worker also takes one run at a time (infra/worker.sh gpu). Safe to run again.
+# GPU_POOL_TYPE=kubernetes makes the gpu pool a Kubernetes one (infra/kubernetes/gpu-job-template.json).
 # PREFECT_API_AUTH_STRING from the environment or $LORAFLOW_CREDENTIALS_FILE, checked first.
 set -euo pipefail
 : "${PREFECT_API_URL:?set PREFECT_API_URL (. infra/env.sh) to a running Prefect server}"
@@ -36,11 +37,16 @@ step() {  # step PREFECT-ARGS...: prefect, its output to the log; on failure the
   fi
 }
 for pool in cpu gpu; do
+  type=process options=()
+  # GPU_POOL_TYPE=kubernetes: the gpu steps as Kubernetes jobs (infra/kubernetes/, README there)
+  if [ "$pool" = gpu ] && [ "${GPU_POOL_TYPE:-process}" = kubernetes ]; then
+    type=kubernetes options=(--base-job-template infra/kubernetes/gpu-job-template.json)
+  fi
   if prefect --no-prompt work-pool inspect "$pool" >/dev/null 2>&1; then
     echo "deploy: work pool $pool exists"
   else
-    step work-pool create "$pool" --type process
-    echo "deploy: work pool $pool created (process)"
+    step work-pool create "$pool" --type "$type" "${options[@]}"
+    echo "deploy: work pool $pool created ($type)"
   fi
 done
 if [ -n "${GPU_SLOTS:-}" ]; then

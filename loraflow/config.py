@@ -312,9 +312,39 @@ class TrainConfig(Section):
 
 
 class LaunchConfig(Section):
-    """Where and how the engine runs: the launch (torchrun) and each GPU's share, not what is
-    learned, so none of it is part of a training run's identity: a run resumes on another GPU
-    count or parallelism."""
+    """Where and how the engine runs: the launch (torchrun, or a Ray cluster) and each GPU's
+    share, not what is learned, so none of it is part of a training run's identity: a run
+    resumes on another GPU count or parallelism."""
+
+    backend: Literal["torchrun", "ray"] = Field(
+        "torchrun",
+        description="torchrun: the engine starts here (torchrun for several GPUs); with "
+        "nodes > 1 the pipeline starts one train run a machine and they meet at rdzv_endpoint. "
+        "ray: one train run submits the engine to the Ray cluster at ray_address as a Ray "
+        "Train job: one worker a machine (nodes of them, gpus_per_node GPUs each), placed "
+        "together or not at all on distinct machines, the whole group restarted from the "
+        "last checkpoint when a machine is lost (ray_max_failures). Needs `pip install "
+        "'loraflow[ray]'` and the run directory (LORAFLOW_HOME) and base model at the same "
+        "path on every Ray node (shared storage).",
+    )
+    ray_address: str = Field(
+        "auto",
+        description="launch.backend=ray: the cluster's address. On a machine that is a node "
+        "of the cluster (`ray start --address HEAD:PORT` ran there): HEAD:PORT, the port `ray "
+        "start --head --port` gave, or 'auto'. From any other machine (a Prefect worker "
+        "outside the cluster, a Kubernetes job): ray://HEAD:10001, Ray Client's port.",
+    )
+    ray_max_failures: int = Field(
+        2, ge=0, description="launch.backend=ray: how many times the group is restarted "
+        "(each from the last checkpoint) after a worker or a machine is lost, before the "
+        "training fails.",
+    )
+    ray_wait_seconds: float | None = Field(
+        60.0, gt=0,
+        description="launch.backend=ray: how long to wait for the machines when the cluster "
+        "has them but other jobs hold them, before failing; null: wait as long as it takes. "
+        "A cluster too small for the request fails at once, whatever this says.",
+    )
 
     gpus_per_node: int | None = Field(
         None, ge=0, description="GPUs per machine, one engine process each (data-parallel under "
@@ -328,7 +358,8 @@ class LaunchConfig(Section):
     rdzv_endpoint: str = Field(
         "127.0.0.1:29400", pattern=r"^[A-Za-z0-9_.\-\[\]:]+:[0-9]+$",
         description="host:port of torchrun's rendezvous when nodes > 1: a port on one of the "
-        "machines that every machine can reach."
+        "machines that every machine can reach (launch.backend=torchrun; with ray, a free port "
+        "on the first Ray worker's machine)."
     )
     parallelism: Literal["ddp", "fsdp"] = Field(
         "ddp",

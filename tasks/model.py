@@ -27,6 +27,7 @@ from loraflow.artifacts import (
 from loraflow.base_model import BaseModelRef, resolve_base_model, source_location
 from loraflow.config import TrainConfig, loraflow_home
 from loraflow.engine import launch as engine_launch
+from loraflow.engine import ray_job
 from loraflow.engine.checkpoints import latest_checkpoint
 from loraflow.engine.config import EngineConfig
 from loraflow.engine.launch import TrainingCrashed, TrainingOOM, after_oom
@@ -101,7 +102,8 @@ def train_adapter(
 ) -> Adapter | None:
     """Run the training engine as its own process (torchrun for several GPUs or machines);
     relay its metrics; log the adapter. None on a machine that trained without rank 0. On the
-    gpu pool: one run of the `train` deployment a machine (launch.nodes).
+    gpu pool: one run of the `train` deployment a machine (launch.nodes), or one run that
+    submits the training to a Ray cluster (launch.backend=ray).
 
     share_checkpoints: also upload each new checkpoint to the MLflow run, and start from the
     one found there when this machine has none: a run retried on another worker after its
@@ -111,8 +113,10 @@ def train_adapter(
     engine (optuna.TrialPruned). On the gpu pool the trial is told the curve afterwards
     (flows/sweep.py): the engine runs on another machine and is not stopped early."""
     if where == "gpu_pool":
-        return on_gpu_pool(TRAIN_DEPLOYMENT, request, run_id, Adapter,
-                           copies=request.launch.nodes, crash_attempts=CRASH_ATTEMPTS)
+        # torchrun: one run a machine, meeting at the rendezvous; ray: one run submits the job
+        machines = request.launch.nodes if request.launch.backend == "torchrun" else 1
+        return on_gpu_pool(TRAIN_DEPLOYMENT, request, run_id, Adapter, copies=machines,
+                           crash_attempts=CRASH_ATTEMPTS)
     tokens, lora, launch = request.tokens, request.lora, request.launch
     base = base_on_this_machine(request.base)
     key = request.run_key()  # leaves out where it runs: another GPU count resumes the run
@@ -132,8 +136,9 @@ def train_adapter(
         if trial is not None:
             report_progress(trial, records)
 
-    result = engine_launch.launch(engine, key, run_id, relay,
-                    (lambda: share_checkpoint(run_dir, run_id)) if share_checkpoints else None)
+    start = ray_job.launch_on_ray if launch.backend == "ray" else engine_launch.launch
+    result = start(engine, key, run_id, relay,
+                   (lambda: share_checkpoint(run_dir, run_id)) if share_checkpoints else None)
     if result is None:  # a machine without rank 0: the adapter is on rank 0's machine
         return None
     # What the engine trained with (preflight's micro-batch, epochs as steps, ...); the run

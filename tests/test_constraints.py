@@ -66,5 +66,5 @@ def test_every_install_path_installs_through_the_lock():
     assert sum("-c constraints.txt" in line for line in installs) == 2  # torch, then loraflow
     docker = (ROOT / "infra" / "Dockerfile").read_text()
     assert "COPY pyproject.toml README.md constraints.txt" in docker
-    assert "-c constraints.txt ." in docker and "grep '^torch==' constraints.txt" in docker
+    assert "-c constraints.txt '.[ray]'" in docker and "grep '^torch==' constraints.txt" in docker
     assert "make test" in (ROOT / ".ci" / "run").read_text()  # which builds .venv by the lock

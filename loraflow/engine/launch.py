@@ -1,6 +1,7 @@
 """Starting the engine and reading how it ended: the launch command (plain Python for one
 process, torchrun for several), the process supervised while its metrics are relayed, and its
-exit turned into an error that says whether a retry can help (the failure protocol)."""
+exit turned into an error that says whether a retry can help (the failure protocol). The same
+launch as a Ray Train job: loraflow.engine.ray_job."""
 
 from __future__ import annotations
 
@@ -75,14 +76,21 @@ def launch(engine: EngineConfig, run_key: str, relay_to: str, relay: MetricRelay
            while_running: Callable[[], object] | None = None) -> dict[str, Any] | None:
     """Write engine.json into the run directory, start the engine on this machine's share of
     the processes (launch.gpus_per_node, launch.nodes) and supervise it (run_engine). The
-    result of rank 0's machine; None on another machine."""
+    result of rank 0's machine; None on another machine. (launch.backend=ray:
+    loraflow.engine.ray_job.launch_on_ray.)"""
     run_dir, where = Path(engine.output_dir), engine.launch
-    config_file = run_dir / "engine.json"
-    config_file.write_text(engine.model_dump_json(indent=2))
+    config_file = write_config(engine)
     processes = max(where.gpus_per_node or 0, 1)  # 0 GPUs or unset: one process
     command = launch_command(["--config", str(config_file)], processes, where.nodes,
                              where.rdzv_endpoint, run_key)
     return run_engine(command, run_dir, relay_to, relay, while_running)
+
+
+def write_config(engine: EngineConfig) -> Path:
+    """engine.json in the run directory: what every engine process reads."""
+    config_file = Path(engine.output_dir) / "engine.json"
+    config_file.write_text(engine.model_dump_json(indent=2))
+    return config_file
 
 
 def run_engine(
@@ -108,12 +116,18 @@ def run_engine(
     except BaseException:  # the relay stopped the run (a sweep's pruner) or we were interrupted
         stop(process)
         raise
-    if process.returncode == 0:  # rank 0 writes the result; other machines have none
+    return engine_ending(run_dir, process.returncode)
+
+
+def engine_ending(run_dir: Path, returncode: int) -> dict[str, Any] | None:
+    """rank 0's result (None on a machine without it) when the launch exited 0; otherwise the
+    error that says what happened and whether a retry can help."""
+    if returncode == 0:  # rank 0 writes the result; other machines have none
         result = run_dir / "result.json"
         return json.loads(result.read_text()) if result.is_file() else None
     failure = first_failure(run_dir)
     # torchrun exits 1 whatever its workers did: the ranks' failure files say what happened.
-    code = EXIT_CODES.get(failure.get("kind"), process.returncode)
+    code = EXIT_CODES.get(failure.get("kind"), returncode)
     where = f"(config, metrics and checkpoints in {run_dir})"
     if code == EXIT_OOM:
         adapt = run_dir / "adapt.json"
@@ -123,7 +137,7 @@ def run_engine(
     if code in (EXIT_DIVERGED, EXIT_HUNG, EXIT_REFUSED):
         raise TrainingStopped(f"{failure.get('message', 'training stopped')} {where}")
     raise TrainingCrashed(
-        f"the training engine exited with code {process.returncode}; its "
+        f"the training engine exited with code {returncode}; its "
         f"output is above {where}; a retry resumes from the last checkpoint"
     )
 
