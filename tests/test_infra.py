@@ -59,8 +59,8 @@ def test_services_are_wired_to_each_other_and_secrets_have_no_defaults():
     assert auth.startswith("${PREFECT_SERVER_API_AUTH_STRING:?")
     mlflow = services["mlflow"]
     assert mlflow["command"] == "infra/mlflow-server.sh"  # the basic-auth app, as on a host
-    assert mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
-    assert mlflow["environment"]["MLFLOW_AUTH_DATABASE_URI"].startswith("postgresql://")
+    assert mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")
+    assert mlflow["environment"]["MLFLOW_AUTH_DATABASE_URI"].startswith("postgresql+psycopg2://")
     assert mlflow["environment"]["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://mlflow")
     assert "mlflow_auth" in (INFRA / "postgres-init.sql").read_text()
     assert services["mlflow-users"]["command"] == "python infra/mlflow-users.py"
@@ -305,7 +305,7 @@ def test_stop_stops_the_watcher_then_the_workers_and_only_then_the_stack(tmp_pat
     assert ("stack", "exit") in when
     assert list((home / "run").iterdir()) == []
     assert done.stdout.index("the watcher stopped") < done.stdout.index("the workers stopped") \
-        < done.stdout.index("the stack (S3, MLflow, Prefect) stopped")
+        < done.stdout.index("the stack (MLflow, Prefect, S3, then PostgreSQL) stopped")
 
 
 def test_stop_waits_for_the_flow_runs_in_flight_before_it_stops_the_workers(prefect_server):
