@@ -7,10 +7,13 @@
 # users (admin, pipeline, reader: infra/mlflow-users.py) and, unless WITH_PREFECT=0, a Prefect
 # server with API auth (port PREFECT_PORT=4200). Credentials: $LORAFLOW_HOME/secrets/server.env,
 # made once by infra/new-credentials.sh (this script refuses to start without it). The servers
-# write to $LORAFLOW_HOME/logs/*.log, not to this terminal. Prints `stack ready: ...` once every
+# write to $LORAFLOW_HOME/logs/*.log, not to this terminal. RESTORE_FROM=DIR first restores the
+# backup infra/backup.sh made in DIR into this stack, which must be a fresh one (its databases
+# and buckets empty), before MLflow and Prefect start. Prints `stack ready: ...` once every
 # server answers. Stops them all on Ctrl-C, SIGTERM or infra/stop.sh (which stops the watcher
 # and the workers first), or when one of them exits; PostgreSQL last.
 set -euo pipefail
+if [ -n "${RESTORE_FROM:-}" ]; then RESTORE_FROM="$(realpath "$RESTORE_FROM")"; fi
 cd "$(dirname "$0")/.."
 . infra/stack-env.sh
 export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true
@@ -108,6 +111,10 @@ else
 fi
 S3_PORT="$s3_port" S3_BUCKETS="mlflow models data" start s3 infra/s3-server.sh
 wait_for s3 $! "http://127.0.0.1:$s3_port/" any  # anonymous: 403, i.e. it answers
+if [ -n "${RESTORE_FROM:-}" ]; then
+  echo "restoring the backup in $RESTORE_FROM ..."
+  AWS_ENDPOINT_URL="http://127.0.0.1:$s3_port" python infra/backup.py restore "$RESTORE_FROM"
+fi
 MLFLOW_PORT="$mlflow_port" MLFLOW_S3_ENDPOINT_URL="http://127.0.0.1:$s3_port" \
 MLFLOW_ARTIFACTS_DESTINATION=s3://mlflow/artifacts start mlflow infra/mlflow-server.sh
 wait_for mlflow $! "http://127.0.0.1:$mlflow_port/health" 200

@@ -410,3 +410,74 @@ def test_the_local_s3_server_takes_only_requests_signed_with_the_stacks_key(tmp_
     text = log.read_text()
     assert '"PUT /models/anon" 403' in text  # method, path, status ...
     assert key not in text and secret not in text and "X-Amz-" not in text  # ... nothing else
+
+
+def test_a_backup_restores_byte_for_byte_and_refuses_a_damaged_one_or_a_stack_with_data(
+    tmp_path, s3_env
+):
+    """infra/backup.py on SQLite stores and S3 (moto): restored into empty ones, every row and
+    object comes back; a backup with a changed file restores nothing, and a stack that holds
+    data is refused. (tests/test_auth.py restores a whole stack on PostgreSQL.)"""
+    import sqlite3
+
+    import boto3
+
+    def stores(name: str) -> dict[str, str]:
+        folder = tmp_path / name
+        return {"PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{folder}/prefect.db",
+                "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{folder}/mlflow.db",
+                "MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{folder}/auth.db"}  # fmt: skip
+
+    def rows(env: dict[str, str]) -> dict[str, list]:
+        return {var: sqlite3.connect(url.split(":///")[1]).execute("SELECT * FROM t").fetchall()
+                for var, url in env.items()}  # fmt: skip
+
+    def backup_py(action: str, folder: Path, env: dict[str, str]):
+        return subprocess.run(
+            [sys.executable, "infra/backup.py", action, str(folder)], cwd=ROOT, text=True,
+            capture_output=True, timeout=120,
+            env=os.environ | env | {"AWS_ENDPOINT_URL": s3_env, "BACKUP_BUCKETS": "models"},
+        )  # fmt: skip
+
+    old = stores("old")
+    (tmp_path / "old").mkdir()
+    for i, url in enumerate(old.values()):
+        db = sqlite3.connect(url.split(":///")[1])
+        db.execute("CREATE TABLE t (k TEXT, v TEXT)")
+        db.executemany("INSERT INTO t VALUES (?, ?)", [(f"k{i}", "x" * 100), ("n", str(i))])
+        db.commit()
+    s3 = boto3.client("s3", endpoint_url=s3_env)
+    weights = os.urandom(3 << 20)
+    s3.put_object(Bucket="models", Key="m/1/model.safetensors", Body=weights)
+    s3.put_object(Bucket="models", Key="m/2/model.safetensors", Body=weights)  # the same bytes
+    backup = tmp_path / "backup"
+    done = backup_py("backup", backup, old)
+    assert done.returncode == 0, done.stderr
+    assert "databases prefect, mlflow, mlflow_auth, 2 objects (6.3 MB)" in done.stdout
+    assert len(list((backup / "objects").iterdir())) == 1  # one file per content
+    assert backup.stat().st_mode & 0o077 == 0
+
+    s3.delete_objects(Bucket="models", Delete={"Objects": [
+        {"Key": "m/1/model.safetensors"}, {"Key": "m/2/model.safetensors"}]})  # fmt: skip
+    done = backup_py("restore", backup, old)  # the old stores hold data: refused
+    assert done.returncode == 1 and "prefect database is not empty" in done.stderr
+
+    (object_file,) = (backup / "objects").iterdir()
+    intact = object_file.read_bytes()
+    object_file.write_bytes(intact[:-1] + b"\0")
+    done = backup_py("restore", backup, stores("damaged"))
+    assert done.returncode == 1
+    assert f"{object_file} is missing or changed since the backup" in done.stderr
+    assert not (tmp_path / "damaged").exists() and "Contents" not in s3.list_objects_v2(
+        Bucket="models")  # fmt: skip
+
+    object_file.write_bytes(intact)
+    new = stores("new")
+    done = backup_py("restore", backup, new)
+    assert done.returncode == 0, done.stderr
+    assert "restored (every SHA-256 checked)" in done.stdout
+    assert rows(new) == rows(old)
+    for key in ("m/1/model.safetensors", "m/2/model.safetensors"):
+        assert s3.get_object(Bucket="models", Key=key)["Body"].read() == weights
+    done = backup_py("restore", backup, stores("other"))  # the bucket holds them now: refused
+    assert done.returncode == 1 and "bucket models is not empty" in done.stderr
