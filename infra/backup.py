@@ -98,10 +98,11 @@ def backup(folder: Path) -> dict:
     folder.chmod(0o700)
     manifest: dict = {"format": 1, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                       "databases": {}, "objects": []}
-    # The databases first, then the objects: a row names only objects written before it (a
-    # version's files are pushed before it is registered, an artifact is uploaded before the run
-    # lists it), so the objects copied after the dump hold everything the dump refers to.
-    # Objects written meanwhile are extras that no row names.
+    # The databases first, then the objects: a row names only objects written before it (an
+    # artifact is uploaded before the run lists it; a version gets its loraflow.storage_uri tag
+    # once its push is complete), so the objects copied after the dump hold everything the dump
+    # refers to. Objects written meanwhile are extras that no row names. A release under way
+    # is caught as the registry shows it: a version registered but not yet pushed has no tag.
     for name, variable in DATABASES.items():
         url = os.environ[variable]
         kind = kind_of(url)
