@@ -18,8 +18,6 @@ data="${POSTGRES_DATA:-$home/postgres}"
 port="${POSTGRES_PORT:-5432}"
 : "${POSTGRES_PREFECT_PASSWORD:?set POSTGRES_PREFECT_PASSWORD (infra/new-credentials.sh; source server.env)}"
 : "${POSTGRES_MLFLOW_PASSWORD:?set POSTGRES_MLFLOW_PASSWORD (infra/new-credentials.sh; source server.env)}"
-mkdir -p "$data"
-data="$(cd "$data" && pwd)"
 
 # the server's programs: POSTGRES_BIN, else those on PATH, else Debian's newest
 # /usr/lib/postgresql/N/bin (the package puts only the clients on PATH)
@@ -28,7 +26,8 @@ if [ -z "$bin" ] && command -v initdb >/dev/null; then bin="$(dirname "$(readlin
 if [ -z "$bin" ]; then bin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)"; fi
 if [ ! -x "$bin/postgres" ] || [ ! -x "$bin/initdb" ] || [ ! -x "$bin/psql" ]; then
   echo "infra/postgres.sh: PostgreSQL is not installed (apt-get install postgresql), or set" \
-    "POSTGRES_BIN to the folder of its postgres, initdb and psql" >&2
+    "POSTGRES_BIN to the folder of its postgres, initdb and psql (or run the stack on SQLite:" \
+    "STACK_DATABASE=sqlite infra/local-stack.sh)" >&2
   exit 2
 fi
 if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
@@ -37,6 +36,8 @@ if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
   exit 2
 fi
 
+mkdir -p "$data"
+data="$(cd "$data" && pwd)"
 as_db=()  # how to run a program as the server's OS user
 os_user="$(id -un)"
 if [ "$(id -u)" = 0 ]; then

@@ -1,11 +1,13 @@
 """The stack with authentication, for real, on loopback, started the way infra/README.md says:
-fresh credentials (infra/new-credentials.sh), moto S3 with the stack's keys, the MLflow server
-with its basic-auth app (infra/mlflow-server.sh) and its users (infra/mlflow-users.py), the
-Prefect server with API auth (infra/prefect-server.sh). Anonymous and wrong-password requests
-are refused, the read-only user cannot move `champion`, a missing or wrong credential stops a
-command at once with the variable named, the whole pipeline and `promote --rollback` work with
-the right ones, a worker stops promptly on SIGTERM, and afterwards no secret is found in any
-log, parameter, tag, artifact, flow-run record, summary or pushed file."""
+fresh credentials (infra/new-credentials.sh), PostgreSQL (infra/postgres.sh; SQLite with
+LORAFLOW_TEST_DATABASE=sqlite), moto S3 with the stack's keys, the MLflow server with its
+basic-auth app (infra/mlflow-server.sh) and its users (infra/mlflow-users.py), the Prefect server
+with API auth (infra/prefect-server.sh). Anonymous and wrong-password requests are refused, the
+read-only user cannot move `champion`, a missing or wrong credential stops a command at once
+with the variable named, the whole pipeline and `promote --rollback` work with the right ones,
+a worker stops promptly on SIGTERM, a backup restores into a fresh stack whole, and afterwards
+no secret is found in any log, parameter, tag, artifact, flow-run record, summary or pushed
+file."""
 
 from __future__ import annotations
 
