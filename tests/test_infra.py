@@ -90,6 +90,9 @@ def test_new_credentials_are_random_private_and_never_overwritten(tmp_path):
     assert server["PREFECT_SERVER_API_AUTH_STRING"] in first["pipeline.env"]
     assert server["MLFLOW_READER_PASSWORD"] in first["reader.env"]
     assert server["MLFLOW_AUTH_ADMIN_PASSWORD"] not in first["pipeline.env"] + first["reader.env"]
+    for var in ("POSTGRES_PREFECT_PASSWORD", "POSTGRES_MLFLOW_PASSWORD"):  # the servers' only
+        assert len(server[var]) >= 24
+        assert server[var] not in first["pipeline.env"] + first["reader.env"]
     again = subprocess.run(["infra/new-credentials.sh", str(out)], cwd=ROOT, capture_output=True,
                            text=True)  # fmt: skip
     assert again.returncode == 1 and "not overwritten" in again.stderr
@@ -107,6 +110,7 @@ def test_servers_refuse_to_start_without_their_credentials(tmp_path):
         ("infra/prefect-server.sh", "PREFECT_SERVER_API_AUTH_STRING"),
         ("infra/mlflow-server.sh", "MLFLOW_AUTH_ADMIN_USERNAME"),
         ("infra/s3-server.sh", "AWS_ACCESS_KEY_ID"),
+        ("infra/postgres.sh", "POSTGRES_PREFECT_PASSWORD"),
     ):  # fmt: skip
         done = subprocess.run([script], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=60)  # fmt: skip
@@ -118,6 +122,7 @@ def test_servers_refuse_to_start_without_their_credentials(tmp_path):
         text = (INFRA / script).read_text()  # loopback unless the user says otherwise
         assert re.search(r'_HOST:-127\.0\.0\.1\}', text), script
     assert "--app-name basic-auth" in (INFRA / "mlflow-server.sh").read_text()
+    assert "-c listen_addresses=127.0.0.1 " in (INFRA / "postgres.sh").read_text()  # only
 
 
 def test_env_sh_holds_no_secret_and_names_the_credentials_file():
