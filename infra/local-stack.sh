@@ -1,36 +1,33 @@
 #!/usr/bin/env bash
 # The production-like stack on one machine, all on 127.0.0.1 and all with authentication:
-# S3 (infra/s3-server.sh: signed requests only, port S3_PORT=9000, buckets mlflow/models/data),
-# an MLflow tracking server with its basic-auth app (port MLFLOW_PORT=5000, SQLite unless
-# MLFLOW_BACKEND_STORE_URI / MLFLOW_AUTH_DATABASE_URI say otherwise, artifacts in
-# s3://mlflow/artifacts), its users (admin, pipeline, reader: infra/mlflow-users.py) and, unless
-# WITH_PREFECT=0, a Prefect server with API auth (port PREFECT_PORT=4200; SQLite unless
-# PREFECT_API_DATABASE_CONNECTION_URL says otherwise). Credentials:
-# $LORAFLOW_HOME/secrets/server.env, made once by infra/new-credentials.sh (this script refuses
-# to start without it). The servers write to $LORAFLOW_HOME/logs/*.log, not to this terminal.
-# Prints `stack ready: ...` once every server answers. Stops them all on Ctrl-C, SIGTERM or
-# infra/stop.sh (which stops the watcher and the workers first), or when one of them exits.
+# PostgreSQL (infra/postgres.sh, port POSTGRES_PORT=5432: the databases of both servers; with
+# STACK_DATABASE=sqlite, SQLite files instead: infra/stack-env.sh), S3 (infra/s3-server.sh:
+# signed requests only, port S3_PORT=9000, buckets mlflow/models/data), an MLflow tracking
+# server with its basic-auth app (port MLFLOW_PORT=5000, artifacts in s3://mlflow/artifacts), its
+# users (admin, pipeline, reader: infra/mlflow-users.py) and, unless WITH_PREFECT=0, a Prefect
+# server with API auth (port PREFECT_PORT=4200). Credentials: $LORAFLOW_HOME/secrets/server.env,
+# made once by infra/new-credentials.sh (this script refuses to start without it). The servers
+# write to $LORAFLOW_HOME/logs/*.log, not to this terminal. RESTORE_FROM=DIR first restores the
+# backup infra/backup.sh made in DIR into this stack, which must be a fresh one (its databases
+# and buckets empty), before MLflow and Prefect start. Prints `stack ready: ...` once every
+# server answers. Stops them all on Ctrl-C, SIGTERM or infra/stop.sh (which stops the watcher
+# and the workers first), or when one of them exits; PostgreSQL last.
 set -euo pipefail
+if [ -n "${RESTORE_FROM:-}" ]; then RESTORE_FROM="$(realpath "$RESTORE_FROM")"; fi
 cd "$(dirname "$0")/.."
-export LORAFLOW_HOME="${LORAFLOW_HOME:-$PWD/.loraflow}"
-secrets="${LORAFLOW_SECRETS:-$LORAFLOW_HOME/secrets}"
-if [ ! -s "$secrets/server.env" ]; then
-  echo "infra/local-stack.sh: no $secrets/server.env; run infra/new-credentials.sh first" >&2
-  exit 2
-fi
-set -a; . "$secrets/server.env"; set +a
-# the servers' own S3 keys: the S3 server accepts only these, the MLflow server signs with them
-export AWS_ACCESS_KEY_ID="$S3_ACCESS_KEY" AWS_SECRET_ACCESS_KEY="$S3_SECRET_KEY"
-export AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-us-east-1}"
+. infra/stack-env.sh
 export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true
 unset MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD PREFECT_API_URL PREFECT_API_AUTH_STRING
 s3_port="${S3_PORT:-9000}" mlflow_port="${MLFLOW_PORT:-5000}" prefect_port="${PREFECT_PORT:-4200}"
+postgres_port="${POSTGRES_PORT:-5432}"
 ports=("$s3_port" "$mlflow_port")
 if [ "${WITH_PREFECT:-1}" = 1 ]; then ports+=("$prefect_port"); fi
+if [ "$STACK_DATABASE" = postgresql ]; then ports+=("$postgres_port"); fi
 for port in "${ports[@]}"; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "infra/local-stack.sh: port $port on 127.0.0.1 is taken (another stack?); stop it" \
-      "or choose other ports: S3_PORT, MLFLOW_PORT, PREFECT_PORT (and infra/env.sh reads them)" >&2
+      "or choose other ports: S3_PORT, MLFLOW_PORT, PREFECT_PORT, POSTGRES_PORT (and" \
+      "infra/env.sh reads them)" >&2
     exit 2
   fi
 done
@@ -39,17 +36,23 @@ run="$LORAFLOW_HOME/run"
 mkdir -p "$logs" "$run"
 echo "$$" > "$run/stack.pid"  # infra/stop.sh stops the watcher and workers, then this
 
-pids=()
-stop_servers() {
-  # each server is its own process group (setsid): MLflow's and Prefect's children stop too
-  for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
-  for _ in $(seq 50); do
+pids=()  # the servers
+db_pid=""  # PostgreSQL: stopped after them, so none of them loses its database mid-request
+stop_group() {  # stop_group SECONDS PID...: SIGTERM to each process group, SIGKILL after SECONDS
+  local seconds="$1" pid alive; shift
+  for pid in "$@"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
+  for _ in $(seq "$((seconds * 5))"); do
     alive=0
-    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    for pid in "$@"; do kill -0 "$pid" 2>/dev/null && alive=1; done
     [ "$alive" = 0 ] && break
     sleep 0.2
   done
-  for pid in "${pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+  for pid in "$@"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+}
+stop_servers() {
+  # each server is its own process group (setsid): MLflow's and Prefect's children stop too
+  if [ "${#pids[@]}" -gt 0 ]; then stop_group 10 "${pids[@]}"; fi
+  if [ -n "$db_pid" ]; then stop_group 60 "$db_pid"; fi  # a fast shutdown: a checkpoint
   wait 2>/dev/null || true
   rm -f "$run/stack.pid"
   echo "stack stopped"
@@ -61,7 +64,7 @@ trap 'exit 130' INT
 start() {  # start NAME COMMAND...: in its own process group, its output to logs/NAME.log
   local name="$1"; shift
   setsid "$@" >>"$logs/$name.log" 2>&1 < /dev/null &
-  pids+=($!)
+  if [ "$name" = postgres ]; then db_pid=$!; else pids+=($!); fi
 }
 
 wait_for() {  # wait_for NAME PID URL WANT: until URL answers (WANT: any HTTP status, or 200)
@@ -82,9 +85,36 @@ wait_for() {  # wait_for NAME PID URL WANT: until URL answers (WANT: any HTTP st
   exit 1
 }
 
-echo "starting the stack on 127.0.0.1 (logs: $logs/{s3,mlflow,prefect}.log) ..."
+wait_for_line() {  # wait_for_line NAME PID TEXT FROM: until logs/NAME.log past byte FROM has TEXT
+  local name="$1" pid="$2" text="$3" from="$4"
+  for _ in $(seq "$((${STACK_START_SECONDS:-300} * 2))"); do
+    tail -c "+$((from + 1))" "$logs/$name.log" | grep -qF -- "$text" && return 0
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "infra/local-stack.sh: $name exited; the end of $logs/$name.log:" >&2
+      tail -n 20 "$logs/$name.log" >&2
+      exit 1
+    fi
+    sleep 0.5
+  done
+  echo "infra/local-stack.sh: $name was not ready in ${STACK_START_SECONDS:-300} s; see" \
+    "$logs/$name.log" >&2
+  exit 1
+}
+
+echo "starting the stack on 127.0.0.1 (logs: $logs/{postgres,s3,mlflow,prefect}.log) ..."
+if [ "$STACK_DATABASE" = postgresql ]; then
+  from="$(stat -c %s "$logs/postgres.log" 2>/dev/null || echo 0)"
+  POSTGRES_PORT="$postgres_port" start postgres infra/postgres.sh
+  wait_for_line postgres "$db_pid" "PostgreSQL ready at" "$from"
+else
+  mkdir -p "$LORAFLOW_HOME/prefect"
+fi
 S3_PORT="$s3_port" S3_BUCKETS="mlflow models data" start s3 infra/s3-server.sh
 wait_for s3 $! "http://127.0.0.1:$s3_port/" any  # anonymous: 403, i.e. it answers
+if [ -n "${RESTORE_FROM:-}" ]; then
+  echo "restoring the backup in $RESTORE_FROM ..."
+  AWS_ENDPOINT_URL="http://127.0.0.1:$s3_port" python infra/backup.py restore "$RESTORE_FROM"
+fi
 MLFLOW_PORT="$mlflow_port" MLFLOW_S3_ENDPOINT_URL="http://127.0.0.1:$s3_port" \
 MLFLOW_ARTIFACTS_DESTINATION=s3://mlflow/artifacts start mlflow infra/mlflow-server.sh
 wait_for mlflow $! "http://127.0.0.1:$mlflow_port/health" 200
@@ -103,6 +133,6 @@ fi
 echo "stack ready: $ready"
 echo "next, in this shell or another: . infra/env.sh; infra/deploy.sh (infra/README.md)"
 set +e
-wait -n "${pids[@]}"
+wait -n "${pids[@]}" ${db_pid:+"$db_pid"}
 echo "infra/local-stack.sh: a server exited; stopping the others (see $logs)" >&2
 exit 1

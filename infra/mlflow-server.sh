@@ -37,8 +37,10 @@ config="$home/mlflow-auth.ini"
   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth" \
   "grant_default_workspace_access = false" > "$config")
 export MLFLOW_AUTH_CONFIG_PATH="$config"
+# the store by its variable, not an argument: a PostgreSQL URL holds a password, and every user
+# of the machine can read a command line
+export MLFLOW_BACKEND_STORE_URI="${MLFLOW_BACKEND_STORE_URI:-sqlite:///$home/mlflow-server.db}"
 exec mlflow server --app-name basic-auth \
   --host "${MLFLOW_HOST:-127.0.0.1}" --port "${MLFLOW_PORT:-5000}" \
   --workers "${MLFLOW_WORKERS:-2}" \
-  --backend-store-uri "${MLFLOW_BACKEND_STORE_URI:-sqlite:///$home/mlflow-server.db}" \
   --artifacts-destination "${MLFLOW_ARTIFACTS_DESTINATION:-$home/mlflow-server-artifacts}"

@@ -4,7 +4,9 @@
 # writes, each readable by you only:
 #   DIR/server.env    what the servers start with: PREFECT_SERVER_API_AUTH_STRING, the MLflow
 #                     admin (MLFLOW_AUTH_ADMIN_*), the users infra/mlflow-users.py creates
-#                     (MLFLOW_PIPELINE_*, MLFLOW_READER_*), the S3 keys (S3_ACCESS_KEY/SECRET)
+#                     (MLFLOW_PIPELINE_*, MLFLOW_READER_*), the S3 keys (S3_ACCESS_KEY/SECRET),
+#                     the PostgreSQL roles' passwords (POSTGRES_PREFECT_PASSWORD,
+#                     POSTGRES_MLFLOW_PASSWORD: infra/postgres.sh)
 #   DIR/pipeline.env  what workers, the watcher and the CLI use (LORAFLOW_CREDENTIALS_FILE):
 #                     MLFLOW_TRACKING_USERNAME/PASSWORD (user "pipeline"),
 #                     PREFECT_API_AUTH_STRING, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY
@@ -26,6 +28,7 @@ secret() { python -c 'import secrets; print(secrets.token_urlsafe(24))'; }
 prefect_auth="loraflow:$(secret)"
 admin_pw="$(secret)" pipeline_pw="$(secret)" reader_pw="$(secret)"
 s3_key="loraflow-$(python -c 'import secrets; print(secrets.token_hex(6))')" s3_secret="$(secret)"
+pg_prefect_pw="$(secret)" pg_mlflow_pw="$(secret)"
 # Each file is written with printf: nothing in its text is ever run by the shell (an unquoted
 # heredoc runs what its comments hold between backticks).
 printf '%s\n' \
@@ -38,7 +41,9 @@ printf '%s\n' \
   "MLFLOW_READER_USERNAME=reader" \
   "MLFLOW_READER_PASSWORD=$reader_pw" \
   "S3_ACCESS_KEY=$s3_key" \
-  "S3_SECRET_KEY=$s3_secret" > "$dir/server.env"
+  "S3_SECRET_KEY=$s3_secret" \
+  "POSTGRES_PREFECT_PASSWORD=$pg_prefect_pw" \
+  "POSTGRES_MLFLOW_PASSWORD=$pg_mlflow_pw" > "$dir/server.env"
 printf '%s\n' \
   "# Client credentials of workers, the watcher and the loraflow CLI (LORAFLOW_CREDENTIALS_FILE)." \
   "MLFLOW_TRACKING_USERNAME=pipeline" \

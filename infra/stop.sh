@@ -3,11 +3,12 @@
 # pipeline starts), then it waits until no flow run is in flight (infra/drain.py: up to
 # STOP_DRAIN_SECONDS, 3600, saying which runs it waits for; Ctrl-C stops the waiting), because
 # a Prefect worker's SIGTERM cuts off the runs it started; then the workers, and only once they
-# are gone the servers (infra/local-stack.sh), so no worker is left talking to a server that
-# went away. Finds them by the pid files under $LORAFLOW_HOME/run; a file whose process is gone
-# (or is something else now) is removed and skipped. A worker still running STOP_WAIT_SECONDS
-# (60) after its SIGTERM gets a second one. The wait needs PREFECT_API_URL (. infra/env.sh) and
-# the credentials file; without them the workers are stopped at once, with a warning.
+# are gone the servers (infra/local-stack.sh; PostgreSQL after the servers that use it), so no
+# worker is left talking to a server that went away. Finds them by the pid files under
+# $LORAFLOW_HOME/run; a file whose process is gone (or is something else now) is removed and
+# skipped. A worker still running STOP_WAIT_SECONDS (60) after its SIGTERM gets a second one.
+# The wait needs PREFECT_API_URL (. infra/env.sh) and the credentials file; without them the
+# workers are stopped at once, with a warning.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 run="${LORAFLOW_HOME:-$PWD/.loraflow}/run"
@@ -74,4 +75,4 @@ stop "the watcher" "watch" "$run/watch.pid"
 shopt -s nullglob
 drain
 stop "the workers" "worker" "$run"/worker-*.pid
-stop "the stack (S3, MLflow, Prefect)" "local-stack.sh" "$run/stack.pid"
+stop "the stack (MLflow, Prefect, S3, then PostgreSQL)" "local-stack.sh" "$run/stack.pid"

@@ -1,17 +1,28 @@
 """Real servers for integration tests, each in its own process group on 127.0.0.1 and a free
-port: moto's S3-protocol server and `mlflow server` (SQLite backend, artifacts proxied to S3).
-`stop()` ends the whole group (mlflow server runs uvicorn as a child), whatever happened."""
+port: moto's S3-protocol server, `mlflow server` (SQLite backend, artifacts proxied to S3) and
+PostgreSQL (infra/postgres.sh). `stop()` ends the whole group (mlflow server runs uvicorn as a
+child), whatever happened."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+
+# The servers' database in the opt-in stack and reliability suites: postgresql (infra/postgres.sh,
+# as in production; .ci/run) or sqlite (LORAFLOW_TEST_DATABASE=sqlite, without PostgreSQL)
+DATABASE = os.environ.get("LORAFLOW_TEST_DATABASE", "postgresql")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -78,3 +89,39 @@ def mlflow_server(log_dir: Path, db: Path, artifacts: str, s3_endpoint: str) -> 
     ]  # fmt: skip
     env = {"MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "MLFLOW_DISABLE_TELEMETRY": "true"}
     return Server("mlflow server", args, port, env, log_dir / f"mlflow-{port}.log")
+
+
+@contextlib.contextmanager
+def prefect_database(log: Path) -> Iterator[dict[str, str]]:
+    """The Prefect server's database setting for DATABASE: a PostgreSQL of its own (a new
+    cluster, fresh passwords, data in a folder of /tmp: started by root, the server runs as
+    user postgres, which cannot enter pytest's folders), stopped and removed afterwards; or
+    nothing, for the Prefect server's own SQLite file."""
+    if DATABASE == "sqlite":
+        yield {}
+        return
+    port, password = free_port(), secrets.token_urlsafe(24)
+    data = Path(tempfile.mkdtemp(prefix="loraflow-test-postgres-"))
+    env = os.environ | {"POSTGRES_DATA": str(data), "POSTGRES_PORT": str(port),
+                        "POSTGRES_PREFECT_PASSWORD": password,
+                        "POSTGRES_MLFLOW_PASSWORD": secrets.token_urlsafe(24),
+                        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # fmt: skip
+    with open(log, "ab") as out:
+        process = subprocess.Popen([str(ROOT / "infra" / "postgres.sh")], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while "PostgreSQL ready at" not in log.read_text():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"PostgreSQL did not start; see {log}")
+            time.sleep(0.2)
+        url = f"postgresql+asyncpg://prefect:{password}@127.0.0.1:{port}/prefect"
+        yield {"PREFECT_API_DATABASE_CONNECTION_URL": url}
+    finally:
+        process.send_signal(signal.SIGTERM)  # a fast shutdown
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        shutil.rmtree(data, ignore_errors=True)

@@ -1,20 +1,26 @@
 """The stack with authentication, for real, on loopback, started the way infra/README.md says:
-fresh credentials (infra/new-credentials.sh), moto S3 with the stack's keys, the MLflow server
-with its basic-auth app (infra/mlflow-server.sh) and its users (infra/mlflow-users.py), the
-Prefect server with API auth (infra/prefect-server.sh). Anonymous and wrong-password requests
-are refused, the read-only user cannot move `champion`, a missing or wrong credential stops a
-command at once with the variable named, the whole pipeline and `promote --rollback` work with
-the right ones, a worker stops promptly on SIGTERM, and afterwards no secret is found in any
-log, parameter, tag, artifact, flow-run record, summary or pushed file."""
+fresh credentials (infra/new-credentials.sh), PostgreSQL (infra/postgres.sh; SQLite with
+LORAFLOW_TEST_DATABASE=sqlite), moto S3 with the stack's keys, the MLflow server with its
+basic-auth app (infra/mlflow-server.sh) and its users (infra/mlflow-users.py), the Prefect server
+with API auth (infra/prefect-server.sh). Anonymous and wrong-password requests are refused, the
+read-only user cannot move `champion`, a missing or wrong credential stops a command at once
+with the variable named, the whole pipeline and `promote --rollback` work with the right ones,
+a worker stops promptly on SIGTERM, a backup restores into a fresh stack whole, and afterwards
+no secret is found in any log, parameter, tag, artifact, flow-run record, summary or pushed
+file."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +28,7 @@ from types import SimpleNamespace
 import pytest
 import requests
 import yaml
-from servers import free_port
+from servers import DATABASE, free_port
 
 pytestmark = pytest.mark.stack
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,30 +54,25 @@ def clean_env() -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    """infra/new-credentials.sh, then infra/local-stack.sh on free ports, as infra/README.md
-    starts them; stopped with SIGTERM, as infra/stop.sh stops it."""
-    tmp = tmp_path_factory.mktemp("stack")
-    secrets = tmp / "secrets"
-    done = subprocess.run(
-        ["infra/new-credentials.sh", str(secrets)], cwd=ROOT, env=clean_env(),
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    assert "credentials written" in done.stdout
-    server_env = read_env(secrets / "server.env")
-    assert all(server_env.values()), "every credential has a value"
-    assert oct((secrets / "pipeline.env").stat().st_mode & 0o777) == "0o600"
-    server_home = tmp / "server-home"
-    ports = {"S3_PORT": free_port(), "MLFLOW_PORT": free_port(), "PREFECT_PORT": free_port()}
-    terminal = tmp / "local-stack.out"  # what the user's terminal shows
+@contextlib.contextmanager
+def local_stack(tmp: Path, secrets: Path, name: str, **env: str):
+    """infra/local-stack.sh on free ports with a home of its own, as infra/README.md starts it;
+    stopped with SIGTERM, as infra/stop.sh stops it. Its database: DATABASE (PostgreSQL's data
+    in a folder of /tmp: started by root, the server runs as user postgres, which cannot enter
+    pytest's folders)."""
+    ports = {"S3_PORT": free_port(), "MLFLOW_PORT": free_port(), "PREFECT_PORT": free_port(),
+             "POSTGRES_PORT": free_port()}  # fmt: skip
+    server_home = tmp / f"{name}-home"
+    postgres_data = Path(tempfile.mkdtemp(prefix="loraflow-test-postgres-"))
+    server_env = clean_env() | {k: str(v) for k, v in ports.items()} | {
+        "LORAFLOW_HOME": str(server_home), "LORAFLOW_SECRETS": str(secrets),
+        "STACK_DATABASE": DATABASE, "POSTGRES_DATA": str(postgres_data), "MLFLOW_WORKERS": "1",
+    } | env  # fmt: skip
+    terminal = tmp / f"{name}.out"  # what the user's terminal shows
     with open(terminal, "wb") as out:
         process = subprocess.Popen(
             ["infra/local-stack.sh"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-            env=clean_env() | {k: str(v) for k, v in ports.items()} | {
-                "LORAFLOW_HOME": str(server_home), "LORAFLOW_SECRETS": str(secrets),
-                "MLFLOW_WORKERS": "1"},
-            start_new_session=True,
+            env=server_env, start_new_session=True,
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 400
@@ -84,31 +85,59 @@ def stack(tmp_path_factory):
         ready = terminal.read_text()
         assert f"stack ready: S3 {s3.url}, MLflow {mlflow.url}" in ready
         assert f"Prefect {prefect.url}/api" in ready
-        assert len(ready.splitlines()) == 3, ready  # start, ready, next: no server's own log
         logs = server_home / "logs"
         assert {"s3.log", "mlflow.log", "prefect.log"} <= {f.name for f in logs.iterdir()}
+        sqlite_files = [p.name for p in server_home.rglob("*.db")]
+        if DATABASE == "postgresql":  # the servers' data is in PostgreSQL, none in a file
+            assert "postgres.log" in {f.name for f in logs.iterdir()}
+            assert sqlite_files == [], sqlite_files
+            assert "PostgreSQL ready at 127.0.0.1:" in (logs / "postgres.log").read_text()
+        else:
+            assert {"mlflow-server.db", "mlflow-auth.db", "prefect.db"} <= set(sqlite_files)
+        yield SimpleNamespace(s3=s3, mlflow=mlflow, prefect=prefect, logs=logs, home=server_home,
+                              terminal=terminal, env=server_env)  # fmt: skip
+    finally:
+        process.send_signal(signal.SIGTERM)  # its trap stops every server it started
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        shutil.rmtree(postgres_data, ignore_errors=True)
+    assert "stack stopped" in terminal.read_text()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """infra/new-credentials.sh, then the stack (local_stack) and the client side of it."""
+    tmp = tmp_path_factory.mktemp("stack")
+    secrets = tmp / "secrets"
+    done = subprocess.run(
+        ["infra/new-credentials.sh", str(secrets)], cwd=ROOT, env=clean_env(),
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "credentials written" in done.stdout
+    server_env = read_env(secrets / "server.env")
+    assert all(server_env.values()), "every credential has a value"
+    assert oct((secrets / "pipeline.env").stat().st_mode & 0o777) == "0o600"
+    with local_stack(tmp, secrets, "server") as servers:
+        ready = servers.terminal.read_text()
+        assert len(ready.splitlines()) == 3, ready  # start, ready, next: no server's own log
         home = tmp / "client-home"
         client_env = clean_env() | {
             "LORAFLOW_HOME": str(home),
             "LORAFLOW_CREDENTIALS_FILE": str(secrets / "pipeline.env"),
-            "MLFLOW_TRACKING_URI": mlflow.url,
-            "PREFECT_API_URL": f"{prefect.url}/api",
-            "AWS_ENDPOINT_URL": s3.url,
+            "MLFLOW_TRACKING_URI": servers.mlflow.url,
+            "PREFECT_API_URL": f"{servers.prefect.url}/api",
+            "AWS_ENDPOINT_URL": servers.s3.url,
             "AWS_DEFAULT_REGION": "us-east-1",
         }
         yield SimpleNamespace(
-            tmp=tmp, logs=logs, secrets=secrets, server_env=server_env, s3=s3, mlflow=mlflow,
-            prefect=prefect, env=client_env, home=home, outputs=[], terminal=terminal,
+            tmp=tmp, logs=servers.logs, secrets=secrets, server_env=server_env, s3=servers.s3,
+            mlflow=servers.mlflow, prefect=servers.prefect, env=client_env, home=home,
+            outputs=[], terminal=servers.terminal, servers=servers,
             pipeline=read_env(secrets / "pipeline.env"), reader=read_env(secrets / "reader.env"),
         )
-    finally:
-        process.send_signal(signal.SIGTERM)  # its trap stops every server it started
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        assert "stack stopped" in terminal.read_text()
 
 
 def cli(stack, args: list[str], env: dict[str, str] | None = None, timeout: float = 300):
@@ -407,6 +436,109 @@ def test_the_crash_automation_leaves_runs_alone_that_are_not_the_deployments(sta
     # the declared-dead run raised and ended Failed; the other one completed
     assert {tuple(r["tags"]): r["state_type"] for r in flow_runs} == {
         (): "COMPLETED", ("loraflow",): "FAILED"}
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def registry_state(client) -> dict:
+    """Every version of MODEL: its source, run, tags and aliases; and every run's data."""
+    versions = {v.version: (v.source, v.run_id, v.tags, sorted(v.aliases))
+                for v in client.search_model_versions(f"name='{MODEL}'")}  # fmt: skip
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              max_results=1000)  # fmt: skip
+    # metrics as text: a NaN (the gate's detectable difference on a tiny test set) equals
+    # nothing, not even the NaN it was restored from
+    return {"versions": versions, "aliases": client.get_registered_model(MODEL).aliases,
+            "runs": {r.info.run_id: (r.data.params, {k: repr(v) for k, v in r.data.metrics.items()},
+                                     r.data.tags) for r in runs}}  # fmt: skip
+
+
+def artifact_hashes(client, url: str, dest: Path) -> dict[str, str]:
+    """The SHA-256 of every artifact of every run, downloaded through the MLflow server."""
+    import mlflow
+
+    hashes = {}
+    for run_id in registry_state(client)["runs"]:
+        local = Path(mlflow.artifacts.download_artifacts(
+            run_id=run_id, dst_path=str(dest / run_id), tracking_uri=url))  # fmt: skip
+        for file in local.rglob("*"):
+            if file.is_file():
+                hashes[f"{run_id}/{file.relative_to(local)}"] = sha256(file.read_bytes())
+    return hashes
+
+
+def object_hashes(url: str, server_env: dict[str, str]) -> dict[str, str]:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
+                      aws_access_key_id=server_env["S3_ACCESS_KEY"],
+                      aws_secret_access_key=server_env["S3_SECRET_KEY"])  # fmt: skip
+    return {f"{bucket}/{o['Key']}": sha256(s3.get_object(Bucket=bucket, Key=o["Key"])["Body"]
+                                           .read())
+            for bucket in ("mlflow", "models", "data")
+            for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])}  # fmt: skip
+
+
+def test_a_backup_restores_into_a_fresh_stack_with_every_version_alias_and_artifact(
+    stack, as_admin, tmp_path
+):
+    """infra/backup.sh of the stack the pipeline ran on (two versions, champion moved and
+    rolled back), restored into a fresh stack (its own home, ports and database, the same
+    server.env) with RESTORE_FROM: every version with its tags and aliases, every run, every
+    artifact and every object is there, byte for byte, and `loraflow pull` through it works."""
+    from mlflow import MlflowClient
+
+    before = registry_state(as_admin)
+    assert len(before["versions"]) >= 2 and before["aliases"]["champion"] == "1"
+    artifacts = artifact_hashes(as_admin, stack.mlflow.url, tmp_path / "before")
+    objects = object_hashes(stack.s3.url, stack.server_env)
+    assert any(k.endswith("manifest.json") for k in objects) and len(artifacts) > 3
+
+    backup = stack.tmp / "backup"
+    start = time.monotonic()
+    done = subprocess.run(["infra/backup.sh", str(backup)], cwd=ROOT, env=stack.servers.env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    backup_s = time.monotonic() - start
+    stack.outputs.append(done.stdout + done.stderr)
+    assert done.returncode == 0, done.stderr
+    assert f"backed up into {backup}: databases prefect, mlflow, mlflow_auth" in done.stdout
+    manifest = json.loads((backup / "manifest.json").read_text())
+    assert {d["kind"] for d in manifest["databases"].values()} == {DATABASE}
+    assert {f"{o['bucket']}/{o['key']}": o["sha256"] for o in manifest["objects"]} == objects
+    assert backup.stat().st_mode & 0o077 == 0  # the user store's hashes, every model: private
+
+    start = time.monotonic()
+    with local_stack(stack.tmp, stack.secrets, "restored", RESTORE_FROM=str(backup)) as fresh:
+        restore_s = time.monotonic() - start
+        said = fresh.terminal.read_text()
+        assert f"restored (every SHA-256 checked) from {backup}" in said
+        restored = MlflowClient(fresh.mlflow.url)  # as the admin: the same server.env
+        assert registry_state(restored) == before
+        assert artifact_hashes(restored, fresh.mlflow.url, tmp_path / "after") == artifacts
+        assert object_hashes(fresh.s3.url, stack.server_env) == objects
+        # the champion, pulled through the restored stack: every file against its SHA-256
+        env = stack.env | {"MLFLOW_TRACKING_URI": fresh.mlflow.url,
+                           "AWS_ENDPOINT_URL": fresh.s3.url,
+                           "PREFECT_API_URL": f"{fresh.prefect.url}/api"}  # fmt: skip
+        done = cli(stack, ["pull", MODEL, "--dest", str(tmp_path / "pulled")], env=env)
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / "pulled" / "manifest.json").is_file()
+        # Prefect's record too: the same flow runs, in the same states
+        user, _, password = stack.pipeline["PREFECT_API_AUTH_STRING"].partition(":")
+        runs = {}
+        for url in (stack.prefect.url, fresh.prefect.url):
+            answer = requests.post(f"{url}/api/flow_runs/filter", json={}, timeout=30,
+                                   headers=basic(user, password))  # fmt: skip
+            runs[url] = {(r["id"], r["state_type"]) for r in answer.json()}
+        assert runs[fresh.prefect.url] == runs[stack.prefect.url] and runs[stack.prefect.url]
+        # what the restored stack wrote, for the secret scan of the last test
+        stack.outputs.append(said)
+        stack.outputs.extend(log.read_text(errors="replace") for log in fresh.logs.iterdir())
+    print(f"\nbackup: {len(manifest['objects'])} objects, "
+          f"{sum(o['bytes'] for o in manifest['objects']) / 1e6:.1f} MB, {backup_s:.1f} s; "
+          f"a fresh stack restored and ready in {restore_s:.1f} s")
 
 
 def test_no_secret_anywhere_after_the_authenticated_run(stack, as_admin, tmp_path):

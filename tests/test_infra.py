@@ -59,8 +59,8 @@ def test_services_are_wired_to_each_other_and_secrets_have_no_defaults():
     assert auth.startswith("${PREFECT_SERVER_API_AUTH_STRING:?")
     mlflow = services["mlflow"]
     assert mlflow["command"] == "infra/mlflow-server.sh"  # the basic-auth app, as on a host
-    assert mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
-    assert mlflow["environment"]["MLFLOW_AUTH_DATABASE_URI"].startswith("postgresql://")
+    assert mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")
+    assert mlflow["environment"]["MLFLOW_AUTH_DATABASE_URI"].startswith("postgresql+psycopg2://")
     assert mlflow["environment"]["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://mlflow")
     assert "mlflow_auth" in (INFRA / "postgres-init.sql").read_text()
     assert services["mlflow-users"]["command"] == "python infra/mlflow-users.py"
@@ -90,6 +90,9 @@ def test_new_credentials_are_random_private_and_never_overwritten(tmp_path):
     assert server["PREFECT_SERVER_API_AUTH_STRING"] in first["pipeline.env"]
     assert server["MLFLOW_READER_PASSWORD"] in first["reader.env"]
     assert server["MLFLOW_AUTH_ADMIN_PASSWORD"] not in first["pipeline.env"] + first["reader.env"]
+    for var in ("POSTGRES_PREFECT_PASSWORD", "POSTGRES_MLFLOW_PASSWORD"):  # the servers' only
+        assert len(server[var]) >= 24
+        assert server[var] not in first["pipeline.env"] + first["reader.env"]
     again = subprocess.run(["infra/new-credentials.sh", str(out)], cwd=ROOT, capture_output=True,
                            text=True)  # fmt: skip
     assert again.returncode == 1 and "not overwritten" in again.stderr
@@ -107,6 +110,7 @@ def test_servers_refuse_to_start_without_their_credentials(tmp_path):
         ("infra/prefect-server.sh", "PREFECT_SERVER_API_AUTH_STRING"),
         ("infra/mlflow-server.sh", "MLFLOW_AUTH_ADMIN_USERNAME"),
         ("infra/s3-server.sh", "AWS_ACCESS_KEY_ID"),
+        ("infra/postgres.sh", "POSTGRES_PREFECT_PASSWORD"),
     ):  # fmt: skip
         done = subprocess.run([script], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=60)  # fmt: skip
@@ -118,6 +122,7 @@ def test_servers_refuse_to_start_without_their_credentials(tmp_path):
         text = (INFRA / script).read_text()  # loopback unless the user says otherwise
         assert re.search(r'_HOST:-127\.0\.0\.1\}', text), script
     assert "--app-name basic-auth" in (INFRA / "mlflow-server.sh").read_text()
+    assert "-c listen_addresses=127.0.0.1 " in (INFRA / "postgres.sh").read_text()  # only
 
 
 def test_env_sh_holds_no_secret_and_names_the_credentials_file():
@@ -305,7 +310,7 @@ def test_stop_stops_the_watcher_then_the_workers_and_only_then_the_stack(tmp_pat
     assert ("stack", "exit") in when
     assert list((home / "run").iterdir()) == []
     assert done.stdout.index("the watcher stopped") < done.stdout.index("the workers stopped") \
-        < done.stdout.index("the stack (S3, MLflow, Prefect) stopped")
+        < done.stdout.index("the stack (MLflow, Prefect, S3, then PostgreSQL) stopped")
 
 
 def test_stop_waits_for_the_flow_runs_in_flight_before_it_stops_the_workers(prefect_server):
@@ -410,3 +415,74 @@ def test_the_local_s3_server_takes_only_requests_signed_with_the_stacks_key(tmp_
     text = log.read_text()
     assert '"PUT /models/anon" 403' in text  # method, path, status ...
     assert key not in text and secret not in text and "X-Amz-" not in text  # ... nothing else
+
+
+def test_a_backup_restores_byte_for_byte_and_refuses_a_damaged_one_or_a_stack_with_data(
+    tmp_path, s3_env
+):
+    """infra/backup.py on SQLite stores and S3 (moto): restored into empty ones, every row and
+    object comes back; a backup with a changed file restores nothing, and a stack that holds
+    data is refused. (tests/test_auth.py restores a whole stack on PostgreSQL.)"""
+    import sqlite3
+
+    import boto3
+
+    def stores(name: str) -> dict[str, str]:
+        folder = tmp_path / name
+        return {"PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{folder}/prefect.db",
+                "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{folder}/mlflow.db",
+                "MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{folder}/auth.db"}  # fmt: skip
+
+    def rows(env: dict[str, str]) -> dict[str, list]:
+        return {var: sqlite3.connect(url.split(":///")[1]).execute("SELECT * FROM t").fetchall()
+                for var, url in env.items()}  # fmt: skip
+
+    def backup_py(action: str, folder: Path, env: dict[str, str]):
+        return subprocess.run(
+            [sys.executable, "infra/backup.py", action, str(folder)], cwd=ROOT, text=True,
+            capture_output=True, timeout=120,
+            env=os.environ | env | {"AWS_ENDPOINT_URL": s3_env, "BACKUP_BUCKETS": "models"},
+        )  # fmt: skip
+
+    old = stores("old")
+    (tmp_path / "old").mkdir()
+    for i, url in enumerate(old.values()):
+        db = sqlite3.connect(url.split(":///")[1])
+        db.execute("CREATE TABLE t (k TEXT, v TEXT)")
+        db.executemany("INSERT INTO t VALUES (?, ?)", [(f"k{i}", "x" * 100), ("n", str(i))])
+        db.commit()
+    s3 = boto3.client("s3", endpoint_url=s3_env)
+    weights = os.urandom(3 << 20)
+    s3.put_object(Bucket="models", Key="m/1/model.safetensors", Body=weights)
+    s3.put_object(Bucket="models", Key="m/2/model.safetensors", Body=weights)  # the same bytes
+    backup = tmp_path / "backup"
+    done = backup_py("backup", backup, old)
+    assert done.returncode == 0, done.stderr
+    assert "databases prefect, mlflow, mlflow_auth, 2 objects (6.3 MB)" in done.stdout
+    assert len(list((backup / "objects").iterdir())) == 1  # one file per content
+    assert backup.stat().st_mode & 0o077 == 0
+
+    s3.delete_objects(Bucket="models", Delete={"Objects": [
+        {"Key": "m/1/model.safetensors"}, {"Key": "m/2/model.safetensors"}]})  # fmt: skip
+    done = backup_py("restore", backup, old)  # the old stores hold data: refused
+    assert done.returncode == 1 and "prefect database is not empty" in done.stderr
+
+    (object_file,) = (backup / "objects").iterdir()
+    intact = object_file.read_bytes()
+    object_file.write_bytes(intact[:-1] + b"\0")
+    done = backup_py("restore", backup, stores("damaged"))
+    assert done.returncode == 1
+    assert f"{object_file} is missing or changed since the backup" in done.stderr
+    assert not (tmp_path / "damaged").exists() and "Contents" not in s3.list_objects_v2(
+        Bucket="models")  # fmt: skip
+
+    object_file.write_bytes(intact)
+    new = stores("new")
+    done = backup_py("restore", backup, new)
+    assert done.returncode == 0, done.stderr
+    assert "restored (every SHA-256 checked)" in done.stdout
+    assert rows(new) == rows(old)
+    for key in ("m/1/model.safetensors", "m/2/model.safetensors"):
+        assert s3.get_object(Bucket="models", Key=key)["Body"].read() == weights
+    done = backup_py("restore", backup, stores("other"))  # the bucket holds them now: refused
+    assert done.returncode == 1 and "bucket models is not empty" in done.stderr

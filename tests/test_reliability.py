@@ -273,11 +273,21 @@ def stack_env(tmp_path: Path, api: str) -> dict[str, str]:
     }
 
 
-def prefect_server(tmp_path: Path, env: dict[str, str], port: int):
+@pytest.fixture
+def prefect_db(tmp_path):
+    """The Prefect server's database setting (servers.DATABASE): a PostgreSQL of the test's
+    own, stopped after the test, or nothing (the server's SQLite file)."""
+    from servers import prefect_database
+
+    with prefect_database(tmp_path / "postgres.log") as setting:
+        yield setting
+
+
+def prefect_server(tmp_path: Path, env: dict[str, str], port: int, database: dict[str, str]):
     from servers import Server
 
     bin_dir = Path(env["PATH"].split(":")[0])
-    server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"} | database
     return Server("prefect server",
                   [f"{bin_dir}/prefect", "server", "start", "--host", "127.0.0.1", "--port",
                    str(port)],
@@ -299,7 +309,7 @@ MODEL_DEPLOYED = "tiny-deployed"  # registry.model_name of tests/test_deployment
 
 @pytest.mark.reliability
 def test_the_prefect_server_restarted_during_a_pipeline_run_loses_nothing(
-    tmp_path, tiny_model_dir, small_data
+    tmp_path, tiny_model_dir, small_data, prefect_db
 ):
     """`loraflow run` against a Prefect server that is stopped and started again (same port,
     same database) while the engine trains: the run goes on, its API calls wait for the
@@ -314,7 +324,7 @@ def test_the_prefect_server_restarted_during_a_pipeline_run_loses_nothing(
     api = f"http://127.0.0.1:{port}/api"
     env = stack_env(tmp_path, api)
     home = Path(env["LORAFLOW_HOME"])
-    server = prefect_server(tmp_path, env, port)
+    server = prefect_server(tmp_path, env, port, prefect_db)
     cfg = tiny_config(small_data, tiny_model_dir, "rel-prefect-restart",
                       train={"max_steps": 40, "micro_batch_size": 4})
     config = tmp_path / "run.yaml"
@@ -369,10 +379,12 @@ def test_the_prefect_server_restarted_during_a_pipeline_run_loses_nothing(
 
 @contextlib.contextmanager
 def deployed_stack(tmp_path: Path, model_dir: Path, data: dict[str, Path], train: dict,
+                   database: dict[str, str],
                    gpu_workers: tuple[str, ...] = ("gpu-a", "gpu-b"), gpu_slots: int | None = None,
                    watch_location: Path | None = None, nodes: int = 1):
-    """A Prefect server, prefect.yaml deployed for the tiny model (infra/deploy.sh), a cpu
-    worker and gpu workers with homes of their own (two machines); all stopped at the end.
+    """A Prefect server on `database` (the prefect_db fixture), prefect.yaml deployed for the
+    tiny model (infra/deploy.sh), a cpu worker and gpu workers with homes of their own (two
+    machines); all stopped at the end.
     Each training runs on `nodes` of them (launch.nodes; tiny_prefect_yaml's 2 otherwise).
     watch_location: where the deployment accepts data from (deploy.sh's WATCH_LOCATION;
     default $LORAFLOW_HOME/incoming)."""
@@ -382,7 +394,7 @@ def deployed_stack(tmp_path: Path, model_dir: Path, data: dict[str, Path], train
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = stack_env(tmp_path, api)
-    server = prefect_server(tmp_path, env, port)
+    server = prefect_server(tmp_path, env, port, database)
     workers: dict[str, Server] = {}
     try:
         server.start("/api/health")
@@ -434,7 +446,7 @@ def worker_of(pid: int, workers: dict) -> str:
 
 @pytest.mark.reliability
 def test_the_gpu_worker_killed_during_training_is_retried_and_resumes_on_another_worker(
-    tmp_path, tiny_model_dir, small_data
+    tmp_path, tiny_model_dir, small_data, prefect_db
 ):
     """Two gpu workers, each its own home (two machines). While the pipeline trains on one,
     that worker and its flow run (engine included) are killed, as when a machine dies. Its
@@ -453,7 +465,7 @@ def test_the_gpu_worker_killed_during_training_is_retried_and_resumes_on_another
     # server's locked sqlite, missed the whole window.
     steps = 300
     train = {"max_steps": steps, "micro_batch_size": 4, "checkpoint_minutes": 0.05}
-    with deployed_stack(tmp_path, tiny_model_dir, small_data, train) as stack:
+    with deployed_stack(tmp_path, tiny_model_dir, small_data, train, prefect_db) as stack:
         run(["prefect", "--no-prompt", "deployment", "run", "finetune/finetune"], stack.env)
 
         def training_with_a_shared_checkpoint():
@@ -507,7 +519,7 @@ def test_the_gpu_worker_killed_during_training_is_retried_and_resumes_on_another
 
 @pytest.mark.reliability
 def test_thirty_files_in_a_minute_with_the_watcher_restarted_train_each_content_once(
-    tmp_path, tiny_model_dir, small_data
+    tmp_path, tiny_model_dir, small_data, prefect_db
 ):
     """30 files land within a minute, 10 contents and 20 byte-identical copies under other
     names, while the watcher is stopped and started once in the middle. Each content trains
@@ -531,7 +543,7 @@ def test_thirty_files_in_a_minute_with_the_watcher_restarted_train_each_content_
     landings = [(f"orders-{i:02d}{suffix}.jsonl", text) for i, text in enumerate(contents)
                 for suffix in ("", "-copy", "-again")]
     random.Random(16).shuffle(landings)  # a copy may land before the file it copies
-    with deployed_stack(tmp_path, tiny_model_dir, small_data, train, gpu_slots=1,
+    with deployed_stack(tmp_path, tiny_model_dir, small_data, train, prefect_db, gpu_slots=1,
                         watch_location=inbox) as stack:
         home = Path(stack.env["LORAFLOW_HOME"])
         watch = [sys.executable, "-m", "loraflow.cli", "watch", str(inbox), "--interval", "1"]
