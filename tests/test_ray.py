@@ -288,8 +288,10 @@ except RayClusterError as exc:
 def test_a_second_training_on_a_full_cluster_fails_clearly_and_the_first_one_finishes(
     tmp_path, tiny_model_dir, tokenized, ray_cluster
 ):
+    # long enough to outlast the second one's start and wait: 40 steps took ~4 s on idle
+    # cores, and the second then found the cluster free and trained (a flaky test)
     first = ray_engine(tmp_path, tiny_model_dir, tokenized, "first", ray_cluster.address,
-                       max_steps=40)
+                       max_steps=400)
     outcome: dict = {}
     job = threading.Thread(target=lambda: outcome.update(
         result=launch_on_ray(first, "first-run", "mlflow-run", lambda records: None)))
@@ -313,7 +315,7 @@ def test_a_second_training_on_a_full_cluster_fails_clearly_and_the_first_one_fin
     assert waited < 90  # its own start and 5 s of waiting, not the first training's length
     assert not (Path(second.output_dir) / "metrics.jsonl").exists()
     job.join(600)
-    assert outcome["result"]["steps"] == 40 and outcome["result"]["world_size"] == 2
+    assert outcome["result"]["steps"] == 400 and outcome["result"]["world_size"] == 2
 
 
 @pytest.mark.ray
