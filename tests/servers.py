@@ -118,10 +118,16 @@ def prefect_database(log: Path) -> Iterator[dict[str, str]]:
         url = f"postgresql+asyncpg://prefect:{password}@127.0.0.1:{port}/prefect"
         yield {"PREFECT_API_DATABASE_CONNECTION_URL": url}
     finally:
-        process.send_signal(signal.SIGTERM)  # a fast shutdown
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_session(process, 60)  # SIGTERM: PostgreSQL's fast shutdown
         shutil.rmtree(data, ignore_errors=True)
+
+
+def stop_session(process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM to a script started in its own session (it stops what it started), and its
+    whole process group killed if it has not ended within `timeout` seconds."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import pytest
 import requests
 import yaml
-from servers import DATABASE, free_port
+from servers import DATABASE, free_port, stop_session
 
 pytestmark = pytest.mark.stack
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,12 +97,7 @@ def local_stack(tmp: Path, secrets: Path, name: str, **env: str):
         yield SimpleNamespace(s3=s3, mlflow=mlflow, prefect=prefect, logs=logs, home=server_home,
                               terminal=terminal, env=server_env)  # fmt: skip
     finally:
-        process.send_signal(signal.SIGTERM)  # its trap stops every server it started
-        try:
-            process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_session(process, 120)  # its trap stops every server it started
         shutil.rmtree(postgres_data, ignore_errors=True)
     assert "stack stopped" in terminal.read_text()
 
