@@ -51,18 +51,25 @@ QLORA = ["lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,dow
          "lora.r=64", "lora.alpha=16", "lora.dropout=0.1", "train.learning_rate=2e-4"]
 
 
-def train(base: Path, tokens: Path, out: Path, cfg: Any, precision: str) -> dict[str, Any]:
+def train(base: Any, tokens: Path, out: Path, cfg: Any, precision: str, template: Any,
+          tokenize: Any) -> dict[str, Any]:
+    """The engine on `base` (a BaseModelRef), then the adapter's manifest as the pipeline's
+    train task writes it (the merge reads which quantization the adapter learned against)."""
     from loraflow.engine.config import EngineConfig
+    from loraflow.hashing import sha256_tree
+    from loraflow.release.lineage import adapter_lineage
 
     train_cfg = cfg.train.model_copy(update={"precision": precision})
     out.mkdir(parents=True, exist_ok=True)
-    engine = EngineConfig(base_path=base, data_dir=tokens, output_dir=out, lora=cfg.lora,
+    engine = EngineConfig(base_path=base.path, data_dir=tokens, output_dir=out, lora=cfg.lora,
                           train=train_cfg)
     (out / "engine.json").write_text(engine.model_dump_json())
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "loraflow.engine", "--config", str(out / "engine.json")],
                    check=True)
     seconds = time.perf_counter() - start
+    adapter_lineage(base, lora=cfg.lora, train=train_cfg, data_sha256=sha256_tree(tokens),
+                    template=template, tokenize=tokenize).write(out / "adapter")
     result = json.loads((out / "result.json").read_text())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"train_s": seconds, "steps": result["steps"], "train_loss": result["train_loss"],
@@ -113,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     report = validate_splits(data, work / "valid", cfg.data, progress=False)
     report.check(work / "valid")
     template = prompt_template(cfg.data.template, cfg.data.jinja_template)
-    tokenize_splits(work / "valid", load_tokenizer(base.path), template,
-                    TokenizeSettings(max_length=cfg.data.max_length), work / "tokens",
+    tokenize = TokenizeSettings(max_length=cfg.data.max_length)
+    tokenize_splits(work / "valid", load_tokenizer(base.path), template, tokenize, work / "tokens",
                     progress=False)
     sets = load_sets(cfg.eval, work / "valid" / "test.jsonl")
 
@@ -148,10 +155,13 @@ def main(argv: list[str] | None = None) -> int:
                                settings(args.small) + (QLORA if recipe == "qlora" else []))
         run = work / f"run-{mode.replace(':', '-')}"
         try:
-            trained = train(base.path, work / "tokens", run, mode_cfg, precision)
+            trained = train(base, work / "tokens", run, mode_cfg, precision, template, tokenize)
             results["modes"][mode] = trained | score(mode, run / "adapter")
             if precision in ("int8", "nf4"):
-                as_shipped(mode, run / "adapter")
+                try:
+                    as_shipped(mode, run / "adapter")
+                except Exception as exc:  # noqa: BLE001 - the other rows still count
+                    results["modes"][f"{mode} merged"] = {"error": f"{type(exc).__name__}: {exc}"}
         except subprocess.CalledProcessError as exc:  # one mode failing is a row, not the end
             results["modes"][mode] = {"error": f"engine exited {exc.returncode}"}
         for name, row in results["modes"].items():
