@@ -15,7 +15,8 @@ evaluate. Every adapter is scored on the unquantized base (bf16); an adapter tra
 int8/nf4 base also as the pipeline ships it now (merge_and_evaluate, merge.onto=as_trained:
 merged onto the quantized weights dequantized), in two rows: base-as-trained + adapter, and the
 merged model. A mode NAME:qlora trains with the QLoRA paper's recipe instead (LoRA on every
-linear layer, r=64, alpha=16, dropout 0.1, lr 2e-4). --small: a tiny random Llama on CPU,
+linear layer, r=64, alpha=16, dropout 0.1, lr 2e-4); NAME:all the shipped settings with LoRA on
+every linear layer. --small: a tiny random Llama on CPU,
 fp32, 3 steps, four test examples: the same code, so that it cannot rot.
 """
 
@@ -47,8 +48,10 @@ def settings(small: bool) -> list[str]:
     return [*common, "train.epochs=3", "train.seq_len=1024"]
 
 
-QLORA = ["lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
-         "lora.r=64", "lora.alpha=16", "lora.dropout=0.1", "train.learning_rate=2e-4"]
+ALL_LINEAR = "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
+RECIPES = {"qlora": [ALL_LINEAR, "lora.r=64", "lora.alpha=16", "lora.dropout=0.1",
+                     "train.learning_rate=2e-4"],
+           "all": [ALL_LINEAR]}  # the shipped settings, LoRA on every linear layer
 
 
 def train(base: Any, tokens: Path, out: Path, cfg: Any, precision: str, template: Any,
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in precisions:
         precision, _, recipe = mode.partition(":")
         mode_cfg = load_config(ROOT / "configs" / "default.yaml",
-                               settings(args.small) + (QLORA if recipe == "qlora" else []))
+                               settings(args.small) + RECIPES.get(recipe, []))
         run = work / f"run-{mode.replace(':', '-')}"
         try:
             trained = train(base, work / "tokens", run, mode_cfg, precision, template, tokenize)
