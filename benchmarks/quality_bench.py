@@ -51,7 +51,8 @@ def settings(small: bool) -> list[str]:
 ALL_LINEAR = "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
 RECIPES = {"qlora": [ALL_LINEAR, "lora.r=64", "lora.alpha=16", "lora.dropout=0.1",
                      "train.learning_rate=2e-4"],
-           "all": [ALL_LINEAR]}  # the shipped settings, LoRA on every linear layer
+           "all": [ALL_LINEAR],  # the shipped settings, LoRA on every linear layer
+           "long": ["train.epochs=6"]}  # the shipped settings, twice the steps
 
 
 def train(base: Any, tokens: Path, out: Path, cfg: Any, precision: str, template: Any,

@@ -195,6 +195,27 @@ def test_the_merged_model_is_evaluated_and_checked_against_base_plus_adapter_ans
     assert "examples" not in lineage["merge"]["parity"]
 
 
+def test_the_pipelines_merge_takes_the_base_a_quantized_adapter_learned_against(
+    chatty_model_dir, small_data, tmp_path
+):
+    """merge_and_evaluate (the pipeline's merge step) loads the base as merge_adapter does: for
+    an nf4-trained adapter, by default the nf4 weights dequantized (bitsandbytes on a GPU; here
+    the error with the fix, nothing saved), with merge.onto=original the unquantized weights.
+    Before, it merged onto the unquantized weights whatever merge.onto said."""
+    from loraflow.release.merge import merge_and_evaluate
+
+    adapter = make_adapter(chatty_model_dir, tmp_path / "qlora", base_quantization="nf4")
+    sets, cfg = heldout(small_data)
+    report, _, _ = merge_and_evaluate(chatty_model_dir, adapter, tmp_path / "m", sets, ALPACA,
+                                      cfg, "fp32", max_differing=1.0, onto="original")
+    assert "nf4-quantized base; merged onto the unquantized fp32 weights" in report.note
+    if not torch.cuda.is_available():
+        with pytest.raises(MergeError, match="on a CUDA GPU.*none is here.*merge.onto=original"):
+            merge_and_evaluate(chatty_model_dir, adapter, tmp_path / "m2", sets, ALPACA, cfg,
+                               "fp32", max_differing=1.0)
+        assert not (tmp_path / "m2").exists()
+
+
 def test_on_cpu_the_merged_model_is_saved_in_its_dtype_and_answers_as_cpu_scores_any_model(
     chatty_model_dir, chatty_adapter, small_data, tmp_path
 ):

@@ -151,11 +151,12 @@ def merge_and_evaluate(
     answers from its rounded weights in the device's dtype too (inference_dtype: bf16 on a
     GPU, fp32 on CPU), as the champion, the base model and the exports are scored on this
     device: one model scores the same wherever this device scores it."""
-    manifest, quantization, note = checked_manifest(base_path, adapter_path, dtype)
+    manifest, quantization, note = checked_manifest(base_path, adapter_path, dtype, onto)
     device = inference_device()
     load_dtype = DTYPES[dtype] if inference_dtype(device) == DTYPES[dtype] else torch.float32
     tokenizer = load_tokenizer(base_path)
-    model = PeftModel.from_pretrained(load_model(base_path, load_dtype, device), adapter_path)
+    base = load_base(base_path, quantization, onto, load_dtype, device)
+    model = PeftModel.from_pretrained(base, adapter_path)
     model.eval()
     reference = evaluate_loaded(model, tokenizer, sets, template, eval_cfg, label="adapter")
     merged = model.merge_and_unload()
