@@ -192,9 +192,9 @@ def merge_and_evaluate(
 def load_base(base_path: Path, quantization: str, onto: Onto, dtype: torch.dtype,
               device: str) -> Any:
     """The base weights the adapter is merged into: for an adapter trained on an int8/nf4 base
-    and onto=as_trained, those quantized weights dequantized (what it learned against; an nf4
-    adapter merged onto the unquantized weights scored 0.719 exact match where bf16 training
-    scored 0.891, docs/benchmarks.md); else the base files as they are."""
+    and onto=as_trained, those quantized weights dequantized (what it learned against: on one
+    H100 an nf4 adapter scored 0.703 exact match merged onto the unquantized weights and 0.797
+    merged so, 0.875 and 0.969 at twice the steps; docs/benchmarks.md); else the base files."""
     if quantization in ("int8", "nf4") and onto == "as_trained":
         try:
             return load_as_trained(base_path, quantization, dtype)
