@@ -48,8 +48,7 @@ from tasks.align import (
     decide_aligned,
     evaluate_preferences,
     kind_of,
-    promote_aligned,
-    tag_lineage,
+    parent_tags,
     tag_parent_metrics,
     tokenize_preferences,
     validate_preferences,
@@ -57,15 +56,13 @@ from tasks.align import (
 )
 from tasks.data import heldout_split, validate_data
 from tasks.model import evaluate_model, merge_adapter, prepare_base_model, train_adapter
-from tasks.release import discard_version, export_model, push_model, register_model
+from tasks.release import export_model, release
 from tasks.steps import StepLog
 from tasks.tracking import fetch, pipeline_run
 
 train_aligned = train_adapter.with_options(name="train_aligned")
 merge_aligned = merge_adapter.with_options(name="merge_aligned")
 evaluate_sft = evaluate_model.with_options(name="evaluate_champion")
-register_aligned = register_model.with_options(name="register_aligned")
-push_aligned = push_model.with_options(name="push_aligned")
 export_aligned = export_model.with_options(name="export_aligned")
 
 
@@ -117,27 +114,15 @@ def _align(
     sft_metrics = with_preference(sft.metrics, scores["sft"])
     step(tag_parent_metrics, name=name, version=parent.version,
          metrics={k: v for k, v in sft_metrics.items() if k.startswith("pref_")})
-    registered = step(register_aligned, model=model, adapter=adapter, metrics=aligned,
-                      cfg=cfg.registry, run_id=run_id)
-    version = registered.version
-    step(tag_lineage, name=name, version=version, aligned_on=aligned_on, run_id=run_id)
-    try:
-        storage_uri = step(push_aligned, version=version, model=model, adapter=adapter,
-                           cfg=cfg.storage, model_name=name, run_id=run_id, exports=exports)
-    except Exception:
-        if registered.created:
-            discard_version(cfg.registry, version)
-        raise
     decision = step(decide_aligned, aligned=merged.evaluation, sft=sft, champion=champion,
                     pairs=scores["pairs"], align=align, registry_cfg=cfg.registry, cfg=cfg.eval,
                     run_id=run_id, exports=exports)
-    gate = step(promote_aligned, version=version, decision=decision, cfg=cfg.registry,
-                run_id=run_id)
-    return {"model_version": version, "parent_version": parent.version,
-            "aliases": gate["aliases"], "gate": gate["reason"], "storage_uri": storage_uri,
-            "metrics": {"base": scores["base"], "sft": sft_metrics, "aligned": aligned},
-            "preference_data_sha256": preferences.sha256,
-            "exports": [c.model_dump() for c in exports.checks]}
+    released = release(step, "aligned", model, adapter, aligned, decision, cfg.registry,
+                       cfg.storage, run_id, exports, tags=parent_tags(aligned_on, run_id))
+    return released | {"parent_version": parent.version,
+                       "metrics": {"base": scores["base"], "sft": sft_metrics, "aligned": aligned},
+                       "preference_data_sha256": preferences.sha256,
+                       "exports": [c.model_dump() for c in exports.checks]}
 
 
 DEFAULT_CONFIG = PipelineConfig()

@@ -53,14 +53,7 @@ from tasks.data import heldout_split, tokenize_data, validate_data
 from tasks.deployments import Where, record_trained_data, skip_run
 from tasks.evaluation import decide_promotion, evaluate_champion, report_evaluation
 from tasks.model import evaluate_base, merge_adapter, prepare_base_model, train_adapter
-from tasks.release import (
-    discard_version,
-    export_model,
-    open_configured_store,
-    promote_model,
-    push_model,
-    register_model,
-)
+from tasks.release import export_model, open_configured_store, release
 from tasks.steps import StepLog
 from tasks.tracking import pipeline_run
 
@@ -140,18 +133,9 @@ def release_stage(
     report = step(report_evaluation, evaluations=evals, cfg=cfg.eval, adapter=adapter,
                   run_id=run_id, decision=decision, sweep=sweep)
     after = tuned_eval.metrics
-    registered = step(register_model, model=model, adapter=adapter, metrics=after,
-                      cfg=cfg.registry, run_id=run_id)
-    version = registered.version
-    try:
-        storage_uri = step(push_model, version=version, model=model, adapter=adapter,
-                           cfg=cfg.storage, model_name=name, run_id=run_id, exports=exports)
-    except Exception:
-        if registered.created:
-            discard_version(cfg.registry, version)  # no new version without its files
-        raise
-    gate = step(promote_model, version=version, decision=decision, cfg=cfg.registry,
-                run_id=run_id)
+    released = release(step, "sft", model, adapter, after, decision, cfg.registry, cfg.storage,
+                       run_id, exports)
+    version = released["model_version"]
     aligned = None
     if cfg.align is not None:  # preference tuning on top of this SFT model
         parent = SftParent(version=version, adapter_sha256=adapter.sha256,
@@ -159,11 +143,9 @@ def release_stage(
         sft = SftModel(model=model, parent=parent, metrics=after, template=template,
                        evaluation=tuned_eval)
         aligned = align_stage(cfg, step, run_id, base, sft, test, champion=rival)
-    return {
-        "model_version": version,
-        "aliases": gate["aliases"],  # read from the registry after the gate, never cached
-        "gate": gate["reason"], "decision": decision.primary and decision.primary.model_dump(),
+    return released | {  # aliases: read from the registry after the gate, never cached
+        "decision": decision.primary and decision.primary.model_dump(),
         "metrics": {e.label: e.metrics for e in evals if e is not None},
-        "report_uri": report, "storage_uri": storage_uri,
+        "report_uri": report,
         "exports": [c.model_dump() for c in exports.checks],
     } | ({"align": aligned} if aligned is not None else {})

@@ -38,7 +38,7 @@ from loraflow.release import registry
 from tasks.caching import CONTENT
 from tasks.data import split_sources_key
 from tasks.evaluation import log_decision
-from tasks.release import NETWORK_RETRIES, promote_model
+from tasks.release import NETWORK_RETRIES
 from tasks.tracking import fetch, log_dir, log_metrics, log_params
 
 PARENT_TAGS = ("loraflow.sft_parent_version", "loraflow.sft_parent_adapter_sha256",
@@ -145,18 +145,15 @@ def with_preference(metrics: dict[str, float], scores: dict[str, float]) -> dict
     return metrics | {f"pref_{k}": v for k, v in scores.items() if k != "pairs"}
 
 
-@task(**NETWORK_RETRIES)
-def tag_lineage(name: str, version: str, aligned_on: AlignedOn, run_id: str) -> None:
-    """The aligned version names its SFT parent (version, adapter and model hashes) and the
-    preference data it was aligned on."""
-    client = MlflowClient()
+def parent_tags(aligned_on: AlignedOn, run_id: str) -> dict[str, str]:
+    """The aligned version's tags naming its SFT parent (version, adapter and model hashes)
+    and the preference data it was aligned on: registered with it, in the same call."""
     parent = aligned_on.sft_parent
     values = (parent.version, parent.adapter_sha256, parent.model_sha256,
               aligned_on.preference_data_sha256, aligned_on.align_objective)
-    for key, value in zip(PARENT_TAGS, values, strict=True):
-        client.set_model_version_tag(name, version, key, value)
     log_params(run_id, {"align.sft_parent_version": parent.version,
                         "align.preference_data_sha256": aligned_on.preference_data_sha256})
+    return dict(zip(PARENT_TAGS, values, strict=True))
 
 
 @task(**NETWORK_RETRIES)
@@ -210,5 +207,3 @@ def with_pairs(result: evaluate.EvalResult, rows: list[dict[str, float]]
     return result.model_copy(update={"sets": result.sets | {"pairs": means},
                                      "examples": result.examples | {"pairs": examples}})
 
-
-promote_aligned = promote_model.with_options(name="promote_aligned")

@@ -4,6 +4,8 @@ evaluated model's answers), register it in MLflow, push it to object storage, pr
 from __future__ import annotations
 
 import json
+import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -91,9 +93,68 @@ def export_model(
     return Exports(uri=uri, sha256=sha256, checks=checks)
 
 
+class Pushed(BaseModel):
+    uri: str  # <storage.root>/<model name>/<the merged model's SHA-256>
+    endpoint: str | None  # the S3 endpoint (credentials removed), None for a local store
+
+
 class Registered(BaseModel):
     version: str
     created: bool  # False: a version of these very files was registered already
+
+
+# The release is push -> register -> promote, ordered so that each step's result is complete
+# before anything a user sees names it: the files go first to a folder named by the merged
+# model's SHA-256, which no version names yet; then the version is created with every tag at
+# once (lineage, metrics, where its files are, the gate's verdict), one registry call; then the
+# aliases move, challenger then champion, each one call. A process killed between two steps
+# leaves the registry as it was (an unnamed folder of verified files, used again by the next
+# push) or a complete version whose aliases the next run moves; the next run finds the version
+# by its SHA-256 and registers no second one. Its registry.registry.RELEASE_STATE tag says which.
+KILL_AFTER = "LORAFLOW_KILL_AFTER"  # fault hook (tests): comma-separated boundaries below
+BOUNDARIES = ("pushed", "registered", "challenger")
+
+
+def boundary(name: str) -> None:
+    """A step boundary of the release. With LORAFLOW_KILL_AFTER naming it, the process is
+    SIGKILLed here, as a crash or an OOM kill would end it: nothing after runs, no cleanup."""
+    if name in os.environ.get(KILL_AFTER, "").split(","):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@task(cache_policy=CONTENT, **NETWORK_RETRIES)
+def push_model(
+    model: MergedModel,
+    adapter: Adapter,
+    cfg: StorageConfig,
+    model_name: str,
+    run_id: str,
+    exports: Exports | None = None,
+) -> Pushed:
+    """Upload merged model + adapter (+ exports/<format>/) + SHA-256 manifest (written last)
+    to <root>/<model-name>/<model SHA-256>/. Files already there with the right hash are not
+    sent again (a re-run after a crash, the same weights again)."""
+    store = open_configured_store(cfg)
+    dirs = {"model": fetch(model.uri), "adapter": fetch_verified(adapter, "adapter")}
+    if exports is not None and exports.checks:
+        dirs["exports"] = fetch_verified(exports, "exports")
+    total = sum(p.stat().st_size for d in dirs.values() for p in Path(d).rglob("*") if p.is_file())
+    with tqdm(total=total, desc="push", unit="B", unit_scale=True) as bar:
+        pushed = push_tree(
+            store,
+            dirs,
+            f"{model_name}/{model.sha256}",
+            {"model_name": model_name, "model_sha256": model.sha256,
+             "adapter_sha256": adapter.sha256},
+            progress=bar.update,
+        )
+    endpoint = getattr(store, "endpoint", None)  # S3: where `loraflow pull` finds it
+    log_params(run_id, {"storage.uri": pushed["uri"]})
+    log_metrics(
+        run_id,
+        {"storage.files": len(pushed["manifest"]["files"]), "storage.uploaded": pushed["uploaded"]},
+    )
+    return Pushed(uri=pushed["uri"], endpoint=safe_url(endpoint) if endpoint else None)
 
 
 # register and promote are never cached: they read the registry as it is now (a cached result
@@ -106,17 +167,31 @@ def register_model(
     metrics: dict[str, float],
     cfg: RegistryConfig,
     run_id: str,
+    pushed: Pushed,
+    decision: GateDecision,
+    tags: dict[str, str] | None = None,
 ) -> Registered:
-    """Create a registry version from the complete (READY) logged model; alias `challenger`.
-    Lineage and evaluation metrics become version tags. A version of the same merged files
-    (loraflow.model_sha256) is returned as it is: no second copy, no alias moved."""
+    """Create the version, complete in one call: lineage, evaluation metrics, where its pushed
+    files are, the gate's verdict (`tags`: more, e.g. the aligned model's parent); then alias
+    `challenger`. A version of the same merged files (loraflow.model_sha256) is returned as it
+    is, no second copy; `challenger` moves to it only if its release was cut short."""
     client = MlflowClient()
-    existing = registry.version_of(client, cfg.model_name, model.sha256)
+    name = cfg.model_name
+    existing = registry.version_of(client, name, model.sha256)
     if existing is not None:
+        found = client.get_model_version(name, existing).tags
+        if found.get("loraflow.storage_uri") is None:  # registered by a release before this one
+            for key, value in {"loraflow.storage_uri": pushed.uri, ENDPOINT_TAG: pushed.endpoint
+                               }.items():
+                if value:
+                    client.set_model_version_tag(name, existing, key, value)
+        if found.get(registry.RELEASE_STATE) == "aliases pending":  # killed before its aliases
+            registry.set_alias(client, name, registry.CHALLENGER, existing, cfg.stage_mirroring)
         log_params(run_id, {"registry.version": existing})
         return Registered(version=existing, created=False)
     lineage = read_manifest(fetch(model.uri))
-    tags = (
+    verdict = registry.applicable(client, name, None, decision, adapter.sha256)
+    all_tags = (
         registry.lineage_tags(lineage)
         | {
             "loraflow.model_sha256": model.sha256,
@@ -125,21 +200,22 @@ def register_model(
             # the transformers directory inside the pyfunc package: what evaluation,
             # `loraflow generate` and vLLM/TGI load
             "loraflow.model_uri": model.uri,
+            "loraflow.storage_uri": pushed.uri,
         }
+        | ({ENDPOINT_TAG: pushed.endpoint} if pushed.endpoint else {})
         | registry.metric_tags(metrics)
+        | registry.decision_tags(decision, verdict)
+        | (tags or {})
+        | {registry.RELEASE_STATE: "aliases pending"}
     )
     model_id = model.model_id
     version = registry.register_version(
-        client, cfg.model_name, f"models:/{model_id}", run_id, tags, model_id=model_id
+        client, name, f"models:/{model_id}", run_id, all_tags, model_id=model_id
     )
-    registry.set_alias(client, cfg.model_name, registry.CHALLENGER, version, cfg.stage_mirroring)
+    boundary("registered")
+    registry.set_alias(client, name, registry.CHALLENGER, version, cfg.stage_mirroring)
     log_params(run_id, {"registry.version": version})
     return Registered(version=version, created=True)
-
-
-def discard_version(cfg: RegistryConfig, version: str) -> None:
-    """Remove a version whose push failed, so the registry holds no half-released model."""
-    MlflowClient().delete_model_version(cfg.model_name, version)
 
 
 def open_configured_store(cfg: StorageConfig):  # noqa: ANN201 - an ObjectStore
@@ -152,63 +228,55 @@ def open_configured_store(cfg: StorageConfig):  # noqa: ANN201 - an ObjectStore
     )
 
 
-@task(cache_policy=CONTENT, **NETWORK_RETRIES)
-def push_model(
-    version: str,
-    model: MergedModel,
-    adapter: Adapter,
-    cfg: StorageConfig,
-    model_name: str,
-    run_id: str,
-    exports: Exports | None = None,
-) -> str:
-    """Upload merged model + adapter (+ exports/<format>/) + SHA-256 manifest to
-    <root>/<model-name>/<version>/."""
-    store = open_configured_store(cfg)
-    dirs = {"model": fetch(model.uri), "adapter": fetch_verified(adapter, "adapter")}
-    if exports is not None and exports.checks:
-        dirs["exports"] = fetch_verified(exports, "exports")
-    total = sum(p.stat().st_size for d in dirs.values() for p in Path(d).rglob("*") if p.is_file())
-    with tqdm(total=total, desc="push", unit="B", unit_scale=True) as bar:
-        pushed = push_tree(
-            store,
-            dirs,
-            f"{model_name}/{version}",
-            {
-                "model_name": model_name,
-                "version": version,
-                "model_sha256": model.sha256,
-                "adapter_sha256": adapter.sha256,
-            },
-            progress=bar.update,
-        )
-    client = MlflowClient()
-    client.set_model_version_tag(model_name, version, "loraflow.storage_uri", pushed["uri"])
-    if endpoint := getattr(store, "endpoint", None):  # S3: where `loraflow pull` finds it
-        client.set_model_version_tag(model_name, version, ENDPOINT_TAG, safe_url(endpoint))
-    log_params(run_id, {"storage.uri": pushed["uri"]})
-    log_metrics(
-        run_id,
-        {"storage.files": len(pushed["manifest"]["files"]), "storage.uploaded": pushed["uploaded"]},
-    )
-    return pushed["uri"]
-
-
 @task(cache_policy=NO_CACHE, **NETWORK_RETRIES)
 def promote_model(
-    version: str, decision: GateDecision, cfg: RegistryConfig, run_id: str
+    version: str, decision: GateDecision, cfg: RegistryConfig, run_id: str, adapter_sha256: str
 ) -> dict[str, Any]:
     """Move `champion` to this version if the paired decision says so and the registry still
-    holds what it was decided against; tag the version with the decision either way."""
+    holds what it was decided against; the version's gate tags say so if that changed since it
+    was registered; its release is complete then."""
     client = MlflowClient()
-    verdict = registry.applicable(client, cfg.model_name, version, decision)
+    name = cfg.model_name
+    verdict = registry.applicable(client, name, version, decision, adapter_sha256)
     promoted = verdict == decision.verdict and decision.promote
     if promoted:
-        registry.promote(client, cfg.model_name, version, verdict, cfg.stage_mirroring)
-    for key, value in registry.decision_tags(decision, verdict).items():
-        client.set_model_version_tag(cfg.model_name, version, key, value)
+        registry.promote(client, name, version, verdict, cfg.stage_mirroring)
+    tags = client.get_model_version(name, version).tags
+    if tags.get("loraflow.gate") != verdict[:5000] and tags.get("loraflow.promoted") is None:
+        for key, value in registry.decision_tags(decision, verdict).items():
+            client.set_model_version_tag(name, version, key, value)
+    if tags.get(registry.RELEASE_STATE) != "complete":
+        client.set_model_version_tag(name, version, registry.RELEASE_STATE, "complete")
     log_params(run_id, {"gate.decision": "promoted" if promoted else "kept",
                         "gate.reason": verdict})
     log_metrics(run_id, {"gate.promoted": float(promoted)})
     return {"promote": promoted, "reason": verdict,
-            "aliases": registry.aliases(client, cfg.model_name, version)}
+            "aliases": registry.aliases(client, name, version)}
+
+
+push_aligned = push_model.with_options(name="push_aligned")
+register_aligned = register_model.with_options(name="register_aligned")
+promote_aligned = promote_model.with_options(name="promote_aligned")
+STEPS = {"sft": (push_model, register_model, promote_model),
+         "aligned": (push_aligned, register_aligned, promote_aligned)}
+
+
+def release(
+    step: Any, stage: str, model: MergedModel, adapter: Adapter, metrics: dict[str, float],
+    decision: GateDecision, registry_cfg: RegistryConfig, storage_cfg: StorageConfig,
+    run_id: str, exports: Exports | None, tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """push -> register -> promote for one stage's model ("sft" or "aligned": its steps'
+    names), through `step` (the flow's StepLog); what the summary shows of it."""
+    push, register, promote = STEPS[stage]
+    name = registry_cfg.model_name
+    pushed = step(push, model=model, adapter=adapter, cfg=storage_cfg, model_name=name,
+                  run_id=run_id, exports=exports)
+    boundary("pushed")
+    registered = step(register, model=model, adapter=adapter, metrics=metrics, cfg=registry_cfg,
+                      run_id=run_id, pushed=pushed, decision=decision, tags=tags)
+    boundary("challenger")
+    gate = step(promote, version=registered.version, decision=decision, cfg=registry_cfg,
+                run_id=run_id, adapter_sha256=adapter.sha256)
+    return {"model_version": registered.version, "aliases": gate["aliases"],
+            "gate": gate["reason"], "storage_uri": pushed.uri}

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 ALIGN_STEPS = {"validate_preferences", "tokenize_preferences", "train_aligned",
                "evaluate_preferences", "merge_aligned", "register_aligned",
-               "push_aligned", "promote_aligned", "tag_lineage", "tag_parent_metrics",
+               "push_aligned", "promote_aligned", "tag_parent_metrics",
                "export_aligned"}
 
 

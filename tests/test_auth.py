@@ -278,8 +278,9 @@ def test_pipeline_promote_rollback_and_pull_work_with_the_right_credentials(
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((stack.home / "last-run.json").read_text())
     assert summary["model_version"] == "1"
-    assert summary["storage_uri"] == f"{config['storage']['root']}/{MODEL}/1"
     v1 = as_admin.get_model_version(MODEL, "1")
+    sha = v1.tags["loraflow.model_sha256"]
+    assert summary["storage_uri"] == f"{config['storage']['root']}/{MODEL}/{sha}"
     assert v1.tags["loraflow.storage_endpoint"] == stack.s3.url
 
     # a second version (same files) by the pipeline's user, then champion moves by hand

@@ -55,8 +55,9 @@ def test_pipeline_registers_pushes_and_reruns_fully_cached(
     assert client.get_run(first["run_id"]).info.status == "FINISHED"
 
     # pushed files match their manifest, which lists the merged model and the adapter
-    root = home / "storage" / "tiny-e2e" / "1"
-    assert first["storage_uri"] == root.as_uri()
+    # under the merged model's SHA-256: a folder no version names until the version is made
+    root = home / "storage" / "tiny-e2e" / version.tags["loraflow.model_sha256"]
+    assert first["storage_uri"] == root.as_uri() == version.tags["loraflow.storage_uri"]
     manifest = json.loads((root / "manifest.json").read_text())
     assert {
         "model/model.safetensors",
@@ -225,7 +226,9 @@ def test_push_to_s3_then_a_missing_bucket_fails_at_once_and_leaves_no_version(
     good = tiny_config(small_data, tiny_model_dir, "tiny-s3",
                        storage={"root": "s3://models/loraflow", "endpoint_url": s3_env})
     summary = finetune(config=good)
-    assert summary["storage_uri"] == "s3://models/loraflow/tiny-s3/1"
+    v1 = MlflowClient().get_model_version("tiny-s3", summary["model_version"])
+    assert summary["storage_uri"] == ("s3://models/loraflow/tiny-s3/"
+                                      f"{v1.tags['loraflow.model_sha256']}")
 
     bad = tiny_config(small_data, tiny_model_dir, "tiny-s3-missing-bucket",
                       storage={"root": "s3://no-such-bucket/x", "endpoint_url": s3_env})

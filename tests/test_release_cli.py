@@ -83,7 +83,7 @@ def test_models_shows_each_metric_once_within_the_terminal(capsys, tmp_path, mon
     for version in ("1", "2"):
         tags = {f"metric.{k}": str(v) for k, v in metrics.items()}
         tags |= {f"metric.test.{k}": str(v) for k, v in metrics.items()}
-        tags["loraflow.storage_uri"] = f"s3://models/loraflow/{name}/{version}"
+        tags["loraflow.storage_uri"] = f"s3://models/loraflow/{name}/{version * 64}"
         _version(client, name, tmp_path, tags)
     client.set_registered_model_alias(name, "champion", "1")
     client.set_registered_model_alias(name, "challenger", "2")
@@ -96,8 +96,9 @@ def test_models_shows_each_metric_once_within_the_terminal(capsys, tmp_path, mon
     assert header[:3] == ["version", "aliases", "exact_match"]  # the gate metric first
     assert lines[2].split()[:3] == ["2", "challenger", "0.672"]
     assert lines[3].split()[:3] == ["1", "champion", "0.672"]
-    assert f"pushed to s3://models/loraflow/{name}/<version>" in lines
-    note = " ".join(lines[lines.index(f"pushed to s3://models/loraflow/{name}/<version>") + 1:])
+    pushed = f"pushed to s3://models/loraflow/{name}/<merged model's SHA-256>"
+    assert pushed in lines
+    note = " ".join(lines[lines.index(pushed) + 1:])
     assert note.startswith("not shown (too wide): ")
     assert set(header[2:]) | set(note.split(": ", 1)[1].split(";")[0].split(", ")) == set(metrics)
     monkeypatch.setenv("COLUMNS", "200")

@@ -102,6 +102,13 @@ def test_the_staging_folder_is_removed_whatever_the_failure():
     shutil.rmtree(root)
 
 
+def planted_decision():
+    from loraflow.evaluation.gate import GateDecision
+
+    return GateDecision(promote=False, verdict="kept: planted by the test", metric="exact_match",
+                        set_name="test", reference_name="base model", primary=None)
+
+
 def release_flow(servers, tiny_model_dir: Path, tmp_path: Path, name: str, middle):  # noqa: F811
     """A pipeline's release tasks on a made adapter, through the real servers; `middle(run_id,
     adapter_ref)` runs between logging the adapter and the tasks that load it."""
@@ -110,7 +117,7 @@ def release_flow(servers, tiny_model_dir: Path, tmp_path: Path, name: str, middl
     from loraflow.config import PipelineConfig, TrainConfig
     from loraflow.hashing import sha256_tree
     from tasks.model import merge_adapter, prepare_base_model
-    from tasks.release import register_model
+    from tasks.release import push_model, register_model
     from tasks.tracking import log_dir, pipeline_run
 
     adapter_dir = make_adapter(tiny_model_dir, tmp_path / "adapter")
@@ -137,8 +144,9 @@ def release_flow(servers, tiny_model_dir: Path, tmp_path: Path, name: str, middl
                 base=base, adapter=adapter, test=test, template=PromptTemplate(kind="chat"),
                 eval_cfg=cfg.eval, cfg=cfg.merge), run_id=run_id).model
             middle(run_id, None)
+            pushed = push_model(model, adapter, cfg.storage, name, run_id)
             version = register_model(model, adapter, {"exact_match": 0.5}, cfg.registry,
-                                     run_id).version
+                                     run_id, pushed, planted_decision()).version
         return run_id, version
 
     return release

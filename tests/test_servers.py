@@ -69,7 +69,7 @@ def test_register_push_promote_pull_through_real_servers_surviving_a_restart(
     prefect_server, servers, small_data, tiny_model_dir, tmp_path, capsys
 ):
     """v1 from the whole pipeline; v2 from the release tasks with the tracking server
-    restarted between register and push; then champion by hand, listing, rollback, pull."""
+    restarted between register and promote; then champion by hand, listing, rollback, pull."""
     import mlflow.pyfunc
     import pandas as pd
 
@@ -77,10 +77,11 @@ def test_register_push_promote_pull_through_real_servers_surviving_a_restart(
 
     name = "srv-orders"
     first = finetune(config=s3_config(small_data, tiny_model_dir, name, servers.s3.url))
-    assert first["storage_uri"] == f"s3://models/loraflow/{name}/1"
     assert first["tracking_uri"] == servers.tracking.url
     client = MlflowClient()
     v1 = client.get_model_version(name, "1")
+    sha = v1.tags["loraflow.model_sha256"]
+    assert first["storage_uri"] == f"s3://models/loraflow/{name}/{sha}"
     assert v1.tags["loraflow.base_files"] and v1.tags["loraflow.merge"]
     assert "metric.exact_match" in v1.tags and "challenger" in v1.aliases
     # the model's artifacts went through the tracking server into the S3 bucket
@@ -91,7 +92,8 @@ def test_register_push_promote_pull_through_real_servers_surviving_a_restart(
     run_id, pids = release_with_restart(servers, tiny_model_dir, tmp_path, name)
     assert pids[0] != pids[1], "the tracking server was restarted"
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert client.get_run(run_id).data.params["storage.uri"] == f"s3://models/loraflow/{name}/2"
+    sha = client.get_model_version(name, "2").tags["loraflow.model_sha256"]
+    assert client.get_run(run_id).data.params["storage.uri"] == f"s3://models/loraflow/{name}/{sha}"
     # v2 beat the base model (no champion yet: v1 did not pass the gate on a random model)
     assert client.get_model_version_by_alias(name, "champion").version == "2"
 
@@ -102,7 +104,7 @@ def test_register_push_promote_pull_through_real_servers_surviving_a_restart(
     assert table.splitlines()[0] == f"{name}  ({servers.tracking.url})"
     v2_row, v1_row = table.splitlines()[2:4]  # newest first
     assert v2_row.split()[:2] == ["2", "challenger"] and v1_row.split()[:2] == ["1", "champion"]
-    assert f"pushed to s3://models/loraflow/{name}/<version>" in table.splitlines()
+    assert f"pushed to s3://models/loraflow/{name}/<merged model's SHA-256>" in table.splitlines()
     assert cli(["promote", name, "--rollback"]) == 0
     assert "rolled back from v1 to v2" in capsys.readouterr().out
     assert client.get_model_version_by_alias(name, "champion").version == "2"
@@ -116,12 +118,15 @@ def test_register_push_promote_pull_through_real_servers_surviving_a_restart(
     endpoint = ["--set", f"storage.endpoint_url={servers.s3.url}"]
     assert cli(["pull", name, "--dest", str(tmp_path / "pulled"), *endpoint]) == 0
     manifest = json.loads((tmp_path / "pulled" / "manifest.json").read_text())
-    assert manifest["version"] == "2"
+    assert manifest["model_sha256"] == client.get_model_version(name, "2").tags[
+        "loraflow.model_sha256"]
     for key, digest in manifest["files"].items():
         assert sha256_file(tmp_path / "pulled" / key) == digest
     # a corrupted stored file is caught by the pull
+    stored = client.get_model_version(name, "2").tags["loraflow.storage_uri"]
     boto3.client("s3", endpoint_url=servers.s3.url).put_object(
-        Bucket="models", Key=f"loraflow/{name}/2/model/config.json", Body=b"{}"
+        Bucket="models", Key=f"{stored.removeprefix('s3://models/')}/model/config.json",
+        Body=b"{}"
     )
     assert cli(["pull", name, "--dest", str(tmp_path / "again"), *endpoint]) == 1
     assert "model/config.json: downloaded bytes hash to" in capsys.readouterr().err
@@ -172,13 +177,14 @@ def release_with_restart(servers, tiny_model_dir: Path, tmp_path: Path, name: st
             model = merge_adapter(MergeRequest(base=base, adapter=adapter, test=test,
                                                template=PromptTemplate(), eval_cfg=cfg.eval,
                                                cfg=cfg.merge), run_id).model
-            version = register_model(model, adapter, tuned, cfg.registry, run_id).version
+            pushed = push_model(model, adapter, cfg.storage, name, run_id)
+            version = register_model(model, adapter, tuned, cfg.registry, run_id, pushed,
+                                     decision).version
             pids.append(servers.tracking.process.pid)
             servers.tracking.stop()  # the tracking server goes away between two tasks ...
             servers.tracking.start("/health", timeout=180)  # ... and comes back (same db, S3)
             pids.append(servers.tracking.process.pid)
-            push_model(version, model, adapter, cfg.storage, name, run_id)
-            promote_model(version, decision, cfg.registry, run_id)
+            promote_model(version, decision, cfg.registry, run_id, adapter.sha256)
         return run_id
 
     return release(), pids

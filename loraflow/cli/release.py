@@ -165,11 +165,11 @@ def models_command(args: argparse.Namespace) -> int:
     metrics = sorted({m for r in rows for m in r["metrics"] if "." not in m},
                      key=lambda m: (m != gate, m))  # fmt: skip
     pushed = {r["storage_uri"].rpartition("/")[0] for r in rows if r["storage_uri"]}
-    one_root = len(pushed) == 1 and all(
-        r["storage_uri"] is None or r["storage_uri"].endswith(f"/{r['version']}") for r in rows
-    )
+    one_root = len(pushed) == 1 and all(r["storage_uri"] for r in rows)
+    unfinished = "(release unfinished: run the pipeline again)"  # killed before its aliases
     columns = {"version": [r["version"] for r in rows],
-               "aliases": [",".join(r["aliases"]) or "-" for r in rows]}  # fmt: skip
+               "aliases": [",".join(r["aliases"]) or "-" if r["release"] == "complete"
+                           else unfinished for r in rows]}  # fmt: skip
     if any(r["stage"] for r in rows):
         columns["stage"] = [r["stage"] or "-" for r in rows]
     if not one_root:
@@ -189,7 +189,7 @@ def models_command(args: argparse.Namespace) -> int:
     for line in [list(columns), *zip(*columns.values(), strict=True)]:
         print("  ".join(c.ljust(w) for c, w in zip(line, widths.values(), strict=True)).rstrip())
     if one_root:
-        print(f"pushed to {pushed.pop()}/<version>")
+        print(f"pushed to {pushed.pop()}/<merged model's SHA-256>")
     if left_out:
         print(textwrap.fill(f"not shown (too wide): {', '.join(left_out)}; every metric, per "
                             "test set: the version's metric.* tags in MLflow", room))

@@ -24,6 +24,9 @@ from loraflow.release.lineage import LINEAGE_FILE, Lineage, read_manifest
 CHALLENGER, CHAMPION = "challenger", "champion"
 METRIC_TAG = "metric."  # version tags holding evaluation metrics, e.g. metric.exact_match
 PREVIOUS_TAG = "loraflow.previous_champion"  # on a champion: the version it replaced
+# "aliases pending" from a version's creation (complete: files, lineage, metrics, verdict) until
+# its aliases have moved, then "complete" (tasks/release.py: the release's order)
+RELEASE_STATE = "loraflow.release"
 StageMirroring = Literal["none", "staging-production"]
 STAGE_OF = {CHALLENGER: "Staging", CHAMPION: "Production"}
 # What the served model needs, pinned to what made it; no torchvision, no loraflow install (its
@@ -220,6 +223,7 @@ def list_versions(client: MlflowClient, name: str) -> list[dict[str, Any]]:
                 "stage": None if v.current_stage in (None, "None") else v.current_stage,
                 "metrics": tagged_metrics(v.tags),
                 "storage_uri": v.tags.get("loraflow.storage_uri"),
+                "release": v.tags.get(RELEASE_STATE, "complete"),  # older versions: no tag
                 "created": v.creation_timestamp,
             }
         )
@@ -275,20 +279,21 @@ def champion_to_align(name: str) -> SftModel | None:
     return SftModel(model=found, parent=parent, metrics=tagged_metrics(tags), template=template)
 
 
-def applicable(client: MlflowClient, name: str, version: str, decision: GateDecision) -> str:
+def applicable(client: MlflowClient, name: str, version: str | None, decision: GateDecision,
+               adapter_sha256: str) -> str:
     """The decision's verdict, or why it does not apply to the registry as it is now: the
     version is the champion already, it holds the champion's very adapter (merged or scored
-    differently: nothing new), or the champion is not the model it was decided against."""
+    differently: nothing new), or the champion is not the model it was decided against.
+    version: None for a version not created yet (the release tags it with the verdict)."""
     current = champion(client, name)
     if current is not None and current[0] == version:
         return f"v{version} is already the champion"
-    tag = "loraflow.adapter_sha256"
     if current is not None:
-        ours = client.get_model_version(name, version).tags.get(tag)
-        if ours and ours == client.get_model_version(name, current[0]).tags.get(tag):
-            return (f"not promoted: v{version} holds the very adapter of champion "
-                    f"v{current[0]} (merged in another dtype or scored differently): nothing "
-                    "new to promote")
+        theirs = client.get_model_version(name, current[0]).tags.get("loraflow.adapter_sha256")
+        if adapter_sha256 == theirs:
+            ours = f"v{version}" if version else "this model"
+            return (f"not promoted: {ours} holds the very adapter of champion v{current[0]} "
+                    "(merged in another dtype or scored differently): nothing new to promote")
     if decision.reference_version != (current[0] if current else None):
         now = f"champion v{current[0]}" if current else "no champion"
         return (f"not promoted: decided against {decision.reference_name}, but the registry "
