@@ -63,6 +63,7 @@ trap 'exit 130' INT
 
 start() {  # start NAME COMMAND...: in its own process group, its output to logs/NAME.log
   local name="$1"; shift
+  touch "$logs/$name.log"  # now: a wait_for_line right after must not find it missing
   setsid "$@" >>"$logs/$name.log" 2>&1 < /dev/null &
   if [ "$name" = postgres ]; then db_pid=$!; else pids+=($!); fi
 }

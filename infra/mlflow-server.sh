@@ -21,6 +21,19 @@ if [[ "$auth_db" != sqlite:///* ]] || [ ! -s "${auth_db#sqlite:///}" ]; then
   : "${MLFLOW_AUTH_ADMIN_PASSWORD:?set MLFLOW_AUTH_ADMIN_PASSWORD (12+ characters; infra/new-credentials.sh)}"
 fi
 # the CSRF secret of the auth app: the same across workers and restarts, private to the server
+# MLflow before 3.16.1 reads the admin only from the ini file below, never from
+# MLFLOW_AUTH_ADMIN_*: it stops at its start with KeyError 'admin_username' (seen with 3.1.4)
+python - <<'PY' || exit 2
+import importlib.metadata
+import sys
+
+from packaging.version import Version
+
+version = importlib.metadata.version("mlflow")
+if Version(version) < Version("3.16.1"):
+    sys.exit(f"infra/mlflow-server.sh: MLflow {version} reads its admin only from an ini file;"
+             " the stack needs MLflow 3.16.1 or later (constraints.txt pins the tested one)")
+PY
 secret_file="$home/mlflow-flask-secret"
 if [ -z "${MLFLOW_FLASK_SERVER_SECRET_KEY:-}" ]; then
   [ -s "$secret_file" ] || (umask 077; python -c 'import secrets; print(secrets.token_hex(32))' > "$secret_file")

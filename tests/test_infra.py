@@ -486,3 +486,22 @@ def test_a_backup_restores_byte_for_byte_and_refuses_a_damaged_one_or_a_stack_wi
         assert s3.get_object(Bucket="models", Key=key)["Body"].read() == weights
     done = backup_py("restore", backup, stores("other"))  # the bucket holds them now: refused
     assert done.returncode == 1 and "bucket models is not empty" in done.stderr
+
+
+def test_upgrade_databases_migrates_every_store_and_prints_their_revisions(tmp_path):
+    """infra/upgrade-databases.sh on the SQLite stack (the PostgreSQL one, from MLflow 3.1.4 and
+    Prefect 3.4.25 databases, is tried by hand: infra/README.md, "Upgrading MLflow or Prefect"):
+    all three stores, the MLflow user store included, end at a revision, printed before/after."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env |= {"LORAFLOW_HOME": str(tmp_path), "STACK_DATABASE": "sqlite", "DO_NOT_TRACK": "1"}
+    subprocess.run(["infra/new-credentials.sh"], cwd=ROOT, env=env, check=True,
+                   capture_output=True)  # fmt: skip
+    done = subprocess.run(["infra/upgrade-databases.sh"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    before, after = done.stdout.split("schema revisions before:\n")[1].split("schema revisions after:\n")
+    stores = ("MLflow tracking store", "MLflow user store", "Prefect database")
+    for store in stores:
+        assert f"  {store}: none (no database yet)" in before
+        assert re.search(rf"^  {store}: [0-9a-f]{{12}}$", after, re.M), after
+    assert "Warning" not in done.stderr, done.stderr
