@@ -521,13 +521,14 @@ def test_the_gpu_worker_killed_during_training_is_retried_and_resumes_on_another
 def test_a_hundred_files_in_five_minutes_two_watchers_a_prefect_restart_train_each_content_once(
     tmp_path, tiny_model_dir, small_data, prefect_db
 ):
-    """100 files land over about 4 minutes, 10 contents and 90 byte-identical copies under
-    other names (shuffled), watched by two `loraflow watch` processes with homes of their own
-    (two machines, for availability), while the Prefect server is stopped and started again
-    mid-way. Each content trains once (one training run, one registered version with its
-    storage complete), each watcher accounts for every file and delivers every content's
-    event, and runs started twice for one content (both watchers, an event sent again across
-    the restart) skip on the pipeline's claim."""
+    """100 files land over 4 minutes, one new content every 10 files and the others copies of
+    contents landed before, under names of their own (10 contents, 90 byte-identical copies).
+    Two `loraflow watch` processes with homes of their own (two machines): `a` from the start;
+    the Prefect server is stopped and started again as the fifth content lands, and `b` joins
+    once it is back, sending every content's event again, which the restarted server no longer
+    knows. Each content trains once (one training run, one registered version with its storage
+    and tags complete), each watcher accounts for every file and delivers every content's event
+    (those of the outage included), and the runs started twice for one content skip."""
     import ast
     import hashlib
     import random
@@ -550,18 +551,22 @@ def test_a_hundred_files_in_five_minutes_two_watchers_a_prefect_restart_train_ea
     contents = [base_lines + json.dumps({"instruction": f"Load test {i}.", "input": "",
                                          "output": str(i)}) + "\n" for i in range(contents_n)]
     sha_of = [hashlib.sha256(text.encode()).hexdigest() for text in contents]
-    landings = [(f"orders-{n:03d}.jsonl", n % contents_n) for n in range(files)]
-    random.Random(27).shuffle(landings)  # a copy may land before the file it copies
+    pick = random.Random(27)
+    landings = [(f"orders-{n:03d}.jsonl", n // 10 if n % 10 == 0 else pick.randrange(n // 10 + 1))
+                for n in range(files)]  # fmt: skip
     with deployed_stack(tmp_path, tiny_model_dir, small_data, train, prefect_db, gpu_slots=1,
                         watch_location=inbox) as stack:
         watch = [sys.executable, "-m", "loraflow.cli", "watch", str(inbox), "--interval", "1"]
         homes = {name: tmp_path / f"watcher-{name}" for name in ("a", "b")}
         watchers = {}
-        for name, home in homes.items():
+
+        def start_watcher(name: str) -> None:
             with (tmp_path / f"watch-{name}.log").open("wb") as out:
                 watchers[name] = subprocess.Popen(
-                    watch, cwd=ROOT, env=stack.env | {"LORAFLOW_HOME": str(home)}, stdout=out,
-                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+                    watch, cwd=ROOT, env=stack.env | {"LORAFLOW_HOME": str(homes[name])},
+                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+        start_watcher("a")
         logs = [tmp_path / f"watch-{name}.log" for name in homes]
         outage: dict[str, float] = {}
 
@@ -572,6 +577,7 @@ def test_a_hundred_files_in_five_minutes_two_watchers_a_prefect_restart_train_ea
             stack.server.start("/api/health")
             outage["up"] = time.time()
             outage["new_pid"] = stack.server.process.pid != old_pid
+            start_watcher("b")  # a second machine's watcher joins
 
         restart = threading.Thread(target=restart_server)
         landed_at: dict[str, float] = {}
@@ -580,7 +586,7 @@ def test_a_hundred_files_in_five_minutes_two_watchers_a_prefect_restart_train_ea
             (inbox / name).write_text(contents[content])
             landed_at[str(inbox / name)] = time.time()
             first_landed.setdefault(content, landed_at[str(inbox / name)])
-            if n == files * 2 // 5:  # 40% in
+            if n == files * 2 // 5:  # the fifth content: its events come during the outage
                 restart.start()
             time.sleep(spacing_s)
         landed_s = max(landed_at.values()) - min(landed_at.values())
@@ -616,7 +622,7 @@ def test_a_hundred_files_in_five_minutes_two_watchers_a_prefect_restart_train_ea
         data_of = {v.version: stack.client.get_run(v.run_id).data.params["data.train"]
                    for v in versions}
     content_of = {str(inbox / name): sha_of[c] for name, c in landings}
-    accepted = 0
+    accepted = undelivered = 0
     # every file accounted for by each watcher: a content's first file, or a copy naming one
     # of the same bytes; and each watcher delivered one event a content
     for name, state in states.items():
@@ -630,6 +636,7 @@ def test_a_hundred_files_in_five_minutes_two_watchers_a_prefect_restart_train_ea
                 if "-> event " in line]
         assert len(set(sent)) == contents_n, (name, said[-3000:])  # an id a content
         accepted += len(sent)
+        undelivered += said.count("was not delivered")
         for copy, first in state["copies"].items():
             assert f"skipped {copy}: the same bytes as {first}" in said
     # each content trained once: one completed training pipeline and one training run each;
@@ -639,6 +646,13 @@ def test_a_hundred_files_in_five_minutes_two_watchers_a_prefect_restart_train_ea
     skipped = [p for p in pipelines if p["state_name"] == "Skipped"]
     assert sorted(content_of[p["parameters"]["data_uri"]] for p in trained) == sorted(sha_of)
     assert {content_of[p["parameters"]["data_uri"]] for p in skipped} <= set(sha_of)
+    # the contents `a` sent before the restart were sent again by `b` after it: those runs
+    # skipped, as trained (their first run had finished) or as claimed (it was still running)
+    before = {sha_of[c] for c, at in first_landed.items() if at < outage["down"] - 5}
+    assert before and before <= {content_of[p["parameters"]["data_uri"]] for p in skipped}
+    reasons = [p["state"]["message"] for p in skipped]
+    claimed = sum("being trained on by flow run" in r for r in reasons)
+    assert all(r.startswith("skipped: data already ") for r in reasons), reasons
     training = [r for r in runs if r["deployment"] == "train"]
     assert len(training) == contents_n and {r["state_type"] for r in training} == {"COMPLETED"}
     # one registered version a content, none without its storage: every pushed file is there
@@ -663,8 +677,10 @@ def test_a_hundred_files_in_five_minutes_two_watchers_a_prefect_restart_train_ea
           f"{files / landed_s:.2f} files/s; Prefect server down {outage['up'] - outage['down']:.1f}"
           f" s from {outage['down'] - min(landed_at.values()):.1f} s in; {accepted} events "
           f"accepted from the two watchers, {accepted / landed_s:.3f} events/s over the "
-          f"landing; {len(pipelines)} pipeline runs ({len(trained)} trained, {len(skipped)} "
-          f"skipped: trained or claimed), {len(training)} trainings; landing -> registered "
+          f"landing ({undelivered} refused while the server was down, sent again); "
+          f"{len(pipelines)} pipeline runs ({len(trained)} trained, {len(skipped)} skipped: "
+          f"{claimed} on another run's claim, {len(skipped) - claimed} as trained), "
+          f"{len(training)} trainings; landing -> registered "
           f"version p50 {deciles[4]:.1f} s, p90 {deciles[8]:.1f} s, max {max(latency):.1f} s; "
           f"'database is locked' {server_log.count('database is locked')} times in the Prefect "
           f"server's log; test wall {wall_s:.1f} s")
