@@ -11,8 +11,8 @@
 As a deployment (prefect.yaml) this flow runs on the cpu pool and every step that loads the
 full model (train, evaluate base, merge, evaluate champion) runs on the gpu pool through a
 deployment of its own: the same task, told where (tasks/deployments.py). With
-skip_trained_data a run on data already trained on stops after validation, in a Completed
-state named Skipped.
+skip_trained_data a run on data already trained on, or claimed by another run training it now
+(two watchers, an event sent again), stops after validation, in a Completed state named Skipped.
 
 Every step logs to one MLflow run and hands the next a reference (artifact URI + SHA-256);
 every step is cached on the content it reads, so a re-run with nothing changed re-executes
@@ -50,7 +50,7 @@ from loraflow.evaluation.gate import detectable_note
 from loraflow.search import SweepOutcome
 from loraflow.summary import render, write_summary
 from tasks.data import heldout_split, tokenize_data, validate_data
-from tasks.deployments import Where, record_trained_data, skip_run
+from tasks.deployments import Where, claim_data, record_trained_data, skip_run
 from tasks.evaluation import decide_promotion, evaluate_champion, report_evaluation
 from tasks.model import evaluate_base, merge_adapter, prepare_base_model, train_adapter
 from tasks.release import export_model, open_configured_store, release
@@ -88,8 +88,11 @@ def finetune(
         base = step(prepare_base_model, source=cfg.model.base)
         data = step(validate_data, data=cfg.data, base=base, run_id=run_id)
         earlier = record_trained_data(data, cfg.registry.model_name, run_id=run_id)
-        if earlier and skip_trained_data:  # a schedule or trigger on data already trained on
-            return skip_run(run_id, cfg.registry.model_name, data, earlier)
+        if skip_trained_data:  # a schedule or trigger: data trained on, or another run's now
+            held = (f"trained on by run {earlier}" if earlier
+                    else claim_data(data, cfg.registry.model_name, run_id=run_id))
+            if held:
+                return skip_run(run_id, cfg.registry.model_name, data, held)
         print(f"loraflow: {detectable_note(data.counts['test'], cfg.registry)}")
         tokens = step(tokenize_data, data=data, base=base, cfg=cfg.data, run_id=run_id)
         training = TrainRequest(tokens=tokens, base=base, lora=cfg.lora, train=cfg.train,

@@ -18,8 +18,10 @@ next step, and a run never waits for one particular machine.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any, Literal, TypeVar
+from uuid import UUID
 
 from mlflow import MlflowClient
 from prefect import get_run_logger
@@ -35,6 +37,7 @@ Result = TypeVar("Result", bound=BaseModel)
 DATA_TAG = "loraflow.data_sha256"  # the validated data a pipeline run trained on
 MODEL_TAG = "loraflow.model_name"  # the registered model it was for
 SKIPPED_TAG = "loraflow.skipped"  # why a run stopped early
+CLAIM_PREFIX = "loraflow-trains-"  # + key + "-" + n: a Prefect variable, one run's claim
 STEP_TAG = "loraflow.step."  # + step: a GPU step's result (JSON), set by its deployment's flow
 TRAIN_DEPLOYMENT = "train/train"
 EVALUATE_DEPLOYMENT = "evaluate/evaluate"
@@ -66,10 +69,56 @@ def record_trained_data(data: ValidatedData, model_name: str, run_id: str) -> st
     return earlier[0].info.run_id if earlier else None
 
 
-def skip_run(run_id: str, name: str, data: ValidatedData, earlier: str) -> State:
+def claim_data(data: ValidatedData, model_name: str, run_id: str) -> str | None:
+    """Claim training `model_name` on this data for this flow run, atomically; return None
+    when this run holds the claim (it trains), else what holds it (this run skips).
+
+    Two watchers, an event sent again after a Prefect server restart, or the same bytes
+    landing under two names all start runs on one content, at the same moment or while the
+    first still trains; record_trained_data only sees runs that finished. The claim is a
+    Prefect variable, created only if absent (the server's unique name: one creator wins,
+    in its database, across restarts). A claim whose flow run ended other than Completed
+    (failed, crashed, cancelled) or is gone is stale: the next claim takes the next number."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import VariableCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.runtime import flow_run
+
+    key = hashlib.sha256(f"{model_name}\0{data.sha256}".encode()).hexdigest()[:32]
+    mine = {"flow_run": str(flow_run.id), "mlflow_run": run_id, "model": model_name,
+            "data_sha256": data.sha256}
+    with get_client(sync_client=True) as client:
+        while True:
+            claims = client.request("POST", "/variables/filter", json={
+                "variables": {"name": {"like_": CLAIM_PREFIX + key}}}).json()
+            latest = max(claims, key=lambda c: int(c["name"].rsplit("-", 1)[1]), default=None)
+            number = 0
+            if latest is not None:
+                holder = latest["value"]
+                if holder["flow_run"] == mine["flow_run"]:
+                    return None  # ours: this run's own claim, answered late and retried
+                try:
+                    state = client.read_flow_run(UUID(holder["flow_run"])).state
+                except ObjectNotFound:
+                    state = None
+                if state is not None and (not state.is_final() or state.is_completed()):
+                    word = "trained on" if state.is_completed() else "being trained on"
+                    return (f"{word} by flow run {holder['flow_run']} (MLflow run "
+                            f"{holder['mlflow_run']})")
+                number = int(latest["name"].rsplit("-", 1)[1]) + 1  # stale: take the next
+            try:
+                client.create_variable(VariableCreate(name=f"{CLAIM_PREFIX}{key}-{number}",
+                                                      value=mine, tags=["loraflow"]))
+                return None
+            except ObjectAlreadyExists:
+                continue  # another run claimed it first: read who
+
+
+def skip_run(run_id: str, name: str, data: ValidatedData, held: str) -> State:
     """End early: tag the MLflow run with the reason, log it to the flow run (Prefect UI), and
-    end in a Completed state named Skipped whose result is the (short) summary."""
-    reason = f"skipped: data already trained on (sha256 {data.sha256[:12]}, run {earlier})"
+    end in a Completed state named Skipped whose result is the (short) summary. held: which
+    run trained on the data or holds its claim ("trained on by run <id>", claim_data's)."""
+    reason = f"skipped: data already {held} (sha256 {data.sha256[:12]})"
     MlflowClient().set_tag(run_id, SKIPPED_TAG, reason)
     get_run_logger().info("loraflow: %s", reason)
     summary = {"run_id": run_id, "model_name": name, "skipped": reason,

@@ -347,3 +347,40 @@ def run_deployment_now(api: str, env: dict[str, str], parameters: dict) -> dict:
     (started,) = [r for r in flow_runs(api)
                   if r["id"] not in before and r["deployment"] == "finetune"]
     return started
+
+
+def test_one_run_a_content_holds_the_claim_and_a_failed_run_hands_it_on(prefect_server):
+    """Two runs on one content (two watchers, an event sent again): the second skips while the
+    first trains and after it completed; a run that failed leaves the content to the next."""
+    from types import SimpleNamespace
+
+    from prefect import flow
+    from prefect.runtime import flow_run
+
+    from tasks.deployments import claim_data
+
+    def data(n: int) -> SimpleNamespace:  # claim_data reads the validated data's hash only
+        return SimpleNamespace(sha256=f"{n:064x}")
+
+    @flow
+    def second(n: int) -> str | None:
+        return claim_data(data(n), MODEL, run_id="mlflow-second")
+
+    @flow
+    def first(n: int, fail: bool = False) -> tuple[str, str | None, str | None]:
+        mine = claim_data(data(n), MODEL, run_id="mlflow-first")
+        again = claim_data(data(n), MODEL, run_id="mlflow-first")  # its own claim, read back
+        assert mine is None and again is None
+        if fail:
+            raise RuntimeError("training failed")
+        return str(flow_run.id), second(n), claim_data(data(n), "another-model", "mlflow-other")
+
+    holder, while_training, other_model = first(1)
+    assert while_training == f"being trained on by flow run {holder} (MLflow run mlflow-first)"
+    assert other_model is None  # the claim is per model and content
+    assert second(1) == f"trained on by flow run {holder} (MLflow run mlflow-first)"
+    assert second(2) is None  # a content of its own
+    with pytest.raises(RuntimeError, match="training failed"):
+        first(3, fail=True)
+    assert second(3) is None  # the failed run's claim is stale: this one takes it
+    assert second(3).startswith("trained on by flow run ")

@@ -1,6 +1,7 @@
 """The data watcher: new complete files once per content, half-written files never, the same
 bytes never twice (across names and restarts), local directories and S3 prefixes alike."""
 
+import uuid
 from pathlib import Path
 
 import pytest
@@ -142,34 +143,101 @@ def test_watch_command_needs_a_prefect_server(tmp_path: Path, monkeypatch, capsy
     assert "PREFECT_API_URL is not set" in capsys.readouterr().err
 
 
+class FakePrefect:
+    """Prefect's sync client as the watcher uses it: POST /events, recorded; `down` refuses."""
+
+    def __init__(self, down: bool = False):
+        self.posted: list[dict] = []
+        self.down = down
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def request(self, method: str, path: str, json: list[dict]):
+        import httpx
+
+        if self.down:
+            raise httpx.ConnectError("connection refused")
+        assert (method, path) == ("POST", "/events")
+        self.posted.extend(json)
+
+
+def fake_prefect(monkeypatch, client: FakePrefect) -> None:
+    import prefect.client.orchestration
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    monkeypatch.setattr(prefect.client.orchestration, "get_client", lambda **kw: client)
+    # no server here: the check that a Prefect server answers (test_credentials) is stubbed out
+    monkeypatch.setattr("loraflow.credentials.check_prefect", lambda *args, **kwargs: None)
+
+
 @pytest.mark.parametrize("feedback", [False, True])
 def test_watch_emits_data_or_feedback_events(tmp_path: Path, monkeypatch, capsys, feedback):
     """--feedback: loraflow.feedback.landed on loraflow.feedback.<sha256> (prefect.yaml's align
-    trigger); otherwise loraflow.data.landed (the finetune trigger)."""
-    import prefect.events
-    from prefect.events.worker import EventsWorker
-
+    trigger); otherwise loraflow.data.landed (the finetune trigger). The id derives from the
+    content, so a second watcher of the same data sends the same event."""
     from loraflow.cli import main
+    from loraflow.cli.watch import EVENT_NAMESPACE
     from loraflow.data.watch import DATA_LANDED, FEEDBACK_LANDED
 
-    sent = []
-
-    def fake_emit(event, resource, payload, **kwargs):  # kwargs: the event id from the content
-        sent.append((event, resource, payload))
-        return type("Event", (), {"id": "e1"})()
-
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
-    monkeypatch.setattr(prefect.events, "emit_event", fake_emit)
-    monkeypatch.setattr(EventsWorker, "drain_all", classmethod(lambda cls, timeout=None: None))
-    # no server here: the check that a Prefect server answers (test_credentials) is stubbed out
-    monkeypatch.setattr("loraflow.credentials.check_prefect", lambda *args, **kwargs: None)
+    client = FakePrefect()
+    fake_prefect(monkeypatch, client)
+    monkeypatch.setenv("LORAFLOW_HOME", str(tmp_path / "home"))
     watched = tmp_path / "in"
     watched.mkdir()
     (watched / "pairs.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
     args = ["watch", str(watched), "--once", "--interval", "0"] + (["--feedback"] * feedback)
     assert main(args) == 0
-    (event, resource, payload), = sent
+    (event,) = client.posted
     kind = "feedback" if feedback else "data"
-    assert event == (FEEDBACK_LANDED if feedback else DATA_LANDED)
+    payload, resource = event["payload"], event["resource"]
+    assert event["event"] == (FEEDBACK_LANDED if feedback else DATA_LANDED)
     assert resource["prefect.resource.id"] == f"loraflow.{kind}.{payload['sha256']}"
     assert payload["uri"].endswith("pairs.jsonl")
+    assert event["id"] == str(uuid.uuid5(EVENT_NAMESPACE, payload["sha256"]))
+
+
+def test_an_event_the_server_did_not_take_is_sent_again_on_a_later_poll(
+    tmp_path: Path, monkeypatch, capsys
+):
+    """The Prefect server down past the client's retries: the watcher says so, keeps polling,
+    exits 1 under --once, and the file is not remembered, so the next watch sends it."""
+    from loraflow.cli import main
+
+    monkeypatch.setenv("LORAFLOW_HOME", str(tmp_path / "home"))
+    watched = tmp_path / "in"
+    watched.mkdir()
+    (watched / "orders.jsonl").write_text('{"instruction": "i", "output": "o"}\n')
+    args = ["watch", str(watched), "--once", "--interval", "0"]
+    fake_prefect(monkeypatch, FakePrefect(down=True))
+    assert main(args) == 1
+    assert "was not delivered" in capsys.readouterr().err
+    client = FakePrefect()
+    fake_prefect(monkeypatch, client)
+    assert main(args) == 0
+    (event,) = client.posted
+    assert event["payload"]["uri"] == str(watched / "orders.jsonl")
+
+
+def test_a_second_watcher_on_the_same_state_file_is_refused(tmp_path: Path, monkeypatch, capsys):
+    """Two watchers of one location on one home would overwrite each other's state: the second
+    is told to use a home of its own."""
+    import fcntl
+
+    from loraflow.cli import main
+    from loraflow.data.watch import state_path
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("LORAFLOW_HOME", str(home))
+    fake_prefect(monkeypatch, FakePrefect())
+    watched = tmp_path / "in"
+    watched.mkdir()
+    lock_file = state_path(home, str(watched)).with_suffix(".lock")
+    lock_file.parent.mkdir(parents=True)
+    with lock_file.open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the first watcher
+        assert main(["watch", str(watched), "--once", "--interval", "0"]) == 2
+    assert "run a second watcher with a LORAFLOW_HOME of its own" in capsys.readouterr().err

@@ -35,9 +35,15 @@ def add_watch_command(commands: argparse._SubParsersAction) -> None:
 
 
 def watch_command(args: argparse.Namespace) -> int:
-    """Poll until stopped. SIGTERM or SIGINT stop it between polls, with the state saved. Each
-    event's id derives from the file's SHA-256: an event sent again (a watcher killed after
-    sending, before saving) is the same event, which Prefect's triggers act on once."""
+    """Poll until stopped. SIGTERM or SIGINT stop it between polls, with the state saved.
+
+    Each event is posted to the Prefect server and counts as sent only once the server has
+    answered: a file whose event was not taken (the server down past the client's retries)
+    is not remembered and is sent again on a later poll. Each event's id derives from the
+    file's SHA-256, so an event sent again, or sent by a second watcher of the same data, is
+    the same event; the pipeline's claim on the content (tasks.deployments.claim_data) trains
+    it once whatever number of runs the events start."""
+    import fcntl
     import os
     import signal
     import threading
@@ -65,14 +71,16 @@ def watch_command(args: argparse.Namespace) -> int:
     except CredentialsError as exc:
         print(f"loraflow watch: {exc}", file=sys.stderr)
         return 3
-    from prefect.events import emit_event
-    from prefect.events.worker import EventsWorker
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.events import Event
 
     kind = "feedback" if args.feedback else "data"
+    client = get_client(sync_client=True)
 
     def emit(landed) -> None:  # noqa: ANN001 - a loraflow.data.watch.Landed
-        event = emit_event(
-            FEEDBACK_LANDED if args.feedback else DATA_LANDED,
+        event = Event(
+            event=FEEDBACK_LANDED if args.feedback else DATA_LANDED,
             resource={
                 "prefect.resource.id": f"loraflow.{kind}.{landed.sha256}",
                 f"loraflow.{kind}.uri": landed.uri,
@@ -80,11 +88,14 @@ def watch_command(args: argparse.Namespace) -> int:
             payload=as_payload(landed),
             id=uuid.uuid5(EVENT_NAMESPACE, landed.sha256),
         )
-        if event is None:
-            raise RuntimeError(f"Prefect did not take the event for {landed.uri}")
-        # Sent before poll() marks the file seen: a watcher killed from here on does not
-        # lose the event (killed before it, it sends the same event again on restart).
-        EventsWorker.drain_all(timeout=30)
+        # POST /events answers once the server has taken the event (the client retries
+        # through a server restart of a few minutes); only then does poll() mark the file
+        # seen. A watcher killed before that sends the same event again on restart.
+        try:
+            client.request("POST", "/events", json=[event.model_dump(mode="json")])
+        except httpx.HTTPError as exc:
+            raise NotDelivered(f"the event for {landed.uri} was not delivered ({exc}); "
+                               "it is sent again on the next poll") from exc
         print(f"landed {landed.uri} sha256 {landed.sha256[:12]} -> event {event.id}", flush=True)
 
     def copied(landed, first: str) -> None:  # noqa: ANN001 - a loraflow.data.watch.Landed
@@ -96,17 +107,36 @@ def watch_command(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"loraflow watch: {exc}", file=sys.stderr)
         return 2
-    print(f"watching {args.location} every {args.interval:g} s (state {watcher.state_file})")
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    polls = 0
-    while True:
-        watcher.poll(emit, copied)
-        EventsWorker.drain_all(timeout=30)  # delivered before the next poll or exit
-        polls += 1
-        if args.once and polls >= (1 if args.marker else 2):
-            return 0
-        if stop.wait(args.interval):
-            print(f"stopped; state saved in {watcher.state_file}", flush=True)
-            return 0
+    # Two watchers of one location on one home would overwrite each other's state file; a
+    # second watcher for availability runs with a home of its own (another machine).
+    watcher.state_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(watcher.state_file.with_suffix(".lock"), "w") as lock, client:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until the watcher exits
+        except BlockingIOError:
+            print(f"loraflow watch: another watcher of {args.location} already uses the state "
+                  f"file {watcher.state_file}; run a second watcher with a LORAFLOW_HOME of its "
+                  "own", file=sys.stderr)
+            return 2
+        print(f"watching {args.location} every {args.interval:g} s (state {watcher.state_file})")
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        polls, undelivered = 0, False
+        while True:
+            try:
+                watcher.poll(emit, copied)
+                undelivered = False
+            except NotDelivered as exc:  # the state is saved; the file comes again
+                print(f"loraflow watch: {exc}", file=sys.stderr, flush=True)
+                undelivered = True
+            polls += 1
+            if args.once and polls >= (1 if args.marker else 2):
+                return 1 if undelivered else 0
+            if stop.wait(args.interval):
+                print(f"stopped; state saved in {watcher.state_file}", flush=True)
+                return 0
+
+
+class NotDelivered(RuntimeError):
+    """The Prefect server did not take an event (down past the client's retries)."""
