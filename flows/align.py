@@ -137,7 +137,7 @@ def _align(
             "aliases": gate["aliases"], "gate": gate["reason"], "storage_uri": storage_uri,
             "metrics": {"base": scores["base"], "sft": sft_metrics, "aligned": aligned},
             "preference_data_sha256": preferences.sha256,
-            "exports": [c.model_dump() for c in exports.checks]}
+            "exports": [c.model_dump() for c in exports.checks], "export_notes": exports.notes}
 
 
 DEFAULT_CONFIG = PipelineConfig()
