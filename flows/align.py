@@ -122,7 +122,8 @@ def _align(
     return released | {"parent_version": parent.version,
                        "metrics": {"base": scores["base"], "sft": sft_metrics, "aligned": aligned},
                        "preference_data_sha256": preferences.sha256,
-                       "exports": [c.model_dump() for c in exports.checks]}
+                       "exports": [c.model_dump() for c in exports.checks],
+                       "export_notes": exports.notes}
 
 
 DEFAULT_CONFIG = PipelineConfig()

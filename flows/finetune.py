@@ -150,5 +150,5 @@ def release_stage(
         "decision": decision.primary and decision.primary.model_dump(),
         "metrics": {e.label: e.metrics for e in evals if e is not None},
         "report_uri": report,
-        "exports": [c.model_dump() for c in exports.checks],
+        "exports": [c.model_dump() for c in exports.checks], "export_notes": exports.notes,
     } | ({"align": aligned} if aligned is not None else {})

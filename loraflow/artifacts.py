@@ -8,7 +8,7 @@ whose deployments receive the request as their parameter (tasks/deployments.py).
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, computed_field
 
 from loraflow.base_model import BaseModelRef
 from loraflow.config import EvalConfig, LaunchConfig, LoraSettings, MergeConfig, TrainConfig
@@ -77,6 +77,8 @@ class ExportCheck(BaseModel):
     in a runtime loraflow did not write (loraflow.release.exports)."""
 
     format: str  # export.formats: gguf-f16, gguf-q8_0, vllm
+    # a second runtime answering the same files ("llama.cpp" for a GGUF); None: the format's own
+    via: str | None = None
     agreement: float  # the fraction of test answers identical to the evaluated model's
     min_agreement: float  # export.min_agreement for the format
     answers: int
@@ -89,11 +91,18 @@ class ExportCheck(BaseModel):
     def passed(self) -> bool:
         return self.agreement >= self.min_agreement
 
+    @computed_field
+    @property
+    def name(self) -> str:
+        """What the summary, the verdict and the tags call it: gguf-f16, gguf-f16/llama.cpp."""
+        return f"{self.format}/{self.via}" if self.via else self.format
+
 
 class Exports(ArtifactRef):
     """Every export of a merged model (artifact exports/<format>/), checked."""
 
     checks: list[ExportCheck]
+    notes: list[str] = []  # checks that were not run, and how to run them
 
 
 class Champion(ArtifactRef):

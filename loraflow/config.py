@@ -664,6 +664,16 @@ class ExportConfig(Section):
         "the evaluated model did; a format below it blocks promotion and is named in the "
         "verdict. Formats not listed take the default (gguf-f16 0.95, gguf-q8_0 0.8, vllm 0.95).",
     )
+    llama_cpp: Literal["auto", "required", "off"] = Field(
+        "auto",
+        description="Whether llama.cpp itself (llama-cpp-python: pip install 'loraflow[llamacpp]') "
+        "also answers each GGUF export's test prompts, rendering them with the chat template "
+        "and stopping at the EOS / end-of-turn ids stored in the file: what catches a wrong "
+        "template or stop token before users of llama.cpp or Ollama do. Checked as "
+        "<format>/llama.cpp against the format's export.min_agreement. auto: when it is "
+        "installed (otherwise the run says once that it was skipped); required: stop when it is "
+        "not installed; off: never.",
+    )
 
     @field_validator("formats")
     @classmethod

@@ -51,11 +51,13 @@ def sft_lines(summary: dict[str, Any]) -> list[str]:
         delta = tuned[metric] - base[metric]
         lines.append(f"  {metric:<16}{base[metric]:>8.3f}{tuned[metric]:>8.3f}{delta:>+9.3f}")
     if summary.get("exports"):
-        lines += ["", f"  {'export':<16}{'agrees':>8}{'needed':>8}{'MB':>9}  answered by"]
+        lines += ["", f"  {'export':<20}{'agrees':>8}{'needed':>8}{'MB':>9}  answered by"]
         for e in summary["exports"]:
             size = sum(e["files"].values()) / 1e6
-            lines.append(f"  {e['format']:<16}{e['agreement']:>8.3f}{e['min_agreement']:>8.3f}"
+            name = e.get("name", e["format"])  # gguf-f16/llama.cpp: a second runtime, same file
+            lines.append(f"  {name:<20}{e['agreement']:>8.3f}{e['min_agreement']:>8.3f}"
                          f"{size:>9.1f}  {e['runtime']}")
+    lines += [f"  note: {note}" for note in summary.get("export_notes", [])]
     return lines
 
 

@@ -14,7 +14,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect import task
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 from tqdm import tqdm
@@ -32,7 +32,7 @@ from loraflow.evaluation import evaluate
 from loraflow.evaluation.gate import GateDecision
 from loraflow.hashing import sha256_tree
 from loraflow.release import registry
-from loraflow.release.exports import export_version
+from loraflow.release.exports import export_version, llama_cpp_skipped, llama_cpp_version
 from loraflow.release.lineage import read_manifest
 from loraflow.release.storage import open_store, push_tree
 from tasks.caching import CONTENT
@@ -60,7 +60,13 @@ NETWORK_RETRIES = {
 }
 
 
-@task(cache_policy=CONTENT)
+def llama_cpp_key(context: Any, inputs: dict[str, Any]) -> str:
+    """Part of export_model's key: installing (or upgrading) llama-cpp-python checks the same
+    model again, now answered by llama.cpp too (export.llama_cpp=auto)."""
+    return f"llama-cpp-python {llama_cpp_version()}"
+
+
+@task(cache_policy=CONTENT + CacheKeyFnPolicy(cache_key_fn=llama_cpp_key))
 def export_model(
     model: MergedModel,
     adapter: Adapter,
@@ -72,9 +78,10 @@ def export_model(
     run_id: str,
 ) -> Exports:
     """Write export.formats from the merged model and its adapter (artifact exports/<format>/);
-    each answers the test sets in a runtime loraflow did not write, compared with the tuned
-    (evaluated) answers: agreement per format as export.<format>.agreement, the differing
-    answers in eval/exports/exports.json. The gate reads the agreement (decide_promotion)."""
+    each answers the test sets in a runtime loraflow did not write (a GGUF file also in llama.cpp
+    where it is installed), compared with the tuned (evaluated) answers: agreement per format
+    and runtime as export.<format>[/llama.cpp].agreement, the differing answers in
+    eval/exports/exports.json. The gate reads the agreement (decide_promotion)."""
     sets = evaluate.load_sets(eval_cfg, fetch(test.uri) / "test.jsonl")
     evaluated = evaluate.read_result(fetch(tuned.uri))
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,10 +94,13 @@ def export_model(
         log_dir(run_id, details, "eval/exports")
         uri, sha256 = log_dir(run_id, out, "exports"), sha256_tree(out)
     checks = [r.check for r in reports]
-    log_metrics(run_id, {f"export.{c.format}.{k}": float(v) for c in checks for k, v in {
+    log_metrics(run_id, {f"export.{c.name}.{k}": float(v) for c in checks for k, v in {
         "agreement": c.agreement, "bytes": sum(c.files.values()),
         "write_seconds": c.write_seconds, "check_seconds": c.check_seconds}.items()})
-    return Exports(uri=uri, sha256=sha256, checks=checks)
+    notes = [note] if (note := llama_cpp_skipped(cfg, eval_cfg)) else []
+    for note in notes:
+        print(f"loraflow: {note}")
+    return Exports(uri=uri, sha256=sha256, checks=checks, notes=notes)
 
 
 class Pushed(BaseModel):

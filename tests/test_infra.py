@@ -499,7 +499,8 @@ def test_upgrade_databases_migrates_every_store_and_prints_their_revisions(tmp_p
     done = subprocess.run(["infra/upgrade-databases.sh"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    before, after = done.stdout.split("schema revisions before:\n")[1].split("schema revisions after:\n")
+    before, after = done.stdout.split("schema revisions before:\n")[1].split(
+        "schema revisions after:\n")
     stores = ("MLflow tracking store", "MLflow user store", "Prefect database")
     for store in stores:
         assert f"  {store}: none (no database yet)" in before

@@ -12,6 +12,7 @@ from loraflow.base_model import ModelNotFoundError
 from loraflow.config import PipelineConfig
 from loraflow.data.records import DataError
 from loraflow.hashing import sha256_file
+from loraflow.release.exports import llama_cpp_version
 from loraflow.release.storage import StoragePermanentError, StorageUnreachableError
 
 pytestmark = pytest.mark.integration
@@ -71,9 +72,21 @@ def test_pipeline_registers_pushes_and_reruns_fully_cached(
     # the default export, checked through transformers' GGUF reader, pushed beside the model
     assert {"exports/gguf-f16/tiny-e2e-f16.gguf", "exports/gguf-f16/Modelfile"} <= set(
         manifest["files"])
-    [export] = first["exports"]
+    exports = {e["name"]: e for e in first["exports"]}
+    export = exports["gguf-f16"]
     assert export["format"] == "gguf-f16" and export["agreement"] >= 0.95
     assert version.tags["loraflow.export.gguf-f16.agreement"] == f"{export['agreement']:.6g}"
+    # llama.cpp answers the same file where the extra is installed; else the run says, once,
+    # that it skipped it and how to install it
+    if llama_cpp_version():
+        in_llama_cpp = exports["gguf-f16/llama.cpp"]["agreement"]
+        assert version.tags["loraflow.export.gguf-f16/llama.cpp.agreement"] == (
+            f"{in_llama_cpp:.6g}") and not first["export_notes"]
+    else:
+        assert set(exports) == {"gguf-f16"}
+        [note] = first["export_notes"]
+        assert "llama.cpp check of the GGUF exports was skipped" in note
+        assert "pip install 'loraflow[llamacpp]'" in note
     lineage = json.loads((root / "adapter" / "loraflow.json").read_text())
     assert lineage["lora"]["r"] == 8 and lineage["lora"]["target_modules"] == ["q_proj", "v_proj"]
     assert lineage["chat_template"].startswith("{% for message")

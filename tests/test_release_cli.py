@@ -163,12 +163,14 @@ def test_pull_format_downloads_that_export_alone_and_names_the_missing_ones(caps
               {"version": "1"})
     client = MlflowClient()
     _version(client, name, tmp_path, {"loraflow.storage_uri": f"{root}/{name}/1",
-                                      "loraflow.export.gguf-f16.agreement": "0.984375"})
+                                      "loraflow.export.gguf-f16.agreement": "0.984375",
+                                      "loraflow.export.gguf-f16/llama.cpp.agreement": "1"})
     dest = tmp_path / "pulled"
     assert cli(["pull", name, "--version", "1", "--format", "gguf-f16", "--dest", str(dest)]) == 0
     out = capsys.readouterr().out
     assert f"2 files verified in {dest / 'exports/gguf-f16'}" in out
-    assert "gguf-f16 answered 98.4% of the test prompts as the evaluated model did" in out
+    assert ("gguf-f16 answered 98.4% of the test prompts as the evaluated model did (in "
+            "llama.cpp: 100.0%)") in out
     assert (dest / "exports" / "gguf-f16" / "model.gguf").read_bytes() == b"GGUF" + bytes(64)
     assert not (dest / "model").exists()  # only the export asked for
 

@@ -291,11 +291,15 @@ def pull_command(args: argparse.Namespace) -> int:
     )
     if args.format:
         agreement = version.tags[f"loraflow.export.{args.format}.agreement"]
+        in_llama_cpp = version.tags.get(f"loraflow.export.{args.format}/llama.cpp.agreement")
+        also = (f" (in llama.cpp: {float(in_llama_cpp):.1%})" if in_llama_cpp else "")
         print(f"{args.format} answered {float(agreement):.1%} of the test prompts as the "
-              "evaluated model did; how to serve it: docs/serving.md")
+              f"evaluated model did{also}; how to serve it: docs/serving.md")
     return 0
 
 
 def _exported(tags: dict[str, str]) -> str:
-    return ", ".join(sorted(k.split(".")[2] for k in tags
-                            if k.startswith("loraflow.export.") and k.endswith(".agreement")))
+    """The formats a version ships (gguf-f16), not their second runtimes (gguf-f16/llama.cpp)."""
+    names = (k.removeprefix("loraflow.export.").removesuffix(".agreement") for k in tags
+             if k.startswith("loraflow.export.") and k.endswith(".agreement"))
+    return ", ".join(sorted(n for n in names if "/" not in n))

@@ -49,7 +49,7 @@ class GateDecision(BaseModel):
     lost: list[Flip] = []
     detectable: float | None = None  # the smallest improvement this set can show (0/1 metrics)
     exports: list[ExportCheck] = []  # each export's agreement with the evaluated model
-    failed_exports: list[str] = []  # formats below export.min_agreement
+    failed_exports: list[str] = []  # formats (or format/runtime) below export.min_agreement
 
 
 def example_id(row: dict[str, Any]) -> str:
@@ -161,13 +161,13 @@ def with_exports(decision: GateDecision, checks: list[ExportCheck]) -> GateDecis
     if not failed:
         return decision.model_copy(update={"exports": checks})
     named = "; ".join(
-        f"export {c.format} answered {round(c.agreement * c.answers)} of {c.answers} test "
+        f"export {c.name} answered {round(c.agreement * c.answers)} of {c.answers} test "
         f"prompts as the evaluated model did ({c.runtime}): agreement {c.agreement:.3f} < "
         f"export.min_agreement {c.min_agreement}" for c in failed)
     verdict = (f"not promoted ({named}): {decision.verdict.removeprefix('promoted: ')}"
                if decision.promote else f"{decision.verdict}; and {named}")
     return decision.model_copy(update={"promote": False, "exports": checks, "verdict": verdict,
-                                       "failed_exports": [c.format for c in failed]})
+                                       "failed_exports": [c.name for c in failed]})
 
 
 def flips(rows: list[tuple[dict, dict]], metric: str) -> tuple[list[Flip], list[Flip]]:

@@ -171,7 +171,7 @@ def decision_section(decision: GateDecision, figure: Path | None) -> list[str]:
     if decision.exports:
         parts.append("<table id='exports'><tr><th>export</th><th>answered as evaluated</th>"
                      "<th>needed</th><th>runtime</th><th>bytes</th><th></th></tr>")
-        parts += [f"<tr><td>{esc(c.format)}</td><td>{c.agreement:.3f} of {c.answers}</td>"
+        parts += [f"<tr><td>{esc(c.name)}</td><td>{c.agreement:.3f} of {c.answers}</td>"
                   f"<td>{c.min_agreement:.3f}</td><td>{esc(c.runtime)}</td>"
                   f"<td>{sum(c.files.values()):,}</td>"
                   f"<td>{'held' if c.passed else 'FAILED'}</td></tr>" for c in decision.exports]

@@ -162,19 +162,21 @@ def _permute(weights: np.ndarray, heads: int, kv_heads: int) -> np.ndarray:
 
 
 # tokenizers' byte-level pre-tokenizers, as llama.cpp names the same splits (its
-# tokenizer.ggml.pre): "gpt2" is GPT-2's regex; "smollm" splits digits one by one first.
+# tokenizer.ggml.pre): "gpt-2" is GPT-2's regex (hyphenated: "gpt2" is the tokenizer model's
+# name, and llama.cpp refuses a file whose pre-tokenizer it does not know); "smollm" splits
+# digits one by one first.
 def _pre_tokenizer(spec: dict | None) -> str:
     def byte_level(step: dict) -> bool:
         return step.get("type") == "ByteLevel" and step.get("use_regex", True)
 
     if spec and byte_level(spec):
-        return "gpt2"
+        return "gpt-2"
     steps = (spec or {}).get("pretokenizers", [])
     if (len(steps) == 2 and steps[0].get("type") == "Digits"
             and steps[0].get("individual_digits") and byte_level(steps[1])):
         return "smollm"
     raise ExportError(f"the tokenizer's pre-tokenizer {json.dumps(spec)[:300]} has no "
-                      "llama.cpp name known here (gpt2, smollm); a GGUF written with a guess "
+                      "llama.cpp name known here (gpt-2, smollm); a GGUF written with a guess "
                       "would split text unlike training. Fix: export.formats=[vllm].")
 
 

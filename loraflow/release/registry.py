@@ -314,7 +314,7 @@ def decision_tags(decision: GateDecision, verdict: str) -> dict[str, str]:
                               "reference": decision.reference_name}.items()}
         tags["loraflow.gate.failed_guards"] = ",".join(decision.failed_guards) or "none"
     for check in decision.exports:
-        tags[f"loraflow.export.{check.format}.agreement"] = f"{check.agreement:.6g}"
+        tags[f"loraflow.export.{check.name}.agreement"] = f"{check.agreement:.6g}"
     if decision.exports:
         tags["loraflow.gate.failed_exports"] = ",".join(decision.failed_exports) or "none"
     return tags
