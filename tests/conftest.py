@@ -15,6 +15,11 @@ from loraflow.environment import configure
 
 # Before prefect or mlflow is imported anywhere: both read their settings at import.
 HOME = configure(Path(tempfile.mkdtemp(prefix="loraflow-test-home-")))
+# Prefect binds its console log handler to sys.stderr when its logging is set up, on its first
+# import: here, pytest's session-long capture, not a test's capsys stream (closed after that
+# test: every later flow's log line then failed with "I/O operation on closed file").
+import prefect.main  # noqa: E402, F401, I001
+
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(__file__).parent / "assets"
 

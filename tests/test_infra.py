@@ -493,7 +493,8 @@ def test_upgrade_databases_migrates_every_store_and_prints_their_revisions(tmp_p
     Prefect 3.4.25 databases, is tried by hand: infra/README.md, "Upgrading MLflow or Prefect"):
     all three stores, the MLflow user store included, end at a revision, printed before/after."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env |= {"LORAFLOW_HOME": str(tmp_path), "STACK_DATABASE": "sqlite", "DO_NOT_TRACK": "1"}
+    env |= {"LORAFLOW_HOME": str(tmp_path), "STACK_DATABASE": "sqlite", "DO_NOT_TRACK": "1",
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the venv's python
     subprocess.run(["infra/new-credentials.sh"], cwd=ROOT, env=env, check=True,
                    capture_output=True)  # fmt: skip
     done = subprocess.run(["infra/upgrade-databases.sh"], cwd=ROOT, env=env, capture_output=True,
