@@ -132,7 +132,12 @@ if [ "${WITH_PREFECT:-1}" = 1 ]; then
   ready+=", Prefect http://127.0.0.1:$prefect_port/api"
 fi
 echo "stack ready: $ready"
-echo "next, in this shell or another: . infra/env.sh; infra/deploy.sh (infra/README.md)"
+ports=""
+for name in S3_PORT MLFLOW_PORT PREFECT_PORT POSTGRES_PORT; do
+  [ -n "${!name:-}" ] && ports+="$name=${!name} "
+done
+# another shell reads the ports from its own environment: the non-default ones are named
+echo "next, in this shell or another: ${ports:+export $ports; }. infra/env.sh; infra/deploy.sh (infra/README.md)"
 set +e
 wait -n "${pids[@]}" ${db_pid:+"$db_pid"}
 echo "infra/local-stack.sh: a server exited; stopping the others (see $logs)" >&2
