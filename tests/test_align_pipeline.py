@@ -79,8 +79,9 @@ def test_align_after_sft_registers_the_aligned_model_with_its_parent_and_caches(
     assert version.tags["loraflow.export.gguf-f16.agreement"] == (
         f"{aligned['exports'][0]['agreement']:.6g}")
     assert "metric.pref_win_rate" in sft.tags  # the parent scored on the same pairs
-    lineage = json.loads((home / "storage" / "tiny-align" / "2" / "adapter" / "loraflow.json")
-                         .read_text())
+    pushed = Path(version.tags["loraflow.storage_uri"].removeprefix("file://"))
+    assert pushed == home / "storage" / "tiny-align" / version.tags["loraflow.model_sha256"]
+    lineage = json.loads((pushed / "adapter" / "loraflow.json").read_text())
     assert lineage["sft_parent"]["version"] == "1" and lineage["train"]["objective"] == "dpo"
     from loraflow.data.prompts import PromptTemplate
 

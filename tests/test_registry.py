@@ -198,6 +198,12 @@ def test_mlflow_models_serve_answers_over_http_on_loopback(packaged, mlflow_run,
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as response:
             assert json.loads(response.read())["predictions"] == predictions
+        # one string, not in a list: one prompt (it was answered once per character)
+        body = json.dumps({"inputs": "Say hi.", "params": {"max_new_tokens": 5}}).encode()
+        request = urllib.request.Request(f"{base}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert json.loads(response.read())["predictions"] == predictions
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

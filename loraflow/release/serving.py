@@ -42,7 +42,9 @@ def prompts_of(model_input: Any) -> list[dict[str, str]]:
             model_input = model_input.to_dict("records")
     elif hasattr(model_input, "tolist"):  # a numpy array or a Series
         model_input = model_input.tolist()
-    if isinstance(model_input, dict):
+    # {"inputs": "one string"} over HTTP arrives as a 0-d array, whose tolist() is the string
+    # itself: one prompt, not one per character
+    if isinstance(model_input, (str, dict)):
         model_input = [model_input]
     rows = []
     for number, item in enumerate(model_input):
