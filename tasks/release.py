@@ -110,7 +110,6 @@ class Pushed(BaseModel):
 
 class Registered(BaseModel):
     version: str
-    created: bool  # False: a version of these very files was registered already
 
 
 # The release is push -> register -> promote, ordered so that each step's result is complete
@@ -120,9 +119,10 @@ class Registered(BaseModel):
 # aliases move, challenger then champion, each one call. A process killed between two steps
 # leaves the registry as it was (an unnamed folder of verified files, used again by the next
 # push) or a complete version whose aliases the next run moves; the next run finds the version
-# by its SHA-256 and registers no second one. Its registry.registry.RELEASE_STATE tag says which.
-KILL_AFTER = "LORAFLOW_KILL_AFTER"  # fault hook (tests): comma-separated boundaries below
-BOUNDARIES = ("pushed", "registered", "challenger")
+# by its SHA-256 and registers no second one. Its registry.RELEASE_STATE tag says which.
+# Fault hook (tests): LORAFLOW_KILL_AFTER names boundaries, comma-separated, of "pushed" (after
+# push_model), "registered" (the version made, before its alias) and "challenger" (after it).
+KILL_AFTER = "LORAFLOW_KILL_AFTER"
 
 
 def boundary(name: str) -> None:
@@ -191,14 +191,12 @@ def register_model(
     if existing is not None:
         found = client.get_model_version(name, existing).tags
         if found.get("loraflow.storage_uri") is None:  # registered by a release before this one
-            for key, value in {"loraflow.storage_uri": pushed.uri, ENDPOINT_TAG: pushed.endpoint
-                               }.items():
-                if value:
-                    client.set_model_version_tag(name, existing, key, value)
+            for key, value in storage_tags(pushed).items():
+                client.set_model_version_tag(name, existing, key, value)
         if found.get(registry.RELEASE_STATE) == "aliases pending":  # killed before its aliases
             registry.set_alias(client, name, registry.CHALLENGER, existing, cfg.stage_mirroring)
         log_params(run_id, {"registry.version": existing})
-        return Registered(version=existing, created=False)
+        return Registered(version=existing)
     lineage = read_manifest(fetch(model.uri))
     verdict = registry.applicable(client, name, None, decision, adapter.sha256)
     all_tags = (
@@ -210,9 +208,8 @@ def register_model(
             # the transformers directory inside the pyfunc package: what evaluation,
             # `loraflow generate` and vLLM/TGI load
             "loraflow.model_uri": model.uri,
-            "loraflow.storage_uri": pushed.uri,
         }
-        | ({ENDPOINT_TAG: pushed.endpoint} if pushed.endpoint else {})
+        | storage_tags(pushed)
         | registry.metric_tags(metrics)
         | registry.decision_tags(decision, verdict)
         | (tags or {})
@@ -225,7 +222,13 @@ def register_model(
     boundary("registered")
     registry.set_alias(client, name, registry.CHALLENGER, version, cfg.stage_mirroring)
     log_params(run_id, {"registry.version": version})
-    return Registered(version=version, created=True)
+    return Registered(version=version)
+
+
+def storage_tags(pushed: Pushed) -> dict[str, str]:
+    """Where a version's files are: what `loraflow pull` reads."""
+    return {"loraflow.storage_uri": pushed.uri} | (
+        {ENDPOINT_TAG: pushed.endpoint} if pushed.endpoint else {})
 
 
 def open_configured_store(cfg: StorageConfig):  # noqa: ANN201 - an ObjectStore
@@ -252,8 +255,9 @@ def promote_model(
     if promoted:
         registry.promote(client, name, version, verdict, cfg.stage_mirroring)
     tags = client.get_model_version(name, version).tags
-    if tags.get("loraflow.gate") != verdict[:5000] and tags.get("loraflow.promoted") is None:
-        for key, value in registry.decision_tags(decision, verdict).items():
+    wanted = registry.decision_tags(decision, verdict)
+    if tags.get("loraflow.gate") != wanted["loraflow.gate"] and "loraflow.promoted" not in tags:
+        for key, value in wanted.items():
             client.set_model_version_tag(name, version, key, value)
     if tags.get(registry.RELEASE_STATE) != "complete":
         client.set_model_version_tag(name, version, registry.RELEASE_STATE, "complete")

@@ -71,6 +71,9 @@ def export_version(
     template = read_manifest(merged_dir).template
     with_llama_cpp = llama_cpp_runs(cfg, eval_cfg)  # before any work: "required" stops here
     evaluated = answered_here(merged_dir, evaluated, sets, template, eval_cfg)
+    tokenizer = load_tokenizer(merged_dir)  # the Modelfiles' stop tokens, llama.cpp's context
+    longest = max(len(p) for t in encode_sets(tokenizer, template, sets).values()
+                  for p in t.prompts) if with_llama_cpp else 0
     reports = []
     for fmt in cfg.formats:
         folder = Path(out_dir) / fmt
@@ -84,7 +87,6 @@ def export_version(
             continue
         gguf_file = write_gguf(merged_dir, folder / f"{name}-{fmt.removeprefix('gguf-')}.gguf",
                                fmt, template, name)
-        tokenizer = load_tokenizer(merged_dir)
         (folder / "Modelfile").write_text(ollama_modelfile(
             gguf_file.name, tokenizer, template, eval_cfg.max_new_tokens))
         written = time.perf_counter()
@@ -93,8 +95,6 @@ def export_version(
                               written - start, time.perf_counter() - written))
         if with_llama_cpp:
             start = time.perf_counter()
-            longest = max(len(p) for t in encode_sets(tokenizer, template, sets).values()
-                          for p in t.prompts)
             answers, runtime = llama_cpp_answers(gguf_file, sets, eval_cfg, longest)
             reports.append(report(fmt, folder, evaluated, answers, cfg.min_agreement[fmt],
                                   runtime, 0.0, time.perf_counter() - start, via="llama.cpp"))
@@ -143,7 +143,7 @@ def llama_cpp_skipped(cfg: ExportConfig, eval_cfg: EvalConfig) -> str | None:
 def llama_cpp_runs(cfg: ExportConfig, eval_cfg: EvalConfig) -> bool:
     """Whether llama.cpp answers the GGUF exports too (export.llama_cpp); "required" stops
     where it cannot."""
-    if cfg.llama_cpp == "off" or not any(f.startswith("gguf") for f in cfg.formats):
+    if not _llama_cpp_wanted(cfg):
         return False
     missing = _llama_cpp_missing(cfg, eval_cfg)
     if missing and cfg.llama_cpp == "required":
@@ -153,8 +153,13 @@ def llama_cpp_runs(cfg: ExportConfig, eval_cfg: EvalConfig) -> bool:
     return missing is None
 
 
+def _llama_cpp_wanted(cfg: ExportConfig) -> bool:
+    return cfg.llama_cpp != "off" and any(f.startswith("gguf") for f in cfg.formats)
+
+
 def _llama_cpp_missing(cfg: ExportConfig, eval_cfg: EvalConfig) -> str | None:
-    if cfg.llama_cpp == "off" or not any(f.startswith("gguf") for f in cfg.formats):
+    """Why llama.cpp cannot answer exports it is wanted for; None when it can or is not wanted."""
+    if not _llama_cpp_wanted(cfg):
         return None
     if llama_cpp_version() is None:
         return "llama-cpp-python is not installed"
